@@ -1,0 +1,53 @@
+"""The one place that decides which implementation of each op runs.
+
+mode (GPTConfig.kernels):
+  "auto"   Triton kernels for CUDA tensors, the pure-torch reference otherwise
+  "triton" always the Triton kernels (on CPU this needs TRITON_INTERPRET=1)
+  "torch"  always the reference
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import Tensor
+
+from kernels import reference
+
+
+def _triton_kernels() -> ModuleType:
+    import kernels
+
+    return kernels
+
+
+def backend(x: Tensor, mode: str = "auto") -> ModuleType:
+    if mode == "torch" or (mode == "auto" and not x.is_cuda):
+        return reference
+    if mode in ("auto", "triton"):
+        return _triton_kernels()
+    raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto") -> Tensor:
+    return backend(x, mode).layer_norm(x, weight, bias, eps)
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    return backend(x, mode).add_layer_norm(x, residual, weight, bias, eps)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto") -> Tensor:
+    return backend(q, mode).attention(q, k, v, causal=causal)
+
+
+def ffn(
+    x: Tensor,
+    fc_weight: Tensor,
+    fc_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    mode: str = "auto",
+) -> Tensor:
+    return backend(x, mode).ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)

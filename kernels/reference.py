@@ -1,0 +1,64 @@
+"""Pure-torch implementations of every op the model uses.
+
+This is the CPU path of the model and the oracle every Triton kernel is tested
+against (in float64). Keep it obviously correct rather than fast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension; x (..., N), weight/bias (N,)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """Returns (x + residual, layer_norm(x + residual))."""
+    s = x + residual
+    return s, layer_norm(s, weight, bias, eps)
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tensor:
+    """Boolean (t_q, t_k) mask, True where a query may attend to a key.
+
+    Aligned to the end: query i sits at absolute position t_k - t_q + i, so the
+    last query sees every key (what generation with a KV cache needs).
+    """
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+) -> Tensor:
+    """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = causal_mask(t_q, t_k, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (GPT-2's)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def ffn(
+    x: Tensor,
+    fc_weight: Tensor,
+    fc_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+) -> Tensor:
+    """linear(gelu(linear(x, fc))) with nn.Linear layouts: fc_weight (4C, C), proj_weight (C, 4C)."""
+    return F.linear(gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)

@@ -1,0 +1,25 @@
+import os
+
+import torch
+
+# The Triton interpreter runs kernels on CPU tensors; it must be switched on
+# before the first `import triton` in the process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests run: the GPU if there is one, else CPU tensors in the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
