@@ -1,0 +1,83 @@
+"""Shared benchmark plumbing: timing, environment header, table and plot output."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from typing import Callable, Sequence
+
+import torch
+
+PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")
+
+
+def environment() -> str:
+    """One line naming device, versions and date, for the top of every result table."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    return (
+        f"{device} | torch {torch.__version__} | triton {triton_version} | "
+        f"CUDA {torch.version.cuda} | {datetime.date.today().isoformat()}"
+    )
+
+
+def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds per call: triton's do_bench on CUDA, a wall-clock loop on CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])[0]
+    fn()  # warm-up
+    times = []
+    deadline = time.perf_counter() + 1.0
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Prints and returns a Markdown table (paste-able into bench/RESULTS.md)."""
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else ("—" if v is None else str(v))
+    lines = [f"### {title}", "", f"_{environment()}_", ""]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return text
+
+
+def plot(path: str, title: str, x_label: str, y_label: str, x: Sequence[float], series: dict[str, Sequence[float | None]]) -> None:
+    """Line plot of several providers over one swept size, written as PNG under bench/plots/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, ys in series.items():
+        pts = [(a, b) for a, b in zip(x, ys) if b is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")

@@ -1,0 +1,54 @@
+"""Small helpers shared by the kernel launchers: input checks and launch settings."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_inputs(op: str, reference: str, **tensors: Tensor | None) -> None:
+    """Raises ValueError unless all tensors are floating point, of one dtype, on one usable device.
+
+    `reference` names the pure-torch fallback the message points to.
+    """
+    given = {k: t for k, t in tensors.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+    dtypes = {t.dtype for t in given.values()}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}={t.dtype}" for k, t in given.items())
+        raise ValueError(f"{op}: inputs must share one dtype, got {desc}")
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k} on {t.device}" for k, t in given.items())
+        raise ValueError(f"{op}: inputs must be on one device, got {desc}")
+    device = next(iter(devices))
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{op}: the Triton kernel needs CUDA tensors, got {device}; on CPU use "
+            f"{reference} (or set TRITON_INTERPRET=1 before importing triton)"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int = 0) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, read lazily and cached; (0, 0) when interpreting."""
+    if interpreting() or not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability(index)
+
+
+def is_hopper(t: Tensor) -> bool:
+    return t.is_cuda and device_capability(t.device.index or 0)[0] == 9
