@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 def device() -> str:
     """Where kernel tests run: the GPU if there is one, else CPU tensors in the interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The classic tiny corpus, read by path from ../shared (never copied into the project)."""
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"{SHAKESPEARE} not found")
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        return f.read()

@@ -1,0 +1,157 @@
+"""Corpora: read text, tokenize once into cached memmap files, serve random windows.
+
+A corpus is a text file, a folder (every UTF-8 text file under it) or, by
+default, the Python standard library's own source: text every Python install
+has, so training works with no data supplied and no network.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
+
+VAL_FRACTION = 0.1
+DEFAULT_CACHE = os.environ.get(
+    "TRITONGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tritongpt")
+)
+# Tests, IDLE and vendored packages are left out: they are long and repetitive.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used; the message names the problem and the fix."""
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's .py files, found via sysconfig (sorted, so the corpus is stable)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in root.rglob("*.py") if not _STDLIB_SKIP.intersection(f.relative_to(root).parts)]
+    return sorted(files)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    if b"\x00" in raw:
+        raise CorpusError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def read_corpus(data: str | None) -> tuple[str, str]:
+    """Returns (text, description). data: a file, a folder, or None for the default corpus."""
+    if data is None or data == "default":
+        files, what = default_corpus_files(), "the Python standard library's source"
+        if not files:
+            raise CorpusError("found no standard-library .py files; pass --data PATH")
+        texts = []
+        for f in files:
+            try:
+                texts.append(_decode(f.read_bytes(), f))
+            except (CorpusError, OSError):
+                continue
+        return "\n".join(texts), f"{what} ({len(texts)} files)"
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise CorpusError(f"data path {path} does not exist; pass a text file or a folder of text files")
+    if path.is_file():
+        text, what = _decode(path.read_bytes(), path), str(path)
+    else:
+        files = sorted(
+            f for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+        texts, skipped = [], 0
+        for f in files:
+            try:
+                texts.append(_decode(f.read_bytes(), f))
+            except CorpusError:
+                skipped += 1  # a folder may hold images and the like; use its text files only
+        if not texts:
+            raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
+        text = "\n".join(texts)
+        what = f"{path} ({len(texts)} text files" + (f", {skipped} non-text skipped)" if skipped else ")")
+    if not text.strip():
+        raise CorpusError(f"corpus {path} is empty; pass a file with some text in it")
+    return text, what
+
+
+@dataclass
+class Dataset:
+    """Train and validation token streams (memmaps) and the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Tokenizer
+    description: str
+
+    def check_block_size(self, block_size: int) -> None:
+        need = block_size + 1
+        if len(self.train) < need or len(self.val) < need:
+            raise CorpusError(
+                f"corpus too short: {len(self.train)} train / {len(self.val)} val tokens, but one "
+                f"window needs {need}; use a smaller --block-size or more text"
+            )
+
+    def batch(
+        self, split: str, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on CPU."""
+        tokens = self.train if split == "train" else self.val
+        starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).numpy()
+        idx = starts[:, None] + np.arange(block_size + 1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+
+def load_dataset(
+    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print
+) -> Dataset:
+    """Tokenizes a corpus once, caching by content hash and tokenizer name."""
+    text, description = read_corpus(data)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+    folder = Path(cache_dir) / f"{digest}-{tokenizer}"
+    if not (folder / "meta.json").exists():
+        log(f"tokenizing {description} with the {tokenizer} tokenizer (cached in {folder})")
+        _write_cache(folder, text, get_tokenizer(tokenizer, text))
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    return Dataset(
+        train=np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
+        val=np.memmap(folder / "val.bin", dtype=dtype, mode="r"),
+        tokenizer=tokenizer_from_state(meta["tokenizer"]),
+        description=description,
+    )
+
+
+def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
+    ids = tok.encode_array(text)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    n_val = int(len(ids) * VAL_FRACTION)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary folder and rename it into place: a crash never leaves half a cache.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        ids[: len(ids) - n_val].astype(dtype).tofile(tmp / "train.bin")
+        ids[len(ids) - n_val :].astype(dtype).tofile(tmp / "val.bin")
+        meta = {"tokenizer": tok.state_dict(), "dtype": np.dtype(dtype).name, "tokens": int(len(ids))}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its cache is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from gpt.data import CorpusError, default_corpus_files, load_dataset, read_corpus
+
+
+def test_default_corpus_is_the_stdlib_source():
+    files = default_corpus_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def test_file_is_tokenized_once_and_cached(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghij" * 50)
+    logs = []
+    d = load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=logs.append)
+    assert len(logs) == 1 and d.tokenizer.vocab_size == 10
+    assert len(d.train) + len(d.val) == 500 and len(d.val) == 50
+    again = load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=logs.append)
+    assert len(logs) == 1, "the second load must come from the cache"
+    assert np.array_equal(again.train, d.train)
+    # A different tokenizer is a different cache entry.
+    load_dataset(str(corpus), "byte", str(tmp_path / "cache"), log=logs.append)
+    assert len(logs) == 2
+
+
+def test_folder_uses_text_files_and_skips_binary(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("hello ")
+    (tmp_path / "sub" / "b.md").write_text("world")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\x00\x01\xff")
+    (tmp_path / ".hidden").write_text("secret")
+    text, what = read_corpus(str(tmp_path))
+    assert text == "hello \nworld"
+    assert "2 text files" in what and "1 non-text skipped" in what
+
+
+def test_batches_are_shifted_windows(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(chr(ord("a") + i % 26) for i in range(2000)))
+    d = load_dataset(str(corpus), "char", str(tmp_path / "cache"))
+    x, y = d.batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal((x + 1) % 26, y)  # the corpus is the alphabet repeated
+    x2, _ = d.batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"   \n\n", "is empty"),
+        (b"caf\xe9 latin-1", "not UTF-8 text"),
+        (b"\x7fELF\x00\x00binary", "looks binary"),
+    ],
+)
+def test_bad_corpus_files(tmp_path, content, message):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        load_dataset(str(corpus), "char", str(tmp_path / "cache"))
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_corpus(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="no UTF-8 text files"):
+        read_corpus(str(tmp_path / "empty"))
+
+
+def test_corpus_shorter_than_a_block(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("short text " * 5)
+    d = load_dataset(str(corpus), "char", str(tmp_path / "cache"))
+    with pytest.raises(CorpusError, match="corpus too short.*--block-size"):
+        d.check_block_size(64)

@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, preset
+
+
+def tiny(**kw) -> GPTConfig:
+    return GPTConfig(**{**dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, kernels="torch"), **kw})
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+def test_shapes_and_loss(pos_embedding):
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_embedding=pos_embedding))
+    idx = torch.randint(0, 50, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 50)
+    logits2, loss = model(idx, torch.randint(0, 50, (3, 17)))
+    assert torch.equal(logits, logits2)
+    # At init the loss is close to uniform over the vocabulary.
+    assert abs(loss.item() - math.log(50)) < 0.3
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+def test_causal_masking(pos_embedding):
+    """Changing a future token leaves every earlier position's logits unchanged."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_embedding=pos_embedding)).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 50
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_positions_matter():
+    """Both position embeddings make the model order-aware."""
+    for pos in ("learned", "sinusoidal"):
+        torch.manual_seed(0)
+        model = GPT(tiny(pos_embedding=pos)).eval()
+        idx = torch.full((1, 8), 7)
+        logits = model(idx)
+        assert not torch.allclose(logits[0, 0], logits[0, -1])
+
+
+def test_sequence_longer_than_block_size():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="sequence length 33 exceeds the model's block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_tied_head_and_gpt2_init():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=4, n_embd=64, vocab_size=2000))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+    scaled = 0.02 / math.sqrt(2 * 4)
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - scaled) < 0.001
+    assert torch.equal(model.transformer.h[0].ln_1.weight, torch.ones(64))
+
+
+def test_no_bias():
+    model = GPT(tiny(bias=False))
+    assert all(not n.endswith("bias") for n, _ in model.named_parameters())
+    model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_presets():
+    assert preset("gpt2").n_embd == 768 and preset("gpt2-xl").n_layer == 48
+    c = preset("shakespeare-char")
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (6, 6, 384, 256)
+    model = GPT(preset("gpt2").updated(kernels="torch"))
+    assert abs(model.num_params() / 1e6 - 124.0) < 1.0  # GPT-2 small, position embeddings excluded
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpt5")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(pos_embedding="rope"), "pos_embedding"),
+        (dict(kernels="cuda"), "kernels must be"),
+    ],
+)
+def test_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**bad)
+
+
+def test_loss_falls_on_a_tiny_corpus():
+    torch.manual_seed(0)
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text])
+    model = GPT(tiny(vocab_size=len(vocab)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        x = torch.stack([data[s : s + 32] for s in starts])
+        y = torch.stack([data[s + 1 : s + 33] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
