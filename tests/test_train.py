@@ -1,0 +1,108 @@
+"""End-to-end: train.py and sample.py as a user runs them."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+import train
+from gpt import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--eval-iters", "2", "--log-interval", "1", "--device", "cpu", "--kernels", "torch"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    return str(path)
+
+
+def run_train(tmp_path, corpus, out, *extra):
+    args = ["--data", corpus, "--out-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
+    return train.train(train.parse_args(args))
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tmp_path, corpus):
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "30", "--eval-interval", "15", "--lr", "3e-3", "--warmup", "5")
+    out = tmp_path / "out"
+    assert result["step"] == 30
+    assert result["val"] < 2.0  # from ~ln(vocab)=2.9: it learned the repeating text
+    for name in ("ckpt.pt", "metrics.csv", "loss.png"):
+        assert (out / name).exists()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,train_loss,val_loss") and len(rows) > 30
+
+
+def test_checkpoint_round_trip(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "4", "--pos-embedding", "sinusoidal")
+    model, tok, state = checkpoint.load_model(tmp_path / "out")
+    assert state["step"] == 4 and model.config.pos_embedding == "sinusoidal"
+    raw = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw["model"][k])
+    assert tok.decode(tok.encode("def add")) == "def add"
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, corpus):
+    common = ["--warmup", "10", "--dropout", "0.1", "--eval-interval", "3"]
+    run_train(tmp_path, corpus, "full", "--max-steps", "6", *common)
+    run_train(tmp_path, corpus, "split", "--max-steps", "3", *common)
+    run_train(tmp_path, corpus, "split", "--max-steps", "6", "--resume", *common)
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert full["step"] == split["step"] == 6
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], split["model"][k]), k
+
+
+def test_sampling_is_reproducible(tmp_path, corpus, capsys):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    capsys.readouterr()
+    outputs = []
+    for _ in range(2):
+        assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3", "--device", "cpu"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=120)
+
+
+def assert_one_line_error(proc, *phrases):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [(None, "does not exist"), (b"", "is empty"), (b"\x00\x01\x02binary\xff", "looks binary")],
+    ids=["missing", "empty", "binary"],
+)
+def test_train_bad_data_is_one_line(tmp_path, content, phrase):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    proc = run_cli("train.py", "--data", str(path), "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
+    assert_one_line_error(proc, phrase, str(path))
+
+
+def test_train_bad_flags_are_one_line(tmp_path, corpus):
+    proc = run_cli("train.py", "--data", corpus, "--n-embd", "30", "--n-head", "4", "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
+    assert_one_line_error(proc, "divisible by n_head")
+
+
+def test_sample_errors_are_one_line(tmp_path, corpus):
+    assert_one_line_error(run_cli("sample.py", "--checkpoint", str(tmp_path / "none")), "no checkpoint")
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    proc = run_cli("sample.py", "--checkpoint", str(tmp_path / "out"), "--prompt-file", "-", stdin="Ω unknown")
+    assert_one_line_error(proc, "'Ω' is not in this char model's vocabulary")
