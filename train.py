@@ -3,28 +3,32 @@
     python train.py                                   # tiny model on the stdlib's source
     python train.py --data input.txt --preset shakespeare-char
     python train.py --out-dir out --resume            # continue from out/ckpt.pt
+    torchrun --nproc_per_node 8 train.py --preset gpt2 --tokenizer gpt2 --data corpus/
+
+Ctrl-C (or SIGTERM) finishes the current step, saves <out-dir>/ckpt.pt and exits;
+a second signal quits at once. Checkpoints are written atomically.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import platform
+import shlex
+import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-from gpt import GPT, GPTConfig, preset
-from gpt import checkpoint
-from gpt.config import PRESETS
+from gpt import GPT, GPTConfig, checkpoint, distributed
+from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
+from gpt.metrics import Metrics
 from gpt.tokenizer import TOKENIZERS
 
-# Dense peak throughput (FLOP/s) for MFU, by device-name fragment and dtype.
+# Dense peak throughput (FLOP/s) per GPU for MFU, by device-name fragment and dtype.
 PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
@@ -32,6 +36,7 @@ PEAK_FLOPS = {
     "4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82e12},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "pos_embedding")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,11 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="text file or folder of text files (default: the Python stdlib's source)")
     g.add_argument("--tokenizer", default="char", choices=TOKENIZERS, help="char: vocabulary from the corpus; byte: 256 bytes; gpt2: GPT-2 BPE")
-    g.add_argument("--out-dir", default="out", help="where ckpt.pt, metrics.csv and loss.png go")
+    g.add_argument("--out-dir", default="out", help="where ckpt.pt, best.pt, metrics.csv and loss.png go")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     g = p.add_argument_group("model (a preset, optionally overridden)")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture preset (default: tiny)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture preset (default: tiny)")
     for flag in ("n-layer", "n-head", "n-embd", "block-size"):
         g.add_argument(f"--{flag}", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
@@ -51,30 +56,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-bias", action="store_true", help="no biases in Linear and LayerNorm layers")
     g.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="auto: Triton on CUDA, torch elsewhere")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    g.add_argument("--max-steps", type=int, default=5000, help="optimizer steps; the cosine schedule ends here")
+    g.add_argument("--max-steps", type=int, default=5000, help="optimizer steps to run")
+    g.add_argument("--decay-steps", type=int, default=None, help="where the cosine schedule reaches --min-lr (default: --max-steps)")
     g.add_argument("--max-time", type=float, default=0, help="stop after this many seconds (0: no limit); the schedule then also decays by time")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     g.add_argument("--beta2", type=float, default=0.99)
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=250, help="steps between validation runs and checkpoints")
+    g.add_argument("--max-skips", type=int, default=10, help="stop after this many non-finite steps in a row")
+    g = p.add_argument_group("evaluation, checkpoints and logging")
+    g.add_argument("--eval-interval", type=int, default=250, help="steps between validation runs (each saves ckpt.pt, and best.pt when val improves)")
     g.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
+    g.add_argument("--save-interval", type=int, default=0, help="also save ckpt.pt every this many steps (0: at evals only)")
     g.add_argument("--log-interval", type=int, default=10, help="steps between progress lines")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA that supports it, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
     g.add_argument("--seed", type=int, default=1337)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 class UsageError(ValueError):
     """A bad flag or flag combination; reported as one line before any work starts."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps diverging); the message says what to change."""
 
 
 def pick_device(name: str) -> str:
@@ -88,23 +103,27 @@ def pick_device(name: str) -> str:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0 or args.warmup < 0 or args.max_time < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise UsageError("--lr must be positive and --warmup, --max-time, --grad-clip, --weight-decay non-negative")
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "max_skips",
+                "n_layer", "n_head", "n_embd", "block_size", "decay_steps")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("warmup", "max_time", "grad_clip", "weight_decay", "save_interval"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.lr <= 0 or (args.min_lr is not None and not 0 <= args.min_lr <= args.lr):
+        raise UsageError("--lr must be positive and --min-lr between 0 and --lr")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
     try:
-        return preset(args.preset).updated(
+        return preset(args.preset or "tiny").updated(
             vocab_size=vocab_size,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            n_embd=args.n_embd,
-            block_size=args.block_size,
+            **{k: getattr(args, k) for k in ARCH_FLAGS},
             dropout=args.dropout,
-            pos_embedding=args.pos_embedding,
             bias=False if args.no_bias else None,
             kernels=args.kernels,
         )
@@ -112,14 +131,36 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
         raise UsageError(str(e)) from None
 
 
-def make_optimizer(model: GPT, args: argparse.Namespace, device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (Linear and embedding weights) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def resumed_config(args: argparse.Namespace, saved: dict, path: str) -> GPTConfig:
+    """The checkpoint's architecture; flags asking for a different one are refused."""
+    config = GPTConfig.from_dict(saved)
+    asked = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
+    if args.preset:
+        p = preset(args.preset)
+        asked = {**{k: getattr(p, k) for k in ARCH_FLAGS}, **asked}
+    if args.no_bias:
+        asked["bias"] = False
+    for key, value in asked.items():
+        if getattr(config, key) != value:
+            hint = " (the position table has no rows past it)" if key == "block_size" else ""
+            raise UsageError(
+                f"--resume: {path} was trained with {key}={getattr(config, key)}, not {value}{hint}; "
+                f"drop the flag or start a new --out-dir"
+            )
+    return config.updated(kernels=args.kernels, dropout=args.dropout)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, fused: bool) -> tuple[torch.optim.AdamW, list[list[str]]]:
+    """AdamW with weight decay on matrices only; also returns each group's parameter names."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [(n, p) for n, p in named if p.dim() >= 2]
+    no_decay = [(n, p) for n, p in named if p.dim() < 2]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in decay], "weight_decay": args.weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device == "cuda")
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=fused)
+    return opt, [[n for n, _ in decay], [n for n, _ in no_decay]]
 
 
 def learning_rate(step: int, elapsed: float, args: argparse.Namespace) -> float:
@@ -127,11 +168,26 @@ def learning_rate(step: int, elapsed: float, args: argparse.Namespace) -> float:
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if step < args.warmup:
         return args.lr * (step + 1) / (args.warmup + 1)
-    progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    decay_steps = args.decay_steps or args.max_steps
+    progress = (step - args.warmup) / max(1, decay_steps - args.warmup)
     if args.max_time:
         progress = max(progress, elapsed / args.max_time)
     progress = min(1.0, progress)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: distributed.World, block_size: int):
+    """This rank's micro-batches for one step.
+
+    The global batch is drawn from a generator seeded by (seed, step), so the data
+    depends only on the step: resume is exact at any world size, and N processes
+    see the same global batch as one process with N times the batch.
+    """
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    per_rank = args.batch_size * args.grad_accum
+    x, y = data.batch("train", per_rank * world.size, block_size, gen)
+    mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
+    return list(zip(x[mine].split(args.batch_size), y[mine].split(args.batch_size)))
 
 
 @torch.no_grad()
@@ -152,7 +208,7 @@ def estimate_loss(model: GPT, data: Dataset, args: argparse.Namespace, device: s
 
 
 def peak_flops(device: str, dtype: str) -> float | None:
-    if device != "cuda":
+    if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name()
     return next((v[dtype] for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -163,166 +219,250 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-@dataclass
-class Metrics:
-    """metrics.csv rows and the loss-curve PNG beside it."""
+class StopSignal:
+    """First SIGINT/SIGTERM asks for a clean stop after the current step; the second quits at once."""
 
-    out_dir: str
-    fields = ("step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+    def __init__(self, log):
+        self.requested: str | None = None
+        self.log = log
+        self.previous = {}
 
-    def append(self, **row) -> None:
-        path = os.path.join(self.out_dir, "metrics.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            if new:
-                w.writeheader()
-            w.writerow({k: row.get(k, "") for k in self.fields})
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def plot(self) -> None:
-        import matplotlib
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        with open(os.path.join(self.out_dir, "metrics.csv")) as f:
-            rows = list(csv.DictReader(f))
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
-            if pts:
-                ax.plot(*zip(*pts), style, label=key.replace("_", " "), markersize=3)
-        ax.set(xlabel="step", ylabel="loss", title="training loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(self.out_dir, "loss.png"), dpi=100)
-        plt.close(fig)
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # checkpoint writes are atomic: quitting mid-write is safe
+        self.requested = signal.Signals(signum).name
+        self.log(f"\n{self.requested} received: finishing this step and saving a checkpoint (send it again to quit at once)")
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Runs training; returns the final state (step, losses) for callers and tests."""
+    """Runs training; returns the final state (step, losses, skipped steps) for callers and tests."""
     check_args(args)
-    device = pick_device(args.device)
-    dtype = args.dtype or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    torch.manual_seed(args.seed)
-    ckpt_path = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
-    resumed = checkpoint.load(ckpt_path) if args.resume else None
+    world, device = distributed.init(pick_device(args.device))
+    log = print if world.main else (lambda *a, **k: None)
+    lock = checkpoint.OutDirLock(args.out_dir)
+    try:
+        if world.main:
+            note = lock.acquire()
+            if note:
+                log(note)
+        return _train(args, world, device, log)
+    finally:
+        lock.release()
+        distributed.shutdown(world)
 
-    data = load_dataset(args.data, resumed["tokenizer"]["name"] if resumed else args.tokenizer, args.cache_dir)
-    if resumed:
-        config = GPTConfig.from_dict(resumed["config"])
-        if data.tokenizer.state_dict() != resumed["tokenizer"]:
-            raise UsageError(f"the corpus gives a different vocabulary than {ckpt_path} was trained on; resume with the same --data")
-    else:
-        config = model_config(args, data.tokenizer.vocab_size)
+
+def _train(args: argparse.Namespace, world: distributed.World, device: str, log) -> dict:
+    device_type = device.split(":")[0]
+    dtype = args.dtype or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if dtype != "fp32" and device_type == "cpu":
+        log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
+    ckpt_path = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
+    best_path = os.path.join(args.out_dir, "best.pt")
+    resumed = checkpoint.load(ckpt_path) if args.resume else None
+    config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
+
+    # Rank 0 tokenizes (and caches) first so ranks never race on the cache.
+    tokenizer_name = resumed["tokenizer"]["name"] if resumed else args.tokenizer
+    if not world.main:
+        distributed.barrier(world)
+    data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log)
+    if world.main:
+        distributed.barrier(world)
+    if resumed and data.tokenizer.state_dict() != resumed["tokenizer"]:
+        raise UsageError(f"--resume: the corpus gives a different vocabulary than {ckpt_path} was trained on; resume with the same --data")
+    config = config or model_config(args, data.tokenizer.vocab_size)
     data.check_block_size(config.block_size)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, args, device)
-    step, best_val, elapsed = 0, float("inf"), 0.0
-    data_gen = torch.Generator().manual_seed(args.seed)
+    step, best_val, elapsed, skipped_total = 0, float("inf"), 0.0, 0
     if resumed:
         model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
         step, best_val, elapsed = resumed["step"], resumed["best_val_loss"], resumed["elapsed"]
-        checkpoint.set_rng_state(resumed["rng"], data_gen)
-    scaler = torch.amp.GradScaler(device, enabled=dtype == "fp16")
-    autocast = (
-        torch.autocast(device, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
-    )
-    fwd = torch.compile(model) if args.compile else model
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    metrics = Metrics(args.out_dir)
-    tokens_per_step = args.batch_size * args.grad_accum * config.block_size
-    peak = peak_flops(device, dtype)
-    print(f"python {platform.python_version()} | torch {torch.__version__} | device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f" | dtype {dtype}")
-    print(f"data: {data.description}: {len(data.train):,} train / {len(data.val):,} val tokens, "
-          f"{data.tokenizer.name} tokenizer, vocab {config.vocab_size}")
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}")
-    print(f"training: {vars(args)}")
+        skipped_total = resumed.get("skipped", 0)
+    wrapped = distributed.wrap(model, world, device, args.fsdp)
+    optimizer, param_names = make_optimizer(model, args, fused=device_type == "cuda" and not args.fsdp)
     if resumed:
-        print(f"resuming from {ckpt_path} at step {step}")
+        _load_optimizer(optimizer, model, resumed["optimizer"], param_names, args.fsdp, ckpt_path)
+        if world.main:
+            checkpoint.set_rng_state(resumed["rng"])
+    if world.rank:  # different dropout masks per rank
+        torch.manual_seed(args.seed + 7919 * world.rank + step)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
+    autocast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    fwd = torch.compile(wrapped) if args.compile else wrapped
 
-    def save() -> None:
-        checkpoint.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": config.to_dict(),
-                "tokenizer": data.tokenizer.state_dict(),
-                "step": step,
-                "best_val_loss": best_val,
-                "elapsed": elapsed,
-                "rng": checkpoint.rng_state(data_gen),
-                "args": {k: v for k, v in vars(args).items()},
-            },
-            ckpt_path,
-        )
+    metrics = Metrics(args.out_dir)
+    if world.main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        metrics.truncate_after(step)
+    tokens_per_step = args.batch_size * args.grad_accum * world.size * config.block_size
+    peak = peak_flops(device, dtype)
+    log(f"python {platform.python_version()} | torch {torch.__version__} | device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device_type == "cuda" else "")
+        + f" | dtype {dtype} | world size {world.size}" + (" (FSDP2)" if args.fsdp else ""))
+    log(f"data: {data.description}: {len(data.train):,} train / {len(data.val):,} val tokens, "
+        f"{data.tokenizer.name} tokenizer, vocab {config.vocab_size}")
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}")
+    log(f"training: {({k: v for k, v in vars(args).items() if k != 'argv'})}")
+    if resumed:
+        log(f"resuming from {ckpt_path} at step {step}")
+
+    def save(path: str, with_optimizer: bool = True) -> None:
+        model_state = _full_state(model, args.fsdp)
+        opt_state = _optimizer_state(optimizer, model, param_names, args.fsdp) if with_optimizer else None
+        if not world.main:
+            return
+        state = {
+            "model": model_state,
+            "config": config.to_dict(),
+            "tokenizer": data.tokenizer.state_dict(),
+            "step": step,
+            "best_val_loss": best_val,
+            "elapsed": elapsed,
+            "skipped": skipped_total,
+            "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        }
+        if with_optimizer:
+            state |= {"optimizer": opt_state, "rng": checkpoint.rng_state()}
+        checkpoint.save(state, path)
 
     model.train()
-    losses = {}
-    t_start, t_log, loss_sum, loss_count = time.time() - elapsed, time.time(), 0.0, 0
-    while step < args.max_steps and not (args.max_time and elapsed >= args.max_time):
-        lr = learning_rate(step, elapsed, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(args.grad_accum):
-            x, y = data.batch("train", args.batch_size, config.block_size, data_gen)
-            with autocast:
-                _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.item()
-            loss_count += 1
-        if args.grad_clip:
+    losses: dict[str, float] = {}
+    in_a_row = 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    t_start, t_log, log_steps = time.time() - elapsed, time.time(), 0
+    with StopSignal(log) as stop:
+        while True:
+            done = step >= args.max_steps or bool(args.max_time and elapsed >= args.max_time)
+            if distributed.any_rank(stop.requested is not None or done, world, device):
+                break
+            lr = learning_rate(step, elapsed, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = train_batches(data, step, args, world, config.block_size)
+            step_loss = torch.zeros((), device=device)
+            for i, (x, y) in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last or not world.distributed or args.fsdp else wrapped.no_sync()
+                with sync:
+                    with autocast:
+                        _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    scaler.scale(loss / len(batches)).backward()
+                step_loss += loss.detach() / len(batches)
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.time() - t_start
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            # fp16 overflow is the GradScaler's business; anything else non-finite is a fault.
+            bad = not torch.isfinite(step_loss) or (dtype != "fp16" and not torch.isfinite(norm))
+            if distributed.any_rank(bad, world, device):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                skipped_total += 1
+                in_a_row += 1
+                log(f"step {step + 1}: non-finite loss or gradient, update skipped ({in_a_row} in a row, {skipped_total} in all)")
+                if in_a_row >= args.max_skips:
+                    save(ckpt_path)
+                    raise TrainingError(
+                        f"{in_a_row} non-finite steps in a row at step {step}; the last good state is in {ckpt_path}. "
+                        f"Lower --lr, raise --warmup or use --dtype fp32/bf16, then --resume"
+                    )
+                continue
+            in_a_row = 0
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.time() - t_start
+            loss_sum += step_loss
+            loss_count += 1
+            log_steps += 1
 
-        if step % args.log_interval == 0 or step == 1:
-            dt = time.time() - t_log
-            n_steps = args.log_interval if step > 1 else 1
-            tok_s = n_steps * tokens_per_step / dt
-            left = (args.max_steps - step) * dt / n_steps
-            if args.max_time:
-                left = min(left, args.max_time - elapsed)
-            mfu = f" | mfu {model.flops_per_token() * tok_s / peak:.1%}" if peak else ""
-            train_loss = loss_sum / loss_count
-            print(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                  f"{tok_s:,.0f} tok/s{mfu} | eta {fmt_time(max(0.0, left))}", flush=True)
-            metrics.append(step=step, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}", tokens_per_s=f"{tok_s:.0f}", elapsed_s=f"{elapsed:.1f}")
-            t_log, loss_sum, loss_count = time.time(), 0.0, 0
+            if step % args.log_interval == 0 or step == 1:
+                dt = time.time() - t_log
+                tok_s = log_steps * tokens_per_step / dt
+                left = (args.max_steps - step) * dt / log_steps
+                if args.max_time:
+                    left = min(left, args.max_time - elapsed)
+                mfu = f" | mfu {model.flops_per_token(config.block_size) * tok_s / world.size / peak:.1%}" if peak else ""
+                train_loss = (loss_sum / loss_count).item()
+                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                    f"{tok_s:,.0f} tok/s{mfu} | eta {fmt_time(max(0.0, left))}", flush=True)
+                if world.main:
+                    metrics.append(step=step, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}", tokens_per_s=f"{tok_s:.0f}",
+                                   elapsed_s=f"{elapsed:.1f}", skipped=skipped_total)
+                t_log, loss_sum, loss_count, log_steps = time.time(), torch.zeros((), device=device), 0, 0
 
-        done = step >= args.max_steps or (args.max_time and elapsed >= args.max_time)
-        if step % args.eval_interval == 0 or done:
-            losses = estimate_loss(fwd, data, args, device, autocast)
-            print(f"eval step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-            metrics.append(step=step, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", elapsed_s=f"{elapsed:.1f}")
-            metrics.plot()
-            # Keep the best model; the last one is saved too so a finished run can be resumed.
-            if losses["val"] < best_val or done:
-                best_val = min(best_val, losses["val"])
-                save()
-                print(f"saved {ckpt_path}")
-            t_log = time.time()
-    return {"step": step, "best_val_loss": best_val, **losses}
+            finished = step >= args.max_steps or bool(args.max_time and elapsed >= args.max_time)
+            if step % args.eval_interval == 0 or finished:
+                if world.main or args.fsdp:  # an FSDP forward needs every rank
+                    losses = estimate_loss(model, data, args, device, autocast)
+                if world.main:
+                    log(f"eval step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+                    metrics.append(step=step, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}", elapsed_s=f"{elapsed:.1f}")
+                    metrics.plot()
+                improved = world.main and losses["val"] < best_val
+                best_val = min(best_val, losses["val"]) if world.main else best_val
+                save(ckpt_path)
+                if distributed.any_rank(improved, world, device):
+                    save(best_path, with_optimizer=False)
+                log(f"saved {ckpt_path}" + (f" and {best_path} (best val so far)" if improved else ""))
+                distributed.barrier(world)
+                t_log = time.time()
+            elif args.save_interval and step % args.save_interval == 0:
+                save(ckpt_path)
+        if stop.requested:
+            save(ckpt_path)
+            resume = shlex.join(["python", "train.py", *[a for a in args.argv if a != "--resume"], "--resume"])
+            log(f"stopped at step {step} ({stop.requested}); checkpoint saved to {ckpt_path}. Resume with: {resume}")
+    return {"step": step, "best_val_loss": best_val, "skipped": skipped_total, "stopped": stop.requested, "model": model, **losses}
+
+
+def _full_state(model: GPT, fsdp: bool) -> dict:
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optimizer_state(optimizer, model: GPT, names: list[list[str]], fsdp: bool) -> dict:
+    """The optimizer state keyed by parameter name, the same whatever the wrapping."""
+    if not fsdp:
+        return checkpoint.optimizer_state_by_name(optimizer.state_dict(), names)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], fsdp: bool, path: str) -> None:
+    if [g["params"] for g in state["param_groups"]] != names:
+        raise UsageError(f"--resume: the optimizer state in {path} does not match this model's parameters")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(checkpoint.optimizer_state_by_id(state))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (UsageError, CorpusError, checkpoint.CheckpointError) as e:
+    except (UsageError, CorpusError, checkpoint.CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2 if not isinstance(e, TrainingError) else 1
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\nquit at once on a second signal; the last checkpoint written is intact", file=sys.stderr)
         return 130
     return 0
 

@@ -85,23 +85,99 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), tokenizer_from_state(state["tokenizer"]), state
 
 
-def rng_state(data_generator: torch.Generator) -> dict:
-    """Every random stream a run draws from, as plain data and tensors."""
+def rng_state() -> dict:
+    """Every global random stream (Python, NumPy, torch CPU and CUDA) as plain data and tensors."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": data_generator.get_state(),
     }
 
 
-def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    data_generator.set_state(state["data"])
+
+
+def optimizer_state_by_name(opt_state: dict, names: list[list[str]]) -> dict:
+    """Re-keys a torch optimizer state_dict from parameter ids to parameter names.
+
+    names[g] lists the names of param group g's parameters in order; the result
+    does not depend on how the model was wrapped (plain, DDP or FSDP2).
+    """
+    ids = [n for group in names for n in group]
+    return {
+        "state": {ids[i]: s for i, s in opt_state["state"].items()},
+        "param_groups": [
+            {**g, "params": group} for g, group in zip(opt_state["param_groups"], names)
+        ],
+    }
+
+
+def optimizer_state_by_id(named_state: dict) -> dict:
+    """Inverse of optimizer_state_by_name, for Optimizer.load_state_dict."""
+    ids = {n: i for i, n in enumerate(n for g in named_state["param_groups"] for n in g["params"])}
+    return {
+        "state": {ids[n]: s for n, s in named_state["state"].items()},
+        "param_groups": [
+            {**g, "params": [ids[n] for n in g["params"]]} for g in named_state["param_groups"]
+        ],
+    }
+
+
+class OutDirLock:
+    """One trainer per out dir: a lock file holding the owner's host and pid.
+
+    A lock left by a process that no longer runs (on this host) is stale and taken over.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / "train.lock"
+        self.owned = False
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns a note when a stale lock was replaced. Raises CheckpointError if held."""
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, _, pid = self.path.read_text().strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    self.path.unlink(missing_ok=True)
+                    note = f"removed a stale lock {self.path} left by pid {pid}, which no longer runs"
+                    continue
+                raise CheckpointError(
+                    f"{self.path.parent} is in use by another trainer ({host} pid {pid}); stop it, "
+                    f"use another --out-dir, or delete {self.path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.owned = True
+            return note
+        raise CheckpointError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,72 @@
+"""Data-parallel training under torchrun: DDP (NCCL on GPU, gloo on CPU) or FSDP2."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init(device: str) -> tuple[World, str]:
+    """Joins the torchrun process group when launched by torchrun; returns (world, device)."""
+    if "RANK" not in os.environ:
+        return World(), device
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if device == "cuda":
+        torch.cuda.set_device(world.local_rank)
+        device = f"cuda:{world.local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return world, device
+
+
+def wrap(model: nn.Module, world: World, device: str, fsdp: bool) -> nn.Module:
+    """DDP or FSDP2 around the model; the plain model when not distributed."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)  # the root holds the tied embedding/head and the final LayerNorm
+        return model
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
+
+
+def any_rank(flag: bool, world: World, device: str) -> bool:
+    """True on every rank if any rank's flag is True (keeps stop decisions in lockstep)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()

@@ -1,0 +1,239 @@
+"""Training that survives: exact resume, signals, failed writes, hostile files, NaNs, locks, torchrun."""
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from gpt import checkpoint
+from gpt.model import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--eval-iters", "2", "--log-interval", "1", "--device", "cpu", "--kernels", "torch"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("class Stack:\n    def push(self, x):\n        self.items.append(x)\n\n" * 100)
+    return str(path)
+
+
+def flags(tmp_path, corpus, out, *extra):
+    return ["--data", corpus, "--out-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
+
+
+def run_train(tmp_path, corpus, out, *extra):
+    return train.train(train.parse_args(flags(tmp_path, corpus, out, *extra)))
+
+
+def logged_losses(path):
+    with open(path / "metrics.csv") as f:
+        return {int(r["step"]): r["train_loss"] for r in csv.DictReader(f) if not r["val_loss"]}
+
+
+def test_resume_is_bit_identical(tmp_path, corpus):
+    common = ["--warmup", "2", "--decay-steps", "8", "--dropout", "0.1", "--eval-interval", "4", "--grad-accum", "2"]
+    run_train(tmp_path, corpus, "full", *common, "--max-steps", "8")
+    run_train(tmp_path, corpus, "split", *common, "--max-steps", "4")  # stopped at step 4
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    run_train(tmp_path, corpus, "split", *common, "--max-steps", "8", "--resume")
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], split["model"][k]), k
+    assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
+
+
+def start_training(tmp_path, corpus, out):
+    cmd = [sys.executable, "train.py", *flags(tmp_path, corpus, out, "--max-steps", "100000", "--eval-interval", "100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 2/"):
+            return proc
+        assert time.time() < deadline
+    pytest.fail(f"training did not start: {proc.stderr.read()}")
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path, corpus):
+    proc = start_training(tmp_path, corpus, "out")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Resume with: python train.py" in out and "--resume" in out
+    state = checkpoint.load(tmp_path / "out")
+    assert state["step"] >= 2
+    assert not (tmp_path / "out" / "train.lock").exists()
+    # And the run goes on from there.
+    result = run_train(tmp_path, corpus, "out", "--max-steps", str(state["step"] + 2), "--eval-interval", "1000", "--resume")
+    assert result["step"] == state["step"] + 2
+
+
+def test_sigterm_twice_quits_at_once_leaving_a_loadable_checkpoint(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    proc = start_training(tmp_path, corpus, "out")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130)
+    checkpoint.load(tmp_path / "out")  # whichever checkpoint is there, it is whole
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    good = {"model": {"w": torch.ones(3)}, "config": {}, "tokenizer": {"name": "byte"}}
+    checkpoint.save(good, path)
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save({**good, "model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = RunsCode()
+    RunsCode.marker = marker
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "config": {}, "tokenizer": evil}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="refused for safety"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(path) in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", pickle.dumps({"a": 1})], ids=["empty", "text", "plain-pickle"])
+def test_corrupt_or_foreign_files_name_the_file(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.load(path)
+
+
+def test_truncated_checkpoint(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    path = tmp_path / "out" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        checkpoint.load(path)
+
+
+class NaNAfter(GPT):
+    """A model whose loss turns NaN on chosen training calls."""
+
+    bad_calls: set = set()
+    calls = 0
+
+    def forward(self, idx, targets=None):
+        out = super().forward(idx, targets)
+        if targets is not None and self.training:
+            NaNAfter.calls += 1
+            if NaNAfter.calls in NaNAfter.bad_calls:
+                return out[0], out[1] * float("nan")
+        return out
+
+
+def test_a_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train, "GPT", NaNAfter)
+    NaNAfter.calls, NaNAfter.bad_calls = 0, {3}
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "5", "--eval-interval", "5")
+    assert result["step"] == 5 and result["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
+def test_repeated_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train, "GPT", NaNAfter)
+    NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(4, 100))
+    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row at step 3"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "50", "--eval-interval", "50", "--max-skips", "3")
+    state = checkpoint.load(tmp_path / "out")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_one_trainer_per_out_dir(tmp_path, corpus):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "train.lock").write_text(f"{os.uname().nodename} {sleeper.pid}")
+        with pytest.raises(checkpoint.CheckpointError, match=f"in use by another trainer .*pid {sleeper.pid}"):
+            run_train(tmp_path, corpus, "out", "--max-steps", "1")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its owner is gone now: the stale lock is taken over.
+    assert run_train(tmp_path, corpus, "out", "--max-steps", "1")["step"] == 1
+    assert not (tmp_path / "out" / "train.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--n-embd", "-8"], "--n-embd must be positive"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--resume", "--n-layer", "3"], "trained with n_layer=2, not 3"),
+        (["--resume", "--block-size", "64"], "trained with block_size=32, not 64"),
+    ],
+)
+def test_impossible_flags_are_refused_before_work(tmp_path, corpus, extra, message):
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    before = (tmp_path / "out" / "ckpt.pt").stat().st_mtime_ns
+    args = flags(tmp_path, corpus, "out", "--max-steps", "5", *extra)  # the last of a repeated flag wins
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_torchrun_ddp_matches_one_process(tmp_path, corpus):
+    """2 CPU processes (gloo), batch 4 each == 1 process with 2 micro-batches of 4."""
+    common = ["--max-steps", "4", "--eval-interval", "4", "--warmup", "1"]
+    single = run_train(tmp_path, corpus, "single", *common, "--grad-accum", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/ddp_worker.py", str(tmp_path), *flags(tmp_path, corpus, "ddp", *common)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    for name, p in single["model"].state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged at {name}"
+        torch.testing.assert_close(ddp["model"][name], p, rtol=1e-4, atol=1e-5)
+    assert abs(ddp["best_val_loss"] - single["best_val_loss"]) < 1e-4
+
+
+def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpus):
+    common = ["--max-steps", "4", "--eval-interval", "4", "--warmup", "1"]
+    single = run_train(tmp_path, corpus, "single", *common, "--grad-accum", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/ddp_worker.py", str(tmp_path), *flags(tmp_path, corpus, "fsdp", *common, "--fsdp")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)
+    for name, p in single["model"].state_dict().items():
+        torch.testing.assert_close(fsdp["model"][name], p, rtol=1e-4, atol=1e-5)
+    # A sharded run's checkpoint resumes in one process (any world size).
+    resumed = run_train(tmp_path, corpus, "fsdp", "--max-steps", "6", "--eval-interval", "6", "--warmup", "1", "--resume")
+    assert resumed["step"] == 6
