@@ -1,0 +1,157 @@
+"""LayerNorm bandwidth over the hidden size N: Triton vs torch eager, torch.compile, Liger-Kernel.
+
+    python -m bench.bench_layer_norm            # bf16 on the GPU, M*N = 2^25 elements
+    python -m bench.bench_layer_norm --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
+
+GB/s count bytes as the Triton LayerNorm tutorial does (weights and statistics ignored,
+so every provider is scored on the same minimal traffic):
+  layer_norm      forward x in, y out: 2*M*N elements; backward x, dy in, dx out: 3*M*N
+  add_layer_norm  forward x, residual in, sum, y out: 4*M*N; backward sum, dy, dsum in, dx out: 4*M*N
+forward+backward counts both. M*N is held fixed (default 2^25: 64 MiB per bf16 tensor,
+above an H100's 50 MiB L2) so each N is timed on the same amount of data; M = elements // N.
+"copy" is x.clone(), the same 2*M*N elements as the forward: "% of copy" is the forward's
+share of the bandwidth the device reaches on a plain copy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# The kernels import triton, which must see TRITON_INTERPRET before its first import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import PLOTS, bench, plot, print_table  # noqa: E402
+from kernels.layer_norm import add_layer_norm, layer_norm  # noqa: E402
+
+EPS = 1e-5
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+ADD_LN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], tuple]
+
+
+def torch_layer_norm(x, w, b, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def torch_add_layer_norm(x, r, w, b, eps):
+    s = x + r
+    return s, F.layer_norm(s, (s.shape[-1],), w, b, eps)
+
+
+def peers(use_compile: bool, cuda: bool) -> tuple[dict[str, LN | None], dict[str, ADD_LN | None]]:
+    """Providers by name; None marks a peer that is skipped (the reason is printed)."""
+    ln: dict[str, LN | None] = {"triton": layer_norm, "torch": torch_layer_norm}
+    add: dict[str, ADD_LN | None] = {"triton": add_layer_norm, "torch": torch_add_layer_norm}
+    if use_compile:
+        ln["compile"] = torch.compile(torch_layer_norm, dynamic=False)
+        add["compile"] = torch.compile(torch_add_layer_norm, dynamic=False)
+    else:
+        ln["compile"] = add["compile"] = None
+        print("torch.compile: skipped (--smoke or --no-compile)")
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError:
+        ln["liger"] = None
+        print("Liger-Kernel: skipped (liger_kernel is not installed)")
+    else:
+        ln["liger"] = LigerLayerNormFunction.apply if cuda else None
+        if not cuda:
+            print("Liger-Kernel: skipped (needs CUDA)")
+    return ln, add
+
+
+def gbps(elements: int, element_size: int, ms: float | None) -> float | None:
+    return None if ms is None else elements * element_size * 1e-6 / ms
+
+
+def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_compile: bool, plot_suffix: str) -> None:
+    ln, add = peers(use_compile, device == "cuda")
+    esize = torch.tensor([], dtype=dtype).element_size()
+    fwd: dict[str, list] = {name: [] for name in [*ln, "copy"]}
+    both: dict[str, list] = {name: [] for name in ln}
+    add_fwd: dict[str, list] = {name: [] for name in add}
+    add_both: dict[str, list] = {name: [] for name in add}
+    ms_list = []
+    for N in sizes:
+        M = elements // N
+        ms_list.append(M)
+        torch.manual_seed(0)
+        x, r, dy, ds = (torch.randn(M, N, device=device, dtype=dtype) for _ in range(4))
+        w = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+        x.requires_grad_()
+        r.requires_grad_()
+        params = [x, r, w, b]
+        # Never time a kernel that gives wrong answers.
+        tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer_norm(x, w, b, EPS), torch_layer_norm(x, w, b, EPS), **tol)
+        torch.testing.assert_close(add_layer_norm(x, r, w, b, EPS), torch_add_layer_norm(x, r, w, b, EPS), **tol)
+
+        for name, fn in ln.items():
+            if fn is None:
+                fwd[name].append(None)
+                both[name].append(None)
+                continue
+            fwd[name].append(gbps(2 * M * N, esize, bench(lambda: fn(x, w, b, EPS))))
+            ms = bench(lambda: fn(x, w, b, EPS).backward(dy), grad_to_none=params)
+            both[name].append(gbps(5 * M * N, esize, ms))
+        fwd["copy"].append(gbps(2 * M * N, esize, bench(lambda: x.clone())))
+        for name, fn in add.items():
+            if fn is None:
+                add_fwd[name].append(None)
+                add_both[name].append(None)
+                continue
+            add_fwd[name].append(gbps(4 * M * N, esize, bench(lambda: fn(x, r, w, b, EPS))))
+            ms = bench(lambda: torch.autograd.backward(fn(x, r, w, b, EPS), [ds, dy]), grad_to_none=params)
+            add_both[name].append(gbps(8 * M * N, esize, ms))
+
+    ratio = lambda a, c: None if a is None or c is None else a / c
+    dt = str(dtype).removeprefix("torch.")
+    rows = [
+        [N, M, *(fwd[k][i] for k in fwd), 100 * ratio(fwd["triton"][i], fwd["copy"][i]), ratio(fwd["triton"][i], fwd["liger"][i])]
+        for i, (N, M) in enumerate(zip(sizes, ms_list))
+    ]
+    print_table(f"layer_norm forward, GB/s ({dt})", ["N", "M", *fwd, "triton % of copy", "triton / liger"], rows)
+    rows = [
+        [N, M, *(both[k][i] for k in both), ratio(both["triton"][i], both["torch"][i]), ratio(both["triton"][i], both["liger"][i])]
+        for i, (N, M) in enumerate(zip(sizes, ms_list))
+    ]
+    print_table(f"layer_norm forward+backward, GB/s ({dt})", ["N", "M", *both, "triton / torch", "triton / liger"], rows)
+    rows = [
+        [N, M, *(add_fwd[k][i] for k in add_fwd), *(add_both[k][i] for k in add_both), ratio(add_both["triton"][i], add_both["torch"][i])]
+        for i, (N, M) in enumerate(zip(sizes, ms_list))
+    ]
+    headers = ["N", "M", *(f"{k} fwd" for k in add_fwd), *(f"{k} fwd+bwd" for k in add_both), "fwd+bwd triton / torch"]
+    print_table(f"add_layer_norm (torch: x + r, then layer_norm), GB/s ({dt})", headers, rows)
+
+    series = {f"{k} fwd": v for k, v in fwd.items()} | {f"{k} fwd+bwd": v for k, v in both.items()}
+    plot(os.path.join(PLOTS, f"layer_norm{plot_suffix}.png"), f"LayerNorm, {dt}, M*N = {elements}", "N (hidden size)", "GB/s", sizes, series)
+    series = {f"{k} fwd": v for k, v in add_fwd.items()} | {f"{k} fwd+bwd": v for k, v in add_both.items()}
+    plot(os.path.join(PLOTS, f"add_layer_norm{plot_suffix}.png"), f"add + LayerNorm, {dt}, M*N = {elements}", "N (hidden size)", "GB/s", sizes, series)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type on the GPU (default bf16)")
+    parser.add_argument("--elements", type=int, default=2**25, help="M*N held fixed across the sweep (default 2^25)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    args = parser.parse_args()
+    if args.smoke:
+        run(sizes=[64, 96], elements=64 * 96, dtype=torch.float32, device="cpu", use_compile=False, plot_suffix="_smoke")
+        return
+    if not torch.cuda.is_available():
+        parser.exit(1, "bench_layer_norm: no CUDA GPU; use --smoke to check the script on CPU\n")
+    run(
+        sizes=[768, 1024, 2048, 4096, 8192], elements=args.elements, dtype=DTYPES[args.dtype],
+        device="cuda", use_compile=not args.no_compile, plot_suffix="",
+    )
+
+
+if __name__ == "__main__":
+    main()

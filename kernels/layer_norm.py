@@ -1,0 +1,315 @@
+"""LayerNorm over the last dimension in Triton, forward and backward, plus a fused residual add.
+
+    layer_norm(x, weight, bias, eps)               == F.layer_norm(x, (N,), weight, bias, eps)
+    add_layer_norm(x, residual, weight, bias, eps) == (x + residual, layer_norm(x + residual))
+
+A whole row sits in registers, so each pass reads its inputs once: the forward writes y
+(and the sum) plus fp32 mean and rstd per row; the backward recomputes x_hat from them,
+writes dx in the same pass and reduces dweight/dbias through one fp32 partial row per
+program, summed afterwards (Liger-Kernel's scheme: deterministic, no atomics, no locks).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._utils import check_inputs, interpreting
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, R, S, Y, W, B, Mean, Rstd,
+    stride_x, stride_r, stride_s, stride_y,
+    M, N, eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+
+    # Load, then widen at once: all arithmetic is fp32 whatever the storage dtype.
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Normalise the sum as stored (rounded to its dtype): the backward re-reads that
+        # tensor, and x + residual in torch rounds the same way before layer_norm sees it.
+        s = x.to(S.dtype.element_ty)
+        tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    # Issued before the reductions so their latency hides behind them.
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    # Two-pass variance from registers: no cancellation, unlike E[x^2] - E[x]^2.
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = tl.rsqrt(var + eps)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+    y = xc * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += b[None, :]
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X, W, Mean, Rstd, DY, DS, DX, DW, DB,
+    stride_x, stride_dy, stride_ds, stride_dx,
+    M, N, rows_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    # Each program walks its own contiguous chunk of rows, BLOCK_M at a time, and keeps
+    # dweight/dbias for the chunk in registers; one fp32 partial row per program goes out.
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(x_hat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DSUM:
+            # The sum output of add_layer_norm is the residual stream and has its own
+            # gradient; x and residual both receive the total.
+            dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+        dw += dy * x_hat
+        if HAS_BIAS:
+            db += dy
+
+    partial = pid.to(tl.int64) * N + cols
+    tl.store(DW + partial, tl.sum(dw, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB + partial, tl.sum(db, axis=0), mask=col_ok)
+
+
+# A row lives in registers: at most 64 KiB of it (16384 fp32 or 32768 fp16/bf16 elements).
+_MAX_ROW_BYTES = 65536
+# Elements one program covers per step; short rows are stacked to reach it.
+_TILE = 4096
+# Backward programs when interpreting: each costs milliseconds there.
+_INTERPRET_PROGRAMS = 4
+
+
+def _settings(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of N elements, like Liger's calculate_settings.
+
+    BLOCK_N is N rounded up to a power of two (the whole row in one block). Rows shorter
+    than _TILE are stacked BLOCK_M to a program, so that a program at N=768 still moves
+    as many bytes as one at N=4096. num_warps gives each thread 16 elements of the tile:
+    8 warps up to 4096, 16 at 8192, 32 from 16384 -- several 16-byte loads in flight per
+    thread without spilling in the backward, which keeps ~6 fp32 values per element live.
+    """
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_M = max(1, _TILE // BLOCK_N)
+    num_warps = min(32, max(4, BLOCK_M * BLOCK_N // (32 * 16)))
+    return BLOCK_M, BLOCK_N, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts: Tensor) -> None:
+    """ValueError for anything the kernels do not take; `acts` are x (and residual).
+
+    Activations and parameters may differ in dtype (autocast keeps fp32 weights and an
+    fp32 residual stream beside bf16 branch outputs), so check_inputs, which wants one
+    dtype per call, sees each tensor alone and devices are compared here first.
+    """
+    tensors = {**acts, "weight": weight, "bias": bias}
+    devices = {t.device for t in tensors.values() if isinstance(t, Tensor)}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k} on {t.device}" for k, t in tensors.items() if isinstance(t, Tensor))
+        raise ValueError(f"{op}: inputs must be on one device, got {desc}")
+    for name, t in tensors.items():
+        if t is not None:
+            check_inputs(op, reference, **{name: t})
+    x = acts["x"]
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    for name, t in acts.items():
+        if t.shape != x.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
+    N = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (N,):
+            raise ValueError(f"{op}: {name} must have shape ({N},) to match x's last dim, got {tuple(t.shape)}")
+    limit = _MAX_ROW_BYTES // max(t.element_size() for t in acts.values())
+    if N > limit:
+        raise ValueError(
+            f"{op}: rows of {N} elements exceed the kernel's limit of {limit} for {x.dtype} "
+            f"(64 KiB per row); use {reference}"
+        )
+
+
+def _rows(t: Tensor, N: int) -> Tensor:
+    """(M, N) view with unit column stride; copies only when no such view exists."""
+    t = t.reshape(-1, N)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _layer_norm_fwd(
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """y, the sum (None without residual), mean and rstd (fp32, (M,)), x as (M, N), weight as used."""
+    reference = f"kernels.reference.{op}"
+    if residual is None:
+        _check(op, reference, weight, bias, x=x)
+    else:
+        _check(op, reference, weight, bias, x=x, residual=residual)
+    N = x.shape[-1]
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    x2 = _rows(x, N)
+    M = x2.shape[0]
+    r2 = x2 if residual is None else _rows(residual, N)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    s = None if residual is None else torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    s2 = y if s is None else s  # not written without a residual
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    BLOCK_M, BLOCK_N, num_warps = _settings(N)
+    if M > 0:
+        _layer_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+            x2, r2, s2, y, weight, weight if bias is None else bias, mean, rstd,
+            x2.stride(0), r2.stride(0), N, N,
+            M, N, eps,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            num_warps=num_warps,
+        )
+    return y, s, mean, rstd, x2, weight
+
+
+def _layer_norm_bwd(
+    dy: Tensor, dsum: Tensor | None, x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dx (M, N) in x2's dtype (plus dsum when given), and fp32 dweight, dbias (N,)."""
+    M, N = x2.shape
+    dy2 = _rows(dy, N)
+    ds2 = dy2 if dsum is None else _rows(dsum, N)
+    dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    BLOCK_M, BLOCK_N, num_warps = _settings(N)
+    tiles = triton.cdiv(M, BLOCK_M)
+    if interpreting() or not x2.is_cuda:
+        programs = _INTERPRET_PROGRAMS
+    else:
+        # Enough programs to fill every SM (two per SM while they are 8 warps or fewer),
+        # few enough that the partial rows stay a small share of the traffic.
+        programs = _sm_count(x2.device.index or 0) * max(1, 16 // num_warps)
+    # Whole tiles per program, so that only the last tile of the last chunk is ragged.
+    rows_per_program = max(1, triton.cdiv(tiles, max(1, min(tiles, programs)))) * BLOCK_M
+    P = triton.cdiv(M, rows_per_program)  # every program gets rows; none when M = 0
+    dw = torch.empty((P, N), dtype=torch.float32, device=x2.device)
+    db = torch.empty((P, N), dtype=torch.float32, device=x2.device) if has_bias else dw
+    if M > 0:
+        _layer_norm_bwd_kernel[(P,)](
+            x2, weight, mean, rstd, dy2, ds2, dx, dw, db,
+            x2.stride(0), dy2.stride(0), ds2.stride(0), N,
+            M, N, rows_per_program,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HAS_DSUM=dsum is not None, HAS_BIAS=has_bias,
+            num_warps=num_warps,
+        )
+    return dx, dw.sum(0), db.sum(0) if has_bias else None
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+        y, _, mean, rstd, x2, w = _layer_norm_fwd("layer_norm", x, None, weight, bias, float(eps))
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return None, None, None, None
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _layer_norm_bwd(dy, None, x2, weight, mean, rstd, ctx.bias_dtype is not None)
+        db = None if db is None else db.to(ctx.bias_dtype)
+        return dx.view(dy.shape), dw.to(weight.dtype), db, None
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float):
+        y, s, mean, rstd, _, w = _layer_norm_fwd("add_layer_norm", x, residual, weight, bias, float(eps))
+        ctx.save_for_backward(s, w, mean, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype, None if bias is None else bias.dtype)
+        ctx.set_materialize_grads(False)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, dsum: Tensor | None, dy: Tensor | None):
+        x_dtype, r_dtype, bias_dtype = ctx.dtypes
+        if dy is None:  # only the sum was used downstream
+            if dsum is None:
+                return None, None, None, None, None
+            return dsum.to(x_dtype), dsum.to(r_dtype), None, None, None
+        s, weight, mean, rstd = ctx.saved_tensors
+        ds, dw, db = _layer_norm_bwd(dy, dsum, _rows(s, s.shape[-1]), weight, mean, rstd, bias_dtype is not None)
+        ds = ds.view(s.shape)
+        db = None if db is None else db.to(bias_dtype)
+        return ds.to(x_dtype), ds.to(r_dtype), dw.to(weight.dtype), db, None
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension: x (..., N) -> (..., N) in x's dtype.
+
+    x in fp32, fp16 or bf16 with N up to 16384 (fp32) or 32768 (fp16/bf16); weight and
+    bias (N,) may have their own float dtype (fp32 weights beside bf16 x, as under
+    autocast); bias may be None. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    Differentiable in x, weight and bias.
+    """
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """(x + residual, layer_norm(x + residual)) from one kernel; x, residual (..., N).
+
+    Both outputs are in the promoted dtype of x and residual and both may carry gradients
+    (the sum is the residual stream); x and residual get the same gradient, in their dtypes.
+    """
+    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)

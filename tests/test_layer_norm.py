@@ -1,0 +1,235 @@
+"""Triton LayerNorm (kernels/layer_norm.py) against kernels/reference.py in float64.
+
+Tolerance, FlashAttention's rule: the kernel's error against float64 is at most twice
+torch's own error in the same dtype, plus atol + rtol * max|reference|.
+"""
+import pytest
+import torch
+
+from kernels import reference
+from kernels.layer_norm import add_layer_norm, layer_norm
+
+TOLERANCES = [  # dtype, atol, rtol
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
+]
+GPU_TOLERANCES = TOLERANCES + [pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16")]
+
+# Leading shape, N and how x reaches the kernel: edges of the blocking heuristic
+# (M=1, N=1, N not a power of two, several rows per program, one row per program,
+# several backward programs each looping over tiles, the largest fp32 row).
+SHAPES = [
+    pytest.param((1,), 64, "contiguous", id="M1"),
+    pytest.param((37,), 100, "contiguous", id="N100"),
+    pytest.param((5,), 1, "contiguous", id="N1"),
+    pytest.param((2, 3), 48, "contiguous", id="3d"),
+    pytest.param((1000,), 32, "contiguous", id="many-programs"),
+    pytest.param((3,), 5000, "contiguous", id="N5000"),
+    pytest.param((2,), 16384, "contiguous", id="N16384"),
+    pytest.param((24,), 40, "transposed", id="transposed"),
+    pytest.param((2, 9), 40, "sliced", id="sliced"),
+]
+
+
+def _make(lead, N, layout, dtype, device):
+    """A leaf tensor and the view of it (..., N) that is passed to the op."""
+    if layout == "contiguous":
+        return torch.randn(*lead, N, device=device).mul(2).add(1).to(dtype), lambda t: t
+    if layout == "transposed":  # (M, N) with column stride M
+        return torch.randn(N, *lead, device=device).to(dtype), lambda t: t.t()
+    if layout == "sliced":  # rows of a wider tensor: row stride N + 7
+        return torch.randn(*lead, N + 7, device=device).to(dtype), lambda t: t[..., :N]
+    raise AssertionError(layout)
+
+
+def _run(fn, inputs, upstream):
+    """Outputs of fn and gradients of its inputs (None stays None).
+
+    Every backward gets its own clone of the upstream gradients, so an op that wrote
+    into them could not go unnoticed.
+    """
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.clone() for g in upstream])
+    return [o.detach() for o in outs] + [None if t is None else t.grad for t in leaves]
+
+
+def _compare(ours_fn, ref_fn, inputs, upstream, atol, rtol):
+    """Every output and gradient of ours_fn within the FlashAttention bound of ref_fn."""
+    ours = _run(ours_fn, inputs, upstream)
+    torch_ = _run(ref_fn, inputs, upstream)
+    f64 = lambda ts: [None if t is None else t.double() for t in ts]
+    exact = _run(ref_fn, f64(inputs), f64(upstream))
+    for i, (o, t, e) in enumerate(zip(ours, torch_, exact)):
+        if e is None:
+            assert o is None, f"result {i}: expected no gradient"
+            continue
+        assert o.shape == t.shape and o.dtype == t.dtype, f"result {i}: {o.shape} {o.dtype} vs {t.shape} {t.dtype}"
+        if e.numel() == 0:
+            continue
+        err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        bound = 2 * torch_err + atol + rtol * e.abs().max().item()
+        assert err <= bound, f"result {i}: error {err:.3g} > {bound:.3g} (torch's error {torch_err:.3g})"
+
+
+def _params(N, dtype, device, bias=True):
+    w = torch.randn(N, device=device).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    return w, b
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("lead, N, layout", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_layer_norm(lead, N, layout, dtype, atol, rtol, bias, device):
+    torch.manual_seed(0)
+    x, view = _make(lead, N, layout, dtype, device)
+    w, b = _params(N, dtype, device, bias)
+    dy = torch.randn(view(x).shape, device=device).to(dtype)
+    _compare(
+        lambda x, w, b: layer_norm(view(x), w, b, 1e-5),
+        lambda x, w, b: reference.layer_norm(view(x), w, b, 1e-5),
+        [x, w, b], [dy], atol, rtol,
+    )
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("lead, N, layout", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_add_layer_norm(lead, N, layout, dtype, atol, rtol, bias, device):
+    torch.manual_seed(0)
+    x, view = _make(lead, N, layout, dtype, device)
+    r, _ = _make(lead, N, layout, dtype, device)
+    w, b = _params(N, dtype, device, bias)
+    shape = view(x).shape
+    ds, dy = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
+    _compare(
+        lambda x, r, w, b: add_layer_norm(view(x), view(r), w, b, 1e-5),
+        lambda x, r, w, b: reference.add_layer_norm(view(x), view(r), w, b, 1e-5),
+        [x, r, w, b], [ds, dy], atol, rtol,
+    )
+
+
+def test_mixed_dtypes(device):
+    """fp32 weights beside fp16 activations, an fp32 residual stream plus an fp16 branch
+    (what autocast produces): dtypes of outputs and gradients follow torch's."""
+    torch.manual_seed(0)
+    N = 96
+    x16 = torch.randn(6, N, device=device).half()
+    x32 = torch.randn(6, N, device=device)
+    w, b = _params(N, torch.float32, device)
+    _compare(layer_norm, reference.layer_norm, [x16, w, b], [torch.randn_like(x16)], 1e-3, 1e-3)
+    _compare(add_layer_norm, reference.add_layer_norm, [x32, x16, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
+
+
+def test_eps_and_empty_input(device):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, device=device) * 1e-3  # variance comparable to eps
+    w, b = _params(16, torch.float32, device)
+    for eps in (1e-5, 1e-2):
+        torch.testing.assert_close(layer_norm(x, w, b, eps), reference.layer_norm(x, w, b, eps))
+    empty = torch.randn(0, 16, device=device, requires_grad=True)
+    y = layer_norm(empty, w, b)
+    y.sum().backward()
+    assert y.shape == (0, 16) and empty.grad.shape == (0, 16)
+
+
+def test_broadcast_upstream_gradient_and_strided_weight(device):
+    """y.sum().backward() hands the backward an expanded (stride 0) gradient; a weight
+    may be a strided view."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 24, device=device)
+    w_base, b = _params(48, torch.float32, device)
+    ours = _run(lambda x, w, b: layer_norm(x, w[::2], b[:24]).sum(), [x, w_base, b], [torch.tensor(1.0, device=device)])
+    ref = _run(lambda x, w, b: reference.layer_norm(x, w[::2], b[:24]).sum(), [x, w_base, b], [torch.tensor(1.0, device=device)])
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("used", ["sum", "normalised"])
+def test_one_output_of_add_layer_norm_unused(used, device):
+    """An output without a gradient (autograd passes None) is handled like the reference:
+    with only the sum used, the parameters get no gradient at all."""
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 8, device=device) for _ in range(2))
+    w, b = _params(8, torch.float32, device)
+    pick = (lambda s, y: s * 3) if used == "sum" else (lambda s, y: y * 3)
+    one = torch.tensor(1.0, device=device)
+    ours = _run(lambda *a: pick(*add_layer_norm(*a)).sum(), [x, r, w, b], [one])
+    ref = _run(lambda *a: pick(*reference.add_layer_norm(*a)).sum(), [x, r, w, b], [one])
+    for o, e in zip(ours, ref):
+        assert (o is None) == (e is None)
+        if o is not None:
+            torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, x_dtype, w_device, match",
+    [
+        ((4, 8), (9,), (8,), torch.float32, None, "weight must have shape"),
+        ((4, 8), (8,), (4, 8), torch.float32, None, "bias must have shape"),
+        ((4, 8), (8,), (8,), torch.int32, None, "dtype"),
+        ((4, 8), (8,), (8,), torch.float32, "meta", "one device"),
+        ((2, 16385), (16385,), (16385,), torch.float32, None, "limit of 16384"),
+    ],
+    ids=["weight-shape", "bias-shape", "int-dtype", "devices", "too-wide"],
+)
+def test_invalid_inputs(x_shape, w_shape, b_shape, x_dtype, w_device, match, device):
+    x = torch.ones(x_shape, device=device, dtype=x_dtype)
+    w = torch.ones(w_shape, device=w_device or device)
+    b = torch.ones(b_shape, device=device)
+    with pytest.raises(ValueError, match=match):
+        layer_norm(x, w, b)
+    with pytest.raises(ValueError, match=match):
+        add_layer_norm(x, x.clone(), w, b)
+
+
+def test_residual_shape_mismatch(device):
+    x, w = torch.ones(4, 8, device=device), torch.ones(8, device=device)
+    with pytest.raises(ValueError, match="residual has shape"):
+        add_layer_norm(x, torch.ones(2, 8, device=device), w, None)
+
+
+def test_cpu_without_interpreter_points_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w = torch.ones(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="kernels.reference.layer_norm"):
+        layer_norm(x, w, None)
+    with pytest.raises(ValueError, match="kernels.reference.add_layer_norm"):
+        add_layer_norm(x, x, w, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("N", [768, 1024, 1600, 4096, 8192, 16384])
+def test_large_gpu(N, dtype, atol, rtol):
+    torch.manual_seed(0)
+    M = 4096
+    x, r = (torch.randn(M, N, device="cuda").to(dtype) for _ in range(2))
+    w, b = _params(N, dtype, "cuda")
+    ds, dy = (torch.randn(M, N, device="cuda").to(dtype) for _ in range(2))
+    _compare(layer_norm, reference.layer_norm, [x, w, b], [dy], atol, rtol)
+    _compare(add_layer_norm, reference.add_layer_norm, [x, r, w, b], [ds, dy], atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1024, 8192])
+def test_backward_is_deterministic_gpu(N):
+    """Bitwise-equal gradients run to run: no atomics in the dweight/dbias reduction."""
+    torch.manual_seed(0)
+    x = torch.randn(8192, N, device="cuda", dtype=torch.bfloat16)
+    w, b = _params(N, torch.bfloat16, "cuda")
+    dy = torch.randn_like(x)
+    first, second = (_run(layer_norm, [x, w, b], [dy]) for _ in range(2))
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_widest_half_row_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32768, device="cuda", dtype=torch.bfloat16)
+    w, b = _params(32768, torch.bfloat16, "cuda")
+    _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-2, 1e-2)
