@@ -1,7 +1,12 @@
-"""Generate text from a trained checkpoint, streaming it to stdout.
+"""Generate text from a trained checkpoint (or a Hugging Face GPT-2 directory).
 
     python sample.py --checkpoint out --prompt "def main():" --num-samples 3
+    python sample.py --checkpoint out --prompt "import os" --prompt "class A:"   # one batch
     echo "ROMEO:" | python sample.py --checkpoint out --prompt-file -
+
+One sample streams to stdout as it is generated; several are generated in
+parallel in one batch and printed when done. A KV cache is used throughout;
+on CUDA the decode step is also captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -11,35 +16,40 @@ import sys
 import torch
 
 from gpt import checkpoint
-from gpt.generate import generate
-from train import pick_device, UsageError
+from gpt.generate import Decoder, generate
+from train import DTYPES, UsageError, pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out", help="checkpoint file, or an out dir holding ckpt.pt")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from a file, or - for stdin")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt, or a Hugging Face GPT-2 directory")
+    p.add_argument("--prompt", action="append", default=None, help="text to continue; repeat for several prompts in one batch (default: start of text)")
+    p.add_argument("--prompt-file", default=None, help="read one prompt from a file, or - for stdin")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated in parallel")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
     p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of tokens with this much probability")
+    p.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable); <|endoftext|> always ends it")
     p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch every kernel of every step instead of replaying a graph")
+    p.add_argument("--compile", action="store_true", help="decode step via torch.compile(mode='reduce-overhead') instead of our CUDA graph")
     return p.parse_args(argv)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file is None:
-        return args.prompt
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
     if args.prompt_file == "-":
-        return sys.stdin.read()
-    try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+        prompts.append(sys.stdin.read())
+    elif args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    return prompts or [""]
 
 
 def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
@@ -61,20 +71,40 @@ def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
 class Streamer:
     """Prints text as tokens arrive, holding back bytes that do not yet form a whole character."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+    def __init__(self, tokenizer, stops: list[str], eot: int | None):
+        self.tokenizer, self.stops, self.eot = tokenizer, stops, eot
+        self.ids: list[int] = []
+        self.printed = 0
+        self.ended = False
 
     def __call__(self, token: torch.Tensor) -> None:
-        self.ids.append(int(token[0, 0]))
+        t = int(token[0, 0])
+        self.ended = self.ended or t == self.eot
+        if self.ended:
+            return
+        self.ids.append(t)
         text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[self.printed:])
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        if cut >= 0:
+            text, self.ended = text[:cut], True
+        elif text.endswith("\ufffd"):
+            return
+        safe = len(text) - max((len(s) - 1 for s in self.stops), default=0) if not self.ended else len(text)
+        if safe > self.printed:  # hold back what might be the start of a stop string
+            sys.stdout.write(text[self.printed:safe])
             sys.stdout.flush()
-            self.printed = len(text)
+            self.printed = safe
 
     def finish(self) -> None:
-        sys.stdout.write(self.tokenizer.decode(self.ids)[self.printed:] + "\n")
+        text = self.tokenizer.decode(self.ids)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        sys.stdout.write((text if cut < 0 else text[:cut])[self.printed:] + "\n")
         sys.stdout.flush()
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -84,27 +114,47 @@ def sample(args: argparse.Namespace) -> None:
     if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
         raise UsageError("--top-p must be in (0, 1] and --temperature non-negative")
     device = pick_device(args.device)
-    model, tokenizer, _ = checkpoint.load_model(args.checkpoint, device)
-    prompt = read_prompt(args)
-    ids = encode_prompt(prompt, tokenizer, model.config.block_size)
+    model, tokenizer = load_for_sampling(args.checkpoint, device)
+    dtype = args.dtype or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    model = model.to(DTYPES[dtype])
+    prompts = read_prompts(args)
+    ids = [encode_prompt(p, tokenizer, model.config.block_size) for p in prompts]
+    batch = [(p, i) for p, i in zip(prompts, ids) for _ in range(args.num_samples)]
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed if args.seed is not None else torch.seed())
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        sys.stdout.write(prompt)
-        stream = Streamer(tokenizer)
-        generate(
-            model,
-            torch.tensor([ids], device=device),
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p,
-            generator=gen,
-            on_token=stream,
-        )
+    cuda_graph = device == "cuda" and not args.no_cuda_graph and not args.compile
+    decoder = Decoder(model, len(batch), cuda_graph=cuda_graph, compile=args.compile)
+    stops = args.stop
+
+    def stop(b: int, new: list[int]) -> bool:
+        return bool(stops) and cut_at_stop(tokenizer.decode(new), stops) != tokenizer.decode(new)
+
+    common = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=gen,
+                  eot_token=tokenizer.eot_token, stop=stop, decoder=decoder)
+    if len(batch) == 1:
+        sys.stdout.write(prompts[0])
+        stream = Streamer(tokenizer, stops, tokenizer.eot_token)
+        generate(model, [ids[0]], args.max_new_tokens, on_token=stream, **common)
         stream.finish()
+        return
+    outputs = generate(model, [i for _, i in batch], args.max_new_tokens, **common)
+    for n, ((prompt, _), new) in enumerate(zip(batch, outputs)):
+        print(f"--- sample {n + 1} ---")
+        print(prompt + cut_at_stop(tokenizer.decode(new), stops))
+
+
+def load_for_sampling(path: str, device: str):
+    """(model, tokenizer) from one of our checkpoints or a Hugging Face GPT-2 directory."""
+    try:
+        from gpt.hf import is_hf_dir, load_any
+    except ImportError:  # interop module absent: our checkpoints only
+        model, tokenizer, _ = checkpoint.load_model(path, device)
+        return model, tokenizer
+    if is_hf_dir(path):
+        model, tokenizer = load_any(path)
+        return model.to(device).eval(), tokenizer
+    model, tokenizer, _ = checkpoint.load_model(path, device)
+    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

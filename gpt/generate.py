@@ -1,4 +1,9 @@
-"""Autoregressive sampling: temperature, top-k and top-p (nucleus) filtering."""
+"""Autoregressive sampling with a KV cache: batched prompts, sliding window, CUDA graphs.
+
+`generate` is the fast path (prefill once, then one cached decode step per
+token); `generate_uncached` is the nanoGPT-style loop that re-reads the whole
+context every token, kept as the oracle and the benchmark baseline.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from gpt.model import GPT
+from gpt.model import GPT, KVCache
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -14,7 +19,7 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
     logits (B, V), already divided by the temperature.
     """
-    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0.0 < top_p < 1.0:
@@ -34,7 +39,7 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One token id per row of logits (B, V); temperature 0 means greedy."""
+    """One token id per row of logits (B, V) as (B, 1), on the logits' device; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
@@ -42,7 +47,7 @@ def sample_next(
 
 
 @torch.no_grad()
-def generate(
+def generate_uncached(
     model: GPT,
     idx: Tensor,
     max_new_tokens: int,
@@ -50,17 +55,135 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Extends idx (B, T) by max_new_tokens; the context is cropped to the last block_size tokens.
-
-    on_token, if given, receives each new column (B, 1) as it is sampled (for streaming).
-    """
+    """Extends idx (B, T) by max_new_tokens, re-running the model over the last block_size tokens each time."""
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
         logits = model(idx[:, -block_size:])[:, -1, :]
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        idx = torch.cat([idx, nxt], dim=1)
-        if on_token is not None:
-            on_token(nxt)
+        idx = torch.cat([idx, sample_next(logits, temperature, top_k, top_p, generator)], dim=1)
     return idx
+
+
+class Decoder:
+    """A KV cache and the decode step that reads it, built once per (batch size, dtype) and reused.
+
+    With cuda_graph=True the decode step (all layers, and the advance of every
+    sequence's length) is captured once and replayed: one launch per token. With
+    compile=True it goes through torch.compile(mode="reduce-overhead") instead.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):
+        p = model.lm_head.weight
+        self.model = model
+        self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
+        self.graph = None
+        self.step_fn = torch.compile(self._step, mode="reduce-overhead") if compile else self._step
+        if cuda_graph:
+            self._capture()
+
+    def _step(self) -> Tensor:
+        logits = self.model(self.token, cache=self.cache)[:, -1]
+        self.cache.lengths += 1
+        return logits
+
+    def _capture(self) -> None:
+        # Warm-up and capture write k/v one past each length; the real steps overwrite them.
+        saved = self.cache.lengths.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.cache.lengths.copy_(saved)
+
+    def prefill(self, sequences: list[list[int]]) -> Tensor:
+        """Runs right-padded prompts through the model; returns each one's last logits (B, V)."""
+        lengths = torch.tensor([len(s) for s in sequences], device=self.token.device)
+        idx = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=self.token.device)
+        for b, s in enumerate(sequences):
+            idx[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        logits = self.model(idx, cache=self.cache) if idx.size(1) > 1 else None
+        if logits is None:  # a one-token prompt is a decode step at position 0
+            self.cache.lengths.zero_()
+            return self.step(idx)
+        self.cache.lengths.copy_(lengths)
+        return logits[torch.arange(len(sequences), device=idx.device), lengths - 1]
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feeds token (B, 1) at each sequence's position; returns the next logits (B, V)."""
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self.step_fn()
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eot_token: int | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
+    decoder: Decoder | None = None,
+    check_every: int = 16,
+) -> list[list[int]]:
+    """Samples up to max_new_tokens after each prompt (prompts may differ in length).
+
+    A sequence ends at eot_token (not included in its output) or when stop(b, new_tokens)
+    says so; both are checked every `check_every` tokens so the GPU never waits on the
+    host in between (every token when on_token streams). When a sequence fills the
+    context, the window slides: the cache is refilled from the last half of the context.
+    Returns the new tokens of each sequence.
+    """
+    B, S = len(prompts), model.config.block_size
+    if not B or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    decoder = decoder or Decoder(model, B)
+    device = decoder.token.device
+    history = [list(p[-S:]) for p in prompts]
+    lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
+    logits = decoder.prefill(history)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    every = 1 if on_token is not None else check_every
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out[:, n - 1] = token[:, 0]
+        if eot_token is not None:
+            done |= token[:, 0] == eot_token
+        if on_token is not None:
+            on_token(token)
+        if n % every == 0 or n == max_new_tokens:
+            if stop is not None:
+                new = out[:, :n].tolist()
+                done |= torch.tensor([stop(b, new[b]) for b in range(B)], device=device)
+            if bool(done.all()):
+                break
+        if n == max_new_tokens:
+            break
+        if max(lengths) == S:  # no room for this token: slide the window
+            new = out[:, :n].tolist()
+            history = [(list(p) + new[b])[-(S // 2):] for b, p in enumerate(prompts)]
+            lengths = [len(h) for h in history]
+            logits = decoder.prefill(history)
+        else:
+            logits = decoder.step(token)
+            lengths = [x + 1 for x in lengths]
+    result = []
+    for row in out[:, :n].tolist():
+        if eot_token is not None and eot_token in row:
+            row = row[: row.index(eot_token)]
+        result.append(row)
+    return result

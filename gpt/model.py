@@ -39,6 +39,35 @@ class LayerNorm(nn.Module):
         return ops.add_layer_norm(x, branch, self.weight, self.bias, self.eps, self.kernels)
 
 
+class KVCache:
+    """Preallocated keys and values of every layer for generation, with per-sequence lengths.
+
+    Prompts of different lengths are right-padded: sequence b's valid keys are
+    positions [0, lengths[b]) of its rows. All shapes are fixed at creation, and
+    lengths live on the device, so a decode step can be captured in a CUDA graph.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.kernels = config.kernels
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Stores this step's k/v (B, H, T, D) and attends; T > 1 is a prefill from position 0."""
+        T = q.size(2)
+        if T > 1:
+            self.k[layer, :, :, :T] = k
+            self.v[layer, :, :, :T] = v
+            return ops.attention(q, k, v, causal=True, mode=self.kernels)
+        at = self.lengths.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
+        self.k[layer].scatter_(2, at, k)
+        self.v[layer].scatter_(2, at, v)
+        y = ops.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.lengths + 1, mode=self.kernels)
+        return y.unsqueeze(2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -48,11 +77,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kernels = config.kernels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3, H, D) -> three (B, H, T, D) views; the kernels take strided inputs.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = ops.attention(q, k, v, causal=True, mode=self.kernels)
+        if cache is None:
+            y = ops.attention(q, k, v, causal=True, mode=self.kernels)
+        else:
+            y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -79,10 +111,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, branch: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, branch: Tensor | None, cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
         # Equivalent to: x = x + branch; x = x + attn(ln_1(x)); return x, mlp(ln_2(x))
         x, h = self.ln_1(x, branch)
-        x, h = self.ln_2(x, self.attn(h))
+        x, h = self.ln_2(x, self.attn(h, cache, layer))
         return x, self.mlp(h)
 
 
@@ -100,6 +132,7 @@ class SinusoidalPositions(nn.Module):
 
     def forward(self, pos: Tensor) -> Tensor:
         return self.table[pos]
+
 
 
 class GPT(nn.Module):
@@ -152,22 +185,27 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) int64 -> logits (B, T, vocab); with targets (B, T), (logits, loss).
 
-        Targets equal to -1 are ignored in the loss.
+        Targets equal to -1 are ignored in the loss. With a cache, T > 1 is a prefill
+        from position 0 and T == 1 a decode step at each sequence's cache.lengths
+        (the caller sets lengths after a prefill and advances them after a step).
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
                 f"sequence length {T} exceeds the model's block_size {self.config.block_size}"
             )
-        pos = torch.arange(T, device=idx.device)
+        if cache is not None and T == 1:
+            pos = cache.lengths.view(B, 1)  # each sequence at its own position
+        else:
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         branch = None
-        for block in self.transformer.h:
-            x, branch = block(x, branch)
+        for i, block in enumerate(self.transformer.h):
+            x, branch = block(x, branch, cache, i)
         _, x = self.transformer.ln_f(x, branch)
         logits = self.lm_head(x)
         if targets is None:

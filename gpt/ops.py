@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 from kernels import reference
@@ -42,6 +43,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = 
     return backend(q, mode).attention(q, k, v, causal=causal)
 
 
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, mode: str = "auto") -> Tensor:
+    return backend(q, mode).decode_attention(q, k_cache, v_cache, seq_lens)
+
+
 def ffn(
     x: Tensor,
     fc_weight: Tensor,
@@ -50,4 +55,11 @@ def ffn(
     proj_bias: Tensor | None,
     mode: str = "auto",
 ) -> Tensor:
-    return backend(x, mode).ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)
+    impl = backend(x, mode)
+    if impl is not reference and torch.is_autocast_enabled(x.device.type):
+        # Autocast does not reach into Triton kernels: cast as F.linear would under autocast.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, fc_weight, fc_bias, proj_weight, proj_bias = (
+            t.to(dtype) if t is not None else None for t in (x, fc_weight, fc_bias, proj_weight, proj_bias)
+        )
+    return impl.ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)

@@ -1,0 +1,119 @@
+"""Generation throughput: tokens/s and time to first token, like gpt-fast's generate.py.
+
+    python -m bench.bench_sample                          # 124M, batch 1 and 32 on CUDA
+    python -m bench.bench_sample --preset tiny --batch-sizes 1 --new-tokens 512   # a CPU run
+
+Random weights (throughput does not depend on them). Rows: our fast path (KV
+cache + CUDA graph), torch.compile(mode="reduce-overhead"), our plain KV-cache
+path, the no-cache loop nanoGPT's generate() uses, and Hugging Face transformers'
+GPT-2 generate() when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import print_table
+from gpt import GPT, preset
+from gpt.generate import Decoder, generate, generate_uncached
+from train import DTYPES
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False) -> tuple[float, float]:
+    decoder = Decoder(model, len(prompts), cuda_graph=cuda_graph, compile=compile)
+    go = lambda n: generate(model, prompts, n, temperature=1.0, top_k=200, decoder=decoder, check_every=64)
+    go(8)  # warm-up (compilation, graph capture, allocator)
+    ttft = timed(lambda: go(1), device)
+    return ttft, timed(lambda: go(new_tokens), device)
+
+
+def run_uncached(model, prompts, new_tokens, device) -> tuple[float, float]:
+    idx = torch.tensor(prompts, device=device)
+    generate_uncached(model, idx, 2)
+    ttft = timed(lambda: generate_uncached(model, idx, 1, top_k=200), device)
+    return ttft, timed(lambda: generate_uncached(model, idx, new_tokens, top_k=200), device)
+
+
+def run_hf(cfg, prompts, new_tokens, device, dtype) -> tuple[float, float]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
+                                    vocab_size=cfg.vocab_size)).to(device=device, dtype=dtype).eval()
+    idx = torch.tensor(prompts, device=device)
+    go = lambda n: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=200, pad_token_id=0)
+    with torch.no_grad():
+        go(2)
+        return timed(lambda: go(1), device), timed(lambda: go(new_tokens), device)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32] if cuda else [1])
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast compile cached uncached hf")
+    args = p.parse_args()
+    device = "cuda" if cuda else "cpu"
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    cfg = preset(args.preset).updated(vocab_size=50257)
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    rows = []
+    for B in args.batch_sizes:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens)).tolist()
+        runs = {
+            "ours: KV cache + CUDA graph": lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True),
+            "ours: KV cache + torch.compile": lambda: run_ours(model, prompts, args.new_tokens, device, compile=True),
+            "ours: KV cache": lambda: run_ours(model, prompts, args.new_tokens, device),
+            "no cache (nanoGPT-style loop)": lambda: run_uncached(model, prompts, args.new_tokens, device),
+            "HF transformers generate": lambda: run_hf(cfg, prompts, args.new_tokens, device, dtype),
+        }
+        keys = dict(zip(runs, ["fast", "compile", "cached", "uncached", "hf"]))
+        baseline = None
+        for name, fn in runs.items():
+            if keys[name] in args.skip or (not cuda and keys[name] == "fast"):
+                continue
+            try:
+                ttft, total = fn()
+            except Exception as e:  # a missing or failing peer is reported, not fatal
+                print(f"{name} (batch {B}): skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                continue
+            tok_s = B * args.new_tokens / total
+            baseline = baseline if keys[name] != "uncached" else tok_s
+            gbs = weight_bytes * args.new_tokens / total / 1e9  # weights read once per step
+            rows.append([B, name, f"{tok_s:,.0f}", ttft * 1e3, f"{gbs:,.0f}", name])
+        for r in rows:
+            if r[0] == B and baseline:
+                r[5] = f"{float(r[2].replace(',', '')) / baseline:.1f}x"
+    print_table(
+        f"generation, preset {args.preset} ({model.num_params() / 1e6:.0f}M), {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens, {args.dtype}",
+        ["batch", "implementation", "tokens/s", "first token ms", "weight GB/s", "vs no cache"],
+        rows,
+    )
+    if cuda:
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
