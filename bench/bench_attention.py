@@ -1,0 +1,208 @@
+"""Causal attention throughput over the sequence length T: the Triton kernel against every peer.
+
+    python -m bench.bench_attention            # bf16 on the GPU, B*T = 16384 tokens, hidden 2048
+    python -m bench.bench_attention --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
+
+Peers: F.scaled_dot_product_attention with each backend forced (FlashAttention-2, cuDNN,
+memory-efficient; a backend that refuses a shape is skipped and the reason printed),
+FlexAttention (a causal block mask, compiled with torch.compile), and naive torch
+(softmax(QK^T) V with the T x T scores in memory) where those fit.
+
+B*T and the hidden size H*D are held fixed, so every T does the same projection work and
+attention FLOPs grow linearly with T. TFLOP/s count as the Triton fused-attention
+tutorial does: forward 4*B*H*T^2*D, halved for causal; backward 2.5x the forward, so
+forward+backward is 3.5x. Every provider is checked against SDPA before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# The kernels import triton, which must see TRITON_INTERPRET before its first import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import PLOTS, bench, plot, print_table  # noqa: E402
+from kernels.attention import attention  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A (T, device) -> attention function factory; returns None (and prints why) to skip.
+Maker = Callable[[int, int, int, str], "Attn | None"]
+
+
+def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention(q, k, v, causal=True)
+
+
+def sdpa_with(backend) -> Maker:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return lambda B, H, T, device: fn
+
+
+def flex_maker() -> Maker:
+    import torch._dynamo.config
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # One compiled graph per shape in the sweep; the default recompile limit (8) would
+    # silently drop the later shapes to eager.
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    else:
+        torch._dynamo.config.cache_size_limit = 64
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def make(B, H, T, device):
+        block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+        return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+    return make
+
+
+def naive_maker(budget_bytes: int | None, dtype: torch.dtype) -> Maker:
+    def make(B, H, T, device):
+        # Scores, masked scores, probabilities and their gradients: about five T x T
+        # tensors per head live at once in the backward.
+        need = 5 * B * H * T * T * dtype.itemsize
+        if budget_bytes is not None and need > budget_bytes:
+            print(f"naive: skipped at T={T} (needs ~{need / 2**30:.0f} GiB)")
+            return None
+        return naive
+
+    return make
+
+
+def peers(cuda: bool, use_flex: bool, dtype: torch.dtype) -> dict[str, Maker]:
+    makers: dict[str, Maker] = {"triton": lambda B, H, T, device: triton_causal}
+    if cuda:
+        from torch.nn.attention import SDPBackend
+
+        makers["sdpa-flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
+        makers["sdpa-cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
+        makers["sdpa-efficient"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION)
+        if use_flex:
+            try:
+                makers["flex"] = flex_maker()
+            except ImportError as e:
+                print(f"flex: skipped ({e})")
+        else:
+            print("flex: skipped (--no-flex)")
+        free, _ = torch.cuda.mem_get_info()
+        makers["naive"] = naive_maker(int(free * 0.7), dtype)
+    else:
+        print("sdpa backends, flex: skipped (need CUDA)")
+        makers["naive"] = naive_maker(None, dtype)
+    return makers
+
+
+def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float, unit: float) -> float | None:
+    flops = 4 * B * H * T * T * D * 0.5 * factor  # causal: half the score matrix
+    return None if ms is None else flops / unit / (ms * 1e-3)
+
+
+def run(
+    seq_lens: list[int], tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype,
+    device: str, use_flex: bool, plot_suffix: str,
+) -> None:
+    makers = peers(device == "cuda", use_flex, dtype)
+    # The interpreter runs at MFLOP/s, not TFLOP/s.
+    unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    dt = str(dtype).removeprefix("torch.")
+    for D in head_dims:
+        H = hidden // D
+        fwd: dict[str, list] = {name: [] for name in makers}
+        both: dict[str, list] = {name: [] for name in makers}
+        shapes = []
+        for T in seq_lens:
+            B = max(1, tokens // T)
+            shapes.append((T, B, H))
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            do = torch.randn(B, H, T, D, device=device, dtype=dtype)
+            with torch.no_grad():
+                expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            for name, make in makers.items():
+                fn = make(B, H, T, device)
+                if fn is not None:
+                    try:
+                        out = fn(q, k, v)
+                    except Exception as e:  # a backend that refuses the shape, or out of memory
+                        print(f"{name}: skipped at T={T}, D={D} ({str(e).splitlines()[0][:120]})")
+                        fn = None
+                if fn is None:
+                    fwd[name].append(None)
+                    both[name].append(None)
+                    continue
+                # Never time a provider that gives wrong answers.
+                torch.testing.assert_close(out, expected, **tol, msg=lambda m: f"{name} at T={T}, D={D}: {m}")
+                del out
+                fwd[name].append(flops_per_s(B, H, T, D, bench(lambda: fn(q, k, v)), 1.0, unit))
+                ms = bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v])
+                both[name].append(flops_per_s(B, H, T, D, ms, 3.5, unit))
+            del q, k, v, do, expected
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+        ratio = lambda a, c: None if a is None or c is None else a / c
+        extra = [p for p in ("flex", "sdpa-cudnn", "sdpa-flash") if p in makers]
+        headers = ["T", "B", "H", *makers, *(f"triton / {p}" for p in extra)]
+        for title, table in (("forward", fwd), ("forward+backward", both)):
+            rows = [
+                [T, B, H, *(table[p][i] for p in makers), *(ratio(table["triton"][i], table[p][i]) for p in extra)]
+                for i, (T, B, H) in enumerate(shapes)
+            ]
+            print_table(f"causal attention {title}, {unit_name} ({dt}, D={D}, H*D={hidden}, B*T={tokens})", headers, rows)
+        series = {f"{p} fwd": fwd[p] for p in makers} | {f"{p} fwd+bwd": both[p] for p in makers}
+        plot(
+            os.path.join(PLOTS, f"attention_d{D}{plot_suffix}.png"),
+            f"causal attention, {dt}, D={D}, B*T={tokens}", "T (sequence length)", unit_name, seq_lens, series,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type (default bf16)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims to sweep (default 64 128)")
+    parser.add_argument("--tokens", type=int, default=16384, help="B*T held fixed across the sweep (default 16384)")
+    parser.add_argument("--hidden", type=int, default=2048, help="H*D held fixed (default 2048)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    args = parser.parse_args()
+    if args.smoke:
+        run(
+            seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,
+            device="cpu", use_flex=False, plot_suffix="_smoke",
+        )
+        return
+    if not torch.cuda.is_available():
+        parser.exit(1, "bench_attention: no CUDA GPU; use --smoke to check the script on CPU\n")
+    run(
+        seq_lens=[1024, 2048, 4096, 8192, 16384], tokens=args.tokens, hidden=args.hidden,
+        head_dims=args.head_dims, dtype=DTYPES[args.dtype], device="cuda",
+        use_flex=not args.no_flex, plot_suffix="",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Flash attention in Triton, forward and backward (FlashAttention-2's algorithm).
+
+    attention(q, k, v, causal, scale) == F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+except that with Tq < Tk the causal mask is aligned to the end, as in
+kernels.reference.attention: query i sits at absolute position Tk - Tq + i, so the last
+query sees every key (a chunk of new tokens against a longer KV cache).
+
+Forward: one program per (BLOCK_M queries, batch x head) walks the key/value tiles with
+an online softmax in fp32 -- exp2, with log2(e) folded into the scale -- and writes O plus
+each row's log-sum-exp (base 2, fp32), the only statistic the backward needs; the Tq x Tk
+scores never reach memory. For causal attention the key loop has two stages: tiles wholly
+below the diagonal run without any mask, tiles crossing it (and the ragged end of the keys)
+run masked, and tiles wholly above it are never visited (the loop stops short of them).
+
+Backward, three launches, no atomics, so gradients are bit-for-bit reproducible:
+  1. delta = rowsum(dO * O) in fp32, one program per block of query rows;
+  2. dK, dV: one program per BLOCK_N keys holds K and V and walks the query tiles that see
+     them, recomputing P from the saved log-sum-exp (masked near the diagonal only);
+  3. dQ: one program per BLOCK_M queries walks the key tiles as the forward does.
+QK^T and dO V^T are recomputed in both 2 and 3 (7 matmuls where 5 would do with atomic dQ
+updates), the price of determinism, as in the Triton fused-attention tutorial.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._utils import check_inputs, device_capability
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, K, V,
+    stride_kt, stride_vt,
+    offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Folds key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile.
+
+    Without MASK every tile must be in bounds and wholly visible to every query row.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)[:, None]
+        if MASK:
+            n_ok = offs_n < Tk
+            k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(K + rows * stride_kt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASK:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+            # Every valid row sees key 0 in its first tile, so m_i is finite after it and
+            # a row fully masked in a later tile adds exp2(-inf) = 0, never a NaN.
+            qk = tl.where(keep, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(V + rows * stride_vt + offs_d[None, :])
+        # P goes into the second matmul in the input dtype, as in FlashAttention.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, Tq, Tk, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query tiles see the most keys: launch them first so that the short
+        # ones fill the tail of the schedule (FlashAttention-2 does the same).
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * Tq
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    q_ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Key tiles [0, mid) are in bounds and visible to every row of the tile; [mid, hi)
+    # need a mask; keys from hi on are above the diagonal for every row and are skipped.
+    if CAUSAL:
+        offset = Tk - Tq  # absolute position of query 0
+        hi = tl.minimum(start_m + BLOCK_M + offset, Tk)
+        mid = (start_m + offset + 1) // BLOCK_N * BLOCK_N
+    else:
+        offset = 0
+        hi = Tk
+        mid = Tk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, mid, Tk, offset, qk_scale,
+        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, mid, hi, Tk, offset, qk_scale,
+        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION,
+    )
+
+    o = acc / l_i[:, None]
+    o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, Tq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    rows = offs_m.to(tl.int64)[:, None]
+    # O as stored (rounded to its dtype), like FlashAttention: dO.O is what the chain rule
+    # through the stored output gives.
+    O += b * stride_ob + h * stride_oh
+    DO += b * stride_dob + h * stride_doh
+    o = tl.load(O + rows * stride_ot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, Q, DO, LSE, DELTA,
+    stride_qt, stride_dot,
+    offs_n, offs_d, lo, hi, Tq, offset, qk_scale,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Adds the query tiles [lo, hi) to one key tile's dK (unscaled) and dV.
+
+    Works on transposed scores (keys x queries) so that P^T and dS^T feed the matmuls
+    directly. Query rows past Tq load zeros and a log-sum-exp of +inf: P = 0 there, so
+    they add nothing; MASK applies the causal mask.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Tq
+        rows = offs_m.to(tl.int64)[:, None]
+        q = tl.load(Q + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASK:
+            pT = tl.where(offs_m[None, :] + offset >= offs_n[:, None], pT, 0.0)
+        do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, Tq, Tk, scale, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Programs in launch order hold keys 0, BLOCK_N, ...: under a causal mask the first
+    # ones see the most queries, which already puts the long programs first.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += bh.to(tl.int64) * Tq
+    DELTA += bh.to(tl.int64) * Tq
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < Tk
+    rows = offs_n.to(tl.int64)[:, None]
+    # Keys past Tk load as zeros; their dK, dV rows are computed but never stored.
+    k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        offset = Tk - Tq
+        # Queries before lo see none of these keys (skipped); queries from full on see
+        # all of them. Tiles from lo up to the first tile start at or past full are masked.
+        lo = tl.maximum(start_n - offset, 0)
+        full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
+        mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
+            offs_n, offs_d, lo, mid, Tq, offset, qk_scale,
+            BLOCK_M=BLOCK_M, MASK=True, PRECISION=PRECISION,
+        )
+    else:
+        offset = 0
+        mid = 0
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
+        offs_n, offs_d, mid, Tq, Tq, offset, qk_scale,
+        BLOCK_M=BLOCK_M, MASK=False, PRECISION=PRECISION,
+    )
+
+    tl.store(DV + rows * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+    # dS = P (dP - delta) is the gradient of the scaled scores; the scale enters once here.
+    dk = dk * scale
+    tl.store(DK + rows * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta, K, V,
+    stride_kt, stride_vt,
+    offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds as in the forward."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)[:, None]
+        if MASK:
+            n_ok = offs_n < Tk
+            k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(K + rows * stride_kt + offs_d[None, :])
+            v = tl.load(V + rows * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASK:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, Tq, Tk, scale, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    LSE += bh.to(tl.int64) * Tq
+    DELTA += bh.to(tl.int64) * Tq
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        offset = Tk - Tq
+        hi = tl.minimum(start_m + BLOCK_M + offset, Tk)
+        mid = (start_m + offset + 1) // BLOCK_N * BLOCK_N
+    else:
+        offset = 0
+        hi = Tk
+        mid = Tk // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, mid, Tk, offset, qk_scale,
+        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, mid, hi, Tk, offset, qk_scale,
+        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION,
+    )
+    dq = dq * scale
+    tl.store(DQ + rows * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+_OP = "attention"
+_REFERENCE = "kernels.reference.attention"
+_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+# Elements of O (and dO) per delta program: 32 per thread at 4 warps, a few 16-byte loads
+# each, so the memory-bound preprocess keeps loads in flight without spilling.
+_PRE_ELEMENTS = 4096
+
+
+class _Launch(NamedTuple):
+    BLOCK_M: int  # query rows per tile
+    BLOCK_N: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+class _Settings(NamedTuple):
+    fwd: _Launch  # one program per BLOCK_M queries
+    dkdv: _Launch  # one program per BLOCK_N keys, looping over BLOCK_M queries
+    dq: _Launch  # one program per BLOCK_M queries, looping over BLOCK_N keys
+
+
+# Per (capability major, head dim), 16-bit inputs. Starting points from the Triton
+# fused-attention tutorial and FlashAttention-2, checked offline with ptxas (every entry
+# compiles for its target within its shared memory and without register spills), to be
+# re-tuned with bench_attention on the GPU:
+# - Hopper (sm90, H100/H200; 227 KiB shared memory): 128-row query tiles split over two
+#   warpgroups (8 warps, 64 rows each for wgmma), three K/V stages in flight; D=128 halves
+#   the key tile so that the 128x128 fp32 accumulator and the scores share the registers.
+# - sm8x (A100, and the fallback for anything else): mma.sync over 4 warps (8 at D=128)
+#   with fewer stages, as sm86/sm89 have only ~100 KiB of shared memory.
+# Backward: dK/dV programs own 128 keys and step through 32 queries, dQ programs the
+# transpose (the tutorial's shapes); dK and dV (2 x 128 x D fp32) are what must fit in
+# registers, hence 8 warps wherever 4 would spill.
+_CONFIGS: dict[tuple[int, int], _Settings] = {
+    (9, 16): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
+    (9, 32): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
+    (9, 64): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 8, 5), _Launch(128, 32, 4, 5)),
+    (9, 128): _Settings(_Launch(128, 64, 8, 3), _Launch(32, 128, 8, 3), _Launch(128, 64, 8, 2)),
+    (8, 16): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
+    (8, 32): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
+    (8, 64): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
+    (8, 128): _Settings(_Launch(128, 64, 8, 3), _Launch(32, 128, 8, 2), _Launch(128, 32, 8, 2)),
+}
+# fp32 tiles take twice the shared memory and run as exact fp32 ("ieee") matmuls on CUDA
+# cores: small tiles over 8 warps that fit everywhere (on sm90 the D=128 forward still
+# spills a little). fp32 on the GPU is for checking, not for speed.
+_FP32 = _Settings(_Launch(32, 32, 8, 2), _Launch(16, 32, 8, 2), _Launch(32, 32, 8, 2))
+# The interpreter pays per program and per op: small tiles, but unequal ones, so that the
+# tests walk the same BLOCK_M != BLOCK_N paths as the GPU configurations.
+_INTERPRETER = _Settings(_Launch(32, 16, 4, 1), _Launch(16, 32, 4, 1), _Launch(32, 16, 4, 1))
+
+
+def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int]) -> _Settings:
+    """Tiles and launch parameters for one call; capability (0, 0) means the interpreter."""
+    if capability == (0, 0):
+        return _INTERPRETER
+    if dtype == torch.float32:
+        return _FP32
+    major = 9 if capability[0] == 9 else 8
+    return _CONFIGS[(major, head_dim)]
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    # tl.dot would round fp32 inputs to tf32; for 16-bit inputs, the backend's default.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{_OP}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{_OP}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
+        )
+    D, Tq, Tk = q.shape[3], q.shape[2], k.shape[2]
+    if D not in _HEAD_DIMS:
+        raise ValueError(
+            f"{_OP}: head dim {D} is not supported; the kernel takes 16, 32, 64 or 128 (else use {_REFERENCE})"
+        )
+    if causal and Tq > Tk:
+        raise ValueError(
+            f"{_OP}: causal attention needs Tq <= Tk (queries are the last Tq of Tk positions), got Tq={Tq}, Tk={Tk}"
+        )
+    if Tk == 0 and Tq > 0:
+        raise ValueError(f"{_OP}: k and v have no positions (Tk = 0) for {Tq} queries")
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    """t itself when its last dim is contiguous (any other strides go to the kernel), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None):
+    """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
+    _check(q, k, v, causal)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    # (B, Tq, H, D) in memory, like FlashAttention's output: the model's o.transpose(1, 2)
+    # back to (B, T, C) is then a view, not a copy.
+    o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse, q, k, v, scale
+    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
+    grid = (triton.cdiv(Tq, cfg.BLOCK_M), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, Tq, Tk, scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse, q, k, v, scale
+
+
+def _attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    do = _unit_stride(do.to(o.dtype))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dk.numel() == 0:
+        return dq, dk, dv
+    if q.numel() == 0:  # no queries: nothing flows back to the keys
+        return dq, dk.zero_(), dv.zero_()
+    settings = _settings(D, q.dtype, device_capability(q.device.index or 0))
+    precision = _precision(q.dtype)
+    delta = torch.empty_like(lse)
+    pre_rows = _PRE_ELEMENTS // D
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_rows), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq,
+        HEAD_DIM=D, BLOCK_M=pre_rows, num_warps=4,
+    )
+    cfg = settings.dkdv
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.BLOCK_N), B * H)](
+        q, k, v, do, dk, dv, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, Tq, Tk, scale, scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = settings.dq
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, cfg.BLOCK_M), B * H)](
+        q, k, v, do, dq, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, Tq, Tk, scale, scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
+        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
+
+    Same result as F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale),
+    except that a causal mask with Tq < Tk is aligned to the end (query i is position
+    Tk - Tq + i), as kernels.reference.attention; causal needs Tq <= Tk. scale defaults to
+    1/sqrt(D). D must be 16, 32, 64 or 128; any T >= 1.
+
+    fp16 or bf16 on CUDA (fp32 works too, as exact but slow fp32 matmuls); CPU tensors only
+    under TRITON_INTERPRET=1. Inputs may be strided views (the model passes slices of one
+    fused QKV projection): only a non-unit stride in the last dim costs a copy. The output
+    is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
+    Differentiable in q, k and v.
+    """
+    return AttentionFunction.apply(q, k, v, bool(causal), scale)

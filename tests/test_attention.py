@@ -1,0 +1,256 @@
+"""Triton flash attention (kernels/attention.py) against kernels/reference.py in float64.
+
+Tolerance, FlashAttention's rule: the kernel's error against float64 is at most twice
+torch's own error in the same dtype, plus atol + rtol * max|reference|. Every check
+covers the output and dq, dk, dv.
+
+On CPU the kernels run in the Triton interpreter, which pays per program and per op:
+shapes are tiny and each edge is covered once rather than in a full cross product.
+"""
+import importlib
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.attention import attention
+
+# The module itself, even once kernels/__init__.py re-exports the function under its name.
+attention_module = importlib.import_module("kernels.attention")
+
+TOLERANCES = [  # dtype, atol, rtol
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
+]
+GPU_TOLERANCES = TOLERANCES[1:] + [pytest.param(torch.bfloat16, 5e-3, 5e-3, id="bf16")]
+
+# B, H, Tq, Tk, D, causal: T = 1, 2, not a multiple of any tile, several tiles; B and H of
+# 1 and more; Tq < Tk (the causal mask aligned to the end, at an offset that is not a
+# multiple of the tiles), one query against many keys as in decoding, Tq > Tk without mask.
+SHAPES = [
+    pytest.param(1, 1, 1, 1, 16, True, id="T1"),
+    pytest.param(2, 1, 2, 2, 32, False, id="T2-full-B2"),
+    pytest.param(1, 3, 17, 17, 64, True, id="T17-H3"),
+    pytest.param(2, 2, 64, 64, 16, True, id="T64-B2-H2"),
+    pytest.param(1, 2, 130, 130, 32, True, id="T130"),
+    pytest.param(2, 1, 130, 130, 64, False, id="T130-full"),
+    pytest.param(1, 1, 5, 37, 32, True, id="Tq5-Tk37"),
+    pytest.param(2, 1, 19, 65, 16, True, id="Tq19-Tk65"),
+    pytest.param(1, 2, 1, 70, 64, True, id="decode-Tq1-Tk70"),
+    pytest.param(1, 1, 40, 21, 16, False, id="Tq40-Tk21-full"),
+]
+
+
+def _run(fn, inputs, upstream):
+    """Output of fn and the gradients of its inputs; the backward gets its own clone of
+    the upstream gradient, so an op that wrote into it could not go unnoticed."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(upstream.clone())
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _compare(fn, inputs, upstream, atol, rtol, causal=True, scale=None, exact=None):
+    """Output and every gradient of attention(fn(inputs)) within the FlashAttention bound.
+
+    fn maps the leaves to (q, k, v) (a view, a slice of a fused tensor, ...). The torch
+    peer is reference.attention in the inputs' dtype; the exact one the same in float64,
+    or `exact` (a function of (q, k, v)) where float64 would not fit in memory.
+    """
+    ours = _run(lambda *t: attention(*fn(*t), causal=causal, scale=scale), inputs, upstream)
+    ref = lambda *t: reference.attention(*fn(*t), causal=causal, scale=scale)
+    torch_ = _run(ref, inputs, upstream)
+    f64 = _run(exact or ref, [t.double() for t in inputs], upstream.double())
+    names = ["output", "grad 0", "grad 1", "grad 2"]
+    for name, o, t, e in zip(names, ours, torch_, f64):
+        assert o.shape == t.shape and o.dtype == t.dtype, f"{name}: {o.shape} {o.dtype} vs {t.shape} {t.dtype}"
+        assert torch.isfinite(o).all(), f"{name}: not finite"
+        if e.numel() == 0:
+            continue
+        err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        bound = 2 * torch_err + atol + rtol * e.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (torch's error {torch_err:.3g})"
+
+
+def _qkv(B, H, Tq, Tk, D, dtype, device):
+    return [torch.randn(B, H, T, D, device=device).to(dtype) for T in (Tq, Tk, Tk)]
+
+
+def _separate(q, k, v):
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, Tq, Tk, D, causal", SHAPES)
+def test_attention(B, H, Tq, Tk, D, causal, dtype, atol, rtol, device):
+    torch.manual_seed(0)
+    inputs = _qkv(B, H, Tq, Tk, D, dtype, device)
+    do = torch.randn(B, H, Tq, D, device=device).to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, causal=causal)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(24, 24), (9, 40)], ids=["square", "Tq<Tk"])
+def test_custom_scale(Tq, Tk, device):
+    torch.manual_seed(0)
+    inputs = _qkv(1, 2, Tq, Tk, 32, torch.float32, device)
+    do = torch.randn(1, 2, Tq, 32, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=True, scale=0.3)
+
+
+def test_fused_qkv_view(device):
+    """The model's layout: q, k, v are permuted views of one (B, T, 3, H, D) projection
+    (row stride 3*H*D, head stride D); the gradient reaches the fused tensor."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 33, 2, 16
+    qkv = torch.randn(B, T, 3, H, D, device=device)
+    do = torch.randn(B, H, T, D, device=device)
+    _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [qkv], do, 1e-5, 1e-5)
+
+
+def test_transposed_inputs(device):
+    """A last dim that is not contiguous (here q, k, v stored as (B, H, D, T))."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 1, 32, 20, device=device) for _ in range(3)]
+    do = torch.randn(2, 1, 20, 32, device=device)
+    _compare(lambda *t: [x.transpose(-1, -2) for x in t], inputs, do, 1e-5, 1e-5, causal=False)
+
+
+def test_output_layout_and_broadcast_upstream_gradient(device):
+    """o.sum().backward() hands the backward an expanded (all strides 0) gradient; the
+    output is (B, T, H, D) in memory, so the model's transpose(1, 2) back is free."""
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 20, 20, 16, torch.float32, device))
+    o = attention(q, k, v)
+    assert o.transpose(1, 2).is_contiguous()
+    o.sum().backward()
+    ours = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference.attention(q, k, v).sum().backward()
+    for a, b in zip(ours, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_queries(device):
+    """Tq = 0 (a batch with nothing new to attend from): empty output, zero dk and dv."""
+    q = torch.randn(1, 2, 0, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 2, 5, 16, device=device, requires_grad=True) for _ in range(2))
+    o = attention(q, k, v)
+    assert o.shape == (1, 2, 0, 16)
+    o.sum().backward()
+    assert q.grad.shape == q.shape and not k.grad.any() and not v.grad.any()
+
+
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [((9, 0), torch.float16), ((8, 0), torch.float16), ((9, 0), torch.float32)],
+    ids=["hopper", "sm80", "fp32"],
+)
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_gpu_tile_shapes_in_interpreter(capability, dtype, D, monkeypatch, device):
+    """Every tile shape the GPU table would launch (BLOCK_M != BLOCK_N, 128-wide tiles)
+    computes the right thing, through the interpreter, on ragged multi-tile sequences."""
+    if device == "cuda":
+        pytest.skip("the GPU runs its own table in the other tests")
+    monkeypatch.setattr(attention_module, "device_capability", lambda index=0: capability)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 1e-3)
+    torch.manual_seed(0)
+    for Tq, Tk, causal in [(300, 300, True), (77, 300, True), (200, 150, False)]:
+        inputs = _qkv(1, 1, Tq, Tk, D, dtype, device)
+        do = torch.randn(1, 1, Tq, D, device=device).to(dtype)
+        _compare(_separate, inputs, do, atol, rtol, causal=causal)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, v_shape, dtype, k_device, causal, match",
+    [
+        ((1, 2, 8, 24), (1, 2, 8, 24), (1, 2, 8, 24), torch.float32, None, True, "head dim 24"),
+        ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16), torch.float32, None, True, "k and v must have one shape"),
+        ((1, 2, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16), torch.float32, None, True, "must agree"),
+        ((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 32), torch.float32, None, True, "must agree"),
+        ((2, 8, 16), (2, 8, 16), (2, 8, 16), torch.float32, None, True, "4-D"),
+        ((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.float32, None, True, "Tq <= Tk"),
+        ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.int32, None, True, "dtype"),
+        ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.float32, "meta", True, "one device"),
+    ],
+    ids=["D24", "k-v-shapes", "batch", "head-dim", "3d", "Tq>Tk-causal", "int-dtype", "devices"],
+)
+def test_invalid_inputs(q_shape, k_shape, v_shape, dtype, k_device, causal, match, device):
+    q = torch.ones(q_shape, device=device, dtype=dtype)
+    k = torch.ones(k_shape, device=k_device or device, dtype=dtype)
+    v = torch.ones(v_shape, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, causal=causal)
+
+
+def test_cpu_without_interpreter_points_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.ones(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="kernels.reference.attention"):
+        attention(q, q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize(
+    "B, H, Tq, Tk, D, causal",
+    [
+        pytest.param(2, 4, 128, 128, 64, True, id="T128-D64"),
+        pytest.param(1, 4, 1000, 1000, 128, True, id="T1000-D128"),
+        pytest.param(2, 2, 333, 1024, 64, True, id="Tq333-Tk1024"),
+        pytest.param(2, 3, 257, 257, 128, False, id="T257-full-D128"),
+        pytest.param(3, 2, 1, 2049, 64, True, id="decode-Tk2049"),
+        pytest.param(1, 2, 97, 97, 16, True, id="T97-D16"),
+        pytest.param(1, 2, 200, 200, 32, True, id="T200-D32"),
+    ],
+)
+def test_attention_gpu(B, H, Tq, Tk, D, causal, dtype, atol, rtol):
+    torch.manual_seed(0)
+    inputs = _qkv(B, H, Tq, Tk, D, dtype, "cuda")
+    do = torch.randn(B, H, Tq, D, device="cuda").to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, causal=causal)
+
+
+def _chunked_exact(q, k, v, chunk=1024):
+    """Causal attention in float64 a chunk of queries at a time: each chunk against the
+    keys up to its end is reference.attention's end-aligned mask, and only chunk x T
+    scores exist at once."""
+    T = q.shape[2]
+    out = [
+        reference.attention(q[:, :, s : s + chunk], k[:, :, : s + chunk], v[:, :, : s + chunk])
+        for s in range(0, T, chunk)
+    ]
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES[1:])
+@pytest.mark.parametrize("D", [64, 128])
+def test_long_sequence_gpu(D, dtype, atol, rtol):
+    """Forward at T = 16384 against a chunked float64 reference; forward and backward at
+    T = 4096, where the float64 reference (a few T x T matrices) still fits."""
+    torch.manual_seed(0)
+    T = 16384
+    q, k, v = _qkv(1, 2, T, T, D, dtype, "cuda")
+    with torch.no_grad():
+        ours = attention(q, k, v).double()
+        torch_ = reference.attention(q, k, v).double()
+        exact = _chunked_exact(q.double(), k.double(), v.double())
+    err, torch_err = (ours - exact).abs().max().item(), (torch_ - exact).abs().max().item()
+    assert err <= 2 * torch_err + atol + rtol * exact.abs().max().item(), (err, torch_err)
+    del q, k, v, ours, torch_, exact
+    T = 4096
+    inputs = _qkv(1, 2, T, T, D, dtype, "cuda")
+    _compare(_separate, inputs, torch.randn(1, 2, T, D, device="cuda").to(dtype), atol, rtol)
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    inputs = _qkv(2, 4, 1024, 1024, 64, torch.bfloat16, "cuda")
+    do = torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    first = _run(lambda *t: attention(*t), inputs, do)
+    second = _run(lambda *t: attention(*t), inputs, do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
