@@ -62,3 +62,19 @@ def ffn(
 ) -> Tensor:
     """linear(gelu(linear(x, fc))) with nn.Linear layouts: fc_weight (4C, C), proj_weight (C, 4C)."""
     return F.linear(gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """One query per sequence against its KV cache; q (B, H, D), k/v_cache (B, H, S, D) -> (B, H, D).
+
+    seq_lens (B,), integer, on q's device: sequence b attends to cache positions
+    [0, seq_lens[b]) (its new token included). A length of 0 gives NaN.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    valid = positions[None, :] < seq_lens[:, None]  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v_cache)

@@ -1,0 +1,226 @@
+"""Decode attention in Triton: one new query per sequence against its KV cache (flash-decoding).
+
+    decode_attention(q, k_cache, v_cache, seq_lens, scale)[b, h]
+        == softmax(q[b, h] . k_cache[b, h, :L]^T * scale) . v_cache[b, h, :L],  L = seq_lens[b]
+
+Forward only: it serves generation, where nothing is differentiated, so there is no
+autograd.Function and no statistic is saved.
+
+A single query row leaves a GPU idle if one program walks all keys of a (batch, head), so
+the key axis is cut into NUM_SPLITS contiguous chunks (Dao et al., "Flash-Decoding"):
+  1. split kernel, grid (B*H, NUM_SPLITS): each program folds its chunk, BLOCK_N keys at a
+     time, into a running max, sum and weighted value sum -- an online softmax in fp32
+     with exp2, log2(e) folded into the scale -- and writes the partial (m, l, acc) to fp32
+     scratch. The query is one row, so q.k is an elementwise product and a row sum, not
+     a tl.dot; the kernel is bound by reading the cache, not by arithmetic.
+  2. combine kernel, grid (B*H,): merges the splits of one (batch, head) by log-sum-exp
+     and writes the output in the input dtype.
+seq_lens is read on the device, inside both kernels: chunks wholly beyond a sequence's
+length return at once and are ignored by the combine. NUM_SPLITS, BLOCK_N and the scratch
+depend only on the shapes and the GPU's SM count, never on the lengths, so the call never
+synchronises with the host and can be captured in a CUDA graph and replayed as the
+lengths grow in place.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._utils import check_inputs, interpreting
+
+HEAD_DIMS = (16, 32, 64, 128)
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, SEQ_LENS, M, L, ACC,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    H, S, chunk, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    # Clamped so that a bad length can never read outside the cache: the launcher cannot
+    # check values it would have to copy to the host to see.
+    seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b), 0), S).to(tl.int32)
+    start = split * chunk
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + chunk, seq_len)
+
+    b = b.to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
+    q = q * qk_scale  # scores come out in log2 units, ready for exp2
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    # 0-d fp32 running max and sum; the first tile always holds a valid key (start < end),
+    # so m_i is finite after it and alpha = exp2(-inf) = 0 wipes the empty initial state.
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        rows = offs_n.to(tl.int64)[:, None]
+        # Both tiles are requested before either is used: more bytes in flight per program.
+        k = tl.load(K + rows * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + rows * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        qk = tl.sum(q[None, :] * k.to(tl.float32), 1)
+        qk = tl.where(n_ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 0))
+        p = tl.math.exp2(qk - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+
+    part = bh.to(tl.int64) * tl.num_programs(1) + split
+    tl.store(M + part, m_i)
+    tl.store(L + part, l_i)
+    tl.store(ACC + part * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    M, L, ACC, SEQ_LENS, O,
+    stride_ob, stride_oh, stride_od,
+    H, S, chunk,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // H
+    seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b), 0), S).to(tl.int32)
+    # Splits starting at or beyond the length returned without writing: their scratch is
+    # whatever was there before, so it is masked out here, never read.
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = (offs_s < NUM_SPLITS) & (offs_s * chunk < seq_len)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = bh.to(tl.int64) * NUM_SPLITS + offs_s
+    m = tl.load(M + part, mask=s_ok, other=float("-inf"))
+    l = tl.load(L + part, mask=s_ok, other=0.0)
+    acc = tl.load(ACC + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+
+    m_max = tl.max(m, 0)
+    # A sequence of length 0 has no split at all: a finite max makes every weight 0 and a
+    # unit sum turns the output into zeros rather than 0/0.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)
+    l_sum = tl.sum(w * l, 0)
+    l_sum = tl.where(l_sum == 0.0, 1.0, l_sum)
+    o = tl.sum(w[:, None] * acc, 0) / l_sum
+    h = (bh % H).to(tl.int64)
+    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od, o.to(O.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, chunk, NUM_SPLITS, num_warps) from the shapes and the SM count only.
+
+    BLOCK_N keeps a (BLOCK_N, D) tile at 4096 elements (32 fp32 registers a thread for each
+    of K and V with 4 warps). Splits aim at 4 programs an SM over all (batch, head) pairs --
+    enough loads in flight to stream the cache at full bandwidth -- but never below one
+    tile a split, and at most MAX_SPLITS, so that the combine holds all partials of a
+    (batch, head) in one (splits, D) tile without spilling. Chunk is rounded to whole tiles
+    and the split count recomputed so that no split starts beyond the cache.
+    """
+    if interpreting():
+        # The interpreter pays per program and per op: few splits, small tiles.
+        block_n, target_splits, num_warps = 16, 2, 1
+    else:
+        block_n = max(16, min(128, 4096 // D))
+        programs = 4 * _sm_count(device.index)
+        target_splits, num_warps = triton.cdiv(programs, B * H), 4
+    n_tiles = triton.cdiv(S, block_n)
+    splits = max(1, min(target_splits, n_tiles, MAX_SPLITS))
+    chunk = triton.cdiv(n_tiles, splits) * block_n
+    return block_n, chunk, triton.cdiv(S, chunk), num_warps
+
+
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor) -> None:
+    op, ref = "decode_attention", "kernels.reference.decode_attention"
+    check_inputs(op, ref, q=q, k_cache=k_cache, v_cache=v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be (B, H, D), got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
+            raise ValueError(f"{op}: {name} must be (B, H, S, D) = ({B}, {H}, S, {D}) to match q, got {tuple(t.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.shape[2] == 0:
+        raise ValueError(f"{op}: the cache has no positions (S = 0)")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim {D} is not supported; use one of {HEAD_DIMS}")
+    if not isinstance(seq_lens, Tensor):
+        raise ValueError(f"{op}: seq_lens must be a torch.Tensor, got {type(seq_lens).__name__}")
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: seq_lens has dtype {seq_lens.dtype}; use int32 or int64")
+    if seq_lens.shape != (B,):
+        raise ValueError(f"{op}: seq_lens must be ({B},), got shape {tuple(seq_lens.shape)}")
+    if seq_lens.device != q.device:
+        raise ValueError(f"{op}: seq_lens is on {seq_lens.device} but q on {q.device}; keep it on the device")
+
+
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None) -> Tensor:
+    _check(q, k_cache, v_cache, seq_lens)
+    B, H, S, D = k_cache.shape
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    if B * H == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_n, chunk, splits, num_warps = _settings(B, H, S, D, q.device)
+    # Scratch never needs clearing: the combine reads only the splits that wrote.
+    m = torch.empty(B * H, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * H, splits, D, device=q.device, dtype=torch.float32)
+    seq_lens = seq_lens.contiguous()
+    _decode_split_kernel[(B * H, splits)](
+        q, k_cache, v_cache, seq_lens, m, l, acc,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        H, S, chunk, scale * math.log2(math.e),
+        HEAD_DIM=D, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    _decode_combine_kernel[(B * H,)](
+        m, l, acc, seq_lens, out, *out.stride(), H, S, chunk,
+        NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=D,
+        num_warps=1 if interpreting() else 4,
+    )
+    return out
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """Attention of one new query per sequence over its cached keys and values.
+
+    q (B, H, D), any strides; k_cache and v_cache (B, H, S, D), any strides (contiguous is
+    fastest); float16, bfloat16 or float32, one dtype, on one CUDA device (or CPU under
+    TRITON_INTERPRET=1). D in {16, 32, 64, 128}. seq_lens (B,) int32/int64 on the same
+    device: sequence b sees cache positions [0, seq_lens[b]), its new token included.
+    Lengths are clamped to [0, S] on the device; a length of 0 gives zeros (the reference
+    gives NaN). scale defaults to 1/sqrt(D). Returns (B, H, D) in q's dtype.
+
+    Forward only (inference), so no autograd. No host synchronisation: with fixed shapes
+    the call can be captured in a CUDA graph (call it once before capturing, so Triton
+    compiles outside the capture) and replayed after seq_lens is updated in place.
+    """
+    return _decode_attention(q, k_cache, v_cache, seq_lens, scale)

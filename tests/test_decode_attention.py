@@ -1,0 +1,185 @@
+"""Triton decode attention (kernels/decode_attention.py) against kernels/reference.py in float64.
+
+Tolerance, FlashAttention's rule: the kernel's error against float64 is at most twice
+torch's own error in the same dtype, plus atol + rtol * max|reference|.
+
+On CPU the kernels run in the Triton interpreter (two splits of 16-key tiles), so the
+shapes are tiny but put lengths on every edge: 1, the full cache, just past a tile, on a
+split boundary, and several different lengths in one batch.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.decode_attention import decode_attention
+
+TOLERANCES = [  # dtype, atol, rtol
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
+]
+GPU_TOLERANCES = TOLERANCES[1:] + [pytest.param(torch.bfloat16, 5e-3, 5e-3, id="bf16")]
+
+# B, H, S, D, seq_lens
+SHAPES = [
+    pytest.param(1, 1, 1, 16, [1], id="S1"),
+    pytest.param(1, 2, 37, 32, [37], id="B1-full-S37"),
+    pytest.param(3, 2, 70, 64, [1, 70, 37], id="B3-ragged"),
+    pytest.param(4, 1, 64, 16, [16, 17, 32, 33], id="B4-tile-and-split-edges"),
+    pytest.param(2, 3, 50, 32, [49, 2], id="B2-H3"),
+]
+
+
+def _inputs(B, H, S, D, lens, dtype, device):
+    q = torch.randn(B, H, D, device=device).to(dtype)
+    k = torch.randn(B, H, S, D, device=device).to(dtype)
+    v = torch.randn(B, H, S, D, device=device).to(dtype)
+    return q, k, v, torch.tensor(lens, device=device)
+
+
+def _compare(q, k, v, seq_lens, atol, rtol, scale=None):
+    """decode_attention within the FlashAttention bound of the float64 reference."""
+    ours = decode_attention(q, k, v, seq_lens, scale=scale)
+    torch_ = reference.decode_attention(q, k, v, seq_lens, scale=scale)
+    f64 = reference.decode_attention(q.double(), k.double(), v.double(), seq_lens, scale=scale)
+    assert ours.shape == q.shape and ours.dtype == q.dtype, f"{ours.shape} {ours.dtype}"
+    assert torch.isfinite(ours).all(), "not finite"
+    err = (ours.double() - f64).abs().max().item()
+    torch_err = (torch_.double() - f64).abs().max().item()
+    bound = 2 * torch_err + atol + rtol * f64.abs().max().item()
+    assert err <= bound, f"error {err:.3g} > {bound:.3g} (torch's error {torch_err:.3g})"
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, S, D, lens", SHAPES)
+def test_matches_reference(B, H, S, D, lens, dtype, atol, rtol, device):
+    torch.manual_seed(0)
+    _compare(*_inputs(B, H, S, D, lens, dtype, device), atol, rtol)
+
+
+def test_custom_scale_and_int32_lengths(device):
+    torch.manual_seed(1)
+    q, k, v, lens = _inputs(2, 2, 40, 32, [40, 19], torch.float32, device)
+    _compare(q, k, v, lens.to(torch.int32), 1e-5, 1e-5, scale=0.3)
+
+
+def test_strided_inputs(device):
+    """q as a view of a fused projection (as the model hands it over), the caches as a
+    window of a longer one: neither is contiguous."""
+    torch.manual_seed(2)
+    B, H, S, D = 2, 3, 45, 32
+    qkv = torch.randn(B, 1, 3, H, D, device=device)
+    q = qkv.permute(2, 0, 3, 1, 4)[0, :, :, 0]  # (B, H, D), strides of the fused layout
+    k = torch.randn(B, H, S + 20, D, device=device)[:, :, 5 : 5 + S]
+    v = torch.randn(B, H, D, S + 20, device=device).transpose(2, 3)[:, :, 7 : 7 + S]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _compare(q, k, v, torch.tensor([45, 30], device=device), 1e-5, 1e-5)
+
+
+def test_matches_causal_attention(device):
+    """The training-time path agrees: the last query of a causal attention over a
+    sequence's first L tokens sees exactly the L keys decoding attends to."""
+    torch.manual_seed(3)
+    lens = [7, 33, 1]
+    q, k, v, seq_lens = _inputs(3, 2, 33, 16, lens, torch.float32, device)
+    ours = decode_attention(q, k, v, seq_lens)
+    for b, L in enumerate(lens):
+        kb, vb = k[b : b + 1, :, :L].double(), v[b : b + 1, :, :L].double()
+        want = reference.attention(q[b : b + 1, :, None].double(), kb, vb, causal=True)[:, :, 0]
+        torch.testing.assert_close(ours[b : b + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_lengths_outside_cache_are_clamped(device):
+    """Lengths cannot be checked without a host sync, so the kernel clamps them: beyond S
+    reads the whole cache (never past it), 0 gives zeros rather than NaN."""
+    torch.manual_seed(4)
+    q, k, v, _ = _inputs(3, 2, 20, 16, [1, 1, 1], torch.float32, device)
+    out = decode_attention(q, k, v, torch.tensor([25, 0, 20], device=device))
+    full = decode_attention(q, k, v, torch.tensor([20, 20, 20], device=device))
+    assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_empty_batch(device):
+    q, k, v, lens = _inputs(0, 2, 8, 16, [], torch.float32, device)
+    assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
+
+
+def _valid(device="cpu", B=2, H=2, S=8, D=16):
+    return (torch.zeros(B, H, D, device=device), torch.zeros(B, H, S, D, device=device),
+            torch.zeros(B, H, S, D, device=device), torch.ones(B, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        pytest.param(lambda q, k, v, l: (q[..., :8], k[..., :8], v[..., :8], l), "head dim 8", id="D8"),
+        pytest.param(lambda q, k, v, l: (torch.zeros(2, 2, 48), torch.zeros(2, 2, 8, 48), torch.zeros(2, 2, 8, 48), l),
+                     "head dim 48", id="D48"),
+        pytest.param(lambda q, k, v, l: (q[:, :1], k, v, l), "k_cache must be", id="H-mismatch"),
+        pytest.param(lambda q, k, v, l: (q, k, v[:, :, :5], l), "differ", id="S-mismatch"),
+        pytest.param(lambda q, k, v, l: (q[:, :, None], k, v, l), "q must be", id="q-4d"),
+        pytest.param(lambda q, k, v, l: (q, k, v, l.float()), "seq_lens has dtype", id="float-lens"),
+        pytest.param(lambda q, k, v, l: (q, k, v, l[:1]), r"seq_lens must be \(2,\)", id="lens-shape"),
+        pytest.param(lambda q, k, v, l: (q, k, v, [1, 1]), "must be a torch.Tensor", id="lens-list"),
+        pytest.param(lambda q, k, v, l: (q, k, v.half(), l), "one dtype", id="dtype-mismatch"),
+        pytest.param(lambda q, k, v, l: (q, k.to("meta"), v, l), "one device", id="cache-device"),
+        pytest.param(lambda q, k, v, l: (q, k, v, l.to("meta")), "seq_lens is on meta", id="lens-device"),
+    ],
+)
+def test_invalid_input(change, message):
+    with pytest.raises(ValueError, match=message):
+        decode_attention(*change(*_valid()))
+
+
+def test_cpu_without_interpreter_points_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="kernels.reference.decode_attention"):
+        decode_attention(*_valid())
+
+
+def _random_lengths(B, S, generator):
+    """Lengths for B sequences that always include 1 and S (when B allows)."""
+    lens = torch.randint(1, S + 1, (B,), generator=generator)
+    lens[0] = S
+    if B > 1:
+        lens[1] = 1
+    return lens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize(
+    "B, H, S, D",
+    [(1, 12, 1024, 64), (32, 12, 2048, 64), (4, 16, 8192, 128), (8, 4, 8192, 32), (3, 1, 4097, 16)],
+)
+def test_gpu_large(B, H, S, D, dtype, atol, rtol):
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, _ = _inputs(B, H, S, D, [1] * B, dtype, "cuda")
+    _compare(q, k, v, _random_lengths(B, S, gen).cuda(), atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_graph_replay(dtype):
+    """Captured once, replayed as the lengths (and the query) change in place: the call
+    must read seq_lens on the device and size nothing by it."""
+    torch.manual_seed(6)
+    B, H, S, D = 4, 12, 2048, 64
+    q, k, v, seq_lens = _inputs(B, H, S, D, [5, 1, 300, 2048], dtype, "cuda")
+    decode_attention(q, k, v, seq_lens)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, seq_lens)
+    gen = torch.Generator().manual_seed(6)
+    for lens in ([6, 2, 301, 2048], [2048, 1, 1, 1], [64, 65, 1023, 1500], _random_lengths(B, S, gen).tolist()):
+        seq_lens.copy_(torch.tensor(lens))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        want = reference.decode_attention(q.double(), k.double(), v.double(), seq_lens)
+        torch_err = (reference.decode_attention(q, k, v, seq_lens).double() - want).abs().max().item()
+        err = (out.double() - want).abs().max().item()
+        assert err <= 2 * torch_err + 5e-3 + 5e-3 * want.abs().max().item(), f"lengths {lens}: error {err:.3g}"
