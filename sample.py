@@ -17,12 +17,13 @@ import torch
 
 from gpt import checkpoint
 from gpt.generate import Decoder, generate
+from gpt.hf import HFError, is_model_dir, load_any
 from train import DTYPES, UsageError, pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt, or a Hugging Face GPT-2 directory")
+    p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt, a Hugging Face GPT-2 directory or a safetensors export")
     p.add_argument("--prompt", action="append", default=None, help="text to continue; repeat for several prompts in one batch (default: start of text)")
     p.add_argument("--prompt-file", default=None, help="read one prompt from a file, or - for stdin")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated in parallel")
@@ -114,7 +115,9 @@ def sample(args: argparse.Namespace) -> None:
     if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
         raise UsageError("--top-p must be in (0, 1] and --temperature non-negative")
     device = pick_device(args.device)
-    model, tokenizer = load_for_sampling(args.checkpoint, device)
+    path = args.checkpoint if is_model_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
+    model, tokenizer = load_any(path)
+    model = model.to(device).eval()
     dtype = args.dtype or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     model = model.to(DTYPES[dtype])
     prompts = read_prompts(args)
@@ -143,25 +146,11 @@ def sample(args: argparse.Namespace) -> None:
         print(prompt + cut_at_stop(tokenizer.decode(new), stops))
 
 
-def load_for_sampling(path: str, device: str):
-    """(model, tokenizer) from one of our checkpoints or a Hugging Face GPT-2 directory."""
-    try:
-        from gpt.hf import is_hf_dir, load_any
-    except ImportError:  # interop module absent: our checkpoints only
-        model, tokenizer, _ = checkpoint.load_model(path, device)
-        return model, tokenizer
-    if is_hf_dir(path):
-        model, tokenizer = load_any(path)
-        return model.to(device).eval(), tokenizer
-    model, tokenizer, _ = checkpoint.load_model(path, device)
-    return model, tokenizer
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sample(args)
-    except (UsageError, checkpoint.CheckpointError) as e:
+    except (UsageError, checkpoint.CheckpointError, HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

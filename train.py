@@ -25,6 +25,7 @@ import torch
 from gpt import GPT, GPTConfig, checkpoint, distributed
 from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
+from gpt.hf import HFError, load_any
 from gpt.metrics import Metrics
 from gpt.tokenizer import TOKENIZERS
 
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out-dir", default="out", help="where ckpt.pt, best.pt, metrics.csv and loss.png go")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    g.add_argument("--init-from", default=None, metavar="PATH",
+                   help="fine-tune from a Hugging Face GPT-2 directory, a safetensors export or one of our checkpoints")
     g = p.add_argument_group("model (a preset, optionally overridden)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture preset (default: tiny)")
     for flag in ("n-layer", "n-head", "n-embd", "block-size"):
@@ -116,6 +119,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--lr must be positive and --min-lr between 0 and --lr")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.resume and args.init_from:
+        raise UsageError("--resume continues a run and --init-from starts one from other weights; pass one of them")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
@@ -148,6 +153,27 @@ def resumed_config(args: argparse.Namespace, saved: dict, path: str) -> GPTConfi
                 f"drop the flag or start a new --out-dir"
             )
     return config.updated(kernels=args.kernels, dropout=args.dropout)
+
+
+def pretrained(args: argparse.Namespace) -> tuple[GPT, dict]:
+    """The --init-from model (block_size cropped if asked) and its tokenizer state."""
+    model, tokenizer = load_any(args.init_from, kernels=args.kernels)
+    config = model.config
+    for key in ("n_layer", "n_head", "n_embd", "pos_embedding"):
+        if getattr(args, key) is not None and getattr(args, key) != getattr(config, key):
+            raise UsageError(f"--init-from: {args.init_from} has {key}={getattr(config, key)}, not {getattr(args, key)}")
+    if args.no_bias and config.bias:
+        raise UsageError(f"--init-from: {args.init_from} has biases; drop --no-bias")
+    if args.block_size and args.block_size > config.block_size:
+        raise UsageError(f"--init-from: {args.init_from} has block_size={config.block_size}; --block-size cannot exceed it")
+    new = config.updated(block_size=args.block_size, dropout=args.dropout)
+    if new != config:
+        state = model.state_dict()
+        model = GPT(new)
+        if config.pos_embedding == "learned":
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.block_size]
+        model.load_state_dict(state)
+    return model, tokenizer.state_dict()
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, fused: bool) -> tuple[torch.optim.AdamW, list[list[str]]]:
@@ -269,21 +295,26 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     best_path = os.path.join(args.out_dir, "best.pt")
     resumed = checkpoint.load(ckpt_path) if args.resume else None
     config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
+    init_model, init_tokenizer = pretrained(args) if args.init_from else (None, None)
+    source = resumed["tokenizer"] if resumed else init_tokenizer
 
     # Rank 0 tokenizes (and caches) first so ranks never race on the cache.
-    tokenizer_name = resumed["tokenizer"]["name"] if resumed else args.tokenizer
+    tokenizer_name = source["name"] if source else args.tokenizer
     if not world.main:
         distributed.barrier(world)
     data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log)
     if world.main:
         distributed.barrier(world)
-    if resumed and data.tokenizer.state_dict() != resumed["tokenizer"]:
-        raise UsageError(f"--resume: the corpus gives a different vocabulary than {ckpt_path} was trained on; resume with the same --data")
+    if source and data.tokenizer.state_dict() != source:
+        raise UsageError(f"the corpus gives a different char vocabulary than {ckpt_path if resumed else args.init_from} "
+                         f"was trained on; use the same --data or a byte/gpt2 tokenizer")
+    if init_model is not None:
+        config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
     data.check_block_size(config.block_size)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = GPT(config).to(device)
+    model = (init_model or GPT(config)).to(device)
     step, best_val, elapsed, skipped_total = 0, float("inf"), 0.0, 0
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -458,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (UsageError, CorpusError, checkpoint.CheckpointError, TrainingError) as e:
+    except (UsageError, CorpusError, checkpoint.CheckpointError, HFError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
     except KeyboardInterrupt:

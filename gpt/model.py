@@ -171,6 +171,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_hf(cls, path: str, kernels: str = "auto") -> "GPT":
+        """A GPT with the weights of a local Hugging Face GPT-2 directory (see gpt.hf)."""
+        from gpt.hf import load_hf
+
+        return load_hf(path, kernels)
+
+    def save_hf(self, path: str) -> None:
+        """Writes config.json and model.safetensors that transformers' GPT2LMHeadModel loads."""
+        from gpt.hf import save_hf
+
+        save_hf(self, path)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (as in GPT-2's papers)."""
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,37 @@
+"""Export a checkpoint's weights without pickle.
+
+    python -m gpt.export out/ckpt.pt gpt2-hf/                       # Hugging Face GPT-2 directory
+    python -m gpt.export out/ckpt.pt weights/ --format safetensors  # our config + model.safetensors
+
+Both load with sample.py --checkpoint DIR and train.py --init-from DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt import checkpoint
+from gpt.hf import HFError, save_hf, save_safetensors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint file or out dir")
+    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("--format", choices=("hf", "safetensors"), default="hf")
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
+        if args.format == "hf":
+            save_hf(model, args.out_dir)
+        else:
+            save_safetensors(model, tokenizer, args.out_dir)
+    except (checkpoint.CheckpointError, HFError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

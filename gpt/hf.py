@@ -1,0 +1,175 @@
+"""Hugging Face GPT-2 interop: load a local GPT-2 directory as a GPT, save a GPT as one.
+
+Nothing is downloaded: paths point at directories on disk (config.json plus
+model.safetensors or pytorch_model.bin), such as `save_pretrained` writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt.config import GPTConfig
+from gpt.model import GPT
+from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
+
+# GPT-2 stores these as Conv1D, (in, out); nn.Linear is (out, in).
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Config values we cannot represent, with the value we need.
+REQUIRED = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+EXPORT_MARKER = "tritongpt"
+
+
+class HFError(ValueError):
+    """A directory that cannot be loaded or a model that cannot be saved; the message says why."""
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """A directory with a config.json: a Hugging Face GPT-2 model or our safetensors export."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _read_weights(folder: Path) -> dict[str, Tensor]:
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise HFError(f"{folder} has no model.safetensors or pytorch_model.bin")
+
+
+def config_from_hf(hf: dict, kernels: str = "auto") -> GPTConfig:
+    if hf.get("model_type") != "gpt2":
+        raise HFError(f"model_type is {hf.get('model_type')!r}; only GPT-2 ('gpt2') checkpoints are supported")
+    for key, want in REQUIRED.items():
+        if hf.get(key, want) != want:
+            raise HFError(f"config {key}={hf[key]!r} is not supported (needs {want!r})")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in TANH_GELUS:
+        raise HFError(f"activation_function={act!r} is not supported (needs the tanh GELU: 'gelu_new')")
+    n_embd = hf["n_embd"]
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise HFError(f"n_inner={hf['n_inner']} is not supported (the MLP is 4 * n_embd = {4 * n_embd} wide)")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise HFError("tie_word_embeddings=false is not supported (the output head is the token embedding)")
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=n_embd,
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dropout=0.0,
+        kernels=kernels,
+    )
+
+
+def load_hf(path: str | os.PathLike, kernels: str = "auto") -> GPT:
+    """A GPT with the weights of a local Hugging Face GPT-2 directory."""
+    folder = Path(path).expanduser()
+    if not is_model_dir(folder):
+        raise HFError(f"{folder} is not a model directory (no config.json there)")
+    model = GPT(config_from_hf(json.loads((folder / "config.json").read_text()), kernels))
+    state = {}
+    for name, t in _read_weights(folder).items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, not weights
+        if name == "lm_head.weight":
+            continue  # tied to wte; checked below
+        state["transformer." + name] = t.t() if name.endswith(CONV1D) else t
+    ours = {k for k in model.state_dict() if k != "lm_head.weight"}
+    missing, unexpected = ours - state.keys(), state.keys() - ours
+    if missing or unexpected:
+        raise HFError(f"{folder}: weights do not match a GPT-2 of this config "
+                      f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in state:
+                if p.shape != state[k].shape:
+                    raise HFError(f"{folder}: {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[k])
+    return model
+
+
+def save_hf(model: GPT, path: str | os.PathLike) -> None:
+    """Writes config.json and model.safetensors that transformers.GPT2LMHeadModel loads."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    if c.pos_embedding != "learned" or not c.bias:
+        raise HFError("GPT-2's format needs learned position embeddings and biases; this model has "
+                      f"pos_embedding={c.pos_embedding!r}, bias={c.bias}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, t in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied: GPT-2 saves it once, as wte
+        t = t.detach().to("cpu", torch.float32)
+        state[k] = (t.t() if k.endswith(CONV1D) else t).contiguous().clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": c.layer_norm_eps,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "torch_dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_safetensors(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    """Our own format without pickle: model.safetensors plus our config and tokenizer as JSON."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: t.detach().cpu().contiguous().clone() for k, t in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    meta = {EXPORT_MARKER: model.config.to_dict(), "tokenizer": tokenizer.state_dict()}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Tokenizer]:
+    """(model, tokenizer) from a Hugging Face GPT-2 directory, our safetensors export, or our checkpoint."""
+    from gpt import checkpoint
+
+    folder = Path(path).expanduser()
+    if is_model_dir(folder):
+        meta = json.loads((folder / "config.json").read_text())
+        if EXPORT_MARKER not in meta:
+            return load_hf(folder, kernels), get_tokenizer("gpt2")
+        from safetensors.torch import load_file
+
+        model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
+        state = load_file(folder / "model.safetensors")
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state)
+        return model, tokenizer_from_state(meta["tokenizer"])
+    model, tokenizer, _ = checkpoint.load_model(folder)
+    return model, tokenizer

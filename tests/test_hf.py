@@ -1,0 +1,131 @@
+"""Hugging Face GPT-2 interop, fully offline: a small random GPT2LMHeadModel built here."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gpt import GPT, GPTConfig, checkpoint  # noqa: E402
+from gpt.export import main as export_main  # noqa: E402
+from gpt.generate import generate  # noqa: E402
+from gpt.hf import HFError, load_any, load_hf, save_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(params=[True, False], ids=["safetensors", "pytorch_model.bin"])
+def hf_dir(request, hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=request.param)
+    return tmp_path / "hf"
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def test_from_hf_gives_the_same_logits(hf_model, hf_dir):
+    ours = GPT.from_hf(hf_dir, kernels="torch").eval()
+    idx = torch.randint(0, 100, (2, 40))
+    torch.testing.assert_close(ours(idx), hf_logits(hf_model, idx), rtol=1e-5, atol=1e-5)
+    assert ours.config.block_size == 64 and ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_save_hf_round_trips_into_transformers(hf_model, tmp_path):
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=2, n_embd=32, kernels="torch")).eval()
+    ours.save_hf(tmp_path / "out")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 100, (2, 30))
+    torch.testing.assert_close(hf_logits(theirs, idx), ours(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(hf_model, hf_dir):
+    ours = load_hf(hf_dir, kernels="torch").eval()
+    prompt = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    assert generate(ours, [prompt[0].tolist()], 20, temperature=0) == [theirs]
+
+
+def test_fine_tuning_from_hf_lowers_the_loss(hf_dir):
+    model = load_hf(hf_dir, kernels="torch")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, x.roll(-1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"activation_function": "relu"}, "activation_function='relu' is not supported"),
+        ({"n_inner": 100}, "n_inner=100 is not supported"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+        ({"model_type": "llama"}, "only GPT-2"),
+    ],
+)
+def test_unsupported_architectures_are_refused(hf_dir, change, message):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(HFError, match=message):
+        load_hf(hf_dir)
+
+
+def test_missing_directory_and_weights(tmp_path):
+    with pytest.raises(HFError, match="no config.json"):
+        load_hf(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "vocab_size": 10}))
+    with pytest.raises(HFError, match="no model.safetensors or pytorch_model.bin"):
+        load_hf(tmp_path)
+
+
+def test_sinusoidal_model_cannot_be_saved_as_gpt2(tmp_path):
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=16, pos_embedding="sinusoidal"))
+    with pytest.raises(HFError, match="learned position embeddings"):
+        model.save_hf(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_export_cli_round_trip(tmp_path, fmt):
+    torch.manual_seed(2)
+    cfg = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    model = GPT(cfg).eval()
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "gpt2"}}, tmp_path / "ckpt.pt")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "exp"), "--format", fmt]) == 0
+    loaded, tok = load_any(tmp_path / "exp", kernels="torch")
+    idx = torch.randint(0, 50257, (1, 10))
+    torch.testing.assert_close(loaded.eval()(idx), model(idx))
+    assert tok.name == "gpt2"
+    assert not list((tmp_path / "exp").glob("*.pt")) and not list((tmp_path / "exp").glob("*.bin"))
+
+
+def test_train_and_sample_from_a_hf_directory(tmp_path):
+    """The README's fine-tuning recipe: train.py --init-from DIR, then sample.py from DIR and from the result."""
+    import sample
+    import train
+
+    torch.manual_seed(0)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ["--init-from", str(tmp_path / "hf"), "--data", str(corpus), "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--block-size", "32", "--batch-size", "4", "--max-steps", "15",
+            "--eval-interval", "15", "--eval-iters", "2", "--lr", "3e-3", "--warmup", "2", "--device", "cpu", "--kernels", "torch"]
+    result = train.train(train.parse_args(args))
+    assert result["model"].config.block_size == 32 and result["val"] < 9.8  # from ln(50257) = 10.8 at random init
+    assert sample.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "The quick", "--max-new-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "The quick", "--max-new-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
