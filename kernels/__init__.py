@@ -6,6 +6,7 @@ Importing this package never touches the GPU.
 from kernels import reference
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention
+from kernels.ffn import ffn
 from kernels.layer_norm import add_layer_norm, layer_norm
 
-__all__ = ["reference", "attention", "decode_attention", "layer_norm", "add_layer_norm"]
+__all__ = ["reference", "attention", "decode_attention", "ffn", "layer_norm", "add_layer_norm"]

@@ -1,11 +1,9 @@
-"""Triton LayerNorm (kernels/layer_norm.py) against kernels/reference.py in float64.
-
-Tolerance, FlashAttention's rule: the kernel's error against float64 is at most twice
-torch's own error in the same dtype, plus atol + rtol * max|reference|.
-"""
+"""Triton LayerNorm (kernels/layer_norm.py) against kernels/reference.py in float64
+(tolerances: tests/compare.py)."""
 import pytest
 import torch
 
+from compare import compare as _compare, run as _run
 from kernels import reference
 from kernels.layer_norm import add_layer_norm, layer_norm
 
@@ -40,38 +38,6 @@ def _make(lead, N, layout, dtype, device):
     if layout == "sliced":  # rows of a wider tensor: row stride N + 7
         return torch.randn(*lead, N + 7, device=device).to(dtype), lambda t: t[..., :N]
     raise AssertionError(layout)
-
-
-def _run(fn, inputs, upstream):
-    """Outputs of fn and gradients of its inputs (None stays None).
-
-    Every backward gets its own clone of the upstream gradients, so an op that wrote
-    into them could not go unnoticed.
-    """
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [g.clone() for g in upstream])
-    return [o.detach() for o in outs] + [None if t is None else t.grad for t in leaves]
-
-
-def _compare(ours_fn, ref_fn, inputs, upstream, atol, rtol):
-    """Every output and gradient of ours_fn within the FlashAttention bound of ref_fn."""
-    ours = _run(ours_fn, inputs, upstream)
-    torch_ = _run(ref_fn, inputs, upstream)
-    f64 = lambda ts: [None if t is None else t.double() for t in ts]
-    exact = _run(ref_fn, f64(inputs), f64(upstream))
-    for i, (o, t, e) in enumerate(zip(ours, torch_, exact)):
-        if e is None:
-            assert o is None, f"result {i}: expected no gradient"
-            continue
-        assert o.shape == t.shape and o.dtype == t.dtype, f"result {i}: {o.shape} {o.dtype} vs {t.shape} {t.dtype}"
-        if e.numel() == 0:
-            continue
-        err = (o.double() - e).abs().max().item()
-        torch_err = (t.double() - e).abs().max().item()
-        bound = 2 * torch_err + atol + rtol * e.abs().max().item()
-        assert err <= bound, f"result {i}: error {err:.3g} > {bound:.3g} (torch's error {torch_err:.3g})"
 
 
 def _params(N, dtype, device, bias=True):

@@ -1,0 +1,285 @@
+"""The GPT feed-forward block in Triton, forward and backward.
+
+    ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)
+        == F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+
+One tiled matmul kernel, out = A @ B with arbitrary strides (transposed weights and
+activations are views, never copies), computes all six products. Constexpr epilogues fuse
+what eager PyTorch runs as separate passes over the M x 4C hidden tensor:
+
+  forward   h    = gelu(x @ Wfc^T + bfc)        bias + GELU in registers (pre-activation
+                                                 stored beside h when a backward will follow)
+            y    = h @ Wproj^T + bproj
+  backward  dpre = (dy @ Wproj) * gelu'(pre)     GELU derivative in the epilogue
+            dWproj = dy^T @ h,  dbproj = sum dy  bias gradient summed from the A tiles the
+            dWfc   = dpre^T @ x, dbfc = sum dpre   weight-gradient kernel loads anyway
+            dx   = dpre @ Wfc
+
+Saving the pre-activation costs one M x 4C write in the forward and one read in the
+backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
+times both; saving is the default (see bench/RESULTS.md).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._utils import check_inputs, device_capability
+
+_OP = "ffn"
+_REFERENCE = "kernels.reference.ffn"
+
+# Epilogues
+_NONE, _GELU, _GELU_GRAD = 0, 1, 2
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _gelu_parts(x):
+    # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u): one sigmoid, no tanh
+    # (libdevice tanh fails in the interpreter).
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    s = tl.sigmoid(2.0 * u)
+    return u, s
+
+
+@triton.jit
+def _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ROW_SUM: tl.constexpr):
+    rk = tl.arange(0, BLOCK_K)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # Only K is masked: rows and columns wrap around (see the kernel), so the common
+        # loads are unpredicated.
+        k_ok = rk < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if ROW_SUM:
+            rsum += tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc, rsum
+
+
+@triton.jit
+def _matmul_kernel(
+    A, B, Out, Bias, Aux, RowSum,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Out = epilogue(A @ B + Bias); A (M, K), B (K, N), any strides; fp32 accumulation.
+
+    EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
+    gelu'(Aux).  ROW_SUM: RowSum (M,) fp32 = A summed over K, written by the column-0 programs.
+    """
+    # Grouped ordering: GROUP_M row tiles sweep the columns together, so the B tiles they
+    # share are still in L2 when the next row tile needs them.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size
+    pid_n = (pid % pids_per_group) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Wrapped indices stay in bounds; the rows and columns they duplicate are never stored.
+    am = (rm % M).to(tl.int64)
+    bn = (rn % N).to(tl.int64)
+    a_ptrs = A + am[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if ROW_SUM:
+        # Only the first column of programs pays for the sum; the others run the plain loop.
+        if pid_n == 0:
+            acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
+                                  BLOCK_K, PRECISION, True)
+            tl.store(RowSum + rm, rsum, mask=rm < M)
+        else:
+            acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
+                                  BLOCK_K, PRECISION, False)
+    else:
+        acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
+                              BLOCK_K, PRECISION, False)
+
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    om = rm.to(tl.int64)[:, None]
+    on = rn.to(tl.int64)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 1:
+        if STORE_PRE:
+            tl.store(Aux + om * stride_xm + on * stride_xn, acc.to(Aux.dtype.element_ty), mask=mask)
+        u, s = _gelu_parts(acc)
+        acc = acc * s
+    if EPILOGUE == 2:
+        # Derivative of the rounded pre-activation the forward stored, as autograd would use.
+        pre = tl.load(Aux + om * stride_xm + on * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        u, s = _gelu_parts(pre)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * pre * pre)
+        acc = acc * (s + pre * s * (1.0 - s) * 2.0 * du)
+    tl.store(Out + om * stride_om + on * stride_on, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+class _Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Tile tables, keyed by (capability major, 16-bit dtype?, epilogue is elementwise-heavy?).
+# Hopper: 128 x 256 tiles over two warpgroups (wgmma) with three stages of 64-deep K tiles,
+# the Triton matmul tutorial's best H100 shape; the GELU epilogues hold a second fp32
+# tile (the loaded pre-activation, the sigmoid) beside the accumulator, so they take
+# 128 x 128 with four stages to stay clear of spills. sm8x: the tutorial's A100 shapes.
+# fp32 runs as exact "ieee" FMA matmuls: small tiles, for checking rather than speed.
+_TILES: dict[tuple[int, bool, bool], _Tiles] = {
+    (9, True, False): _Tiles(128, 256, 64, 8, 8, 3),
+    (9, True, True): _Tiles(128, 128, 64, 8, 8, 3),
+    (8, True, False): _Tiles(128, 128, 32, 8, 4, 4),
+    (8, True, True): _Tiles(128, 128, 32, 8, 8, 3),
+}
+_FP32 = _Tiles(64, 64, 32, 8, 4, 3)
+# The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
+# that the tests walk several K steps with a ragged last one.
+_INTERPRETER = _Tiles(32, 64, 16, 2, 4, 1)
+
+
+def _tiles(t: Tensor, heavy: bool) -> _Tiles:
+    capability = device_capability(t.device.index or 0) if t.is_cuda else (0, 0)
+    if capability == (0, 0):
+        return _INTERPRETER
+    if t.dtype == torch.float32:
+        return _FP32
+    major = 9 if capability[0] == 9 else 8
+    return _TILES[(major, True, heavy)]
+
+
+def _matmul(
+    a: Tensor,
+    b: Tensor,
+    bias: Tensor | None = None,
+    epilogue: int = _NONE,
+    aux: Tensor | None = None,
+    row_sum: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """epilogue(a @ b + bias) as a new contiguous (M, N) tensor, and a's fp32 row sums if asked."""
+    M, K = a.shape
+    N = b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    sums = torch.zeros(M, dtype=torch.float32, device=a.device) if row_sum else None
+    if M == 0 or N == 0:
+        return out, sums
+    t = _tiles(a, epilogue != _NONE or row_sum)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
+    _matmul_kernel[grid](
+        a, b, out, out if bias is None else bias, aux_arg, out if sums is None else sums,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        aux_arg.stride(0), aux_arg.stride(1),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_PRE=aux is not None and epilogue == _GELU,
+        # tl.dot would round fp32 inputs to tf32; 16-bit inputs take the backend's default.
+        ROW_SUM=row_sum, PRECISION="ieee" if a.dtype == torch.float32 else None,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out, sums
+
+
+def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None) -> None:
+    check_inputs(_OP, _REFERENCE, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    if fc_weight.dim() != 2 or proj_weight.dim() != 2:
+        raise ValueError(
+            f"{_OP}: fc_weight and proj_weight must be 2-D (out, in) like nn.Linear.weight, "
+            f"got {tuple(fc_weight.shape)} and {tuple(proj_weight.shape)}"
+        )
+    hidden, C = fc_weight.shape
+    if x.dim() == 0 or x.shape[-1] != C:
+        raise ValueError(f"{_OP}: x's last dim must be fc_weight's in-features {C}, got x of shape {tuple(x.shape)}")
+    if proj_weight.shape[1] != hidden:
+        raise ValueError(
+            f"{_OP}: proj_weight's in-features must be fc_weight's out-features {hidden}, "
+            f"got proj_weight of shape {tuple(proj_weight.shape)}"
+        )
+    for name, bias, n in (("fc_bias", fc_bias, hidden), ("proj_bias", proj_bias, proj_weight.shape[0])):
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"{_OP}: {name} must have shape ({n},), got {tuple(bias.shape)}")
+
+
+class FFNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor,
+                proj_bias: Tensor | None, recompute_pre: bool) -> Tensor:
+        _check(x, fc_weight, fc_bias, proj_weight, proj_bias)
+        x2 = x.reshape(-1, x.shape[-1])  # a view whenever one exists; the kernel takes any strides
+        training = any(ctx.needs_input_grad[:5])
+        hidden = fc_weight.shape[0]
+        pre = None
+        if training and not recompute_pre:
+            pre = torch.empty((x2.shape[0], hidden), dtype=x.dtype, device=x.device)
+        h, _ = _matmul(x2, fc_weight.t(), fc_bias, _GELU, aux=pre)
+        y, _ = _matmul(h, proj_weight.t(), proj_bias)
+        if training:
+            ctx.save_for_backward(x2, fc_weight, fc_bias, proj_weight, pre, h)
+            ctx.has_bias = (fc_bias is not None, proj_bias is not None)
+        ctx.set_materialize_grads(False)
+        return y.view(*x.shape[:-1], proj_weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return None, None, None, None, None, None
+        x2, fc_weight, fc_bias, proj_weight, pre, h = ctx.saved_tensors
+        need_x, need_wfc, need_bfc, need_wproj, need_bproj, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if pre is None:  # recompute_pre: one more matmul instead of the stored tensor
+            pre, _ = _matmul(x2, fc_weight.t(), fc_bias)
+        dx = dwfc = dbfc = dwproj = dbproj = None
+        if need_wproj or need_bproj:
+            dwproj, dbproj = _matmul(dy2.t(), h, row_sum=need_bproj)
+        if need_x or need_wfc or need_bfc:
+            dpre, _ = _matmul(dy2, proj_weight, epilogue=_GELU_GRAD, aux=pre)
+            if need_wfc or need_bfc:
+                dwfc, dbfc = _matmul(dpre.t(), x2, row_sum=need_bfc)
+            if need_x:
+                dx, _ = _matmul(dpre, fc_weight)
+                dx = dx.view(*dy.shape[:-1], x2.shape[1])
+        if dbfc is not None:
+            dbfc = dbfc.to(fc_bias.dtype)
+        if dbproj is not None:
+            dbproj = dbproj.to(proj_weight.dtype)
+        return dx, dwfc, dbfc, dwproj, dbproj, None
+
+
+def ffn(
+    x: Tensor,
+    fc_weight: Tensor,
+    fc_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    recompute_pre: bool = False,
+) -> Tensor:
+    """linear(gelu_tanh(linear(x, fc_weight, fc_bias)), proj_weight, proj_bias).
+
+    x (..., C); fc_weight (H, C), proj_weight (C_out, H) in nn.Linear layout; biases (H,),
+    (C_out,) or None. All one dtype (fp16/bf16 on CUDA; fp32 too, exact but slow), CUDA
+    tensors or CPU tensors under TRITON_INTERPRET=1. Differentiable in all five inputs.
+    recompute_pre trades the saved M x H pre-activation for one more matmul in backward.
+    """
+    return FFNFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre)

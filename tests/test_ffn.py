@@ -1,0 +1,185 @@
+"""Triton FFN (kernels/ffn.py) against kernels/reference.py in float64: the output and all
+five gradients (tolerances: tests/compare.py)."""
+import importlib
+
+import pytest
+import torch
+
+from compare import compare
+from kernels import reference
+from kernels.ffn import ffn
+
+# The module itself: `kernels.ffn` is the function once the package has imported it.
+ffn_module = importlib.import_module("kernels.ffn")
+
+TOLERANCES = [  # dtype, atol, rtol
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+]
+GPU_TOLERANCES = TOLERANCES + [pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16")]
+
+
+def _weights(C, hidden, dtype, device, bias=True, out=None):
+    out = C if out is None else out
+    # nn.Linear's scale, so that the hidden pre-activations land where GELU bends.
+    fc_w = (torch.randn(hidden, C, device=device) / C**0.5).to(dtype)
+    proj_w = (torch.randn(out, hidden, device=device) / hidden**0.5).to(dtype)
+    fc_b = torch.randn(hidden, device=device).to(dtype) if bias else None
+    proj_b = torch.randn(out, device=device).to(dtype) if bias else None
+    return fc_w, fc_b, proj_w, proj_b
+
+
+def _check(x, view, weights, dtype, atol, rtol, recompute_pre=False):
+    fc_w, fc_b, proj_w, proj_b = weights
+    shape = view(x).shape[:-1] + (proj_w.shape[0],)
+    dy = torch.randn(shape, device=x.device).to(dtype)
+    compare(
+        lambda x, *w: ffn(view(x), *w, recompute_pre=recompute_pre),
+        lambda x, *w: reference.ffn(view(x), *w),
+        [x, fc_w, fc_b, proj_w, proj_b], [dy], atol, rtol,
+    )
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize(
+    "lead, C",
+    [
+        pytest.param((37,), 16, id="M37-C16"),
+        pytest.param((70,), 32, id="M70-C32"),
+        pytest.param((3, 11), 48, id="3d-C48"),
+        pytest.param((1,), 48, id="M1"),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_ffn(lead, C, bias, dtype, atol, rtol, device):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, C, device=device).to(dtype)
+    _check(x, lambda t: t, _weights(C, 4 * C, dtype, device, bias), dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_input(layout, device):
+    """x as a transposed view (column stride M) or as columns of a wider tensor."""
+    torch.manual_seed(0)
+    C = 32
+    if layout == "transposed":
+        x, view = torch.randn(C, 40, device=device), lambda t: t.t()
+    else:
+        x, view = torch.randn(2, 20, C + 8, device=device), lambda t: t[..., 4 : 4 + C]
+    _check(x, view, _weights(C, 4 * C, torch.float32, device), torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("C, hidden, out", [(8, 24, 8), (5, 7, 3), (48, 40, 20)], ids=["K8", "K5-odd", "rect"])
+def test_small_and_uneven_widths(C, hidden, out, device):
+    """K below tl.dot's 16 (masked to a full block), widths that are not multiples of
+    anything, and an output width unlike the input's."""
+    torch.manual_seed(0)
+    x = torch.randn(19, C, device=device)
+    _check(x, lambda t: t, _weights(C, hidden, torch.float32, device, out=out), torch.float32, 1e-5, 1e-5)
+
+
+def test_recompute_pre_activation(device):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, device=device)
+    _check(x, lambda t: t, _weights(32, 128, torch.float32, device), torch.float32, 1e-5, 1e-5, recompute_pre=True)
+
+
+def test_partial_gradients_and_inference(device):
+    """Only the gradients autograd asks for are computed; without grad nothing is saved."""
+    torch.manual_seed(0)
+    fc_w, fc_b, proj_w, proj_b = _weights(16, 64, torch.float32, device)
+    x = torch.randn(10, 16, device=device, requires_grad=True)
+    ffn(x, fc_w, fc_b, proj_w, proj_b).sum().backward()
+    expected = torch.autograd.grad(reference.ffn(x, fc_w, fc_b, proj_w, proj_b).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        y = ffn(x, fc_w, fc_b, proj_w, proj_b)
+    torch.testing.assert_close(y, reference.ffn(x, fc_w, fc_b, proj_w, proj_b), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_input(device):
+    fc_w, fc_b, proj_w, proj_b = (t.requires_grad_() for t in _weights(16, 64, torch.float32, device))
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    y = ffn(x, fc_w, fc_b, proj_w, proj_b)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16)
+    assert not fc_w.grad.any() and not proj_b.grad.any()
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
+def test_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
+    """The tiles the GPU tables launch (128 x 256, grouped ordering over several row tiles)
+    compute the right thing through the interpreter, in fp16, on ragged shapes."""
+    if device == "cuda":
+        pytest.skip("the GPU runs its own table in the other tests")
+    monkeypatch.setattr(ffn_module, "device_capability", lambda index=0: capability)
+    monkeypatch.setattr(ffn_module, "_tiles", _gpu_tiles(capability))
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device).half()
+    _check(x, lambda t: t, _weights(48, 280, torch.float16, device), torch.float16, 2e-3, 2e-3)
+
+
+def _gpu_tiles(capability):
+    def tiles(t, heavy):
+        return ffn_module._TILES[(capability[0], True, heavy)]
+    return tiles
+
+
+@pytest.mark.parametrize(
+    "shapes, dtype, device_of_w, match",
+    [
+        (((4, 8), (32, 8), (32,), (8, 32), (8,)), torch.float32, None, None),
+        (((4, 9), (32, 8), (32,), (8, 32), (8,)), torch.float32, None, "in-features 8"),
+        (((4, 8), (32, 8), (32,), (8, 31), (8,)), torch.float32, None, "out-features 32"),
+        (((4, 8), (32, 8), (31,), (8, 32), (8,)), torch.float32, None, "fc_bias must have shape"),
+        (((4, 8), (32, 8, 1), (32,), (8, 32), (8,)), torch.float32, None, "2-D"),
+        (((4, 8), (32, 8), (32,), (8, 32), (8,)), torch.int32, None, "dtype"),
+        (((4, 8), (32, 8), (32,), (8, 32), (8,)), torch.float32, "meta", "one device"),
+    ],
+    ids=["valid", "x-width", "proj-in", "bias-shape", "3d-weight", "int-dtype", "devices"],
+)
+def test_invalid_inputs(shapes, dtype, device_of_w, match, device):
+    x, fc_w, fc_b, proj_w, proj_b = (torch.ones(s, device=device, dtype=dtype) for s in shapes)
+    if device_of_w:
+        fc_w = torch.ones(fc_w.shape, device=device_of_w, dtype=dtype)
+    if match is None:
+        assert ffn(x, fc_w, fc_b, proj_w, proj_b).shape == (4, 8)
+        return
+    with pytest.raises(ValueError, match=match):
+        ffn(x, fc_w, fc_b, proj_w, proj_b)
+
+
+def test_mixed_dtypes_are_refused(device):
+    x, fc_w, fc_b, proj_w, proj_b = torch.ones(4, 8, device=device).half(), *_weights(8, 32, torch.float32, device)
+    with pytest.raises(ValueError, match="share one dtype"):
+        ffn(x, fc_w, fc_b, proj_w, proj_b)
+
+
+def test_cpu_without_interpreter_points_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="kernels.reference.ffn"):
+        ffn(torch.ones(4, 8), *_weights(8, 32, torch.float32, "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize(
+    "M, C",
+    [
+        pytest.param(1000, 768, id="gpt2"),
+        pytest.param(513, 1024, id="gpt2-medium"),
+        pytest.param(257, 1600, id="gpt2-xl"),
+        pytest.param(77, 48, id="small"),
+    ],
+)
+def test_ffn_gpu(M, C, dtype, atol, rtol):
+    torch.manual_seed(0)
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    _check(x, lambda t: t, _weights(C, 4 * C, dtype, "cuda"), dtype, atol, rtol)
+
+
+@pytest.mark.gpu
+def test_recompute_pre_activation_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 768, device="cuda").bfloat16()
+    _check(x, lambda t: t, _weights(768, 3072, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2, recompute_pre=True)
