@@ -93,6 +93,12 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
         torch.testing.assert_close(add_layer_norm(x, r, w, b, EPS), torch_add_layer_norm(x, r, w, b, EPS), **tol)
 
         for name, fn in ln.items():
+            if fn is not None and name != "triton":
+                try:  # a peer that fails here (version mismatch) is reported, not fatal
+                    torch.testing.assert_close(fn(x, w, b, EPS), torch_layer_norm(x, w, b, EPS), **tol)
+                except Exception as e:
+                    print(f"{name}: skipped at N={N} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    fn = None
             if fn is None:
                 fwd[name].append(None)
                 both[name].append(None)

@@ -102,6 +102,7 @@ def main() -> None:
             baseline = baseline if keys[name] != "uncached" else tok_s
             gbs = weight_bytes * args.new_tokens / total / 1e9  # weights read once per step
             rows.append([B, name, f"{tok_s:,.0f}", ttft * 1e3, f"{gbs:,.0f}", name])
+            print(f"batch {B}, {name}: {tok_s:,.0f} tokens/s, first token {ttft * 1e3:.1f} ms", flush=True)
         for r in rows:
             if r[0] == B and baseline:
                 r[5] = f"{float(r[2].replace(',', '')) / baseline:.1f}x"

@@ -50,7 +50,8 @@ def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Prints and returns a Markdown table (paste-able into bench/RESULTS.md)."""
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else ("—" if v is None else str(v))
+    # Ratios (small floats) keep two decimals: a 1.05x target must be readable.
+    fmt = lambda v: (f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else ("—" if v is None else str(v))
     lines = [f"### {title}", "", f"_{environment()}_", ""]
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" for _ in headers) + "|")

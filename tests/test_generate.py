@@ -94,3 +94,39 @@ def test_decoder_is_reusable(model):
     a = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)
     b = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)
     assert a == b
+
+
+def test_triton_kernels_generate_like_the_reference(device):
+    """Prefill (flash attention) and decode steps (decode attention) on the Triton kernels,
+    in the interpreter on CPU, give the reference path's greedy tokens and logits."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch")
+    ref = GPT(cfg).to(device).eval()
+    tri = GPT(cfg.updated(kernels="triton")).to(device).eval()
+    tri.load_state_dict(ref.state_dict())
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    assert generate(tri, prompts, 8, temperature=0) == generate(ref, prompts, 8, temperature=0)
+    seq = torch.randint(0, 30, (2, 12), device=device)
+    cache = KVCache(tri.config, 2, device, torch.float32)
+    tri(seq[:, :6], cache=cache)
+    cache.lengths.fill_(6)
+    step = tri(seq[:, 6:7], cache=cache)
+    torch.testing.assert_close(step[:, 0], ref(seq[:, :7])[:, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_decoding_gpu(dtype):
+    """The CUDA-graph decoder replays the same steps as the eager cached path, for a batch of
+    prompts of different lengths, and (fp32) matches the uncached loop token for token."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256)
+    model = GPT(cfg).to("cuda", dtype).eval()
+    prompts = [list(range(1, 40)), [7, 8, 9], list(range(100, 117))]
+    graph = generate(model, prompts, 40, temperature=0, decoder=Decoder(model, 3, cuda_graph=True))
+    eager = generate(model, prompts, 40, temperature=0)
+    assert graph == eager
+    if dtype == torch.float32:
+        for p, out in zip(prompts, graph):
+            slow = generate_uncached(model, torch.tensor([p], device="cuda"), 20, temperature=0)[0, len(p):]
+            assert out[:20] == slow.tolist()

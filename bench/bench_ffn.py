@@ -1,0 +1,167 @@
+"""GPT MLP throughput over the width C: the Triton FFN against torch eager and torch.compile.
+
+    python -m bench.bench_ffn            # bf16 on the GPU, GPT-2 widths, 16384 tokens (8192 at C=4096)
+    python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
+    python -m bench.bench_ffn --sweep    # time alternative tile tables at one width
+
+The block is linear(C -> 4C) -> GELU(tanh) -> linear(4C -> C), with biases. TFLOP/s count
+the matmuls only: forward 2 * 2*M*C*4C = 16*M*C^2, backward twice that, so
+forward+backward is 48*M*C^2. "triton" saves the pre-activation for the backward,
+"triton-recompute" recomputes it (one more matmul, one M x 4C tensor less memory); the
+same FLOP count is used for both, so the recompute cost shows as lower TFLOP/s.
+Every provider is checked against eager before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+# The kernels import triton, which must see TRITON_INTERPRET before its first import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import PLOTS, bench, plot, print_table  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.ffn import ffn  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FFN = Callable[..., torch.Tensor]
+
+
+def peers(use_compile: bool) -> dict[str, FFN | None]:
+    providers: dict[str, FFN | None] = {
+        "triton": ffn,
+        "triton-recompute": lambda *a: ffn(*a, recompute_pre=True),
+        "torch": reference.ffn,
+    }
+    if use_compile:
+        providers["compile"] = torch.compile(reference.ffn, dynamic=False)
+    else:
+        providers["compile"] = None
+        print("torch.compile: skipped (--smoke or --no-compile)")
+    return providers
+
+
+def inputs(M: int, C: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+    return [
+        make(M, C),
+        make(4 * C, C, scale=C**-0.5), make(4 * C, scale=0.1),
+        make(C, 4 * C, scale=(4 * C) ** -0.5), make(C, scale=0.1),
+    ]
+
+
+def time_providers(providers: dict[str, FFN | None], M: int, C: int, dtype: torch.dtype, device: str,
+                   unit: float) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Forward and forward+backward throughput of each provider at one shape."""
+    args = inputs(M, C, dtype, device)
+    dy = torch.randn(M, C, device=device).to(dtype)
+    with torch.no_grad():
+        expected = reference.ffn(*args)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    fwd, both = {}, {}
+    flops = 16 * M * C * C
+    for name, fn in providers.items():
+        if fn is None:
+            fwd[name] = both[name] = None
+            continue
+        out = fn(*args)
+        # Never time a provider that gives wrong answers.
+        torch.testing.assert_close(out, expected, **tol, msg=lambda m: f"{name} at C={C}: {m}")
+        del out
+        ms = bench(lambda: fn(*args))
+        fwd[name] = flops / unit / (ms * 1e-3)
+        ms = bench(lambda: fn(*args).backward(dy), grad_to_none=args)
+        both[name] = 3 * flops / unit / (ms * 1e-3)
+    return fwd, both
+
+
+def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: str, use_compile: bool,
+        plot_suffix: str) -> None:
+    providers = peers(use_compile)
+    unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
+    dt = str(dtype).removeprefix("torch.")
+    fwd: dict[str, list] = {name: [] for name in providers}
+    both: dict[str, list] = {name: [] for name in providers}
+    for C in widths:
+        f, b = time_providers(providers, tokens[C], C, dtype, device, unit)
+        for name in providers:
+            fwd[name].append(f[name])
+            both[name].append(b[name])
+        show = lambda d: ", ".join(f"{k} {v:.1f}" for k, v in d.items() if v is not None)
+        print(f"C={C}: forward {show(f)} | forward+backward {show(b)} {unit_name}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    ratio = lambda a, c: None if a is None or c is None else a / c
+    headers = ["C", "M", *providers, "triton / torch", "triton / compile"]
+    for title, table in (("forward", fwd), ("forward+backward", both)):
+        rows = [
+            [C, tokens[C], *(table[p][i] for p in providers),
+             ratio(table["triton"][i], table["torch"][i]), ratio(table["triton"][i], table["compile"][i])]
+            for i, C in enumerate(widths)
+        ]
+        print_table(f"GPT MLP {title}, {unit_name} ({dt}, linear C->4C, GELU, linear 4C->C, biases)", headers, rows)
+    series = {f"{p} fwd": fwd[p] for p in providers} | {f"{p} fwd+bwd": both[p] for p in providers}
+    plot(os.path.join(PLOTS, f"ffn{plot_suffix}.png"), f"GPT MLP, {dt}", "C (model width)", unit_name, widths, series)
+
+
+# Alternative (light, heavy) tile pairs for --sweep: block_m, block_n, block_k, group_m, warps, stages.
+SWEEP = {
+    "table": None,
+    "128x256/128x128 s4": ((128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)),
+    "128x128 s4 both": ((128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4)),
+    "128x256 both": ((128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)),
+    "256x128 both": ((256, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)),
+}
+
+
+def sweep(C: int, M: int, dtype: torch.dtype) -> None:
+    """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py)."""
+    module = importlib.import_module("kernels.ffn")
+    original = module._tiles
+    rows = []
+    for name, pair in SWEEP.items():
+        if pair is None:
+            module._tiles = original
+        else:
+            light, heavy = (module._Tiles(*t) for t in pair)
+            module._tiles = lambda t, is_heavy, light=light, heavy=heavy: heavy if is_heavy else light
+        try:
+            f, b = time_providers({"triton": ffn}, M, C, dtype, "cuda", 1e12)
+            rows.append([name, f["triton"], b["triton"]])
+        except Exception as e:  # a tile shape that does not fit (shared memory, registers)
+            rows.append([name, None, None])
+            print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
+    module._tiles = original
+    print_table(f"FFN tile sweep, TFLOP/s (C={C}, M={M})", ["tiles (light / heavy)", "forward", "forward+backward"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type (default bf16)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[768, 1024, 1600, 4096], help="model widths C")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
+    parser.add_argument("--sweep", type=int, metavar="C", nargs="?", const=1024, help="time alternative tile tables at width C instead")
+    args = parser.parse_args()
+    if args.smoke:
+        run([16, 32], {16: 40, 32: 40}, torch.float32, "cpu", use_compile=False, plot_suffix="_smoke")
+        return
+    if not torch.cuda.is_available():
+        parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke to check the script on CPU\n")
+    dtype = DTYPES[args.dtype]
+    if args.sweep:
+        sweep(args.sweep, 16384, dtype)
+        return
+    tokens = {C: 8192 if C >= 4096 else 16384 for C in args.widths}
+    run(args.widths, tokens, dtype, "cuda", use_compile=not args.no_compile, plot_suffix="")
+
+
+if __name__ == "__main__":
+    main()
