@@ -15,6 +15,11 @@ from torch import Tensor
 from kernels import reference
 
 
+# Below this many rows (tokens) "auto" runs the FFN on cuBLAS: the Triton FFN's tiles are
+# 128 rows tall (bench/RESULTS.md, generation).
+FFN_MIN_ROWS = 256
+
+
 def _triton_kernels() -> ModuleType:
     import kernels
 
@@ -56,6 +61,10 @@ def ffn(
     mode: str = "auto",
 ) -> Tensor:
     impl = backend(x, mode)
+    if mode == "auto" and x.numel() < FFN_MIN_ROWS * x.shape[-1]:
+        # A decode step's few rows leave a 128-row tile nearly empty and the grid a handful
+        # of programs; cuBLAS's GEMV-like kernels stream the weights at full bandwidth.
+        impl = reference
     if impl is not reference and torch.is_autocast_enabled(x.device.type):
         # Autocast does not reach into Triton kernels: cast as F.linear would under autocast.
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -115,7 +115,7 @@ def _valid(device="cpu", B=2, H=2, S=8, D=16):
     "change, message",
     [
         pytest.param(lambda q, k, v, l: (q[..., :8], k[..., :8], v[..., :8], l), "head dim 8", id="D8"),
-        pytest.param(lambda q, k, v, l: (torch.zeros(2, 2, 48), torch.zeros(2, 2, 8, 48), torch.zeros(2, 2, 8, 48), l),
+        pytest.param(lambda q, k, v, l: (q.new_zeros(2, 2, 48), k.new_zeros(2, 2, 8, 48), v.new_zeros(2, 2, 8, 48), l),
                      "head dim 48", id="D48"),
         pytest.param(lambda q, k, v, l: (q[:, :1], k, v, l), "k_cache must be", id="H-mismatch"),
         pytest.param(lambda q, k, v, l: (q, k, v[:, :, :5], l), "differ", id="S-mismatch"),
@@ -128,9 +128,9 @@ def _valid(device="cpu", B=2, H=2, S=8, D=16):
         pytest.param(lambda q, k, v, l: (q, k, v, l.to("meta")), "seq_lens is on meta", id="lens-device"),
     ],
 )
-def test_invalid_input(change, message):
+def test_invalid_input(change, message, device):
     with pytest.raises(ValueError, match=message):
-        decode_attention(*change(*_valid()))
+        decode_attention(*change(*_valid(device)))
 
 
 def test_cpu_without_interpreter_points_to_reference(monkeypatch):

@@ -66,6 +66,10 @@ def test_layer_norm(lead, N, layout, dtype, atol, rtol, bias, device):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_add_layer_norm(lead, N, layout, dtype, atol, rtol, bias, device):
     torch.manual_seed(0)
+    if N == 1:
+        # x_hat is exactly 0 and rstd = 1/sqrt(eps) ~ 316 magnifies rounding in dx, which
+        # torch happens to compute exactly: allow that rounding (seen on an H200 with FMA).
+        atol = max(atol, 1e-4)
     x, view = _make(lead, N, layout, dtype, device)
     r, _ = _make(lead, N, layout, dtype, device)
     w, b = _params(N, dtype, device, bias)
@@ -86,7 +90,9 @@ def test_mixed_dtypes(device):
     x16 = torch.randn(6, N, device=device).half()
     x32 = torch.randn(6, N, device=device)
     w, b = _params(N, torch.float32, device)
-    _compare(layer_norm, reference.layer_norm, [x16, w, b], [torch.randn_like(x16)], 1e-3, 1e-3)
+    # torch's CUDA layer_norm refuses mixed dtypes (autocast runs it in fp32): so does the oracle.
+    mixed_reference = lambda x, w, b: reference.layer_norm(x.to(w.dtype), w, b).to(x.dtype)
+    _compare(layer_norm, mixed_reference, [x16, w, b], [torch.randn_like(x16)], 1e-3, 1e-3)
     _compare(add_layer_norm, reference.add_layer_norm, [x32, x16, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
 
 

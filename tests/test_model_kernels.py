@@ -59,8 +59,30 @@ def test_triton_path_matches_reference_path(device, cfg, monkeypatch):
 
 @pytest.mark.gpu
 def test_triton_path_matches_reference_path_bf16_gpt2_width():
-    cfg = dict(vocab_size=512, block_size=256, n_layer=4, n_head=12, n_embd=768)
-    ref, _ = train_losses("torch", "cuda", torch.bfloat16, steps=20, adam=True, **cfg)
-    tri, _ = train_losses("triton", "cuda", torch.bfloat16, steps=20, adam=True, **cfg)
-    assert ref[-1] < ref[0] - 0.1
-    assert max(abs(a - b) for a, b in zip(ref, tri)) < 0.05
+    """20 AdamW steps on real text (a stdlib module's source, as bytes), bf16 autocast:
+    the loss curves of the two paths agree to within bf16 noise."""
+    import argparse
+    import inspect
+
+    data = torch.tensor(list(inspect.getsource(argparse).encode()), dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(data) - 257, (20, 8), generator=gen)
+    batches = [torch.stack([data[s : s + 257] for s in row]).cuda() for row in starts]
+    cfg = GPTConfig(vocab_size=256, block_size=256, n_layer=4, n_head=12, n_embd=768)
+    curves = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = GPT(cfg.updated(kernels=kernels)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for b in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(b[:, :-1], b[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves[kernels] = losses
+    ref, tri = curves["torch"], curves["triton"]
+    assert ref[-1] < ref[0] - 0.5, ref
+    assert max(abs(a - b) for a, b in zip(ref, tri)) < 0.05, (ref, tri)
