@@ -61,8 +61,9 @@ def time_providers(providers: dict[str, FFN | None], M: int, C: int, dtype: torc
     """Forward and forward+backward throughput of each provider at one shape."""
     args = inputs(M, C, dtype, device)
     dy = torch.randn(M, C, device=device).to(dtype)
-    with torch.no_grad():
-        expected = reference.ffn(*args)
+    expected = reference.ffn(*args)
+    expected_grads = torch.autograd.grad(expected, args, dy)
+    expected = expected.detach()
     tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     fwd, both = {}, {}
     flops = 16 * M * C * C
@@ -71,8 +72,12 @@ def time_providers(providers: dict[str, FFN | None], M: int, C: int, dtype: torc
             fwd[name] = both[name] = None
             continue
         out = fn(*args)
-        # Never time a provider that gives wrong answers.
+        # Never time a provider that gives wrong answers, forward or backward (a tile shape
+        # once gave right outputs and wrong weight gradients).
         torch.testing.assert_close(out, expected, **tol, msg=lambda m: f"{name} at C={C}: {m}")
+        for i, (g, e) in enumerate(zip(torch.autograd.grad(out, args, dy), expected_grads)):
+            rel = ((g.float() - e.float()).norm() / e.float().norm()).item()
+            assert rel < (2e-2 if dtype != torch.float32 else 1e-4), f"{name} at C={C}: gradient {i} off by {rel:.3g} (relative)"
         del out
         ms = bench(lambda: fn(*args))
         fwd[name] = flops / unit / (ms * 1e-3)
