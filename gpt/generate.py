@@ -42,7 +42,13 @@ def sample_next(
     """One token id per row of logits (B, V) as (B, 1), on the logits' device; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        # Draw among the k candidates only: softmax and draw touch k values, not the vocabulary.
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        probs = torch.softmax(filter_logits(values, None, top_p), dim=-1)
+        return ids.gather(-1, torch.multinomial(probs, 1, generator=generator))
+    probs = torch.softmax(filter_logits(logits, None, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -59,7 +65,10 @@ def generate_uncached(
     """Extends idx (B, T) by max_new_tokens, re-running the model over the last block_size tokens each time."""
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -block_size:])[:, -1, :]
+        context = idx[:, -block_size:]
+        # Logits of the last position only, as nanoGPT's model computes them at inference.
+        last = torch.full((idx.size(0),), context.size(1) - 1, device=idx.device)
+        logits = model(context, at=last)[:, -1, :]
         idx = torch.cat([idx, sample_next(logits, temperature, top_k, top_p, generator)], dim=1)
     return idx
 
@@ -107,12 +116,12 @@ class Decoder:
         idx = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=self.token.device)
         for b, s in enumerate(sequences):
             idx[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        logits = self.model(idx, cache=self.cache) if idx.size(1) > 1 else None
-        if logits is None:  # a one-token prompt is a decode step at position 0
+        if idx.size(1) == 1:  # a one-token prompt is a decode step at position 0
             self.cache.lengths.zero_()
             return self.step(idx)
+        logits = self.model(idx, cache=self.cache, at=lengths - 1)
         self.cache.lengths.copy_(lengths)
-        return logits[torch.arange(len(sequences), device=idx.device), lengths - 1]
+        return logits[:, 0]
 
     def step(self, token: Tensor) -> Tensor:
         """Feeds token (B, 1) at each sequence's position; returns the next logits (B, V)."""

@@ -53,6 +53,11 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.kernels = config.kernels
+        self.step_lengths = self.lengths + 1
+
+    def begin_step(self) -> None:
+        """Keys each sequence attends to in this decode step: computed once, not per layer."""
+        self.step_lengths = self.lengths + 1
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Stores this step's k/v (B, H, T, D) and attends; T > 1 is a prefill from position 0."""
@@ -64,7 +69,7 @@ class KVCache:
         at = self.lengths.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
         self.k[layer].scatter_(2, at, k)
         self.v[layer].scatter_(2, at, v)
-        y = ops.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.lengths + 1, mode=self.kernels)
+        y = ops.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.step_lengths, mode=self.kernels)
         return y.unsqueeze(2)
 
 
@@ -198,13 +203,15 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, at: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) int64 -> logits (B, T, vocab); with targets (B, T), (logits, loss).
 
         Targets equal to -1 are ignored in the loss. With a cache, T > 1 is a prefill
         from position 0 and T == 1 a decode step at each sequence's cache.lengths
         (the caller sets lengths after a prefill and advances them after a step).
+        With `at` (B,) positions, only those positions get logits, (B, 1, vocab): generation
+        needs one row per sequence, and the vocabulary projection is the costliest matmul.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -213,12 +220,16 @@ class GPT(nn.Module):
             )
         if cache is not None and T == 1:
             pos = cache.lengths.view(B, 1)  # each sequence at its own position
+            cache.begin_step()
         else:
             pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         branch = None
         for i, block in enumerate(self.transformer.h):
             x, branch = block(x, branch, cache, i)
+        if at is not None:
+            rows = torch.arange(B, device=idx.device)
+            x, branch = x[rows, at].unsqueeze(1), branch[rows, at].unsqueeze(1)
         _, x = self.transformer.ln_f(x, branch)
         logits = self.lm_head(x)
         if targets is None:

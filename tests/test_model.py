@@ -110,3 +110,12 @@ def test_loss_falls_on_a_tiny_corpus():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_logits_at_chosen_positions():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 40, (3, 10))
+    at = torch.tensor([9, 0, 4])
+    full = model(idx)
+    torch.testing.assert_close(model(idx, at=at)[:, 0], full[torch.arange(3), at])
