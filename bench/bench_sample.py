@@ -101,11 +101,11 @@ def main() -> None:
             tok_s = B * args.new_tokens / total
             baseline = baseline if keys[name] != "uncached" else tok_s
             gbs = weight_bytes * args.new_tokens / total / 1e9  # weights read once per step
-            rows.append([B, name, f"{tok_s:,.0f}", ttft * 1e3, f"{gbs:,.0f}", name])
+            rows.append([B, name, f"{tok_s:,.0f}" if tok_s >= 100 else f"{tok_s:.1f}", ttft * 1e3, f"{gbs:,.0f}", tok_s])
             print(f"batch {B}, {name}: {tok_s:,.0f} tokens/s, first token {ttft * 1e3:.1f} ms", flush=True)
-        for r in rows:
-            if r[0] == B and baseline:
-                r[5] = f"{float(r[2].replace(',', '')) / baseline:.1f}x"
+        for r in rows:  # the last column holds the exact tokens/s until now
+            if r[0] == B:
+                r[5] = f"{r[5] / baseline:.1f}x" if baseline else None
     print_table(
         f"generation, preset {args.preset} ({model.num_params() / 1e6:.0f}M), {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, {args.dtype}",

@@ -121,7 +121,7 @@ def test_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
 
 def _gpu_tiles(capability):
     def tiles(t, heavy):
-        return ffn_module._TILES[(capability[0], True, heavy)]
+        return ffn_module._TILES[(capability[0], heavy)]
     return tiles
 
 
