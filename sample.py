@@ -120,6 +120,8 @@ def sample(args: argparse.Namespace) -> None:
     model = model.to(device).eval()
     dtype = args.dtype or ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     model = model.to(DTYPES[dtype])
+    if args.compile:  # Inductor writes its own kernels for the reference path
+        model.set_kernels("torch")
     prompts = read_prompts(args)
     ids = [encode_prompt(p, tokenizer, model.config.block_size) for p in prompts]
     batch = [(p, i) for p, i in zip(prompts, ids) for _ in range(args.num_samples)]

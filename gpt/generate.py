@@ -78,11 +78,15 @@ class Decoder:
 
     With cuda_graph=True the decode step (all layers, and the advance of every
     sequence's length) is captured once and replayed: one launch per token. With
-    compile=True it goes through torch.compile(mode="reduce-overhead") instead.
+    compile=True it goes through torch.compile(mode="reduce-overhead") instead, which
+    writes its own kernels: on CUDA the model must run on kernels="torch" (Inductor
+    failed over our Triton launches on an H200; model.set_kernels("torch") switches).
     """
 
     def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):
         p = model.lm_head.weight
+        if compile and p.is_cuda and model.config.kernels != "torch":
+            raise ValueError("Decoder(compile=True) on CUDA needs a model on kernels='torch'; call model.set_kernels('torch')")
         self.model = model
         self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)

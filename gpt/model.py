@@ -189,6 +189,14 @@ class GPT(nn.Module):
 
         save_hf(self, path)
 
+    def set_kernels(self, mode: str) -> "GPT":
+        """Switches every op to another implementation ("auto", "triton", "torch"; see gpt/ops.py)."""
+        self.config = self.config.updated(kernels=mode)
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = mode
+        return self
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (as in GPT-2's papers)."""
         n = sum(p.numel() for p in self.parameters())

@@ -130,3 +130,10 @@ def test_cuda_graph_decoding_gpu(dtype):
         for p, out in zip(prompts, graph):
             slow = generate_uncached(model, torch.tensor([p], device="cuda"), 20, temperature=0)[0, len(p):]
             assert out[:20] == slow.tolist()
+
+
+def test_set_kernels_switches_every_op():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="triton"))
+    assert model.set_kernels("torch") is model and model.config.kernels == "torch"
+    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"torch"}
