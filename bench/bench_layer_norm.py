@@ -15,6 +15,7 @@ share of the bandwidth the device reaches on a plain copy.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from typing import Callable
 
@@ -141,13 +142,65 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
     plot(os.path.join(PLOTS, f"add_layer_norm{plot_suffix}.png"), f"add + LayerNorm, {dt}, M*N = {elements}", "N (hidden size)", "GB/s", sizes, series)
 
 
+# Candidate launch settings for --sweep: elements per program step, elements per thread.
+SWEEP_TILES = (1024, 2048, 4096, 8192)
+SWEEP_PER_THREAD = (8, 16, 32)
+
+
+def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> None:
+    """Times layer_norm under each candidate (BLOCK_M, num_warps) per N, for re-tuning
+    kernels/layer_norm.py's _settings; every candidate is checked before it is timed."""
+    module = importlib.import_module("kernels.layer_norm")
+    original = module._settings
+    esize = torch.tensor([], dtype=dtype).element_size()
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    rows = []
+    try:
+        for N in sizes:
+            M = elements // N
+            torch.manual_seed(0)
+            x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
+            w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            dy = torch.randn(M, N, device=device, dtype=dtype)
+            expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
+            BLOCK_N = 1 << (N - 1).bit_length()  # as the kernel: the whole row in one block
+            seen = set()
+            for tile in SWEEP_TILES:
+                for per_thread in SWEEP_PER_THREAD:
+                    BLOCK_M = max(1, tile // BLOCK_N)
+                    warps = min(32, max(1, BLOCK_M * BLOCK_N // (32 * per_thread)))
+                    if (BLOCK_M, warps) in seen:
+                        continue
+                    seen.add((BLOCK_M, warps))
+                    module._settings = lambda n, s=(BLOCK_M, BLOCK_N, warps): s
+                    got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
+                    for g, e in zip(got, expected):
+                        torch.testing.assert_close(g.float(), e.float(), **tol)
+                    fwd = gbps(2 * M * N, esize, bench(lambda: layer_norm(x, w, b, EPS)))
+                    ms = bench(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
+                    rows.append([N, BLOCK_M, warps, fwd, gbps(5 * M * N, esize, ms)])
+    finally:
+        module._settings = original
+    dt = str(dtype).removeprefix("torch.")
+    print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", ["N", "BLOCK_M", "warps", "forward", "forward+backward"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type on the GPU (default bf16)")
     parser.add_argument("--elements", type=int, default=2**25, help="M*N held fixed across the sweep (default 2^25)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--sweep", action="store_true", help="time candidate launch settings instead (with --smoke: on CPU)")
     args = parser.parse_args()
+    if args.sweep:
+        if args.smoke:
+            sweep([64, 96], 64 * 96, torch.float32, "cpu")
+        elif torch.cuda.is_available():
+            sweep([768, 1024, 2048, 4096, 8192], args.elements, DTYPES[args.dtype], "cuda")
+        else:
+            parser.exit(1, "bench_layer_norm: no CUDA GPU; use --smoke --sweep to check the script on CPU\n")
+        return
     if args.smoke:
         run(sizes=[64, 96], elements=64 * 96, dtype=torch.float32, device="cpu", use_compile=False, plot_suffix="_smoke")
         return

@@ -2,7 +2,8 @@
 # Everything a GPU session checks, in one call, most valuable first, each step under its
 # own time limit inside an overall budget so that a slow step cannot eat the rest:
 #   gpu tests of the kernels and the model, the other kernel tests (their CPU-sized shapes
-#   on CUDA tensors), every benchmark, a loss-curve comparison, then an FFN tile sweep.
+#   on CUDA tensors), every benchmark, a loss-curve comparison, then tile/settings sweeps
+#   for the FFN and LayerNorm kernels.
 #
 #   bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS] [STEP...]
 #
@@ -56,6 +57,7 @@ for k in triton torch; do
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
 step ffn-sweep 60 python3 -m bench.bench_ffn --sweep 1024
+step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep
 
 tar -cf "$out/plots.tar" bench/plots 2>/dev/null
 # The tables and outcomes, for the reply's tail.
