@@ -16,6 +16,7 @@ forward+backward is 3.5x. Every provider is checked against SDPA before it is ti
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 from typing import Callable
@@ -180,6 +181,59 @@ def run(
         )
 
 
+# Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel;
+# each is timed with the other two kernels at the table's setting.
+SWEEP = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
+    "dkdv": [(32, 128, 8, 5), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4), (16, 128, 4, 5)],
+    "dq": [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 3)],
+}
+
+
+def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype, device: str,
+          sweep_table: dict[str, list[tuple[int, int, int, int]]] = SWEEP) -> None:
+    """Times the Triton kernel under alternative launch settings, kernel by kernel, for
+    re-tuning kernels/attention.py's table; every candidate is checked against SDPA."""
+    module = importlib.import_module("kernels.attention")
+    original = module._settings
+    unit = 1e12 if device == "cuda" else 1e6
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    rows = []
+    try:
+        for D in head_dims:
+            H, B = hidden // D, max(1, tokens // T)
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            do = torch.randn(B, H, T, D, device=device, dtype=dtype)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            expected = [ref.detach(), *torch.autograd.grad(ref, (q, k, v), do)]
+            for kernel, launches in sweep_table.items():
+                for launch in launches:
+                    base = original(D, dtype, module.device_capability(q.device.index or 0))
+                    settings = base._replace(**{kernel: module._Launch(*launch)})
+                    module._settings = lambda *a, s=settings: s
+                    try:
+                        out = triton_causal(q, k, v)
+                        got = [out.detach(), *torch.autograd.grad(out, (q, k, v), do)]
+                        for g, e in zip(got, expected):
+                            torch.testing.assert_close(g, e, **tol)
+                        fwd = flops_per_s(B, H, T, D, bench(lambda: triton_causal(q, k, v)), 1.0, unit)
+                        ms = bench(lambda: triton_causal(q, k, v).backward(do), grad_to_none=[q, k, v])
+                        rows.append([D, kernel, str(launch), fwd, flops_per_s(B, H, T, D, ms, 3.5, unit)])
+                    except Exception as e:  # out of shared memory or registers, or wrong
+                        print(f"D={D} {kernel} {launch}: failed ({str(e).splitlines()[0][:120]})")
+                        rows.append([D, kernel, str(launch), None, None])
+                    finally:
+                        module._settings = original
+    finally:
+        module._settings = original
+    dt = str(dtype).removeprefix("torch.")
+    print_table(
+        f"attention launch sweep, {'TFLOP/s' if device == 'cuda' else 'MFLOP/s'} ({dt}, T={T}, B*T={tokens}, H*D={hidden})",
+        ["D", "kernel", "BLOCK_M, BLOCK_N, warps, stages", "forward", "forward+backward"], rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
@@ -188,7 +242,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="B*T held fixed across the sweep (default 16384)")
     parser.add_argument("--hidden", type=int, default=2048, help="H*D held fixed (default 2048)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
     args = parser.parse_args()
+    if args.sweep:
+        if args.smoke:
+            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}
+            sweep(48, 48, 32, [16], torch.float32, "cpu", tiny)
+        elif torch.cuda.is_available():
+            sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda")
+        else:
+            parser.exit(1, "bench_attention: no CUDA GPU; use --smoke --sweep to check the script on CPU\n")
+        return
     if args.smoke:
         run(
             seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,

@@ -3,7 +3,7 @@
 # own time limit inside an overall budget so that a slow step cannot eat the rest:
 #   gpu tests of the kernels and the model, the other kernel tests (their CPU-sized shapes
 #   on CUDA tensors), every benchmark, a loss-curve comparison, then tile/settings sweeps
-#   for the FFN and LayerNorm kernels.
+#   for the FFN, LayerNorm and attention kernels.
 #
 #   bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS] [STEP...]
 #
@@ -58,6 +58,7 @@ for k in triton torch; do
 done
 step ffn-sweep 60 python3 -m bench.bench_ffn --sweep 1024
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep
+step attention-sweep 150 python3 -m bench.bench_attention --sweep
 
 tar -cf "$out/plots.tar" bench/plots 2>/dev/null
 # The tables and outcomes, for the reply's tail.
