@@ -79,8 +79,9 @@ class Decoder:
     With cuda_graph=True the decode step (all layers, and the advance of every
     sequence's length) is captured once and replayed: one launch per token. With
     compile=True it goes through torch.compile(mode="reduce-overhead") instead, which
-    writes its own kernels: on CUDA the model must run on kernels="torch" (Inductor
-    failed over our Triton launches on an H200; model.set_kernels("torch") switches).
+    writes its own kernels: on CUDA the model must run on kernels="torch"
+    (model.set_kernels("torch") switches), since ours are opaque to torch.compile and
+    would break the step into pieces.
     """
 
     def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):

@@ -2,6 +2,10 @@
 
 `kernels.reference` holds the pure-torch versions (CPU path and test oracle).
 Importing this package never touches the GPU.
+
+Each public function is opaque to torch.compile (torch.compiler.disable): Dynamo breaks
+the graph around it and runs it as it is. Traced into, the launches failed to compile in
+Inductor on an H200 (torch 2.11, a decode step), and the interpreter cannot be traced at all.
 """
 from kernels import reference
 from kernels.attention import attention

@@ -547,6 +547,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+@torch.compiler.disable  # see kernels/__init__.py
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
     """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
 

@@ -207,6 +207,7 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
     return out
 
 
+@torch.compiler.disable  # see kernels/__init__.py
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None
 ) -> Tensor:

@@ -268,6 +268,7 @@ class FFNFunction(torch.autograd.Function):
         return dx, dwfc, dbfc, dwproj, dbproj, None
 
 
+@torch.compiler.disable  # see kernels/__init__.py
 def ffn(
     x: Tensor,
     fc_weight: Tensor,

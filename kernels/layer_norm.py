@@ -293,6 +293,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         return ds.to(x_dtype), ds.to(r_dtype), dw.to(weight.dtype), db, None
 
 
+@torch.compiler.disable  # see kernels/__init__.py
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dimension: x (..., N) -> (..., N) in x's dtype.
 
@@ -304,6 +305,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 
+@torch.compiler.disable  # see kernels/__init__.py
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
 ) -> tuple[Tensor, Tensor]:
