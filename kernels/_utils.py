@@ -15,31 +15,46 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: plain Python, as triton.cdiv costs microseconds per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def check_inputs(op: str, reference: str, **tensors: Tensor | None) -> None:
     """Raises ValueError unless all tensors are floating point, of one dtype, on one usable device.
 
-    `reference` names the pure-torch fallback the message points to.
+    `reference` names the pure-torch fallback the message points to. Runs on every kernel
+    call, so the common case is one cheap pass; the messages are built only on failure.
     """
-    given = {k: t for k, t in tensors.items() if t is not None}
-    for name, t in given.items():
+    dtype = device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
         if not isinstance(t, Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
-    dtypes = {t.dtype for t in given.values()}
-    if len(dtypes) > 1:
-        desc = ", ".join(f"{k}={t.dtype}" for k, t in given.items())
-        raise ValueError(f"{op}: inputs must share one dtype, got {desc}")
-    devices = {t.device for t in given.values()}
-    if len(devices) > 1:
-        desc = ", ".join(f"{k} on {t.device}" for k, t in given.items())
-        raise ValueError(f"{op}: inputs must be on one device, got {desc}")
-    device = next(iter(devices))
-    if device.type != "cuda" and not interpreting():
+        if dtype is None:
+            dtype, device = t.dtype, t.device
+        elif t.dtype != dtype or t.device != device:
+            _raise_mismatch(op, {k: v for k, v in tensors.items() if v is not None})
+    if device is not None and device.type != "cuda" and not interpreting():
         raise ValueError(
             f"{op}: the Triton kernel needs CUDA tensors, got {device}; on CPU use "
             f"{reference} (or set TRITON_INTERPRET=1 before importing triton)"
         )
+
+
+def _raise_mismatch(op: str, given: dict[str, Tensor]) -> None:
+    if len({t.dtype for t in given.values()}) > 1:
+        desc = ", ".join(f"{k}={t.dtype}" for k, t in given.items())
+        raise ValueError(f"{op}: inputs must share one dtype, got {desc}")
+    desc = ", ".join(f"{k} on {t.device}" for k, t in given.items())
+    raise ValueError(f"{op}: inputs must be on one device, got {desc}")
 
 
 @functools.lru_cache(maxsize=None)

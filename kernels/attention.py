@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import check_inputs, device_capability
+from kernels._utils import cdiv, check_inputs, device_capability
 
 
 @triton.jit
@@ -482,7 +482,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     if o.numel() == 0:
         return o, lse, q, k, v, scale
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
-    grid = (triton.cdiv(Tq, cfg.BLOCK_M), B * H)
+    grid = (cdiv(Tq, cfg.BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -509,12 +509,12 @@ def _attention_bwd(
     precision = _precision(q.dtype)
     delta = torch.empty_like(lse)
     pre_rows = _PRE_ELEMENTS // D
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_rows), B * H)](
+    _attn_bwd_preprocess_kernel[(cdiv(Tq, pre_rows), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq,
         HEAD_DIM=D, BLOCK_M=pre_rows, num_warps=4,
     )
     cfg = settings.dkdv
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.BLOCK_N), B * H)](
+    _attn_bwd_dkdv_kernel[(cdiv(Tk, cfg.BLOCK_N), B * H)](
         q, k, v, do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Tq, Tk, scale, scale * _LOG2E,
@@ -522,7 +522,7 @@ def _attention_bwd(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = settings.dq
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, cfg.BLOCK_M), B * H)](
+    _attn_bwd_dq_kernel[(cdiv(Tq, cfg.BLOCK_M), B * H)](
         q, k, v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, scale, scale * _LOG2E,

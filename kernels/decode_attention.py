@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import check_inputs, interpreting
+from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_SPLITS = 64
@@ -148,11 +148,11 @@ def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int
     else:
         block_n = max(16, min(128, 4096 // D))
         programs = 4 * _sm_count(device.index)
-        target_splits, num_warps = triton.cdiv(programs, B * H), 4
-    n_tiles = triton.cdiv(S, block_n)
+        target_splits, num_warps = cdiv(programs, B * H), 4
+    n_tiles = cdiv(S, block_n)
     splits = max(1, min(target_splits, n_tiles, MAX_SPLITS))
-    chunk = triton.cdiv(n_tiles, splits) * block_n
-    return block_n, chunk, triton.cdiv(S, chunk), num_warps
+    chunk = cdiv(n_tiles, splits) * block_n
+    return block_n, chunk, cdiv(S, chunk), num_warps
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor) -> None:
@@ -201,7 +201,7 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
     )
     _decode_combine_kernel[(B * H,)](
         m, l, acc, seq_lens, out, *out.stride(), H, S, chunk,
-        NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=D,
+        NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits), HEAD_DIM=D,
         num_warps=1 if interpreting() else 4,
     )
     return out

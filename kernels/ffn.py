@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import check_inputs, device_capability
+from kernels._utils import cdiv, check_inputs, device_capability
 
 _OP = "ffn"
 _REFERENCE = "kernels.reference.ffn"
@@ -187,7 +187,7 @@ def _matmul(
     if M == 0 or N == 0:
         return out, sums
     t = _tiles(a, epilogue != _NONE or row_sum)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    grid = (cdiv(M, t.block_m) * cdiv(N, t.block_n),)
     aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
     _matmul_kernel[grid](
         a, b, out, out if bias is None else bias, aux_arg, out if sums is None else sums,

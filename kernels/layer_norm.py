@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import check_inputs, interpreting
+from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -125,6 +125,7 @@ _TILE = 4096
 _INTERPRET_PROGRAMS = 4
 
 
+@functools.lru_cache(maxsize=None)
 def _settings(N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of N elements, like Liger's calculate_settings.
 
@@ -134,7 +135,7 @@ def _settings(N: int) -> tuple[int, int, int]:
     8 warps up to 4096, 16 at 8192, 32 from 16384 -- several 16-byte loads in flight per
     thread without spilling in the backward, which keeps ~6 fp32 values per element live.
     """
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_power_of_2(N)
     BLOCK_M = max(1, _TILE // BLOCK_N)
     num_warps = min(32, max(4, BLOCK_M * BLOCK_N // (32 * 16)))
     return BLOCK_M, BLOCK_N, num_warps
@@ -207,7 +208,7 @@ def _layer_norm_fwd(
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _settings(N)
     if M > 0:
-        _layer_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+        _layer_norm_fwd_kernel[(cdiv(M, BLOCK_M),)](
             x2, r2, s2, y, weight, weight if bias is None else bias, mean, rstd,
             x2.stride(0), r2.stride(0), N, N,
             M, N, eps,
@@ -227,7 +228,7 @@ def _layer_norm_bwd(
     ds2 = dy2 if dsum is None else _rows(dsum, N)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     BLOCK_M, BLOCK_N, num_warps = _settings(N)
-    tiles = triton.cdiv(M, BLOCK_M)
+    tiles = cdiv(M, BLOCK_M)
     if interpreting() or not x2.is_cuda:
         programs = _INTERPRET_PROGRAMS
     else:
@@ -235,8 +236,8 @@ def _layer_norm_bwd(
         # few enough that the partial rows stay a small share of the traffic.
         programs = _sm_count(x2.device.index or 0) * max(1, 16 // num_warps)
     # Whole tiles per program, so that only the last tile of the last chunk is ragged.
-    rows_per_program = max(1, triton.cdiv(tiles, max(1, min(tiles, programs)))) * BLOCK_M
-    P = triton.cdiv(M, rows_per_program)  # every program gets rows; none when M = 0
+    rows_per_program = max(1, cdiv(tiles, max(1, min(tiles, programs)))) * BLOCK_M
+    P = cdiv(M, rows_per_program)  # every program gets rows; none when M = 0
     dw = torch.empty((P, N), dtype=torch.float32, device=x2.device)
     db = torch.empty((P, N), dtype=torch.float32, device=x2.device) if has_bias else dw
     if M > 0:
