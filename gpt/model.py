@@ -66,10 +66,10 @@ class KVCache:
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
             return ops.attention(q, k, v, causal=True, mode=self.kernels)
-        at = self.lengths.view(-1, 1, 1, 1).expand(-1, k.size(1), 1, k.size(3))
-        self.k[layer].scatter_(2, at, k)
-        self.v[layer].scatter_(2, at, v)
-        y = ops.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.step_lengths, mode=self.kernels)
+        # The kernel stores this step's k/v at position lengths[b] itself, then attends.
+        y = ops.decode_attention(
+            q[:, :, 0], self.k[layer], self.v[layer], self.step_lengths, k[:, :, 0], v[:, :, 0], mode=self.kernels
+        )
         return y.unsqueeze(2)
 
 

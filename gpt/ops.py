@@ -48,8 +48,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = 
     return backend(q, mode).attention(q, k, v, causal=causal)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, mode: str = "auto") -> Tensor:
-    return backend(q, mode).decode_attention(q, k_cache, v_cache, seq_lens)
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, k_new: Tensor, v_new: Tensor, mode: str = "auto"
+) -> Tensor:
+    return backend(q, mode).decode_attention(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new)
 
 
 def ffn(

@@ -39,13 +39,16 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQ_LENS, M, L, ACC,
+    Q, K, V, K_NEW, V_NEW, SEQ_LENS, M, L, ACC,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
     H, S, chunk, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_NEW: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -65,6 +68,13 @@ def _decode_split_kernel(
     q = q * qk_scale  # scores come out in log2 units, ready for exp2
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    if HAS_NEW:
+        # This step's key and value belong at position seq_len - 1: the tiles below use the
+        # register copy in place of that row, and the split that covers it stores it after
+        # its loop (a store before the loads would race with them across threads).
+        pos = seq_len - 1
+        k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_d * stride_knd).to(K.dtype.element_ty)
+        v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + offs_d * stride_vnd).to(V.dtype.element_ty)
 
     # 0-d fp32 running max and sum; the first tile always holds a valid key (start < end),
     # so m_i is finite after it and alpha = exp2(-inf) = 0 wipes the empty initial state.
@@ -78,6 +88,10 @@ def _decode_split_kernel(
         # Both tiles are requested before either is used: more bytes in flight per program.
         k = tl.load(K + rows * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
         v = tl.load(V + rows * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        if HAS_NEW:
+            is_new = (offs_n == pos)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
         qk = tl.sum(q[None, :] * k.to(tl.float32), 1)
         qk = tl.where(n_ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 0))
@@ -87,6 +101,10 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
 
+    if HAS_NEW:
+        if (pos >= start) & (pos < end):
+            tl.store(K + pos.to(tl.int64) * stride_ks + offs_d * stride_kd, k_new)
+            tl.store(V + pos.to(tl.int64) * stride_vs + offs_d * stride_vd, v_new)
     part = bh.to(tl.int64) * tl.num_programs(1) + split
     tl.store(M + part, m_i)
     tl.store(L + part, l_i)
@@ -155,9 +173,15 @@ def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int
     return block_n, chunk, cdiv(S, chunk), num_warps
 
 
-def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor) -> None:
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
+           k_new: Tensor | None, v_new: Tensor | None) -> None:
     op, ref = "decode_attention", "kernels.reference.decode_attention"
-    check_inputs(op, ref, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_inputs(op, ref, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: give both k_new and v_new, or neither")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is not None and t.shape != q.shape:
+            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be (B, H, D), got shape {tuple(q.shape)}")
     B, H, D = q.shape
@@ -180,8 +204,9 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor) -> Non
         raise ValueError(f"{op}: seq_lens is on {seq_lens.device} but q on {q.device}; keep it on the device")
 
 
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None) -> Tensor:
-    _check(q, k_cache, v_cache, seq_lens)
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None,
+                      k_new: Tensor | None, v_new: Tensor | None) -> Tensor:
+    _check(q, k_cache, v_cache, seq_lens, k_new, v_new)
     B, H, S, D = k_cache.shape
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     if B * H == 0:
@@ -193,11 +218,14 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, D, device=q.device, dtype=torch.float32)
     seq_lens = seq_lens.contiguous()
+    has_new = k_new is not None
+    k_new = q if k_new is None else k_new  # never read without HAS_NEW
+    v_new = q if v_new is None else v_new
     _decode_split_kernel[(B * H, splits)](
-        q, k_cache, v_cache, seq_lens, m, l, acc,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        q, k_cache, v_cache, k_new, v_new, seq_lens, m, l, acc,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
         H, S, chunk, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK_N=block_n, num_warps=num_warps,
+        HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, num_warps=num_warps,
     )
     _decode_combine_kernel[(B * H,)](
         m, l, acc, seq_lens, out, *out.stride(), H, S, chunk,
@@ -209,7 +237,8 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
 
 @torch.compiler.disable  # see kernels/__init__.py
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None,
+    k_new: Tensor | None = None, v_new: Tensor | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its cached keys and values.
 
@@ -220,8 +249,12 @@ def decode_attention(
     Lengths are clamped to [0, S] on the device; a length of 0 gives zeros (the reference
     gives NaN). scale defaults to 1/sqrt(D). Returns (B, H, D) in q's dtype.
 
+    k_new, v_new (B, H, D), optional: this step's key and value, written into the caches
+    at position seq_lens[b] - 1 by the kernel itself (saving a scatter per cache) and
+    attended to like the rest.
+
     Forward only (inference), so no autograd. No host synchronisation: with fixed shapes
     the call can be captured in a CUDA graph (call it once before capturing, so Triton
     compiles outside the capture) and replayed after seq_lens is updated in place.
     """
-    return _decode_attention(q, k_cache, v_cache, seq_lens, scale)
+    return _decode_attention(q, k_cache, v_cache, seq_lens, scale, k_new, v_new)

@@ -65,13 +65,19 @@ def ffn(
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None,
+    k_new: Tensor | None = None, v_new: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence against its KV cache; q (B, H, D), k/v_cache (B, H, S, D) -> (B, H, D).
 
     seq_lens (B,), integer, on q's device: sequence b attends to cache positions
-    [0, seq_lens[b]) (its new token included). A length of 0 gives NaN.
+    [0, seq_lens[b]) (its new token included). A length of 0 gives NaN. k_new, v_new
+    (B, H, D), if given, are first written into the caches at position seq_lens[b] - 1.
     """
+    if k_new is not None:
+        at = (seq_lens - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, k_cache.shape[1], 1, k_cache.shape[3])
+        k_cache.scatter_(2, at, k_new.unsqueeze(2).to(k_cache.dtype))
+        v_cache.scatter_(2, at, v_new.unsqueeze(2).to(v_cache.dtype))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
     positions = torch.arange(k_cache.shape[2], device=q.device)

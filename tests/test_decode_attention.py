@@ -90,6 +90,35 @@ def test_matches_causal_attention(device):
         torch.testing.assert_close(ours[b : b + 1].double(), want, atol=1e-5, rtol=1e-5)
 
 
+def _check_new_kv(B, H, S, D, lens, dtype, device, atol, rtol):
+    """With k_new/v_new the kernel writes them at lens - 1 and attends over them: output
+    and both caches equal the reference's scatter-then-attend."""
+    q, k, v, seq_lens = _inputs(B, H, S, D, lens, dtype, device)
+    k_new, v_new = (torch.randn(B, H, D, device=device).to(dtype) for _ in range(2))
+    k_ref, v_ref = k.clone(), v.clone()
+    ours = decode_attention(q, k, v, seq_lens, k_new=k_new, v_new=v_new)
+    want = reference.decode_attention(q, k_ref, v_ref, seq_lens, k_new=k_new, v_new=v_new)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref), "caches differ"
+    for b, L in enumerate(lens):
+        assert torch.equal(k[b, :, L - 1], k_new[b]) and torch.equal(v[b, :, L - 1], v_new[b])
+    torch.testing.assert_close(ours, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, S, D, lens", SHAPES)
+def test_new_key_and_value_written_and_attended(B, H, S, D, lens, dtype, atol, rtol, device):
+    torch.manual_seed(7)
+    _check_new_kv(B, H, S, D, lens, dtype, device, 10 * atol, 10 * rtol)
+
+
+def test_new_key_and_value_need_each_other(device):
+    q, k, v, lens = _valid(device)
+    with pytest.raises(ValueError, match="both k_new and v_new"):
+        decode_attention(q, k, v, lens, k_new=q)
+    with pytest.raises(ValueError, match="k_new must have"):
+        decode_attention(q, k, v, lens, k_new=q[:, :1], v_new=q)
+
+
 def test_lengths_outside_cache_are_clamped(device):
     """Lengths cannot be checked without a host sync, so the kernel clamps them: beyond S
     reads the whole cache (never past it), 0 gives zeros rather than NaN."""
@@ -159,6 +188,14 @@ def test_gpu_large(B, H, S, D, dtype, atol, rtol):
     gen = torch.Generator().manual_seed(5)
     q, k, v, _ = _inputs(B, H, S, D, [1] * B, dtype, "cuda")
     _compare(q, k, v, _random_lengths(B, S, gen).cuda(), atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, S, D", [(1, 12, 1024, 64), (32, 12, 2048, 64), (3, 2, 4097, 128)])
+def test_gpu_new_key_and_value(B, H, S, D):
+    torch.manual_seed(8)
+    gen = torch.Generator().manual_seed(8)
+    _check_new_kv(B, H, S, D, _random_lengths(B, S, gen).tolist(), torch.bfloat16, "cuda", 2e-2, 2e-2)
 
 
 @pytest.mark.gpu
