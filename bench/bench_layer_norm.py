@@ -142,13 +142,15 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
     plot(os.path.join(PLOTS, f"add_layer_norm{plot_suffix}.png"), f"add + LayerNorm, {dt}, M*N = {elements}", "N (hidden size)", "GB/s", sizes, series)
 
 
-# Candidate launch settings for --sweep: elements per program step, elements per thread.
+# Candidate launch settings for --sweep: elements per program step, elements per thread,
+# and (at the default tile) backward pipeline stages.
 SWEEP_TILES = (1024, 2048, 4096, 8192)
 SWEEP_PER_THREAD = (8, 16, 32)
+SWEEP_STAGES = (1, 2, 3)
 
 
 def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> None:
-    """Times layer_norm under each candidate (BLOCK_M, num_warps) per N, for re-tuning
+    """Times layer_norm under each candidate _Settings per N, for re-tuning
     kernels/layer_norm.py's _settings; every candidate is checked before it is timed."""
     module = importlib.import_module("kernels.layer_norm")
     original = module._settings
@@ -163,26 +165,32 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
             w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
             dy = torch.randn(M, N, device=device, dtype=dtype)
             expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
-            BLOCK_N = 1 << (N - 1).bit_length()  # as the kernel: the whole row in one block
-            seen = set()
+            default = original(N, esize)
+            candidates = [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
             for tile in SWEEP_TILES:
                 for per_thread in SWEEP_PER_THREAD:
-                    BLOCK_M = max(1, tile // BLOCK_N)
-                    warps = min(32, max(1, BLOCK_M * BLOCK_N // (32 * per_thread)))
-                    if (BLOCK_M, warps) in seen:
-                        continue
-                    seen.add((BLOCK_M, warps))
-                    module._settings = lambda n, s=(BLOCK_M, BLOCK_N, warps): s
+                    block_m = max(1, tile // default.block_n)
+                    warps = min(32, max(1, block_m * default.block_n // (32 * per_thread)))
+                    candidates.append(default._replace(block_m=block_m, num_warps=warps))
+            for cfg in dict.fromkeys(candidates):  # unique, in order
+                module._settings = lambda n, e, s=cfg: s
+                label = [N, cfg.block_m, cfg.num_warps, cfg.bwd_stages, "default" if cfg == default else ""]
+                try:
                     got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
-                    for g, e in zip(got, expected):
-                        torch.testing.assert_close(g.float(), e.float(), **tol)
-                    fwd = gbps(2 * M * N, esize, bench(lambda: layer_norm(x, w, b, EPS)))
-                    ms = bench(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
-                    rows.append([N, BLOCK_M, warps, fwd, gbps(5 * M * N, esize, ms)])
+                except Exception as e:  # e.g. more shared memory than the device has
+                    rows.append([*label, None, None])
+                    print(f"N={N} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                    continue
+                for g, e in zip(got, expected):
+                    torch.testing.assert_close(g.float(), e.float(), **tol)
+                fwd = gbps(2 * M * N, esize, bench(lambda: layer_norm(x, w, b, EPS)))
+                ms = bench(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
+                rows.append([*label, fwd, gbps(5 * M * N, esize, ms)])
     finally:
         module._settings = original
     dt = str(dtype).removeprefix("torch.")
-    print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", ["N", "BLOCK_M", "warps", "forward", "forward+backward"], rows)
+    headers = ["N", "BLOCK_M", "warps", "bwd stages", "", "forward", "forward+backward"]
+    print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", headers, rows)
 
 
 def main() -> None:

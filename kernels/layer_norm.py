@@ -7,10 +7,14 @@ A whole row sits in registers, so each pass reads its inputs once: the forward w
 (and the sum) plus fp32 mean and rstd per row; the backward recomputes x_hat from them,
 writes dx in the same pass and reduces dweight/dbias through one fp32 partial row per
 program, summed afterwards (Liger-Kernel's scheme: deterministic, no atomics, no locks).
+Unlike Liger's, the backward's row loop is software-pipelined (tl.range num_stages): the
+next rows' x and dy stream into shared memory while this row is reduced, so a program
+that owns a long chunk of rows is not left waiting on one load at a time.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -74,6 +78,7 @@ def _layer_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DSUM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # Each program walks its own contiguous chunk of rows, BLOCK_M at a time, and keeps
     # dweight/dbias for the chunk in registers; one fp32 partial row per program goes out.
@@ -86,7 +91,9 @@ def _layer_norm_bwd_kernel(
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for start in range(row_start, row_end, BLOCK_M):
+    # A plain range is not pipelined (its loads feed no tl.dot): two programs per SM would
+    # then have one tile's loads in flight during the loads and none during the reductions.
+    for start in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
@@ -117,28 +124,71 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + partial, tl.sum(db, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(DW, DB, OutW, OutB, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # Both partial buffers in one launch, cast to the parameters' dtypes on the way out:
+    # one kernel where torch would run two sums and two casts.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dw = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        dw += tl.load(DW + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB + offsets, mask=mask, other=0.0)
+    tl.store(OutW + cols, tl.sum(dw, axis=0).to(OutW.dtype.element_ty), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(OutB + cols, tl.sum(db, axis=0).to(OutB.dtype.element_ty), mask=col_ok)
+
+
 # A row lives in registers: at most 64 KiB of it (16384 fp32 or 32768 fp16/bf16 elements).
 _MAX_ROW_BYTES = 65536
 # Elements one program covers per step; short rows are stacked to reach it.
 _TILE = 4096
 # Backward programs when interpreting: each costs milliseconds there.
 _INTERPRET_PROGRAMS = 4
+# The partial-row sum: 32 fp32 columns (one 128-byte line per row) by 64 rows per step,
+# so that N = 768 still spreads over 24 programs.
+_SUM_ROWS, _SUM_COLUMNS = 64, 32
+# Shared memory the backward's pipeline may take: per SM (Hopper has 228 KiB, Ampere 164)
+# and per program (A100's 163 KiB block limit, less the reductions' scratch).
+_SHARED_PER_SM, _SHARED_PER_PROGRAM = 192 * 1024, 160 * 1024
+
+
+class _Settings(NamedTuple):
+    block_m: int  # rows per program step
+    block_n: int  # the whole row, rounded up to a power of two
+    num_warps: int
+    bwd_stages: int  # tiles of x and dy the backward's row loop keeps in flight
 
 
 @functools.lru_cache(maxsize=None)
-def _settings(N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of N elements, like Liger's calculate_settings.
+def _settings(N: int, element_size: int) -> _Settings:
+    """Launch settings for rows of N elements of element_size bytes, like Liger's calculate_settings.
 
-    BLOCK_N is N rounded up to a power of two (the whole row in one block). Rows shorter
-    than _TILE are stacked BLOCK_M to a program, so that a program at N=768 still moves
-    as many bytes as one at N=4096. num_warps gives each thread 16 elements of the tile:
-    8 warps up to 4096, 16 at 8192, 32 from 16384 -- several 16-byte loads in flight per
-    thread without spilling in the backward, which keeps ~6 fp32 values per element live.
+    Rows shorter than _TILE are stacked BLOCK_M to a program, so that a program at N=768
+    still moves as many bytes as one at N=4096. num_warps gives each thread 16 elements of
+    the tile: 8 warps up to 4096, 16 at 8192, 32 from 16384 -- several 16-byte loads in
+    flight per thread without spilling in the backward, which keeps ~6 fp32 values per
+    element live (compiled for sm90: 117-128 registers, two 8-warp programs per SM).
+    The backward keeps up to three stages of x, dy (and dsum) in shared memory, as many as
+    fit in _SHARED_PER_SM split among the programs an SM holds: three for bf16 up to
+    N = 8192, two for fp32 up to 4096, none (a plain loop) where two would not fit.
     """
-    BLOCK_N = next_power_of_2(N)
-    BLOCK_M = max(1, _TILE // BLOCK_N)
-    num_warps = min(32, max(4, BLOCK_M * BLOCK_N // (32 * 16)))
-    return BLOCK_M, BLOCK_N, num_warps
+    block_n = next_power_of_2(N)
+    block_m = max(1, _TILE // block_n)
+    num_warps = min(32, max(4, block_m * block_n // (32 * 16)))
+    stage_bytes = 3 * block_m * block_n * element_size
+    budget = min(_SHARED_PER_PROGRAM, _SHARED_PER_SM // _programs_per_sm(num_warps))
+    return _Settings(block_m, block_n, num_warps, max(1, min(3, budget // stage_bytes)))
+
+
+def _programs_per_sm(num_warps: int) -> int:
+    """Backward programs resident per SM: two while they are 8 warps or fewer."""
+    return max(1, 16 // num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,50 +256,61 @@ def _layer_norm_fwd(
     s2 = y if s is None else s  # not written without a residual
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _settings(N)
+    cfg = _settings(N, x2.element_size())
     if M > 0:
-        _layer_norm_fwd_kernel[(cdiv(M, BLOCK_M),)](
+        _layer_norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
             x2, r2, s2, y, weight, weight if bias is None else bias, mean, rstd,
             x2.stride(0), r2.stride(0), N, N,
             M, N, eps,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            num_warps=num_warps,
+            num_warps=cfg.num_warps,
         )
     return y, s, mean, rstd, x2, weight
 
 
 def _layer_norm_bwd(
-    dy: Tensor, dsum: Tensor | None, x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, has_bias: bool
+    dy: Tensor, dsum: Tensor | None, x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+    bias_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """dx (M, N) in x2's dtype (plus dsum when given), and fp32 dweight, dbias (N,)."""
+    """dx (M, N) in x2's dtype (plus dsum when given), dweight in weight's dtype and dbias
+    in bias_dtype (None without a bias)."""
     M, N = x2.shape
     dy2 = _rows(dy, N)
     ds2 = dy2 if dsum is None else _rows(dsum, N)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    BLOCK_M, BLOCK_N, num_warps = _settings(N)
-    tiles = cdiv(M, BLOCK_M)
+    dweight = torch.empty(N, dtype=weight.dtype, device=x2.device)
+    dbias = None if bias_dtype is None else torch.empty(N, dtype=bias_dtype, device=x2.device)
+    if M == 0:
+        dweight.zero_()
+        return dx, dweight, None if dbias is None else dbias.zero_()
+    cfg = _settings(N, x2.element_size())
+    tiles = cdiv(M, cfg.block_m)
     if interpreting() or not x2.is_cuda:
         programs = _INTERPRET_PROGRAMS
     else:
-        # Enough programs to fill every SM (two per SM while they are 8 warps or fewer),
-        # few enough that the partial rows stay a small share of the traffic.
-        programs = _sm_count(x2.device.index or 0) * max(1, 16 // num_warps)
+        # Enough programs to fill every SM, few enough that the partial rows stay a small
+        # share of the traffic.
+        programs = _sm_count(x2.device.index or 0) * _programs_per_sm(cfg.num_warps)
     # Whole tiles per program, so that only the last tile of the last chunk is ragged.
-    rows_per_program = max(1, cdiv(tiles, max(1, min(tiles, programs)))) * BLOCK_M
-    P = cdiv(M, rows_per_program)  # every program gets rows; none when M = 0
+    rows_per_program = max(1, cdiv(tiles, min(tiles, programs))) * cfg.block_m
+    P = cdiv(M, rows_per_program)  # every program gets rows
     dw = torch.empty((P, N), dtype=torch.float32, device=x2.device)
-    db = torch.empty((P, N), dtype=torch.float32, device=x2.device) if has_bias else dw
-    if M > 0:
-        _layer_norm_bwd_kernel[(P,)](
-            x2, weight, mean, rstd, dy2, ds2, dx, dw, db,
-            x2.stride(0), dy2.stride(0), ds2.stride(0), N,
-            M, N, rows_per_program,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            HAS_DSUM=dsum is not None, HAS_BIAS=has_bias,
-            num_warps=num_warps,
-        )
-    return dx, dw.sum(0), db.sum(0) if has_bias else None
+    db = dw if dbias is None else torch.empty((P, N), dtype=torch.float32, device=x2.device)
+    _layer_norm_bwd_kernel[(P,)](
+        x2, weight, mean, rstd, dy2, ds2, dx, dw, db,
+        x2.stride(0), dy2.stride(0), ds2.stride(0), N,
+        M, N, rows_per_program,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_DSUM=dsum is not None, HAS_BIAS=dbias is not None, STAGES=cfg.bwd_stages,
+        num_warps=cfg.num_warps,
+    )
+    _sum_partials_kernel[(cdiv(N, _SUM_COLUMNS),)](
+        dw, db, dweight, dweight if dbias is None else dbias, P, N,
+        BLOCK_P=_SUM_ROWS, BLOCK_N=_SUM_COLUMNS, HAS_BIAS=dbias is not None,
+        num_warps=4,
+    )
+    return dx, dweight, dbias
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -266,9 +327,8 @@ class LayerNormFunction(torch.autograd.Function):
         if dy is None:
             return None, None, None, None
         x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _layer_norm_bwd(dy, None, x2, weight, mean, rstd, ctx.bias_dtype is not None)
-        db = None if db is None else db.to(ctx.bias_dtype)
-        return dx.view(dy.shape), dw.to(weight.dtype), db, None
+        dx, dw, db = _layer_norm_bwd(dy, None, x2, weight, mean, rstd, ctx.bias_dtype)
+        return dx.view(dy.shape), dw, db, None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -288,10 +348,9 @@ class AddLayerNormFunction(torch.autograd.Function):
                 return None, None, None, None, None
             return dsum.to(x_dtype), dsum.to(r_dtype), None, None, None
         s, weight, mean, rstd = ctx.saved_tensors
-        ds, dw, db = _layer_norm_bwd(dy, dsum, _rows(s, s.shape[-1]), weight, mean, rstd, bias_dtype is not None)
+        ds, dw, db = _layer_norm_bwd(dy, dsum, _rows(s, s.shape[-1]), weight, mean, rstd, bias_dtype)
         ds = ds.view(s.shape)
-        db = None if db is None else db.to(bias_dtype)
-        return ds.to(x_dtype), ds.to(r_dtype), dw.to(weight.dtype), db, None
+        return ds.to(x_dtype), ds.to(r_dtype), dw, db, None
 
 
 @torch.compiler.disable  # see kernels/__init__.py

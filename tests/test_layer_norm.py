@@ -1,10 +1,13 @@
 """Triton LayerNorm (kernels/layer_norm.py) against kernels/reference.py in float64
 (tolerances: tests/compare.py)."""
+import importlib
+
 import pytest
 import torch
 
 from compare import compare as _compare, run as _run
 from kernels import reference
+from kernels._utils import cdiv
 from kernels.layer_norm import add_layer_norm, layer_norm
 
 TOLERANCES = [  # dtype, atol, rtol
@@ -118,6 +121,22 @@ def test_broadcast_upstream_gradient_and_strided_weight(device):
     ref = _run(lambda x, w, b: reference.layer_norm(x, w[::2], b[:24]).sum(), [x, w_base, b], [torch.tensor(1.0, device=device)])
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
+def test_many_partial_rows(monkeypatch, device):
+    """More backward programs than the partial-row sum takes per step (its loop and ragged
+    last step), each program looping over two tiles, the last over one."""
+    module = importlib.import_module("kernels.layer_norm")
+    monkeypatch.setattr(module, "_INTERPRET_PROGRAMS", 66)
+    torch.manual_seed(0)
+    N = 512
+    M = 131 * module._settings(N, 4).block_m  # 131 tiles over 66 programs: 66 partial rows
+    assert cdiv(131, cdiv(131, 66)) > module._SUM_ROWS
+    x = torch.randn(M, N, device=device)
+    w, b = _params(N, torch.float32, device)
+    if device == "cuda":  # as many programs on a GPU, whatever its SM count
+        monkeypatch.setattr(module, "_sm_count", lambda index: 66 // module._programs_per_sm(module._settings(N, 4).num_warps))
+    _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("used", ["sum", "normalised"])
