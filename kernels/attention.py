@@ -42,6 +42,7 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Folds key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile.
@@ -57,16 +58,27 @@ def _attn_fwd_inner(
             k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
             k = tl.load(K + rows * stride_kt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASK:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
             # Every valid row sees key 0 in its first tile, so m_i is finite after it and
             # a row fully masked in a later tile adds exp2(-inf) = 0, never a NaN.
-            qk = tl.where(keep, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+        elif NEGATIVE_SCALE:
+            qk = qk * qk_scale
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+        else:
+            # The scale folded into one FMA per score (the Triton tutorial's form): with
+            # scale >= 0 the row max of the scaled scores is the scaled row max. This
+            # loop is where the forward spends its time, and at D = 64 the softmax's
+            # per-score instructions, not the matmuls, set its pace.
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
@@ -91,6 +103,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -130,11 +143,11 @@ def _attn_fwd_kernel(
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, mid, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION,
+        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, mid, hi, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION,
+        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION,
     )
 
     o = acc / l_i[:, None]
@@ -487,8 +500,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         q, k, v, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, Tk, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
 

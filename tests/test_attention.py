@@ -90,12 +90,19 @@ def test_attention(B, H, Tq, Tk, D, causal, dtype, atol, rtol, device):
     _compare(_separate, inputs, do, atol, rtol, causal=causal)
 
 
-@pytest.mark.parametrize("Tq, Tk", [(24, 24), (9, 40)], ids=["square", "Tq<Tk"])
-def test_custom_scale(Tq, Tk, device):
+# -8: scores far enough apart that a row max taken before scaling (the minimum, for a
+# negative scale) would overflow exp2.
+@pytest.mark.parametrize("scale", [0.3, 0.0, -8.0], ids=["positive", "zero", "negative"])
+@pytest.mark.parametrize("Tq, Tk, causal", [(24, 24, True), (9, 40, True), (24, 40, False)], ids=["square", "Tq<Tk", "full"])
+def test_custom_scale(Tq, Tk, causal, scale, device):
+    """Any float scale, as SDPA takes: zero (uniform weights) and negative scales too,
+    whose row maxima the forward cannot take from the unscaled scores."""
+    if scale <= 0 and causal and Tq == Tk:
+        pytest.skip("the oracle, torch's is_causal SDPA, returns NaN for scales <= 0 (it scales q and k by sqrt(scale))")
     torch.manual_seed(0)
     inputs = _qkv(1, 2, Tq, Tk, 32, torch.float32, device)
     do = torch.randn(1, 2, Tq, 32, device=device)
-    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=True, scale=0.3)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal, scale=scale)
 
 
 def test_fused_qkv_view(device):
