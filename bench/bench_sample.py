@@ -2,6 +2,7 @@
 
     python -m bench.bench_sample                          # 124M, batch 1 and 32 on CUDA
     python -m bench.bench_sample --preset tiny --batch-sizes 1 --new-tokens 512   # a CPU run
+    python -m bench.bench_sample --profile                # where a decode step's time goes
 
 Random weights (throughput does not depend on them). Rows: our fast path (KV
 cache + CUDA graph), torch.compile(mode="reduce-overhead") of the decode step on the
@@ -19,7 +20,7 @@ import torch
 
 from bench.common import print_table
 from gpt import GPT, preset
-from gpt.generate import Decoder, generate, generate_uncached
+from gpt.generate import Decoder, generate, generate_uncached, sample_next
 from train import DTYPES
 
 
@@ -63,6 +64,43 @@ def run_hf(cfg, prompts, new_tokens, device, dtype) -> tuple[float, float]:
         return timed(lambda: go(1), device), timed(lambda: go(new_tokens), device)
 
 
+def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -> None:
+    """Per-kernel device time of a decode step plus its sampling (eager, so that every kernel
+    is seen), against the CUDA-graph replay of the same step: the kernels to fuse first,
+    and how much of a replayed step is gaps between kernels rather than kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = torch.randint(0, model.config.vocab_size, (B, prompt_tokens)).tolist()
+    decoder = Decoder(model, B)
+    token = sample_next(decoder.prefill(prompts), 1.0, 200)
+    for _ in range(3):  # warm-up: compilation, allocator
+        token = sample_next(decoder.step(token), 1.0, 200)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = sample_next(decoder.step(token), 1.0, 200)
+        sync(device)
+    cuda = device == "cuda"
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    us = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps
+    events.sort(key=us, reverse=True)
+    total = sum(us(e) for e in events)
+    calls = sum(e.count for e in events) / steps
+    rows = [[e.key[:70], e.count / steps, us(e), 100 * us(e) / total] for e in events[:25]]
+    print_table(
+        f"decode step + sampling, batch {B}, per token ({'kernels' if cuda else 'CPU ops'}: {calls:.0f} calls, {total:.0f} us)",
+        ["kernel" if cuda else "op", "calls", "us", "%"], rows,
+    )
+    if cuda:
+        graphed = Decoder(model, B, cuda_graph=True)
+        graphed.prefill(prompts)
+        for _ in range(3):
+            graphed.step(token)
+        seconds = timed(lambda: [graphed.step(token) for _ in range(steps)], device)
+        print(f"batch {B}: CUDA-graph decode step {seconds / steps * 1e6:.0f} us (no sampling); "
+              f"its kernels above, sampling included, sum to {total:.0f} us")
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +110,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
     p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast compile cached uncached hf")
+    p.add_argument("--profile", action="store_true", help="per-kernel time of a decode step instead of the table")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
     dtype = DTYPES[args.dtype]
@@ -79,6 +118,10 @@ def main() -> None:
     cfg = preset(args.preset).updated(vocab_size=50257)
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.profile:
+        for B in args.batch_sizes:
+            profile_decode(model, B, args.prompt_tokens, 20, device)
+        return
 
     rows = []
     for B in args.batch_sizes:

@@ -2,8 +2,8 @@
 # Everything a GPU session checks, in one call, most valuable first, each step under its
 # own time limit inside an overall budget so that a slow step cannot eat the rest:
 #   gpu tests of the kernels and the model, the other kernel tests (their CPU-sized shapes
-#   on CUDA tensors), every benchmark, a loss-curve comparison, then tile/settings sweeps
-#   for the FFN, LayerNorm and attention kernels.
+#   on CUDA tensors), every benchmark and a per-kernel profile of a decode step, a
+#   loss-curve comparison, then tile/settings sweeps for the FFN, LayerNorm and attention.
 #
 #   bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS] [STEP...]
 #
@@ -50,6 +50,7 @@ step bench-attention 130 python3 -m bench.bench_attention
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 step bench-sample 100 python3 -m bench.bench_sample
+step profile-sample 60 python3 -m bench.bench_sample --profile
 # The done-when of the kernel issues: training on the kernels follows the reference's curve.
 for k in triton torch; do
     step "train-$k" 40 python3 train.py --preset shakespeare-char --dropout 0 --batch-size 32 --max-steps 300 \
