@@ -116,35 +116,42 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
     plot(os.path.join(PLOTS, f"ffn{plot_suffix}.png"), f"GPT MLP, {dt}", "C (model width)", unit_name, widths, series)
 
 
-# Alternative (light, heavy) tile pairs for --sweep: block_m, block_n, block_k, group_m, warps, stages.
+# Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
+# and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
+# warps, stages[, register cap]. Two programs per SM let one's epilogue overlap the
+# other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones capped at 128 registers (the
+# GELU kernels need 134-146 uncapped, and spill 24-44 bytes capped, compiled for sm90).
 SWEEP = {
     "table": None,
-    "128x256/128x128 s4": ((128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)),
-    "128x128 s4 both": ((128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4)),
-    "128x256 both": ((128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)),
-    "256x128 both": ((256, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)),
+    "epilogue 128 registers": dict(epilogue=(128, 128, 64, 8, 8, 3, 128)),
+    "128x128 w4 everywhere": dict(plain=(128, 128, 64, 8, 4, 3), epilogue=(128, 128, 64, 8, 4, 3), weight_grad=(128, 128, 64, 8, 4, 3)),
+    "epilogue 128x128 w4": dict(epilogue=(128, 128, 64, 8, 4, 3)),
+    "weight_grad 128x256": dict(weight_grad=(128, 256, 64, 8, 8, 3)),
+    "weight_grad 128x128 w4": dict(weight_grad=(128, 128, 64, 8, 4, 3)),
+    "weight_grad 128x128 s4": dict(weight_grad=(128, 128, 64, 8, 8, 4)),
+    "epilogue 128x256": dict(epilogue=(128, 256, 64, 8, 8, 3)),
+    "plain 128x128 s4": dict(plain=(128, 128, 64, 8, 8, 4)),
 }
 
 
 def sweep(C: int, M: int, dtype: torch.dtype) -> None:
-    """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py)."""
+    """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py);
+    time_providers checks every gradient before it times."""
     module = importlib.import_module("kernels.ffn")
     original = module._tiles
     rows = []
-    for name, pair in SWEEP.items():
-        if pair is None:
-            module._tiles = original
-        else:
-            light, heavy = (module._Tiles(*t) for t in pair)
-            module._tiles = lambda t, is_heavy, light=light, heavy=heavy: heavy if is_heavy else light
+    for name, changes in SWEEP.items():
+        overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
+        module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
         try:
             f, b = time_providers({"triton": ffn}, M, C, dtype, "cuda", 1e12)
             rows.append([name, f["triton"], b["triton"]])
-        except Exception as e:  # a tile shape that does not fit (shared memory, registers)
+        except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
             rows.append([name, None, None])
             print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
-    module._tiles = original
-    print_table(f"FFN tile sweep, TFLOP/s (C={C}, M={M})", ["tiles (light / heavy)", "forward", "forward+backward"], rows)
+        finally:
+            module._tiles = original
+    print_table(f"FFN tile sweep, TFLOP/s (C={C}, M={M})", ["tiles (changes to the table)", "forward", "forward+backward"], rows)
 
 
 def main() -> None:

@@ -10,10 +10,15 @@ what eager PyTorch runs as separate passes over the M x 4C hidden tensor:
   forward   h    = gelu(x @ Wfc^T + bfc)        bias + GELU in registers (pre-activation
                                                  stored beside h when a backward will follow)
             y    = h @ Wproj^T + bproj
-  backward  dpre = (dy @ Wproj) * gelu'(pre)     GELU derivative in the epilogue
-            dWproj = dy^T @ h,  dbproj = sum dy  bias gradient summed from the A tiles the
-            dWfc   = dpre^T @ x, dbfc = sum dpre   weight-gradient kernel loads anyway
+  backward  dpre = (dy @ Wproj) * gelu'(pre)     GELU derivative in the epilogue, which
+            dbfc = sum dpre                     also sums each tile's columns
+            dWproj = dy^T @ h,  dWfc = dpre^T @ x
             dx   = dpre @ Wfc
+            dbproj = sum dy                     torch, in fp32: one read of dy
+
+The main loop is the same plain loop in every kernel: bias gradients come from the
+epilogue (dbfc) or from torch (dbproj), never from extra work inside the loop, which in
+earlier versions made the weight-gradient kernels' first column of programs the slowest.
 
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
@@ -48,8 +53,7 @@ def _gelu_parts(x):
 
 
 @triton.jit
-def _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ROW_SUM: tl.constexpr):
+def _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     rk = tl.arange(0, BLOCK_K)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         # Only K is masked: rows and columns wrap around (see the kernel), so the common
@@ -57,27 +61,26 @@ def _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
         k_ok = rk < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if ROW_SUM:
-            rsum += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc, rsum
+    return acc
 
 
 @triton.jit
 def _matmul_kernel(
-    A, B, Out, Bias, Aux, RowSum,
+    A, B, Out, Bias, Aux, ColSum,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Out = epilogue(A @ B + Bias); A (M, K), B (K, N), any strides; fp32 accumulation.
 
     EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
-    gelu'(Aux).  ROW_SUM: RowSum (M,) fp32 = A summed over K, written by the column-0 programs.
+    gelu'(Aux).  COL_SUM: ColSum (cdiv(M, BLOCK_M), N) fp32 = Out's columns summed over
+    each row tile (before rounding to Out's dtype).
     """
     # Grouped ordering: GROUP_M row tiles sweep the columns together, so the B tiles they
     # share are still in L2 when the next row tile needs them.
@@ -100,19 +103,7 @@ def _matmul_kernel(
     b_ptrs = B + rk[:, None] * stride_bk + bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if ROW_SUM:
-        # Only the first column of programs pays for the sum; the others run the plain loop.
-        if pid_n == 0:
-            acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
-                                  BLOCK_K, PRECISION, True)
-            tl.store(RowSum + rm, rsum, mask=rm < M)
-        else:
-            acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
-                                  BLOCK_K, PRECISION, False)
-    else:
-        acc, rsum = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, rsum,
-                              BLOCK_K, PRECISION, False)
+    acc = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, BLOCK_K, PRECISION)
 
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     om = rm.to(tl.int64)[:, None]
@@ -130,6 +121,10 @@ def _matmul_kernel(
         u, s = _gelu_parts(pre)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * pre * pre)
         acc = acc * (s + pre * s * (1.0 - s) * 2.0 * du)
+    if COL_SUM:
+        # Wrapped rows repeat real ones: they must not count twice.
+        sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
+        tl.store(ColSum + pid_m.to(tl.int64) * N + rn, sums, mask=rn < N)
     tl.store(Out + om * stride_om + on * stride_on, acc.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -140,20 +135,27 @@ class _Tiles(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas's cap, e.g. 128 for two 8-warp programs per SM
 
 
-# 16-bit tile tables, keyed by (capability major, epilogue or row sums?).
+# The kinds of product, which take different tiles.
+_PLAIN, _EPILOGUE, _WEIGHT_GRAD = "plain", "epilogue", "weight_grad"
+
+# 16-bit tile tables, keyed by (capability major, kind).
 # Hopper: 128 x 256 tiles over two warpgroups (wgmma) with three stages of 64-deep K tiles,
-# the Triton matmul tutorial's best H100 shape, for the plain matmuls; the GELU and row-sum
-# kernels hold a second fp32 tile or a second main loop, and take 128 x 128. On an H200
-# (Triton 3.6) 128 x 256 for those ran 5% faster but gave wrong weight gradients at
-# C = 768 and 1024 (test_ffn_gpu), so they stay at the shape verified there.
+# the Triton matmul tutorial's best H100 shape, for the plain matmuls (y, dx); the GELU
+# epilogues hold a second fp32 tile and take 128 x 128, as do the weight gradients, whose
+# outputs are small (C x 4C: 144 tiles of 128 x 128 at C = 768 on 132 SMs). On an H200
+# (Triton 3.6) 128 x 256 weight-gradient kernels, then with the bias sums in their main
+# loop, gave wrong results at C = 768 and 1024, so they stay at the shape verified there.
 # sm8x: the tutorial's A100 shapes, 8 warps where the epilogue holds a second fp32 tile.
-_TILES: dict[tuple[int, bool], _Tiles] = {
-    (9, False): _Tiles(128, 256, 64, 8, 8, 3),
-    (9, True): _Tiles(128, 128, 64, 8, 8, 3),
-    (8, False): _Tiles(128, 128, 32, 8, 4, 4),
-    (8, True): _Tiles(128, 128, 32, 8, 8, 3),
+_TILES: dict[tuple[int, str], _Tiles] = {
+    (9, _PLAIN): _Tiles(128, 256, 64, 8, 8, 3),
+    (9, _EPILOGUE): _Tiles(128, 128, 64, 8, 8, 3),
+    (9, _WEIGHT_GRAD): _Tiles(128, 128, 64, 8, 8, 3),
+    (8, _PLAIN): _Tiles(128, 128, 32, 8, 4, 4),
+    (8, _EPILOGUE): _Tiles(128, 128, 32, 8, 8, 3),
+    (8, _WEIGHT_GRAD): _Tiles(128, 128, 32, 8, 4, 4),
 }
 _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
 # The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
@@ -161,14 +163,14 @@ _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
 _INTERPRETER = _Tiles(32, 64, 16, 2, 4, 1)
 
 
-def _tiles(t: Tensor, heavy: bool) -> _Tiles:
+def _tiles(t: Tensor, kind: str) -> _Tiles:
     capability = device_capability(t.device.index or 0) if t.is_cuda else (0, 0)
     if capability == (0, 0):
         return _INTERPRETER
     if t.dtype == torch.float32:
         return _FP32
     major = 9 if capability[0] == 9 else 8
-    return _TILES[(major, heavy)]
+    return _TILES[(major, kind)]
 
 
 def _matmul(
@@ -177,30 +179,32 @@ def _matmul(
     bias: Tensor | None = None,
     epilogue: int = _NONE,
     aux: Tensor | None = None,
-    row_sum: bool = False,
+    col_sums: bool = False,
+    kind: str = _PLAIN,
 ) -> tuple[Tensor, Tensor | None]:
-    """epilogue(a @ b + bias) as a new contiguous (M, N) tensor, and a's fp32 row sums if asked."""
+    """epilogue(a @ b + bias) as a new contiguous (M, N) tensor, and its fp32 column sums if asked."""
     M, K = a.shape
     N = b.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    sums = torch.zeros(M, dtype=torch.float32, device=a.device) if row_sum else None
     if M == 0 or N == 0:
-        return out, sums
-    t = _tiles(a, epilogue != _NONE or row_sum)
-    grid = (cdiv(M, t.block_m) * cdiv(N, t.block_n),)
+        return out, torch.zeros(N, dtype=torch.float32, device=a.device) if col_sums else None
+    t = _tiles(a, _EPILOGUE if epilogue != _NONE else kind)
+    row_tiles = cdiv(M, t.block_m)
+    partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None
     aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
-    _matmul_kernel[grid](
-        a, b, out, out if bias is None else bias, aux_arg, out if sums is None else sums,
+    _matmul_kernel[(row_tiles * cdiv(N, t.block_n),)](
+        a, b, out, out if bias is None else bias, aux_arg, out if partial is None else partial,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         aux_arg.stride(0), aux_arg.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_PRE=aux is not None and epilogue == _GELU,
         # tl.dot would round fp32 inputs to tf32; 16-bit inputs take the backend's default.
-        ROW_SUM=row_sum, PRECISION="ieee" if a.dtype == torch.float32 else None,
+        COL_SUM=col_sums, PRECISION="ieee" if a.dtype == torch.float32 else None,
         num_warps=t.num_warps, num_stages=t.num_stages,
+        **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )
-    return out, sums
+    return out, None if partial is None else partial.sum(0)
 
 
 def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None) -> None:
@@ -252,19 +256,19 @@ class FFNFunction(torch.autograd.Function):
         if pre is None:  # recompute_pre: one more matmul instead of the stored tensor
             pre, _ = _matmul(x2, fc_weight.t(), fc_bias)
         dx = dwfc = dbfc = dwproj = dbproj = None
-        if need_wproj or need_bproj:
-            dwproj, dbproj = _matmul(dy2.t(), h, row_sum=need_bproj)
+        if need_bproj:
+            dbproj = dy2.sum(0, dtype=torch.float32).to(proj_weight.dtype)
+        if need_wproj:
+            dwproj, _ = _matmul(dy2.t(), h, kind=_WEIGHT_GRAD)
         if need_x or need_wfc or need_bfc:
-            dpre, _ = _matmul(dy2, proj_weight, epilogue=_GELU_GRAD, aux=pre)
-            if need_wfc or need_bfc:
-                dwfc, dbfc = _matmul(dpre.t(), x2, row_sum=need_bfc)
+            dpre, dbfc = _matmul(dy2, proj_weight, epilogue=_GELU_GRAD, aux=pre, col_sums=need_bfc)
+            if need_wfc:
+                dwfc, _ = _matmul(dpre.t(), x2, kind=_WEIGHT_GRAD)
             if need_x:
                 dx, _ = _matmul(dpre, fc_weight)
                 dx = dx.view(*dy.shape[:-1], x2.shape[1])
         if dbfc is not None:
             dbfc = dbfc.to(fc_bias.dtype)
-        if dbproj is not None:
-            dbproj = dbproj.to(proj_weight.dtype)
         return dx, dwfc, dbfc, dwproj, dbproj, None
 
 

@@ -120,8 +120,8 @@ def test_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
 
 
 def _gpu_tiles(capability):
-    def tiles(t, heavy):
-        return ffn_module._TILES[(capability[0], heavy)]
+    def tiles(t, kind):
+        return ffn_module._TILES[(capability[0], kind)]
     return tiles
 
 
