@@ -134,7 +134,7 @@ SWEEP = {
 }
 
 
-def sweep(C: int, M: int, dtype: torch.dtype) -> None:
+def sweep(C: int, M: int, dtype: torch.dtype, device: str = "cuda") -> None:
     """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py);
     time_providers checks every gradient before it times."""
     module = importlib.import_module("kernels.ffn")
@@ -144,7 +144,7 @@ def sweep(C: int, M: int, dtype: torch.dtype) -> None:
         overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
         module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
         try:
-            f, b = time_providers({"triton": ffn}, M, C, dtype, "cuda", 1e12)
+            f, b = time_providers({"triton": ffn}, M, C, dtype, device, 1e12)
             rows.append([name, f["triton"], b["triton"]])
         except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
             rows.append([name, None, None])
@@ -160,8 +160,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type (default bf16)")
     parser.add_argument("--widths", type=int, nargs="+", default=[768, 1024, 1600, 4096], help="model widths C")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
-    parser.add_argument("--sweep", type=int, metavar="C", nargs="?", const=1024, help="time alternative tile tables at width C instead")
+    parser.add_argument("--sweep", type=int, metavar="C", nargs="?", const=1024, help="time alternative tile tables at width C instead (with --smoke: on CPU)")
     args = parser.parse_args()
+    if args.smoke and args.sweep:
+        sweep(16, 40, torch.float32, "cpu")
+        return
     if args.smoke:
         run([16, 32], {16: 40, 32: 40}, torch.float32, "cpu", use_compile=False, plot_suffix="_smoke")
         return
