@@ -118,11 +118,13 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap]. Two programs per SM let one's epilogue overlap the
+# warps, stages[, register cap, persistent programs per SM]. Two programs per SM let one's epilogue overlap the
 # other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones capped at 128 registers (the
 # GELU kernels need 134-146 uncapped, and spill 24-44 bytes capped, compiled for sm90).
 SWEEP = {
     "table": None,
+    "forward persistent": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 3, None, 1)),
+    "forward persistent, GELU 2/SM": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 3, 128, 2)),
     "epilogue 128 registers": dict(epilogue=(128, 128, 64, 8, 8, 3, 128)),
     "128x128 w4 everywhere": dict(plain=(128, 128, 64, 8, 4, 3), epilogue=(128, 128, 64, 8, 4, 3), weight_grad=(128, 128, 64, 8, 4, 3)),
     "epilogue 128x128 w4": dict(epilogue=(128, 128, 64, 8, 4, 3)),

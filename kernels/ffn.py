@@ -26,6 +26,7 @@ times both; saving is the default (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -53,58 +54,62 @@ def _gelu_parts(x):
 
 
 @triton.jit
-def _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row tiles sweep the columns together, so the B tiles they
+    # share are still in L2 when the next row tile needs them.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // pids_per_group) * GROUP_M
+    group_size = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % pids_per_group) % group_size
+    pid_n = (tile % pids_per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 tile (pid_m, pid_n) of A @ B.
+
+    ALIGNED: M and N are multiples of 16, so wrapped indices still come in aligned runs of
+    16 -- said explicitly, because the persistent kernel's flattened loop carries the
+    tile's indices from step to step and the compiler no longer sees it; without it the
+    loads along M or N (transposed operands, row-major weights) are neither vectorised
+    nor pipelined there.
+    """
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    # Wrapped indices stay in bounds; the rows and columns they duplicate are never stored,
+    # and only K is masked, so the common loads are unpredicated.
+    am = rm % M
+    bn = rn % N
+    if ALIGNED:
+        am = tl.max_contiguous(tl.multiple_of(am, 16), 16)
+        bn = tl.max_contiguous(tl.multiple_of(bn, 16), 16)
+    am = am.to(tl.int64)
+    bn = bn.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        # Only K is masked: rows and columns wrap around (see the kernel), so the common
-        # loads are unpredicated.
-        k_ok = rk < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        # Pointers from k, not incremented: the persistent kernel's flattened loop
+        # (tl.range flatten) wants no loop-carried pointers between tiles.
+        kk = k * BLOCK_K + rk
+        k_ok = kk < K
+        a = tl.load(A + am[:, None] * stride_am + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        b = tl.load(B + kk[:, None] * stride_bk + bn[None, :] * stride_bn, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
 @triton.jit
-def _matmul_kernel(
-    A, B, Out, Bias, Aux, ColSum,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Out = epilogue(A @ B + Bias); A (M, K), B (K, N), any strides; fp32 accumulation.
-
-    EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
-    gelu'(Aux).  COL_SUM: ColSum (cdiv(M, BLOCK_M), N) fp32 = Out's columns summed over
-    each row tile (before rounding to Out's dtype).
-    """
-    # Grouped ordering: GROUP_M row tiles sweep the columns together, so the B tiles they
-    # share are still in L2 when the next row tile needs them.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size
-    pid_n = (pid % pids_per_group) // group_size
-
+def _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N,
+              stride_om, stride_on, stride_xm, stride_xn,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr):
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    # Wrapped indices stay in bounds; the rows and columns they duplicate are never stored.
-    am = (rm % M).to(tl.int64)
-    bn = (rn % N).to(tl.int64)
-    a_ptrs = A + am[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = B + rk[:, None] * stride_bk + bn[None, :] * stride_bn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mainloop(a_ptrs, b_ptrs, stride_ak, stride_bk, K, acc, BLOCK_K, PRECISION)
-
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     om = rm.to(tl.int64)[:, None]
     on = rn.to(tl.int64)[None, :]
@@ -128,6 +133,58 @@ def _matmul_kernel(
     tl.store(Out + om * stride_om + on * stride_on, acc.to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _matmul_kernel(
+    A, B, Out, Bias, Aux, ColSum,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+    ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Out = epilogue(A @ B + Bias), one output tile per program; A (M, K), B (K, N), any
+    strides; fp32 accumulation.
+
+    EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
+    gelu'(Aux).  COL_SUM: ColSum (cdiv(M, BLOCK_M), N) fp32 = Out's columns summed over
+    each row tile (before rounding to Out's dtype).
+    """
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                        BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+    _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
+              BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+
+
+@triton.jit
+def _matmul_persistent_kernel(
+    A, B, Out, Bias, Aux, ColSum,
+    M, N, K, num_programs,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+    ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """_matmul_kernel with num_programs programs that each walk tiles num_programs apart.
+
+    The tile loop is flattened into the K loop (the Triton persistent-matmul tutorial's
+    schedule), so the pipeliner loads the next tile's first K steps during this tile's
+    epilogue instead of leaving the tensor cores idle through it.
+    """
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    start = tl.program_id(0)
+    # The epilogue's own tile counter, so that it does not depend on the prologue's.
+    tile_out = start - num_programs
+    for tile in tl.range(start, tiles, num_programs, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                            BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+        tile_out += num_programs
+        pid_m, pid_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
+                  BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+
+
 class _Tiles(NamedTuple):
     block_m: int
     block_n: int
@@ -136,6 +193,7 @@ class _Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     max_registers: int | None = None  # ptxas's cap, e.g. 128 for two 8-warp programs per SM
+    persistent: int = 0  # programs per SM of the persistent kernel (K-contiguous products); 0: one per tile
 
 
 # The kinds of product, which take different tiles.
@@ -173,6 +231,11 @@ def _tiles(t: Tensor, kind: str) -> _Tiles:
     return _TILES[(major, kind)]
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _matmul(
     a: Tensor,
     b: Tensor,
@@ -190,17 +253,27 @@ def _matmul(
         return out, torch.zeros(N, dtype=torch.float32, device=a.device) if col_sums else None
     t = _tiles(a, _EPILOGUE if epilogue != _NONE else kind)
     row_tiles = cdiv(M, t.block_m)
+    tiles = row_tiles * cdiv(N, t.block_n)
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None
     aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
-    _matmul_kernel[(row_tiles * cdiv(N, t.block_n),)](
-        a, b, out, out if bias is None else bias, aux_arg, out if partial is None else partial,
-        M, N, K,
+    args = (a, b, out, out if bias is None else bias, aux_arg, out if partial is None else partial, M, N, K)
+    # The persistent kernel's flattened loop is pipelined only when both operands are
+    # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
+    # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
+    if t.persistent and a.stride(1) == 1 and b.stride(0) == 1:
+        programs = min(tiles, t.persistent * (_sm_count(a.device.index or 0) if a.is_cuda else 2))
+        kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
+    else:
+        kernel, grid = _matmul_kernel, (tiles,)
+    kernel[grid](
+        *args,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         aux_arg.stride(0), aux_arg.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_PRE=aux is not None and epilogue == _GELU,
         # tl.dot would round fp32 inputs to tf32; 16-bit inputs take the backend's default.
-        COL_SUM=col_sums, PRECISION="ieee" if a.dtype == torch.float32 else None,
+        COL_SUM=col_sums, ALIGNED=M % 16 == 0 and N % 16 == 0,
+        PRECISION="ieee" if a.dtype == torch.float32 else None,
         num_warps=t.num_warps, num_stages=t.num_stages,
         **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )

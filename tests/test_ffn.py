@@ -119,6 +119,33 @@ def test_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
     _check(x, lambda t: t, _weights(48, 280, torch.float16, device), torch.float16, 2e-3, 2e-3)
 
 
+def test_persistent_kernel_in_interpreter(monkeypatch, device):
+    """The persistent schedule (programs walking tiles, flattened loop) gives the same
+    results; it runs the products contiguous along K, the others keep one tile a program."""
+    if device == "cuda":
+        pytest.skip("the GPU tables do not use it yet; bench_ffn --sweep times it")
+    calls = []
+    kernel = ffn_module._matmul_persistent_kernel
+    monkeypatch.setattr(ffn_module, "_matmul_persistent_kernel", _Recorder(kernel, calls))
+    tiles = ffn_module._INTERPRETER._replace(persistent=1)
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device)  # 10 x 5 tiles of 32 x 64 on 2 programs: ragged
+    _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
+    assert len(calls) == 2  # forward: x @ Wfc^T and h @ Wproj^T
+
+
+class _Recorder:
+    """A kernel that records its launches and runs them."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 def _gpu_tiles(capability):
     def tiles(t, kind):
         return ffn_module._TILES[(capability[0], kind)]
