@@ -3,6 +3,7 @@
     python -m bench.bench_ffn            # bf16 on the GPU, GPT-2 widths, 16384 tokens (8192 at C=4096)
     python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_ffn --sweep    # time alternative tile tables at one width
+    python -m bench.bench_ffn --few-rows # a decode step's FFN: 1 to 64 rows, forward, microseconds
 
 The block is linear(C -> 4C) -> GELU(tanh) -> linear(4C -> C), with biases. TFLOP/s count
 the matmuls only: forward 2 * 2*M*C*4C = 16*M*C^2, backward twice that, so
@@ -157,6 +158,24 @@ def sweep(C: int, M: int, dtype: torch.dtype, device: str = "cuda") -> None:
     print_table(f"FFN tile sweep, TFLOP/s (C={C}, M={M})", ["tiles (changes to the table)", "forward", "forward+backward"], rows)
 
 
+def few_rows(widths: list[int], rows: list[int], dtype: torch.dtype, device: str) -> None:
+    """Forward time of the FFN at generation's row counts, Triton (16-row tiles, bias and
+    GELU in the epilogue) against torch eager (cuBLAS, which at one row adds a bias copy
+    to each matmul, then a separate GELU): what gpt/ops.py's FFN_MIN_ROWS should be."""
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    table = []
+    for C in widths:
+        for M in rows:
+            args = [t.detach() for t in inputs(M, C, dtype, device)]
+            with torch.no_grad():
+                torch.testing.assert_close(ffn(*args), reference.ffn(*args), **tol)
+                ours = bench(lambda: ffn(*args)) * 1e3
+                theirs = bench(lambda: reference.ffn(*args)) * 1e3
+            table.append([C, M, ours, theirs, theirs / ours])
+    dt = str(dtype).removeprefix("torch.")
+    print_table(f"GPT MLP forward at few rows, microseconds ({dt})", ["C", "rows", "triton", "torch", "torch / triton"], table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU through the Triton interpreter, to check the script runs")
@@ -164,7 +183,16 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[768, 1024, 1600, 4096], help="model widths C")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
     parser.add_argument("--sweep", type=int, metavar="C", nargs="?", const=1024, help="time alternative tile tables at width C instead (with --smoke: on CPU)")
+    parser.add_argument("--few-rows", action="store_true", help="time a decode step's FFN (1 to 64 rows) instead (with --smoke: on CPU)")
     args = parser.parse_args()
+    if args.few_rows:
+        if args.smoke:
+            few_rows([16], [1, 5], torch.float32, "cpu")
+        elif torch.cuda.is_available():
+            few_rows([768, 1024], [1, 8, 32, 64], DTYPES[args.dtype], "cuda")
+        else:
+            parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke --few-rows to check the script on CPU\n")
+        return
     if args.smoke and args.sweep:
         sweep(16, 40, torch.float32, "cpu")
         return

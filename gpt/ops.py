@@ -15,8 +15,9 @@ from torch import Tensor
 from kernels import reference
 
 
-# Below this many rows (tokens) "auto" runs the FFN on cuBLAS: the Triton FFN's tiles are
-# 128 rows tall (bench/RESULTS.md, generation).
+# Below this many rows (tokens) "auto" runs the FFN on cuBLAS: measured faster for decode
+# when the Triton FFN's tiles were 128 rows tall (bench/RESULTS.md, generation). Its 16-row
+# tiles for at most 64 rows are not measured yet: `bench_ffn --few-rows` decides this.
 FFN_MIN_ROWS = 256
 
 
@@ -64,8 +65,7 @@ def ffn(
 ) -> Tensor:
     impl = backend(x, mode)
     if mode == "auto" and x.numel() < FFN_MIN_ROWS * x.shape[-1]:
-        # A decode step's few rows leave a 128-row tile nearly empty and the grid a handful
-        # of programs; cuBLAS's GEMV-like kernels stream the weights at full bandwidth.
+        # cuBLAS's GEMV-like kernels stream the weights at full bandwidth (see FFN_MIN_ROWS).
         impl = reference
     if impl is not reference and torch.is_autocast_enabled(x.device.type):
         # Autocast does not reach into Triton kernels: cast as F.linear would under autocast.

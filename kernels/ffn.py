@@ -197,7 +197,9 @@ class _Tiles(NamedTuple):
 
 
 # The kinds of product, which take different tiles.
-_PLAIN, _EPILOGUE, _WEIGHT_GRAD = "plain", "epilogue", "weight_grad"
+_PLAIN, _EPILOGUE, _WEIGHT_GRAD, _FEW_ROWS = "plain", "epilogue", "weight_grad", "few_rows"
+# Products with at most this many rows (a decode step's tokens) take _FEW_ROWS tiles.
+_FEW_ROWS_MAX = 64
 
 # 16-bit tile tables, keyed by (capability major, kind).
 # Hopper: 128 x 256 tiles over two warpgroups (wgmma) with three stages of 64-deep K tiles,
@@ -207,7 +209,13 @@ _PLAIN, _EPILOGUE, _WEIGHT_GRAD = "plain", "epilogue", "weight_grad"
 # (Triton 3.6) 128 x 256 weight-gradient kernels, then with the bias sums in their main
 # loop, gave wrong results at C = 768 and 1024, so they stay at the shape verified there.
 # sm8x: the tutorial's A100 shapes, 8 warps where the epilogue holds a second fp32 tile.
+# Few rows (generation): the product streams the weights once, so the tiles are as short
+# as tl.dot allows (16 rows) and narrow (16 columns), for enough programs to keep every SM
+# loading -- 192 for the 3072-wide fc weight, 48 for the 768-wide proj -- with 256-deep K
+# steps four stages deep (64 KiB in flight per program).
 _TILES: dict[tuple[int, str], _Tiles] = {
+    (9, _FEW_ROWS): _Tiles(16, 16, 256, 4, 4, 4),
+    (8, _FEW_ROWS): _Tiles(16, 16, 256, 4, 4, 4),
     (9, _PLAIN): _Tiles(128, 256, 64, 8, 8, 3),
     (9, _EPILOGUE): _Tiles(128, 128, 64, 8, 8, 3),
     (9, _WEIGHT_GRAD): _Tiles(128, 128, 64, 8, 8, 3),
@@ -251,7 +259,11 @@ def _matmul(
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if M == 0 or N == 0:
         return out, torch.zeros(N, dtype=torch.float32, device=a.device) if col_sums else None
-    t = _tiles(a, _EPILOGUE if epilogue != _NONE else kind)
+    if M <= _FEW_ROWS_MAX:
+        kind = _FEW_ROWS
+    elif epilogue != _NONE:
+        kind = _EPILOGUE
+    t = _tiles(a, kind)
     row_tiles = cdiv(M, t.block_m)
     tiles = row_tiles * cdiv(N, t.block_n)
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None

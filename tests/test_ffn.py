@@ -106,16 +106,18 @@ def test_empty_input(device):
     assert not fc_w.grad.any() and not proj_b.grad.any()
 
 
+@pytest.mark.parametrize("rows", [300, 5], ids=["many-rows", "few-rows"])
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
-def test_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
-    """The tiles the GPU tables launch (128 x 256, grouped ordering over several row tiles)
-    compute the right thing through the interpreter, in fp16, on ragged shapes."""
+def test_gpu_tile_shapes_in_interpreter(capability, rows, monkeypatch, device):
+    """The tiles the GPU tables launch (128 x 256, grouped ordering over several row tiles;
+    16-row tiles for a decode step's few rows) compute the right thing through the
+    interpreter, in fp16, on ragged shapes."""
     if device == "cuda":
         pytest.skip("the GPU runs its own table in the other tests")
     monkeypatch.setattr(ffn_module, "device_capability", lambda index=0: capability)
     monkeypatch.setattr(ffn_module, "_tiles", _gpu_tiles(capability))
     torch.manual_seed(0)
-    x = torch.randn(300, 48, device=device).half()
+    x = torch.randn(rows, 48, device=device).half()
     _check(x, lambda t: t, _weights(48, 280, torch.float16, device), torch.float16, 2e-3, 2e-3)
 
 
