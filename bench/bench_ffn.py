@@ -119,9 +119,10 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap, persistent programs per SM]. Two programs per SM let one's epilogue overlap the
-# other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones capped at 128 registers (the
-# GELU kernels need 134-146 uncapped, and spill 24-44 bytes capped, compiled for sm90).
+# warps, stages[, register cap, persistent programs per SM]. Two programs per SM let one's
+# epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones capped at
+# 128 registers (the GELU kernels need 134-149 uncapped and spill 24-44 bytes capped,
+# compiled for sm90); the persistent kernel overlaps them within one program.
 SWEEP = {
     "table": None,
     "forward persistent": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 3, None, 1)),

@@ -7,7 +7,12 @@
 #
 #   bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS] [STEP...]
 #
-# With STEP names given, only those steps run (names as printed in the log).
+# With STEP names given, only those steps run (names as printed in the log). The step
+# limits add up to ~18 minutes and a device command may run 10: a session splits them, e.g.
+#   bash bench/gpu_check.sh "$OUT" 560 gpu-tests kernel-tests-on-cuda bench-ffn ffn-few-rows \
+#       bench-attention bench-layer-norm
+#   bash bench/gpu_check.sh "$OUT" 560 bench-sample profile-sample bench-train train-triton \
+#       train-torch ln-sweep ffn-sweep attention-sweep
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 set -u
