@@ -35,6 +35,8 @@ from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_SPLITS = 64
+# K and V tiles in flight per program (shared memory: 2 x BLOCK_N x D x 2 bytes = 16 KiB a stage).
+_STAGES = 3
 
 
 @triton.jit
@@ -49,6 +51,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_NEW: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,7 +84,9 @@ def _decode_split_kernel(
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    # Pipelined: a plain loop whose loads feed no tl.dot is not, and a batch-32 step walks
+    # chunks of several tiles per program.
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         rows = offs_n.to(tl.int64)[:, None]
@@ -225,7 +230,7 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
         q, k_cache, v_cache, k_new, v_new, seq_lens, m, l, acc,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
         H, S, chunk, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, num_warps=num_warps,
+        HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, STAGES=_STAGES, num_warps=num_warps,
     )
     _decode_combine_kernel[(B * H,)](
         m, l, acc, seq_lens, out, *out.stride(), H, S, chunk,

@@ -1,0 +1,63 @@
+"""What the GPU would run, checked on any machine: every kernel configuration the tables
+launch on Hopper is compiled for sm90 (tests/codegen.py, with Triton's own ptxas) and must
+not spill, must keep its loops pipelined, and must fit the occupancy the launchers assume.
+These catch, without a GPU, the regressions that the interpreter cannot see."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024  # Hopper
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, dict]:
+    if not os.path.exists(PTXAS):
+        pytest.skip(f"Triton's ptxas is not installed at {PTXAS}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(HERE, "codegen.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _programs_per_sm(case: dict) -> int:
+    return REGISTERS_PER_SM // (case["registers"] * 32 * case["num_warps"])
+
+
+def test_no_configuration_spills(cases):
+    spilling = {name: c["spill_bytes"] for name, c in cases.items() if c["spill_bytes"]}
+    assert not spilling, f"register spills (bytes): {spilling}"
+
+
+def test_loops_are_pipelined(cases):
+    """Every kernel that walks a loop of tiles has its loads in flight ahead of use; the
+    LayerNorm forward (one tile a program) is the only one without a loop."""
+    flat = {name: c for name, c in cases.items() if c["cp_async"] == 0 and not name.startswith("layer_norm fwd")}
+    assert not flat, f"no cp.async (loads not pipelined): {sorted(flat)}"
+
+
+def test_layer_norm_backward_occupancy(cases):
+    """The backward launches two 8-warp programs per SM (kernels/layer_norm.py,
+    _programs_per_sm); registers must leave room for both."""
+    import importlib
+
+    layer_norm = importlib.import_module("kernels.layer_norm")
+    for name, c in cases.items():
+        if name.startswith("layer_norm bwd"):
+            wanted = layer_norm._programs_per_sm(c["num_warps"])
+            assert _programs_per_sm(c) >= wanted, (name, c)
+            assert c["shared"] * wanted <= SHARED_PER_SM, (name, c)
+
+
+def test_ffn_weight_gradients_fit_two_programs_per_sm(cases):
+    """Without bias sums in their main loop the weight-gradient kernels fit two programs per
+    SM, one's epilogue overlapping the other's main loop (kernels/ffn.py)."""
+    for name in ("ffn bwd dWproj", "ffn bwd dWfc"):
+        assert _programs_per_sm(cases[name]) >= 2, (name, cases[name])
