@@ -5,7 +5,8 @@
     python -m bench.bench_sample --profile                # where a decode step's time goes
 
 Random weights (throughput does not depend on them). Rows: our fast path (KV
-cache + CUDA graph), torch.compile(mode="reduce-overhead") of the decode step on the
+cache + CUDA graph), the same with the FFN on our Triton kernel instead of cuBLAS (the
+candidate for gpt/ops.py's FFN_MIN_ROWS), torch.compile(mode="reduce-overhead") of the decode step on the
 torch reference ops (Inductor writes its own kernels), our plain KV-cache
 path, the no-cache loop nanoGPT's generate() uses, and Hugging Face transformers'
 GPT-2 generate() when it is installed.
@@ -19,7 +20,7 @@ import time
 import torch
 
 from bench.common import print_table
-from gpt import GPT, preset
+from gpt import GPT, ops, preset
 from gpt.generate import Decoder, generate, generate_uncached, sample_next
 from train import DTYPES
 
@@ -43,6 +44,17 @@ def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False
     go(8)  # warm-up (compilation, graph capture, allocator)
     ttft = timed(lambda: go(1), device)
     return ttft, timed(lambda: go(new_tokens), device)
+
+
+def with_triton_ffn(fn):
+    """Runs fn with the decode step's FFN on the Triton kernel (16-row tiles, bias and GELU
+    fused) instead of cuBLAS, where gpt/ops.py's FFN_MIN_ROWS sends it: the end-to-end
+    side of what `bench_ffn --few-rows` measures per call."""
+    saved, ops.FFN_MIN_ROWS = ops.FFN_MIN_ROWS, 0
+    try:
+        return fn()
+    finally:
+        ops.FFN_MIN_ROWS = saved
 
 
 def run_uncached(model, prompts, new_tokens, device) -> tuple[float, float]:
@@ -109,7 +121,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast compile cached uncached hf")
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-ffn compile cached uncached hf")
     p.add_argument("--profile", action="store_true", help="per-kernel time of a decode step instead of the table")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
@@ -128,6 +140,9 @@ def main() -> None:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens)).tolist()
         runs = {
             "ours: KV cache + CUDA graph": lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True),
+            "ours: KV cache + CUDA graph, FFN on Triton": lambda: with_triton_ffn(
+                lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True)
+            ),
             "ours: KV cache + torch.compile": lambda: run_ours(
                 copy.deepcopy(model).set_kernels("torch"), prompts, args.new_tokens, device, compile=True
             ),
@@ -135,10 +150,10 @@ def main() -> None:
             "no cache (nanoGPT-style loop)": lambda: run_uncached(model, prompts, args.new_tokens, device),
             "HF transformers generate": lambda: run_hf(cfg, prompts, args.new_tokens, device, dtype),
         }
-        keys = dict(zip(runs, ["fast", "compile", "cached", "uncached", "hf"]))
+        keys = dict(zip(runs, ["fast", "fast-ffn", "compile", "cached", "uncached", "hf"]))
         baseline = None
         for name, fn in runs.items():
-            if keys[name] in args.skip or (not cuda and keys[name] == "fast"):
+            if keys[name] in args.skip or (not cuda and keys[name] in ("fast", "fast-ffn")):
                 continue
             try:
                 ttft, total = fn()

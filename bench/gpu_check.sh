@@ -55,7 +55,7 @@ step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
-step bench-sample 100 python3 -m bench.bench_sample
+step bench-sample 120 python3 -m bench.bench_sample
 step profile-sample 60 python3 -m bench.bench_sample --profile
 # The done-when of the kernel issues: training on the kernels follows the reference's curve.
 for k in triton torch; do
