@@ -1,5 +1,6 @@
-"""Compiles the kernels' GPU configurations for sm90 on any machine, GPU or not, and
-reports what the GPU would run: registers, spills, shared memory, pipelined copies.
+"""Compiles the kernels' GPU configurations for Hopper (sm90) and Ampere (sm80) on any
+machine, GPU or not, and reports what the GPU would run: registers, spills, shared memory,
+pipelined copies.
 
     python tests/codegen.py            # JSON, one entry per case (tests/test_codegen.py reads it)
 
@@ -28,11 +29,11 @@ attention, decode_attention, ffn, layer_norm = (
     importlib.import_module(f"kernels.{name}") for name in ("attention", "decode_attention", "ffn", "layer_norm")
 )
 
-TARGET = GPUTarget("cuda", 90, 32)
+ARCHS = (90, 80)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
+def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
                  unaligned: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 3) -> dict:
     """Compiles `kernel` with every pointer and integer 16-aligned except `unaligned`;
     integer arguments given in `constexprs` (strides of 1) are specialised like Triton does."""
@@ -46,12 +47,13 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
         if signature[name] != "fp32" and name not in unaligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+        info = subprocess.run([PTXAS, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
@@ -61,10 +63,11 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
         "shared": compiled.metadata.shared,
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "num_warps": num_warps,
+        "arch": arch,
     }
 
 
-def layer_norm_cases() -> dict[str, dict]:
+def layer_norm_cases(arch: int) -> dict[str, dict]:
     cases = {}
     for N in (768, 4096, 8192):
         cfg = layer_norm._settings(N, 2)
@@ -72,21 +75,21 @@ def layer_norm_cases() -> dict[str, dict]:
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True)
         cases[f"layer_norm fwd N={N}"] = compile_case(
-            layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True),
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True),
             floats=("eps",), unaligned=("M",), num_warps=cfg.num_warps)
         for dsum in (False, True):
             cases[f"layer_norm bwd N={N} dsum={dsum}"] = compile_case(
-                layer_norm._layer_norm_bwd_kernel, ptrs, blocks | dict(HAS_DSUM=dsum, STAGES=cfg.bwd_stages),
+                arch, layer_norm._layer_norm_bwd_kernel, ptrs, blocks | dict(HAS_DSUM=dsum, STAGES=cfg.bwd_stages),
                 unaligned=("M", "rows_per_program"), num_warps=cfg.num_warps)
     return cases
 
 
-def attention_cases() -> dict[str, dict]:
+def attention_cases(arch: int) -> dict[str, dict]:
     cases = {}
     ptrs = {n: "bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
     unaligned = ("H", "Tq", "Tk")
     for D in (64, 128):
-        cfg = attention._CONFIGS[(9, D)]
+        cfg = attention._CONFIGS[(arch // 10, D)]
         common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False)),
@@ -94,13 +97,13 @@ def attention_cases() -> dict[str, dict]:
             ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {}),
         ):
             cases[f"attention {name} D={D}"] = compile_case(
-                kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
+                arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
                 floats=("scale", "qk_scale"), unaligned=unaligned,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
     return cases
 
 
-def ffn_cases() -> dict[str, dict]:
+def ffn_cases(arch: int) -> dict[str, dict]:
     """The six products of a GPT-2 (C = 768) layer's FFN, forward and backward, with the
     strides they run with (nn.Linear weights, transposed views), and two decode products."""
     C, H = 768, 3072
@@ -119,7 +122,7 @@ def ffn_cases() -> dict[str, dict]:
     ptrs = {n: "bf16" for n in ("A", "B", "Out", "Bias", "Aux")} | {"ColSum": "fp32"}
     cases = {}
     for name, (kind, epilogue, (am, ak), (bk, bn), width) in products.items():
-        t = ffn._TILES[(9, kind)]
+        t = ffn._TILES[(arch // 10, kind)]
         strides = dict(stride_am=am, stride_ak=ak, stride_bk=bk, stride_bn=bn, stride_om=width,
                        stride_on=1, stride_xm=width, stride_xn=1)
         constexprs = {k: 1 for k, v in strides.items() if v == 1} | dict(
@@ -127,11 +130,11 @@ def ffn_cases() -> dict[str, dict]:
             HAS_BIAS=name.startswith(("fwd", "decode")), EPILOGUE=epilogue, STORE_PRE=name == "fwd fc+gelu",
             COL_SUM=epilogue == ffn._GELU_GRAD, ALIGNED=True, PRECISION=None)
         cases[f"ffn {name}"] = compile_case(
-            ffn._matmul_kernel, ptrs, constexprs, num_warps=t.num_warps, num_stages=t.num_stages)
+            arch, ffn._matmul_kernel, ptrs, constexprs, num_warps=t.num_warps, num_stages=t.num_stages)
     return cases
 
 
-def decode_attention_cases() -> dict[str, dict]:
+def decode_attention_cases(arch: int) -> dict[str, dict]:
     """The split kernel of a decode step over a contiguous cache (unit strides along D)."""
     ptrs = {n: "bf16" for n in ("Q", "K", "V", "K_NEW", "V_NEW")} | {"SEQ_LENS": "i64", "M": "fp32", "L": "fp32", "ACC": "fp32"}
     unit = {n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_knd", "stride_vnd")}
@@ -139,13 +142,16 @@ def decode_attention_cases() -> dict[str, dict]:
     for D in (64, 128):
         block_n = max(16, min(128, 4096 // D))  # as decode_attention._settings on a GPU
         cases[f"decode_attention split D={D}"] = compile_case(
-            decode_attention._decode_split_kernel, ptrs, unit | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES),
+            arch, decode_attention._decode_split_kernel, ptrs, unit | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES),
             floats=("qk_scale",), unaligned=("H", "S", "chunk"), num_warps=4)
     return cases
 
 
 def main() -> None:
-    cases = layer_norm_cases() | attention_cases() | ffn_cases() | decode_attention_cases()
+    cases = {}
+    for arch in ARCHS:
+        for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases):
+            cases |= {f"sm{arch} {name}": case for name, case in group(arch).items()}
     json.dump(cases, sys.stdout, indent=1)
 
 
