@@ -11,6 +11,11 @@ forward+backward counts both. M*N is held fixed (default 2^25: 64 MiB per bf16 t
 above an H100's 50 MiB L2) so each N is timed on the same amount of data; M = elements // N.
 "copy" is x.clone(), the same 2*M*N elements as the forward: "% of copy" is the forward's
 share of the bandwidth the device reaches on a plain copy.
+
+Times are device time, replayed from CUDA graphs (bench.common.bench_graph): at these
+sizes a kernel runs tens of microseconds, about what a Python launch path costs, and
+timing launches made the numbers swing 2-6x run to run. "triton launched" is the Triton
+forward timed the ordinary way (do_bench, host launch included), for that cost.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import PLOTS, bench, plot, print_table  # noqa: E402
+from bench.common import PLOTS, bench, bench_graph, plot, print_table  # noqa: E402
 from kernels.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 
 EPS = 1e-5
@@ -73,7 +78,7 @@ def gbps(elements: int, element_size: int, ms: float | None) -> float | None:
 def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_compile: bool, plot_suffix: str) -> None:
     ln, add = peers(use_compile, device == "cuda")
     esize = torch.tensor([], dtype=dtype).element_size()
-    fwd: dict[str, list] = {name: [] for name in [*ln, "copy"]}
+    fwd: dict[str, list] = {name: [] for name in [*ln, "copy", "triton launched"]}
     both: dict[str, list] = {name: [] for name in ln}
     add_fwd: dict[str, list] = {name: [] for name in add}
     add_both: dict[str, list] = {name: [] for name in add}
@@ -104,17 +109,18 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
                 fwd[name].append(None)
                 both[name].append(None)
                 continue
-            fwd[name].append(gbps(2 * M * N, esize, bench(lambda: fn(x, w, b, EPS))))
-            ms = bench(lambda: fn(x, w, b, EPS).backward(dy), grad_to_none=params)
+            fwd[name].append(gbps(2 * M * N, esize, bench_graph(lambda: fn(x, w, b, EPS))))
+            ms = bench_graph(lambda: fn(x, w, b, EPS).backward(dy), grad_to_none=params)
             both[name].append(gbps(5 * M * N, esize, ms))
-        fwd["copy"].append(gbps(2 * M * N, esize, bench(lambda: x.clone())))
+        fwd["copy"].append(gbps(2 * M * N, esize, bench_graph(lambda: x.clone())))
+        fwd["triton launched"].append(gbps(2 * M * N, esize, bench(lambda: layer_norm(x, w, b, EPS))))
         for name, fn in add.items():
             if fn is None:
                 add_fwd[name].append(None)
                 add_both[name].append(None)
                 continue
-            add_fwd[name].append(gbps(4 * M * N, esize, bench(lambda: fn(x, r, w, b, EPS))))
-            ms = bench(lambda: torch.autograd.backward(fn(x, r, w, b, EPS), [ds, dy]), grad_to_none=params)
+            add_fwd[name].append(gbps(4 * M * N, esize, bench_graph(lambda: fn(x, r, w, b, EPS))))
+            ms = bench_graph(lambda: torch.autograd.backward(fn(x, r, w, b, EPS), [ds, dy]), grad_to_none=params)
             add_both[name].append(gbps(8 * M * N, esize, ms))
 
     ratio = lambda a, c: None if a is None or c is None else a / c
@@ -183,8 +189,8 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
                     continue
                 for g, e in zip(got, expected):
                     torch.testing.assert_close(g.float(), e.float(), **tol)
-                fwd = gbps(2 * M * N, esize, bench(lambda: layer_norm(x, w, b, EPS)))
-                ms = bench(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
+                fwd = gbps(2 * M * N, esize, bench_graph(lambda: layer_norm(x, w, b, EPS)))
+                ms = bench_graph(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
                 rows.append([*label, fwd, gbps(5 * M * N, esize, ms)])
     finally:
         module._settings = original

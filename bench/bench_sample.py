@@ -93,7 +93,9 @@ def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -
             token = sample_next(decoder.step(token), 1.0, 200)
         sync(device)
     cuda = device == "cuda"
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    # On CUDA only the kernels themselves: the ops that launch them carry the same time.
+    kernel = lambda e: e.device_type == torch.autograd.DeviceType.CUDA if cuda else True
+    events = [e for e in prof.key_averages() if kernel(e) and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     us = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps
     events.sort(key=us, reverse=True)
     total = sum(us(e) for e in events)

@@ -29,6 +29,21 @@ def environment() -> str:
     )
 
 
+def bench_graph(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of fn's device work alone, replayed from a CUDA graph (triton's
+    do_bench_cudagraph); `bench` on CPU.
+
+    For kernels of tens of microseconds: there `bench` also times the host's launch path.
+    On the H200 (2026-11-26) the same LayerNorm forward read 506-3080 GB/s through
+    `bench` and 2909-3459 GB/s, repeatable to 0.3%, through this.
+    """
+    if not torch.cuda.is_available():
+        return bench(fn, grad_to_none)
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, grad_to_none=grad_to_none, return_mode="median")
+
+
 def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
     """Milliseconds per call: on CUDA the best of three medians of triton's do_bench (each
     over ~40 ms of calls, L2 flushed before every call), a wall-clock median on CPU.
