@@ -5,7 +5,8 @@
     python -m bench.bench_sample --profile                # where a decode step's time goes
 
 Random weights (throughput does not depend on them). Rows: our fast path (KV
-cache + CUDA graph), the same with the FFN on our Triton kernel instead of cuBLAS (the
+cache + CUDA graph, top-k sampling on kernels.sample inside the graph), the same drawing
+with torch's ops outside the graph (the fast path before kernels.sample), the same with the FFN on our Triton kernel instead of cuBLAS (the
 candidate for gpt/ops.py's FFN_MIN_ROWS), torch.compile(mode="reduce-overhead") of the decode step on the
 torch reference ops (Inductor writes its own kernels), our plain KV-cache
 path, the no-cache loop nanoGPT's generate() uses, and Hugging Face transformers'
@@ -21,7 +22,8 @@ import torch
 
 from bench.common import print_table
 from gpt import GPT, ops, preset
-from gpt.generate import Decoder, generate, generate_uncached, sample_next
+from gpt.generate import Decoder, generate, generate_uncached
+from kernels import reference
 from train import DTYPES
 
 
@@ -38,8 +40,10 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False) -> tuple[float, float]:
+def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False, torch_sampling=False) -> tuple[float, float]:
     decoder = Decoder(model, len(prompts), cuda_graph=cuda_graph, compile=compile)
+    if torch_sampling:  # draw with torch's ops outside the graph, as before kernels.sample
+        decoder.kernels = reference
     go = lambda n: generate(model, prompts, n, temperature=1.0, top_k=200, decoder=decoder, check_every=64)
     go(8)  # warm-up (compilation, graph capture, allocator)
     ttft = timed(lambda: go(1), device)
@@ -84,13 +88,16 @@ def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -
 
     prompts = torch.randint(0, model.config.vocab_size, (B, prompt_tokens)).tolist()
     decoder = Decoder(model, B)
-    token = sample_next(decoder.prefill(prompts), 1.0, 200)
+    decoder.reseed()
+    decoder.prefill(prompts)
     for _ in range(3):  # warm-up: compilation, allocator
-        token = sample_next(decoder.step(token), 1.0, 200)
+        decoder.draw(1.0, 200)
+        decoder.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            token = sample_next(decoder.step(token), 1.0, 200)
+            decoder.draw(1.0, 200)
+            decoder.step()
         sync(device)
     cuda = device == "cuda"
     # On CUDA only the kernels themselves: the ops that launch them carry the same time.
@@ -107,12 +114,14 @@ def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -
     )
     if cuda:
         graphed = Decoder(model, B, cuda_graph=True)
+        graphed.reseed()
         graphed.prefill(prompts)
+        step = lambda: (graphed.draw(1.0, 200), graphed.step())
         for _ in range(3):
-            graphed.step(token)
-        seconds = timed(lambda: [graphed.step(token) for _ in range(steps)], device)
-        print(f"batch {B}: CUDA-graph decode step {seconds / steps * 1e6:.0f} us (no sampling); "
-              f"its kernels above, sampling included, sum to {total:.0f} us")
+            step()
+        seconds = timed(lambda: [step() for _ in range(steps)], device)
+        print(f"batch {B}: CUDA-graph decode step with its draw {seconds / steps * 1e6:.0f} us; "
+              f"its kernels above sum to {total:.0f} us")
 
 
 def main() -> None:
@@ -123,7 +132,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-ffn compile cached uncached hf")
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-torch-sampling fast-ffn compile cached uncached hf")
     p.add_argument("--profile", action="store_true", help="per-kernel time of a decode step instead of the table")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
@@ -142,6 +151,9 @@ def main() -> None:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens)).tolist()
         runs = {
             "ours: KV cache + CUDA graph": lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True),
+            "ours: KV cache + CUDA graph, torch sampling": lambda: run_ours(
+                model, prompts, args.new_tokens, device, cuda_graph=True, torch_sampling=True
+            ),
             "ours: KV cache + CUDA graph, FFN on Triton": lambda: with_triton_ffn(
                 lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True)
             ),
@@ -152,10 +164,10 @@ def main() -> None:
             "no cache (nanoGPT-style loop)": lambda: run_uncached(model, prompts, args.new_tokens, device),
             "HF transformers generate": lambda: run_hf(cfg, prompts, args.new_tokens, device, dtype),
         }
-        keys = dict(zip(runs, ["fast", "fast-ffn", "compile", "cached", "uncached", "hf"]))
+        keys = dict(zip(runs, ["fast", "fast-torch-sampling", "fast-ffn", "compile", "cached", "uncached", "hf"]))
         baseline = None
         for name, fn in runs.items():
-            if keys[name] in args.skip or (not cuda and keys[name] in ("fast", "fast-ffn")):
+            if keys[name] in args.skip or (not cuda and keys[name].startswith("fast")):
                 continue
             try:
                 ttft, total = fn()

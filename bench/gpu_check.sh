@@ -47,9 +47,9 @@ step() {  # name seconds command...
 tail -n 3 "$log"
 
 step gpu-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu tests/test_ffn.py tests/test_model_kernels.py \
-    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_generate.py
+    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_generate.py tests/test_sampling.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
-    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py
+    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention

@@ -11,7 +11,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from gpt import ops
 from gpt.model import GPT, KVCache
+from kernels import reference
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -77,9 +79,15 @@ class Decoder:
     """A KV cache and the decode step that reads it, built once per (batch size, dtype) and reused.
 
     With cuda_graph=True the decode step (all layers, and the advance of every
-    sequence's length) is captured once and replayed: one launch per token. With
-    compile=True it goes through torch.compile(mode="reduce-overhead") instead, which
-    writes its own kernels: on CUDA the model must run on kernels="torch"
+    sequence's length) is captured once and replayed: one launch per token, and so is
+    the draw of the next token for each sampling setting met (temperature, top_k) when
+    it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
+    sampling in one Triton kernel, its random state on the device) wherever the model
+    runs on the Triton kernels. top_p < 1, and the torch reference path, draw with
+    torch's ops and the caller's generator, outside any graph.
+
+    With compile=True the step goes through torch.compile(mode="reduce-overhead") instead,
+    which writes its own kernels: on CUDA the model must run on kernels="torch"
     (model.set_kernels("torch") switches), since ours are opaque to torch.compile and
     would break the step into pieces.
     """
@@ -91,7 +99,13 @@ class Decoder:
         self.model = model
         self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
+        self.logits: Tensor | None = None  # the latest logits (B, V), what draw() samples from
+        self.kernels = ops.backend(p, model.config.kernels)
+        # kernels.sample's Philox key and per-sequence draw counters (see reseed).
+        self.seed = torch.zeros(1, dtype=torch.long, device=p.device)
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=p.device)
         self.graph = None
+        self.draw_graphs: dict[tuple[float, int | None], torch.cuda.CUDAGraph] = {}
         self.step_fn = torch.compile(self._step, mode="reduce-overhead") if compile else self._step
         if cuda_graph:
             self._capture()
@@ -112,8 +126,15 @@ class Decoder:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.graph_logits = self._step()
         self.cache.lengths.copy_(saved)
+
+    def reseed(self, generator: torch.Generator | None = None) -> None:
+        """Draws kernels.sample's key from generator (torch's default one when None) and
+        restarts the counters: the same generator state gives the same tokens."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        self.seed.copy_(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        self.offsets.zero_()
 
     def prefill(self, sequences: list[list[int]]) -> Tensor:
         """Runs right-padded prompts through the model; returns each one's last logits (B, V)."""
@@ -124,17 +145,53 @@ class Decoder:
         if idx.size(1) == 1:  # a one-token prompt is a decode step at position 0
             self.cache.lengths.zero_()
             return self.step(idx)
-        logits = self.model(idx, cache=self.cache, at=lengths - 1)
+        logits = self.model(idx, cache=self.cache, at=lengths - 1)[:, 0]
         self.cache.lengths.copy_(lengths)
-        return logits[:, 0]
+        if self.graph is not None:  # where the captured draws read them
+            self.logits = self.graph_logits.copy_(logits)
+        else:
+            self.logits = logits
+        return self.logits
 
-    def step(self, token: Tensor) -> Tensor:
-        """Feeds token (B, 1) at each sequence's position; returns the next logits (B, V)."""
-        self.token.copy_(token)
+    def step(self, token: Tensor | None = None) -> Tensor:
+        """Feeds token (B, 1) -- by default the last draw() -- at each sequence's position;
+        returns the next logits (B, V)."""
+        if token is not None:
+            self.token.copy_(token)
         if self.graph is not None:
             self.graph.replay()
-            return self.logits
-        return self.step_fn()
+            self.logits = self.graph_logits
+        else:
+            self.logits = self.step_fn()
+        return self.logits
+
+    def draw(
+        self,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples the next token (B, 1) from the latest logits (see sample_next) into self.token."""
+        if temperature <= 0:
+            draw = lambda: torch.argmax(self.logits, dim=-1, keepdim=True, out=self.token)
+        elif self.kernels is not reference and (top_p is None or top_p >= 1):
+            draw = lambda: self.kernels.sample(self.logits, self.seed, self.offsets, temperature, top_k, out=self.token)
+        else:
+            return self.token.copy_(sample_next(self.logits, temperature, top_k, top_p, generator))
+        if self.graph is None:
+            return draw()
+        key = (max(temperature, 0.0), top_k)
+        if key not in self.draw_graphs:
+            # Warm-up (Triton compiles outside the capture), then the state it advanced back.
+            saved = self.offsets.clone()
+            draw()
+            self.offsets.copy_(saved)
+            self.draw_graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.draw_graphs[key]):
+                draw()
+        self.draw_graphs[key].replay()
+        return self.token
 
 
 @torch.no_grad()
@@ -164,22 +221,24 @@ def generate(
     if not B or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     decoder = decoder or Decoder(model, B)
+    if decoder.kernels is not reference:
+        decoder.reseed(generator)
     device = decoder.token.device
     history = [list(p[-S:]) for p in prompts]
     lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
-    logits = decoder.prefill(history)
+    decoder.prefill(history)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     every = 1 if on_token is not None else check_every
     n = 0
     for n in range(1, max_new_tokens + 1):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = decoder.draw(temperature, top_k, top_p, generator)
         out[:, n - 1] = token[:, 0]
-        if eot_token is not None:
-            done |= token[:, 0] == eot_token
         if on_token is not None:
             on_token(token)
         if n % every == 0 or n == max_new_tokens:
+            if eot_token is not None:
+                done |= (out[:, :n] == eot_token).any(dim=1)
             if stop is not None:
                 new = out[:, :n].tolist()
                 done |= torch.tensor([stop(b, new[b]) for b in range(B)], device=device)
@@ -191,9 +250,9 @@ def generate(
             new = out[:, :n].tolist()
             history = [(list(p) + new[b])[-(S // 2):] for b, p in enumerate(prompts)]
             lengths = [len(h) for h in history]
-            logits = decoder.prefill(history)
+            decoder.prefill(history)
         else:
-            logits = decoder.step(token)
+            decoder.step()
             lengths = [x + 1 for x in lengths]
     result = []
     for row in out[:, :n].tolist():

@@ -1,4 +1,5 @@
-"""tritongpt's Triton kernels, each with forward and backward.
+"""tritongpt's Triton kernels, each with forward and backward (decode attention and sampling,
+which serve generation only, forward only).
 
 `kernels.reference` holds the pure-torch versions (CPU path and test oracle).
 Importing this package never touches the GPU.
@@ -12,5 +13,6 @@ from kernels.attention import attention
 from kernels.decode_attention import decode_attention
 from kernels.ffn import ffn
 from kernels.layer_norm import add_layer_norm, layer_norm
+from kernels.sampling import sample
 
-__all__ = ["reference", "attention", "decode_attention", "ffn", "layer_norm", "add_layer_norm"]
+__all__ = ["reference", "attention", "decode_attention", "ffn", "layer_norm", "add_layer_norm", "sample"]

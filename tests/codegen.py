@@ -25,8 +25,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The modules, not the functions of the same names that kernels/__init__.py exports.
-attention, decode_attention, ffn, layer_norm = (
-    importlib.import_module(f"kernels.{name}") for name in ("attention", "decode_attention", "ffn", "layer_norm")
+attention, decode_attention, ffn, layer_norm, sampling = (
+    importlib.import_module(f"kernels.{name}")
+    for name in ("attention", "decode_attention", "ffn", "layer_norm", "sampling")
 )
 
 ARCHS = (90, 80)
@@ -147,10 +148,22 @@ def decode_attention_cases(arch: int) -> dict[str, dict]:
     return cases
 
 
+def sampling_cases(arch: int) -> dict[str, dict]:
+    """Top-k sampling over bf16 logits with a unit stride along the vocabulary."""
+    ptrs = {"LOGITS": "bf16", "OUT": "i64", "SEED": "i64", "OFFSETS": "i64", "KEYS": "i32", "INDEX": "i32"}
+    blocks = dict(BLOCK=sampling.BLOCK, CANDIDATES=sampling.CANDIDATES)
+    return {
+        f"sample filter={f}": compile_case(
+            arch, sampling._sample_kernel, ptrs, dict(stride_lv=1, FILTER=f) | blocks,
+            floats=("inv_temperature",), unaligned=("V", "top_k", "stride_lb"), num_warps=sampling.NUM_WARPS)
+        for f in (True, False)
+    }
+
+
 def main() -> None:
     cases = {}
     for arch in ARCHS:
-        for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases):
+        for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases, sampling_cases):
             cases |= {f"sm{arch} {name}": case for name, case in group(arch).items()}
     json.dump(cases, sys.stdout, indent=1)
 

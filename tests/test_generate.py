@@ -114,6 +114,35 @@ def test_triton_kernels_generate_like_the_reference(device):
     torch.testing.assert_close(step[:, 0], ref(seq[:, :7])[:, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_sampling_on_the_triton_kernel_is_seeded(device):
+    """On the Triton kernels, generate draws with kernels.sample, whose random state lives
+    on the device and is seeded from the generator: the same seed gives the same tokens."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels="triton")
+    model = GPT(cfg).to(device).eval()
+    decoder = Decoder(model, 2)
+    run = lambda seed: generate(model, [[1, 2, 3], [4]], 6, top_k=5, decoder=decoder,
+                                generator=torch.Generator(device).manual_seed(seed))
+    a = run(1)
+    assert decoder.offsets.tolist() == [6, 6]  # one kernel draw per token
+    assert a == run(1) and a != run(2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k, top_p", [(20, None), (None, 0.9)], ids=["kernel-top-k", "torch-top-p"])
+def test_cuda_graph_sampling_equals_eager_gpu(top_k, top_p):
+    """Sampling replayed in a CUDA graph (kernels.sample) draws what the eager decoder
+    draws from the same seed; top_p runs torch's sampler outside the graph."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128)).to("cuda").eval()
+    prompts = [list(range(1, 30)), [7, 8, 9]]
+    run = lambda decoder: generate(model, prompts, 60, top_k=top_k, top_p=top_p, decoder=decoder,
+                                   generator=torch.Generator("cuda").manual_seed(7))
+    graph = run(Decoder(model, 2, cuda_graph=True))
+    assert graph == run(Decoder(model, 2)) and graph == run(None)
+    assert len(set(map(tuple, graph))) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graph_decoding_gpu(dtype):

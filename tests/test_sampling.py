@@ -1,0 +1,157 @@
+"""kernels.sample against exact top-k sets (torch.topk) and float64 softmax probabilities.
+
+A sampler has no output to compare element by element, so the oracle is what a draw must
+satisfy: top_k=1 is the argmax; every draw lies in the kept set and, at a high temperature,
+every member of it gets drawn; draw frequencies match softmax(logits / T) over the kept set
+within a few standard errors. In the interpreter each program costs milliseconds, so the
+shapes stay small; the vocabulary-sized cases run on the GPU.
+"""
+import pytest
+import torch
+
+from kernels import sample
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def state(B: int, device: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([seed], device=device), torch.zeros(B, dtype=torch.long, device=device)
+
+
+def kept_probs(row: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """float64 probabilities of sampling each token: softmax over the logits >= the k-th largest."""
+    x = row.double() / temperature
+    if top_k is not None:
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+    return torch.softmax(x, dim=0)
+
+
+def assert_frequencies(tokens: torch.Tensor, probs: torch.Tensor, sigmas: float = 4.5, min_expected: float = 0) -> None:
+    """No draw outside the kept set; each token expected at least min_expected times is drawn
+    at its probability within `sigmas` standard errors, and so are the others together."""
+    n = tokens.numel()
+    freq = torch.bincount(tokens.flatten().cpu(), minlength=probs.numel()).double() / n
+    probs = probs.cpu()
+    assert (freq[probs == 0] == 0).all(), "drew a token outside the kept set"
+    rare = (probs * n < min_expected) & (probs > 0)
+    freq = torch.cat([freq[~rare], freq[rare].sum().view(1)])
+    probs = torch.cat([probs[~rare], probs[rare].sum().view(1)])
+    se = (probs * (1 - probs) / n).sqrt().clamp(min=1e-12)
+    z = ((freq - probs).abs() / se)[probs > 0]
+    assert z.max() < sigmas, f"frequencies {freq.tolist()[:20]} vs probabilities {probs.tolist()[:20]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_top_1_is_the_argmax(device, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 37, device=device).to(dtype)
+    seed, offsets = state(6, device)
+    tokens = sample(logits, seed, offsets, temperature=3.0, top_k=1)
+    assert tokens.shape == (6, 1) and tokens.dtype == torch.int64
+    assert tokens[:, 0].tolist() == logits.float().argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("V, k", [(37, 5), (600, 7)], ids=["one-block", "three-blocks"])
+def test_draws_cover_exactly_the_top_k(device, V, k):
+    """At a high temperature the kept tokens are near-uniform, so 40 draws reach all k."""
+    torch.manual_seed(1)
+    row = torch.randn(V, device=device)
+    seed, offsets = state(40, device)
+    tokens = sample(row.expand(40, V), seed, offsets, temperature=1e4, top_k=k)
+    assert set(tokens[:, 0].tolist()) == set(torch.topk(row, k).indices.tolist())
+
+
+def test_ties_at_the_kth_logit_are_all_kept(device):
+    # The 2nd largest value (2.0) is shared by three tokens: all of them stay, as in
+    # gpt.generate.filter_logits. Negative, -inf and huge negative logits sort correctly.
+    row = torch.tensor([-1e9, 2.0, -3.0, 3.0, 2.0, float("-inf"), 2.0, 1.9, -0.0], device=device)
+    seed, offsets = state(64, device)
+    tokens = sample(row.expand(64, -1), seed, offsets, temperature=1e4, top_k=2)
+    assert set(tokens[:, 0].tolist()) == {1, 3, 4, 6}
+
+
+def test_flat_rows_go_through_scratch(device):
+    """A row of equal logits keeps every token (ties), more candidates than the registers
+    hold (256 in the interpreter): the scratch path must still draw across all of them."""
+    V = 600
+    seed, offsets = state(64, device)
+    tokens = sample(torch.zeros(64, V, device=device), seed, offsets, temperature=1.0, top_k=3)
+    drawn = set(tokens[:, 0].tolist())
+    assert len(drawn) > 50 and max(drawn) >= 256  # 64 uniform draws from 600: ~61 distinct
+
+
+def test_large_negative_logits(device):
+    """GPT-2's logits sit around -100: the windows are in logit units, not relative."""
+    torch.manual_seed(5)
+    row = torch.randn(300, device=device) * 3 - 100
+    seed, offsets = state(40, device)
+    tokens = sample(row.expand(40, -1), seed, offsets, temperature=1e4, top_k=6)
+    assert set(tokens[:, 0].tolist()) == set(torch.topk(row, 6).indices.tolist())
+
+
+@pytest.mark.parametrize("top_k", [None, 4], ids=["all", "top-4"])
+def test_frequencies_match_the_softmax(device, top_k):
+    row = torch.tensor([-3.0, 0.5, -0.25, 2.0, 1.0, -1e9, float("-inf"), 1.5, 0.1, -2.0], device=device)
+    B, temperature = 400, 0.5
+    seed, offsets = state(B, device, seed=3)
+    tokens = sample(row.expand(B, -1), seed, offsets, temperature=temperature, top_k=top_k)
+    assert_frequencies(tokens, kept_probs(row, temperature, top_k))
+
+
+def test_strided_logits_and_out_buffer(device):
+    torch.manual_seed(2)
+    wide = torch.randn(3, 2 * 37, device=device)
+    logits = wide[:, ::2]  # a strided view along the vocabulary
+    out = torch.full((3, 1), -1, dtype=torch.long, device=device)
+    seed, offsets = state(3, device)
+    assert sample(logits, seed, offsets, 1.0, top_k=1, out=out) is out
+    assert out[:, 0].tolist() == logits.argmax(dim=1).tolist()
+
+
+def test_same_state_same_tokens_and_offsets_advance(device):
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50, device=device)
+    seed, offsets = state(4, device, seed=11)
+    first = sample(logits, seed, offsets, 1.0)
+    assert offsets.tolist() == [1, 1, 1, 1]
+    second = sample(logits, seed, offsets, 1.0)
+    offsets.zero_()
+    assert torch.equal(sample(logits, seed, offsets, 1.0), first)
+    assert not torch.equal(first, second)  # 4 draws from 50 tokens: equal with chance ~1e-4 (fixed seed)
+    other = sample(logits, torch.tensor([12], device=device), torch.zeros_like(offsets), 1.0)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(logits=torch.zeros(2, 5, dtype=torch.long)), "dtype torch.int64"),
+        (dict(logits=torch.zeros(2, 3, 5)), "logits must be (B, V)"),
+        (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed must be an int64 tensor"),
+        (dict(offsets=torch.zeros(3, dtype=torch.long)), "offsets must be an int64 tensor of shape (2,)"),
+        (dict(offsets=torch.zeros(2, 2, dtype=torch.long)[:, 0]), "offsets must be contiguous"),
+    ],
+)
+def test_bad_input_is_a_value_error(kwargs, message):
+    args = dict(logits=torch.zeros(2, 5), seed=torch.zeros(1, dtype=torch.long), offsets=torch.zeros(2, dtype=torch.long))
+    args |= kwargs
+    with pytest.raises(ValueError) as e:
+        sample(args.pop("logits"), args.pop("seed"), args.pop("offsets"), **args)
+    assert message in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("top_k", [1, 50, 200, None])
+def test_gpt2_vocabulary_gpu(dtype, top_k):
+    """50257 logits of GPT-2's scale (bf16 rounding makes ties at the k-th value common):
+    100k draws match the float64 softmax over the kept set."""
+    torch.manual_seed(4)
+    row = (torch.randn(50257, device="cuda") * 2).to(dtype)
+    B = 100_000
+    seed, offsets = state(B, "cuda", seed=5)
+    tokens = sample(row.expand(B, -1), seed, offsets, temperature=0.8, top_k=top_k)
+    # Tokens expected fewer than 20 times are pooled: the normal approximation needs counts.
+    assert_frequencies(tokens, kept_probs(row, 0.8, top_k), sigmas=5.5, min_expected=20)
