@@ -48,6 +48,7 @@ tail -n 3 "$log"
 
 step gpu-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu tests/test_ffn.py tests/test_model_kernels.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_generate.py tests/test_sampling.py
+step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
 step bench-ffn 90 python3 -m bench.bench_ffn
@@ -56,6 +57,8 @@ step bench-attention 130 python3 -m bench.bench_attention
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 step bench-sample 120 python3 -m bench.bench_sample
+step bench-sample-fast 60 python3 -m bench.bench_sample --skip fast-ffn compile cached uncached hf
+step bench-sampling 90 python3 -m bench.bench_sampling
 step profile-sample 60 python3 -m bench.bench_sample --profile
 # The done-when of the kernel issues: training on the kernels follows the reference's curve.
 for k in triton torch; do
