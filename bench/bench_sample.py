@@ -6,7 +6,8 @@
 
 Random weights (throughput does not depend on them). Rows: our fast path (KV
 cache + CUDA graph, top-k sampling on kernels.sample inside the graph), the same drawing
-with torch's ops outside the graph (the fast path before kernels.sample), the same with the FFN on our Triton kernel instead of cuBLAS (the
+with torch's ops outside the graph (the fast path before kernels.sample), the same with
+the decode FFN's GELU switched in or out of cuBLAS's epilogue (gpt/ops.py GELU_EPILOGUE), the same with the FFN on our Triton kernel instead of cuBLAS (the
 candidate for gpt/ops.py's FFN_MIN_ROWS), torch.compile(mode="reduce-overhead") of the decode step on the
 torch reference ops (Inductor writes its own kernels), our plain KV-cache
 path, the no-cache loop nanoGPT's generate() uses, and Hugging Face transformers'
@@ -59,6 +60,16 @@ def with_triton_ffn(fn):
         return fn()
     finally:
         ops.FFN_MIN_ROWS = saved
+
+
+def with_gelu_epilogue(fn):
+    """Runs fn with the decode FFN's GELU folded into cuBLAS's matmul epilogue
+    (gpt/ops.py GELU_EPILOGUE): the candidate for that switch's default."""
+    saved, ops.GELU_EPILOGUE = ops.GELU_EPILOGUE, not ops.GELU_EPILOGUE
+    try:
+        return fn()
+    finally:
+        ops.GELU_EPILOGUE = saved
 
 
 def run_uncached(model, prompts, new_tokens, device) -> tuple[float, float]:
@@ -132,7 +143,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-torch-sampling fast-ffn compile cached uncached hf")
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-torch-sampling fast-gelu fast-ffn compile cached uncached hf")
     p.add_argument("--profile", action="store_true", help="per-kernel time of a decode step instead of the table")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
@@ -154,6 +165,9 @@ def main() -> None:
             "ours: KV cache + CUDA graph, torch sampling": lambda: run_ours(
                 model, prompts, args.new_tokens, device, cuda_graph=True, torch_sampling=True
             ),
+            f"ours: KV cache + CUDA graph, GELU epilogue {'off' if ops.GELU_EPILOGUE else 'on'}": lambda: with_gelu_epilogue(
+                lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True)
+            ),
             "ours: KV cache + CUDA graph, FFN on Triton": lambda: with_triton_ffn(
                 lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True)
             ),
@@ -164,7 +178,7 @@ def main() -> None:
             "no cache (nanoGPT-style loop)": lambda: run_uncached(model, prompts, args.new_tokens, device),
             "HF transformers generate": lambda: run_hf(cfg, prompts, args.new_tokens, device, dtype),
         }
-        keys = dict(zip(runs, ["fast", "fast-torch-sampling", "fast-ffn", "compile", "cached", "uncached", "hf"]))
+        keys = dict(zip(runs, ["fast", "fast-torch-sampling", "fast-gelu", "fast-ffn", "compile", "cached", "uncached", "hf"]))
         baseline = None
         for name, fn in runs.items():
             if keys[name] in args.skip or (not cuda and keys[name].startswith("fast")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import reference
@@ -19,6 +20,10 @@ from kernels import reference
 # when the Triton FFN's tiles were 128 rows tall (bench/RESULTS.md, generation). Its 16-row
 # tiles for at most 64 rows are not measured yet: `bench_ffn --few-rows` decides this.
 FFN_MIN_ROWS = 256
+# On that cuBLAS path, at inference, fold the bias and GELU into the first matmul's epilogue
+# (torch._addmm_activation, cuBLASLt's GELU_BIAS: the tanh approximation, as here) instead
+# of a separate GELU kernel: one launch fewer per layer in every decode step.
+GELU_EPILOGUE = False
 
 
 def _triton_kernels() -> ModuleType:
@@ -66,6 +71,9 @@ def ffn(
     impl = backend(x, mode)
     if mode == "auto" and x.numel() < FFN_MIN_ROWS * x.shape[-1]:
         # cuBLAS's GEMV-like kernels stream the weights at full bandwidth (see FFN_MIN_ROWS).
+        if GELU_EPILOGUE and x.is_cuda and fc_bias is not None and not torch.is_grad_enabled():
+            h = torch._addmm_activation(fc_bias, x.reshape(-1, x.shape[-1]), fc_weight.t(), use_gelu=True)
+            return F.linear(h, proj_weight, proj_bias).view(*x.shape[:-1], -1)
         impl = reference
     if impl is not reference and torch.is_autocast_enabled(x.device.type):
         # Autocast does not reach into Triton kernels: cast as F.linear would under autocast.

@@ -1,22 +1,29 @@
-"""Top-k sampling in Triton: one kernel draws the next token of every row of logits.
+"""Top-k sampling in Triton: a few kernels draw the next token of every row of logits.
 
     sample(logits, seed, offsets, temperature, top_k)[b]
         ~ Categorical(softmax(logits[b] / temperature) restricted to its top_k largest logits)
 
-torch's way (topk, softmax, multinomial) is about 50 small kernels a token, and topk alone
-took ~50 us of a 124M model's ~470 us decode step on an H200 at batch 1 (bench/RESULTS.md).
-Here one program per row does it in a few passes over the row, which stays in L2:
-  1. the row's max m and mean;
-  2. how many logits each window [m - f (m - mean), m] holds, f = 1/8, 1/4, 1/2, 1: the
-     narrowest holding k becomes the candidate set (all the row if none does), and its
-     (key, index) pairs are compacted into scratch -- typically a few times k of them;
-  3. the exact k-th largest candidate, by bisection over unsigned 32-bit keys that sort
-     like the floats, in registers when the candidates fit a block (ties are kept: every
-     logit >= it survives, as with gpt.generate.filter_logits);
-  4. the Gumbel-max trick: argmax over kept i of logits[i] / temperature + Gumbel noise is
-     an exact draw from the softmax over the kept tokens, so no softmax, no cumulative sum.
-The histogram radix select of GPU sort libraries was the first design: Triton's
-tl.histogram costs ~100 warp instructions per 32 keys, too slow for one program a row.
+torch's way (topk, softmax, multinomial) is about 50 small kernels a token, ~90 us of
+device time at batch 1 on an H200 (bench_sampling). Here each row is cut into chunks of
+CHUNK logits, one program each, so that a single row still spreads over many SMs (one
+program a row took 54-63 us: a row is too much work for one SM), and four launches do it:
+  1. _stats: each chunk's max, and sum and count of finite logits;
+  2. _window_counts: from all chunks' stats, the row's max m and mean; for WINDOWS windows
+     [m - f (m - mean), m], f = 2^-6 ... 1 in steps of sqrt 2, plus one holding every
+     logit, how many of the chunk's logits each holds;
+  3. _compact: the narrowest window holding k logits in the row; the chunk writes its
+     (key, index) pairs in it to the row's scratch, after those of the chunks before it --
+     typically a few times k candidates in all;
+  4. _draw, one program a row: the exact k-th largest candidate, by bisection over unsigned
+     32-bit keys that sort like the floats (in registers when the candidates fit
+     CANDIDATES; ties are kept: every logit >= it survives, as with
+     gpt.generate.filter_logits), then the Gumbel-max trick: argmax over kept i of
+     logits[i] / temperature + Gumbel noise is an exact draw from the softmax over the kept
+     tokens, so no softmax and no cumulative sum.
+Without top-k, two launches: _gumbel_chunks (each chunk's best score) and _pick_best.
+A radix select by histograms, as GPU sort libraries do it, was the first design: Triton's
+tl.histogram costs ~100 warp instructions per 32 keys.
+
 The noise is Philox (tl.randint) keyed by seed, at counter (offsets[b] << 32) + b * V + i;
 each call advances offsets[b] by one on the device. Seed and offsets are tensors, so the
 call never synchronises with the host and can be captured in a CUDA graph and replayed:
@@ -29,13 +36,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import check_inputs, interpreting, next_power_of_2
+from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
 
-# Row chunks of 4096 (8 warps, 16 values a thread): at batch 1 this one program is all the
-# GPU runs, so its passes are bound by load latency. Up to CANDIDATES candidates are
-# searched in registers; more (flat rows, large k) go through scratch. The loads are not
-# pipelined: masked at an unaligned V, they do not vectorise, which cp.async needs.
-BLOCK, CANDIDATES, NUM_WARPS = 4096, 2048, 8
+# CHUNK logits a program (4 warps, 16 a thread); up to CANDIDATES candidates are searched
+# in registers by one program, more (flat rows, large k) through scratch; WINDOWS windows.
+CHUNK, CANDIDATES, WINDOWS, NUM_WARPS, DRAW_WARPS = 2048, 2048, 16, 4, 8
 
 
 @triton.jit
@@ -62,130 +67,154 @@ def _gumbel_score(x, index, seed, first, inv_temperature):
 
 
 @triton.jit
-def _sample_kernel(
-    LOGITS, OUT, SEED, OFFSETS, KEYS, INDEX,
-    stride_lb, stride_lv, stride_ob,
-    V, top_k, inv_temperature,
-    FILTER: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CANDIDATES: tl.constexpr,
-):
+def _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK: tl.constexpr):
     row = tl.program_id(0)
-    base = LOGITS + row.to(tl.int64) * stride_lb
-    offs = tl.arange(0, BLOCK)
+    idx = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    ok = idx < V
+    x = tl.load(LOGITS + row.to(tl.int64) * stride_lb + idx * stride_lv, mask=ok, other=float("-inf"))
+    return x.to(tl.float32), idx, ok
+
+
+@triton.jit
+def _window_keys(STATS_MAX, STATS_SUM, STATS_N, P, P2: tl.constexpr, WINDOWS: tl.constexpr):
+    """Keys of the lower bounds of the row's windows, narrowest first; the last is 0 (all)."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, P2)
+    m = tl.max(tl.load(STATS_MAX + row * P + p, mask=p < P, other=float("-inf")), 0)
+    total = tl.sum(tl.load(STATS_SUM + row * P + p, mask=p < P, other=0.0), 0)
+    n = tl.sum(tl.load(STATS_N + row * P + p, mask=p < P, other=0), 0)
+    spread = m - total / tl.maximum(n, 1).to(tl.float32)
+    w = tl.arange(0, WINDOWS)
+    lo = _sort_key(m - spread * tl.exp2((w - (WINDOWS - 2)).to(tl.float32) * 0.5))
+    # A bound that is not a number (infinite logits) has a key above the max: never chosen.
+    return tl.where((w < WINDOWS - 1) & (lo <= _sort_key(m)), lo, 0)
+
+
+@triton.jit
+def _chosen_window(COUNTS, top_k, P, P2: tl.constexpr, WINDOWS: tl.constexpr):
+    """(window, per-chunk counts in it (P2,)): the narrowest window with >= top_k logits."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, P2)
+    w = tl.arange(0, WINDOWS)
+    counts = tl.load(COUNTS + (row * P + p[:, None]) * WINDOWS + w[None, :], mask=(p < P)[:, None], other=0)
+    window = tl.min(tl.where(tl.sum(counts, 0) >= top_k, w, WINDOWS - 1), 0)
+    return window, tl.sum(tl.where(w[None, :] == window, counts, 0), 1)
+
+
+@triton.jit
+def _stats_kernel(LOGITS, STATS_MAX, STATS_SUM, STATS_N, stride_lb, stride_lv, V, CHUNK: tl.constexpr):
+    x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
+    is_finite = x > float("-inf")
+    at = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(STATS_MAX + at, tl.max(x, 0))
+    tl.store(STATS_SUM + at, tl.sum(tl.where(is_finite, x, 0.0), 0))
+    tl.store(STATS_N + at, tl.sum(is_finite.to(tl.int32), 0))
+
+
+@triton.jit
+def _window_counts_kernel(LOGITS, STATS_MAX, STATS_SUM, STATS_N, COUNTS, stride_lb, stride_lv, V,
+                          CHUNK: tl.constexpr, P2: tl.constexpr, WINDOWS: tl.constexpr):
+    P = tl.num_programs(1)
+    lo = _window_keys(STATS_MAX, STATS_SUM, STATS_N, P, P2, WINDOWS)
+    x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
+    inside = ok[:, None] & (_sort_key(x)[:, None] >= lo[None, :])
+    at = tl.program_id(0).to(tl.int64) * P + tl.program_id(1)
+    tl.store(COUNTS + at * WINDOWS + tl.arange(0, WINDOWS), tl.sum(inside.to(tl.int32), 0))
+
+
+@triton.jit
+def _compact_kernel(LOGITS, STATS_MAX, STATS_SUM, STATS_N, COUNTS, KEYS, INDEX, stride_lb, stride_lv, V, top_k,
+                    CHUNK: tl.constexpr, P2: tl.constexpr, WINDOWS: tl.constexpr):
+    P = tl.num_programs(1)
+    chunk = tl.program_id(1)
+    lo = _window_keys(STATS_MAX, STATS_SUM, STATS_N, P, P2, WINDOWS)
+    window, counts = _chosen_window(COUNTS, top_k, P, P2, WINDOWS)
+    lo = tl.sum(tl.where(tl.arange(0, WINDOWS) == window, lo, 0), 0)
+    first = tl.sum(tl.where(tl.arange(0, P2) < chunk, counts, 0), 0)  # the chunks before this one
+    x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
+    key = _sort_key(x)
+    take = ok & (key >= lo)
+    at = tl.program_id(0).to(tl.int64) * V + first + tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(KEYS + at, key.to(tl.int32, bitcast=True), mask=take)
+    tl.store(INDEX + at, idx, mask=take)
+
+
+@triton.jit
+def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, inv_temperature, P,
+                 P2: tl.constexpr, WINDOWS: tl.constexpr, CANDIDATES: tl.constexpr):
+    row = tl.program_id(0)
+    window, counts = _chosen_window(COUNTS, top_k, P, P2, WINDOWS)
+    n = tl.sum(counts, 0)
+    keys_row = KEYS + row.to(tl.int64) * V
+    index_row = INDEX + row.to(tl.int64) * V
     seed = tl.load(SEED)
     counter = tl.load(OFFSETS + row)
     first = (counter << 32) + row.to(tl.int64) * V
-    best = tl.full((), float("-inf"), dtype=tl.float32)
-    best_index = tl.zeros((), dtype=tl.int32)
+    c_offs = tl.arange(0, CANDIDATES)
 
-    if FILTER:
-        # Per-lane partials, reduced once after each pass: a block reduction per chunk would
-        # cost more than the chunk's loads.
-        m_acc = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        finite = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            x = tl.load(base + (start + offs) * stride_lv, mask=start + offs < V, other=float("-inf")).to(tl.float32)
-            m_acc = tl.maximum(m_acc, x)
-            is_finite = x > float("-inf")
-            total += tl.where(is_finite, x, 0.0)
-            finite += is_finite.to(tl.int32)
-        m = tl.max(m_acc, 0)
-        spread = m - tl.sum(total, 0) / tl.maximum(tl.sum(finite, 0), 1).to(tl.float32)
-        top = _sort_key(m)
-        # Keys of the window bounds; a bound that is not a number (infinite logits) is never
-        # the narrowest, the 0 key (every logit) always qualifies.
-        lo1 = _sort_key(m - 0.125 * spread)
-        lo2 = _sort_key(m - 0.25 * spread)
-        lo3 = _sort_key(m - 0.5 * spread)
-        lo4 = _sort_key(m - spread)
-        n1 = tl.zeros([BLOCK], dtype=tl.int32)
-        n2 = tl.zeros([BLOCK], dtype=tl.int32)
-        n3 = tl.zeros([BLOCK], dtype=tl.int32)
-        n4 = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            ok = start + offs < V
-            key = _sort_key(tl.load(base + (start + offs) * stride_lv, mask=ok, other=0.0).to(tl.float32))
-            n1 += (ok & (key >= lo1)).to(tl.int32)
-            n2 += (ok & (key >= lo2)).to(tl.int32)
-            n3 += (ok & (key >= lo3)).to(tl.int32)
-            n4 += (ok & (key >= lo4)).to(tl.int32)
-        n1 = tl.sum(n1, 0)
-        n2 = tl.sum(n2, 0)
-        n3 = tl.sum(n3, 0)
-        n4 = tl.sum(n4, 0)
-        lo = tl.where(n4 >= top_k, lo4, 0)
-        lo = tl.where(n3 >= top_k, lo3, lo)
-        lo = tl.where(n2 >= top_k, lo2, lo)
-        lo = tl.where(n1 >= top_k, lo1, lo)
-        lo = tl.where(lo <= top, lo, 0)  # a NaN bound's key lies above the max
-
-        # Compact the candidates' keys and indices into this row's scratch.
-        keys_row = KEYS + row.to(tl.int64) * V
-        index_row = INDEX + row.to(tl.int64) * V
-        n = tl.zeros((), dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            ok = start + offs < V
-            key = _sort_key(tl.load(base + (start + offs) * stride_lv, mask=ok, other=0.0).to(tl.float32))
-            take = ok & (key >= lo)
-            at = n + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(keys_row + at, key.to(tl.int32, bitcast=True), mask=take)
-            tl.store(index_row + at, start + offs, mask=take)
-            n += tl.sum(take.to(tl.int32), 0)
-        tl.debug_barrier()  # the stores above, by every thread, before the loads below
-
-        # Bisection for the largest key t with at least k candidates >= t, from lo (which
-        # has) a bit at a time; steps past the max key cannot qualify and are skipped.
-        threshold = lo
-        c_offs = tl.arange(0, CANDIDATES)
-        if n <= CANDIDATES:
-            c_ok = c_offs < n
-            c_key = tl.load(keys_row + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-            for b in range(31, -1, -1):
-                step = tl.full((), 1, tl.uint32) << b
-                trial = threshold + step
-                if (trial > threshold) & (trial <= top):
-                    if tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0) >= top_k:
-                        threshold = trial
-            c_index = tl.load(index_row + c_offs, mask=c_ok, other=0)
-            score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
-            score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
-            best = tl.max(score, 0)
-            best_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
-        else:
-            for b in range(31, -1, -1):
-                step = tl.full((), 1, tl.uint32) << b
-                trial = threshold + step
-                if (trial > threshold) & (trial <= top):
-                    count = tl.zeros((), dtype=tl.int32)
-                    for c_start in range(0, n, CANDIDATES):
-                        c_ok = c_start + c_offs < n
-                        c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-                        count += tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0)
-                    if count >= top_k:
-                        threshold = trial
+    # Bisection for the largest key t with at least k candidates >= t, from 0 (which has) a
+    # bit at a time; a step past the largest candidate cannot qualify and is skipped.
+    threshold = tl.zeros((), dtype=tl.uint32)
+    if n <= CANDIDATES:
+        c_ok = c_offs < n
+        c_key = tl.load(keys_row + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+        top = tl.max(c_key, 0)
+        for b in range(31, -1, -1):
+            trial = threshold | (tl.full((), 1, tl.uint32) << b)
+            if trial <= top:
+                if tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0) >= top_k:
+                    threshold = trial
+        c_index = tl.load(index_row + c_offs, mask=c_ok, other=0)
+        score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
+        score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
+        best_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
+    else:
+        for b in range(31, -1, -1):
+            trial = threshold | (tl.full((), 1, tl.uint32) << b)
+            count = tl.zeros((), dtype=tl.int32)
             for c_start in range(0, n, CANDIDATES):
                 c_ok = c_start + c_offs < n
                 c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-                c_index = tl.load(index_row + c_start + c_offs, mask=c_ok, other=0)
-                score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
-                score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
-                block_best = tl.max(score, 0)
-                block_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
-                best_index = tl.where(block_best > best, block_index, best_index)
-                best = tl.maximum(best, block_best)
-    else:
-        for start in range(0, V, BLOCK):
-            ok = start + offs < V
-            x = tl.load(base + (start + offs) * stride_lv, mask=ok, other=0.0).to(tl.float32)
-            score = tl.where(ok, _gumbel_score(x, start + offs, seed, first, inv_temperature), float("-inf"))
+                count += tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0)
+            if count >= top_k:
+                threshold = trial
+        best = tl.full((), float("-inf"), dtype=tl.float32)
+        best_index = tl.zeros((), dtype=tl.int32)
+        for c_start in range(0, n, CANDIDATES):
+            c_ok = c_start + c_offs < n
+            c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+            c_index = tl.load(index_row + c_start + c_offs, mask=c_ok, other=0)
+            score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
+            score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
             block_best = tl.max(score, 0)
-            block_index = tl.argmax(score, 0) + start
+            block_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
             best_index = tl.where(block_best > best, block_index, best_index)
             best = tl.maximum(best, block_best)
     tl.store(OUT + row.to(tl.int64) * stride_ob, best_index.to(tl.int64))
     tl.store(OFFSETS + row, counter + 1)
+
+
+@triton.jit
+def _gumbel_chunks_kernel(LOGITS, SEED, OFFSETS, BEST, BEST_INDEX, stride_lb, stride_lv, V, inv_temperature,
+                          CHUNK: tl.constexpr):
+    row = tl.program_id(0)
+    x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
+    first = (tl.load(OFFSETS + row) << 32) + row.to(tl.int64) * V
+    score = tl.where(ok, _gumbel_score(x, idx, tl.load(SEED), first, inv_temperature), float("-inf"))
+    at = row.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(BEST + at, tl.max(score, 0))
+    tl.store(BEST_INDEX + at, tl.sum(tl.where(tl.arange(0, CHUNK) == tl.argmax(score, 0), idx, 0), 0))
+
+
+@triton.jit
+def _pick_best_kernel(BEST, BEST_INDEX, OUT, OFFSETS, stride_ob, P, P2: tl.constexpr):
+    row = tl.program_id(0)
+    p = tl.arange(0, P2)
+    best = tl.load(BEST + row.to(tl.int64) * P + p, mask=p < P, other=float("-inf"))
+    index = tl.load(BEST_INDEX + row.to(tl.int64) * P + p, mask=p < P, other=0)
+    token = tl.sum(tl.where(p == tl.argmax(best, 0), index, 0), 0)
+    tl.store(OUT + row.to(tl.int64) * stride_ob, token.to(tl.int64))
+    tl.store(OFFSETS + row, tl.load(OFFSETS + row) + 1)
 
 
 def _check(logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float, top_k: int | None,
@@ -229,18 +258,30 @@ def sample(
     out = torch.empty(B, 1, dtype=torch.int64, device=logits.device) if out is None else out
     if B == 0:
         return out
-    if interpreting():
-        block = candidates = min(256, next_power_of_2(V))
-        num_warps = 1
-    else:
-        block, candidates, num_warps = BLOCK, CANDIDATES, NUM_WARPS
-    filter = top_k is not None and top_k < V
-    # Candidate scratch: written and read by the row's own program only, never cleared.
-    keys = torch.empty(B if filter else 1, V if filter else 1, dtype=torch.int32, device=logits.device)
-    index = torch.empty_like(keys)
-    _sample_kernel[(B,)](
-        logits, out, seed, offsets, keys, index, logits.stride(0), logits.stride(1), out.stride(0),
-        V, top_k or V, 1.0 / temperature,
-        FILTER=filter, BLOCK=block, CANDIDATES=candidates, num_warps=num_warps,
-    )
+    # The interpreter pays per program and per op: small chunks, still several a row.
+    chunk, candidates = (64, 32) if interpreting() else (CHUNK, CANDIDATES)
+    num_warps, draw_warps = (1, 1) if interpreting() else (NUM_WARPS, DRAW_WARPS)
+    P = cdiv(V, chunk)
+    P2 = max(2, next_power_of_2(P))
+    grid = (B, P)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    i32 = dict(dtype=torch.int32, device=logits.device)
+    strides = (logits.stride(0), logits.stride(1))
+    if top_k is None or top_k >= V:
+        best, best_index = torch.empty(B, P, **f32), torch.empty(B, P, **i32)
+        _gumbel_chunks_kernel[grid](logits, seed, offsets, best, best_index, *strides, V, 1.0 / temperature,
+                                    CHUNK=chunk, num_warps=num_warps)
+        _pick_best_kernel[(B,)](best, best_index, out, offsets, out.stride(0), P, P2=P2, num_warps=1)
+        return out
+    # Scratch is never cleared: every value read was written earlier in this call.
+    stats = (torch.empty(B, P, **f32), torch.empty(B, P, **f32), torch.empty(B, P, **i32))
+    counts = torch.empty(B, P, WINDOWS, **i32)
+    keys, index = torch.empty(B, V, **i32), torch.empty(B, V, **i32)
+    _stats_kernel[grid](logits, *stats, *strides, V, CHUNK=chunk, num_warps=num_warps)
+    _window_counts_kernel[grid](logits, *stats, counts, *strides, V, CHUNK=chunk, P2=P2, WINDOWS=WINDOWS,
+                                num_warps=num_warps)
+    _compact_kernel[grid](logits, *stats, counts, keys, index, *strides, V, top_k, CHUNK=chunk, P2=P2,
+                          WINDOWS=WINDOWS, num_warps=num_warps)
+    _draw_kernel[(B,)](counts, keys, index, out, seed, offsets, out.stride(0), V, top_k, 1.0 / temperature, P,
+                       P2=P2, WINDOWS=WINDOWS, CANDIDATES=candidates, num_warps=draw_warps)
     return out

@@ -149,14 +149,27 @@ def decode_attention_cases(arch: int) -> dict[str, dict]:
 
 
 def sampling_cases(arch: int) -> dict[str, dict]:
-    """Top-k sampling over bf16 logits with a unit stride along the vocabulary."""
-    ptrs = {"LOGITS": "bf16", "OUT": "i64", "SEED": "i64", "OFFSETS": "i64", "KEYS": "i32", "INDEX": "i32"}
-    blocks = dict(BLOCK=sampling.BLOCK, CANDIDATES=sampling.CANDIDATES)
+    """Top-k sampling's kernels over bf16 logits with a unit stride along the vocabulary,
+    GPT-2's vocabulary cut into chunks."""
+    s = sampling
+    P2 = triton.next_power_of_2(-(-50257 // s.CHUNK))
+    ptrs = {"LOGITS": "bf16", "OUT": "i64", "SEED": "i64", "OFFSETS": "i64", "KEYS": "i32", "INDEX": "i32",
+            "STATS_MAX": "fp32", "STATS_SUM": "fp32", "STATS_N": "i32", "COUNTS": "i32", "BEST": "fp32",
+            "BEST_INDEX": "i32"}
+    chunked = dict(stride_lv=1, CHUNK=s.CHUNK)
+    windows = dict(P2=P2, WINDOWS=s.WINDOWS)
+    kernels = {
+        "stats": (s._stats_kernel, chunked, s.NUM_WARPS),
+        "window counts": (s._window_counts_kernel, chunked | windows, s.NUM_WARPS),
+        "compact": (s._compact_kernel, chunked | windows, s.NUM_WARPS),
+        "draw": (s._draw_kernel, windows | dict(CANDIDATES=s.CANDIDATES), s.DRAW_WARPS),
+        "gumbel chunks": (s._gumbel_chunks_kernel, chunked, s.NUM_WARPS),
+        "pick best": (s._pick_best_kernel, dict(P2=P2), 1),
+    }
     return {
-        f"sample filter={f}": compile_case(
-            arch, sampling._sample_kernel, ptrs, dict(stride_lv=1, FILTER=f) | blocks,
-            floats=("inv_temperature",), unaligned=("V", "top_k", "stride_lb"), num_warps=sampling.NUM_WARPS)
-        for f in (True, False)
+        f"sample {name}": compile_case(arch, kernel, ptrs, constexprs, floats=("inv_temperature",),
+                                       unaligned=("V", "top_k", "stride_lb", "P"), num_warps=warps)
+        for name, (kernel, constexprs, warps) in kernels.items()
     }
 
 

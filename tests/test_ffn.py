@@ -212,3 +212,23 @@ def test_recompute_pre_activation_gpu():
     torch.manual_seed(0)
     x = torch.randn(4, 256, 768, device="cuda").bfloat16()
     _check(x, lambda t: t, _weights(768, 3072, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2, recompute_pre=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", [False, True], ids=["gelu-kernel", "gelu-epilogue"])
+def test_decode_sized_ffn_on_cublas_gpu(monkeypatch, epilogue):
+    """gpt.ops sends decode-sized FFNs to cuBLAS, with the GELU in its own kernel or in the
+    matmul's epilogue (GELU_EPILOGUE): both match the float64 reference."""
+    from gpt import ops
+
+    monkeypatch.setattr(ops, "GELU_EPILOGUE", epilogue)
+    torch.manual_seed(0)
+    C = 768
+    x = torch.randn(4, 1, C, device="cuda")
+    fc_w, proj_w = torch.randn(4 * C, C, device="cuda") * 0.02, torch.randn(C, 4 * C, device="cuda") * 0.02
+    fc_b, proj_b = torch.randn(4 * C, device="cuda"), torch.randn(C, device="cuda")
+    args = [t.bfloat16() for t in (x, fc_w, fc_b, proj_w, proj_b)]
+    with torch.no_grad():
+        got = ops.ffn(*args)
+    want = reference.ffn(*(t.double() for t in args))
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)

@@ -51,7 +51,7 @@ def test_top_1_is_the_argmax(device, dtype):
     assert tokens[:, 0].tolist() == logits.float().argmax(dim=1).tolist()
 
 
-@pytest.mark.parametrize("V, k", [(37, 5), (600, 7)], ids=["one-block", "three-blocks"])
+@pytest.mark.parametrize("V, k", [(37, 5), (200, 7)], ids=["one-chunk", "four-chunks"])
 def test_draws_cover_exactly_the_top_k(device, V, k):
     """At a high temperature the kept tokens are near-uniform, so 40 draws reach all k."""
     torch.manual_seed(1)
@@ -72,12 +72,12 @@ def test_ties_at_the_kth_logit_are_all_kept(device):
 
 def test_flat_rows_go_through_scratch(device):
     """A row of equal logits keeps every token (ties), more candidates than the registers
-    hold (256 in the interpreter): the scratch path must still draw across all of them."""
-    V = 600
-    seed, offsets = state(64, device)
-    tokens = sample(torch.zeros(64, V, device=device), seed, offsets, temperature=1.0, top_k=3)
+    hold (32 in the interpreter, 2048 on a GPU): the scratch path must still draw across all."""
+    V = 100 if device == "cpu" else 5000
+    seed, offsets = state(24, device)
+    tokens = sample(torch.zeros(24, V, device=device), seed, offsets, temperature=1.0, top_k=3)
     drawn = set(tokens[:, 0].tolist())
-    assert len(drawn) > 50 and max(drawn) >= 256  # 64 uniform draws from 600: ~61 distinct
+    assert len(drawn) >= 18 and max(drawn) >= V // 2  # 24 uniform draws: ~21 distinct
 
 
 def test_large_negative_logits(device):
@@ -92,7 +92,7 @@ def test_large_negative_logits(device):
 @pytest.mark.parametrize("top_k", [None, 4], ids=["all", "top-4"])
 def test_frequencies_match_the_softmax(device, top_k):
     row = torch.tensor([-3.0, 0.5, -0.25, 2.0, 1.0, -1e9, float("-inf"), 1.5, 0.1, -2.0], device=device)
-    B, temperature = 400, 0.5
+    B, temperature = 250, 0.5
     seed, offsets = state(B, device, seed=3)
     tokens = sample(row.expand(B, -1), seed, offsets, temperature=temperature, top_k=top_k)
     assert_frequencies(tokens, kept_probs(row, temperature, top_k))
@@ -131,12 +131,13 @@ def test_same_state_same_tokens_and_offsets_advance(device):
         (dict(logits=torch.zeros(2, 3, 5)), "logits must be (B, V)"),
         (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed must be an int64 tensor"),
         (dict(offsets=torch.zeros(3, dtype=torch.long)), "offsets must be an int64 tensor of shape (2,)"),
-        (dict(offsets=torch.zeros(2, 2, dtype=torch.long)[:, 0]), "offsets must be contiguous"),
+        (dict(offsets=lambda d: torch.zeros(2, 2, dtype=torch.long, device=d)[:, 0]), "offsets must be contiguous"),
     ],
 )
-def test_bad_input_is_a_value_error(kwargs, message):
+def test_bad_input_is_a_value_error(device, kwargs, message):
     args = dict(logits=torch.zeros(2, 5), seed=torch.zeros(1, dtype=torch.long), offsets=torch.zeros(2, dtype=torch.long))
-    args |= kwargs
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v(device) if callable(v) else v
+            for k, v in (args | kwargs).items()}
     with pytest.raises(ValueError) as e:
         sample(args.pop("logits"), args.pop("seed"), args.pop("offsets"), **args)
     assert message in str(e.value)
@@ -147,11 +148,11 @@ def test_bad_input_is_a_value_error(kwargs, message):
 @pytest.mark.parametrize("top_k", [1, 50, 200, None])
 def test_gpt2_vocabulary_gpu(dtype, top_k):
     """50257 logits of GPT-2's scale (bf16 rounding makes ties at the k-th value common):
-    100k draws match the float64 softmax over the kept set."""
+    100k draws (25 calls of 4000 rows) match the float64 softmax over the kept set."""
     torch.manual_seed(4)
     row = (torch.randn(50257, device="cuda") * 2).to(dtype)
-    B = 100_000
+    B = 4000
     seed, offsets = state(B, "cuda", seed=5)
-    tokens = sample(row.expand(B, -1), seed, offsets, temperature=0.8, top_k=top_k)
+    tokens = torch.cat([sample(row.expand(B, -1), seed, offsets, temperature=0.8, top_k=top_k) for _ in range(25)])
     # Tokens expected fewer than 20 times are pooled: the normal approximation needs counts.
     assert_frequencies(tokens, kept_probs(row, 0.8, top_k), sigmas=5.5, min_expected=20)
