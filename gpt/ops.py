@@ -22,8 +22,9 @@ from kernels import reference
 FFN_MIN_ROWS = 256
 # On that cuBLAS path, at inference, fold the bias and GELU into the first matmul's epilogue
 # (torch._addmm_activation, cuBLASLt's GELU_BIAS: the tanh approximation, as here) instead
-# of a separate GELU kernel: one launch fewer per layer in every decode step.
-GELU_EPILOGUE = False
+# of a separate GELU kernel: one launch fewer per layer in every decode step. Measured on an
+# H200 (124M, bf16): 1,981 against 1,967 tokens/s at batch 1, 38,804 against 38,550 at 32.
+GELU_EPILOGUE = True
 
 
 def _triton_kernels() -> ModuleType:
