@@ -7,16 +7,19 @@ Forward only: it serves generation, where nothing is differentiated, so there is
 autograd.Function and no statistic is saved.
 
 A single query row leaves a GPU idle if one program walks all keys of a (batch, head), so
-the key axis is cut into NUM_SPLITS contiguous chunks (Dao et al., "Flash-Decoding"):
-  1. split kernel, grid (B*H, NUM_SPLITS): each program folds its chunk, BLOCK_N keys at a
-     time, into a running max, sum and weighted value sum -- an online softmax in fp32
-     with exp2, log2(e) folded into the scale -- and writes the partial (m, l, acc) to fp32
-     scratch. The query is one row, so q.k is an elementwise product and a row sum, not
-     a tl.dot; the kernel is bound by reading the cache, not by arithmetic.
-  2. combine kernel, grid (B*H,): merges the splits of one (batch, head) by log-sum-exp
-     and writes the output in the input dtype.
-seq_lens is read on the device, inside both kernels: chunks wholly beyond a sequence's
-length return at once and are ignored by the combine. NUM_SPLITS, BLOCK_N and the scratch
+the key axis is cut into NUM_SPLITS contiguous chunks (Dao et al., "Flash-Decoding"), one
+launch, grid (B*H, NUM_SPLITS):
+  1. each program folds its chunk, BLOCK_N keys at a time, into a running max, sum and
+     weighted value sum -- an online softmax in fp32 with exp2, log2(e) folded into the
+     scale -- and writes the partial (m, l, acc) to fp32 scratch. The query is one row, so
+     q.k is an elementwise product and a row sum, not a tl.dot; the kernel is bound by
+     reading the cache, not by arithmetic.
+  2. the last program of a (batch, head) to finish, as counted by an atomic counter,
+     merges its splits by log-sum-exp and writes the output in the input dtype, then
+     zeroes the counter for the next call. A second combine launch did this before: at
+     batch 1 on an H200 it took 21 us of a 124M decode step's ~470, 12 launches.
+seq_lens is read on the device: chunks wholly beyond a sequence's length return at once
+and are neither counted nor combined. NUM_SPLITS, BLOCK_N and the scratch
 depend only on the shapes and the GPU's SM count, never on the lengths, so the call never
 synchronises with the host and can be captured in a CUDA graph and replayed as the
 lengths grow in place.
@@ -40,18 +43,20 @@ _STAGES = 3
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, K_NEW, V_NEW, SEQ_LENS, M, L, ACC,
+def _decode_attention_kernel(
+    Q, K, V, K_NEW, V_NEW, SEQ_LENS, M, L, ACC, COUNTERS, O,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_knb, stride_knh, stride_knd,
     stride_vnb, stride_vnh, stride_vnd,
+    stride_ob, stride_oh, stride_od,
     H, S, chunk, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_NEW: tl.constexpr,
     STAGES: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -60,13 +65,16 @@ def _decode_split_kernel(
     # check values it would have to copy to the host to see.
     seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b), 0), S).to(tl.int32)
     start = split * chunk
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = O + b.to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh + offs_d * stride_od
     if start >= seq_len:
+        if (split == 0) & (seq_len == 0):  # no keys at all: zeros rather than 0/0
+            tl.store(out, tl.zeros([HEAD_DIM], dtype=O.dtype.element_ty))
         return
     end = tl.minimum(start + chunk, seq_len)
 
     b = b.to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
     q = q * qk_scale  # scores come out in log2 units, ready for exp2
     K += b * stride_kb + h * stride_kh
@@ -110,44 +118,43 @@ def _decode_split_kernel(
         if (pos >= start) & (pos < end):
             tl.store(K + pos.to(tl.int64) * stride_ks + offs_d * stride_kd, k_new)
             tl.store(V + pos.to(tl.int64) * stride_vs + offs_d * stride_vd, v_new)
-    part = bh.to(tl.int64) * tl.num_programs(1) + split
+    num_splits = tl.num_programs(1)
+    part = bh.to(tl.int64) * num_splits + split
     tl.store(M + part, m_i)
     tl.store(L + part, l_i)
     tl.store(ACC + part * HEAD_DIM + offs_d, acc)
 
+    # Every thread's stores before the count (the atomic is one thread's, acq_rel at GPU
+    # scope): the program that counts last sees all splits' partials.
+    tl.debug_barrier()
+    active = tl.cdiv(seq_len, chunk)
+    if tl.atomic_add(COUNTERS + bh, 1, sem="acq_rel") == active - 1:
+        tl.store(COUNTERS + bh, 0)
+        offs_s = tl.arange(0, SPLITS_P2)
+        s_ok = offs_s < active
+        first = bh.to(tl.int64) * num_splits
+        # .cg: from L2, where the other programs' partials are; this SM's L1 may hold a
+        # previous call's.
+        parts_m = tl.load(M + first + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        parts_l = tl.load(L + first + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
+        parts_acc = tl.load(ACC + (first + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None],
+                            other=0.0, cache_modifier=".cg")
+        w = tl.math.exp2(parts_m - tl.max(parts_m, 0))
+        o = tl.sum(w[:, None] * parts_acc, 0) / tl.sum(w * parts_l, 0)
+        tl.store(out, o.to(O.dtype.element_ty))
 
-@triton.jit
-def _decode_combine_kernel(
-    M, L, ACC, SEQ_LENS, O,
-    stride_ob, stride_oh, stride_od,
-    H, S, chunk,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    b = bh // H
-    seq_len = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b), 0), S).to(tl.int32)
-    # Splits starting at or beyond the length returned without writing: their scratch is
-    # whatever was there before, so it is masked out here, never read.
-    offs_s = tl.arange(0, SPLITS_P2)
-    s_ok = (offs_s < NUM_SPLITS) & (offs_s * chunk < seq_len)
-    offs_d = tl.arange(0, HEAD_DIM)
-    part = bh.to(tl.int64) * NUM_SPLITS + offs_s
-    m = tl.load(M + part, mask=s_ok, other=float("-inf"))
-    l = tl.load(L + part, mask=s_ok, other=0.0)
-    acc = tl.load(ACC + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
 
-    m_max = tl.max(m, 0)
-    # A sequence of length 0 has no split at all: a finite max makes every weight 0 and a
-    # unit sum turns the output into zeros rather than 0/0.
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)
-    l_sum = tl.sum(w * l, 0)
-    l_sum = tl.where(l_sum == 0.0, 1.0, l_sum)
-    o = tl.sum(w[:, None] * acc, 0) / l_sum
-    h = (bh % H).to(tl.int64)
-    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od, o.to(O.dtype.element_ty))
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """n zeroed int32 split counters on device, kept between calls: each call leaves them
+    at zero. Allocated outside any CUDA-graph capture when the caller warms up first (as
+    the docstring asks); two streams must not decode at once on one device."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,16 +233,12 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
     has_new = k_new is not None
     k_new = q if k_new is None else k_new  # never read without HAS_NEW
     v_new = q if v_new is None else v_new
-    _decode_split_kernel[(B * H, splits)](
-        q, k_cache, v_cache, k_new, v_new, seq_lens, m, l, acc,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
+    _decode_attention_kernel[(B * H, splits)](
+        q, k_cache, v_cache, k_new, v_new, seq_lens, m, l, acc, _counters(q.device, B * H), out,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         H, S, chunk, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, STAGES=_STAGES, num_warps=num_warps,
-    )
-    _decode_combine_kernel[(B * H,)](
-        m, l, acc, seq_lens, out, *out.stride(), H, S, chunk,
-        NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits), HEAD_DIM=D,
-        num_warps=1 if interpreting() else 4,
+        HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, STAGES=_STAGES, SPLITS_P2=next_power_of_2(splits),
+        num_warps=num_warps,
     )
     return out
 

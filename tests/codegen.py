@@ -136,14 +136,17 @@ def ffn_cases(arch: int) -> dict[str, dict]:
 
 
 def decode_attention_cases(arch: int) -> dict[str, dict]:
-    """The split kernel of a decode step over a contiguous cache (unit strides along D)."""
-    ptrs = {n: "bf16" for n in ("Q", "K", "V", "K_NEW", "V_NEW")} | {"SEQ_LENS": "i64", "M": "fp32", "L": "fp32", "ACC": "fp32"}
-    unit = {n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_knd", "stride_vnd")}
+    """The decode-attention kernel over a contiguous cache (unit strides along D), with as
+    many splits as a batch-1 GPT-2 step on a 132-SM GPU gets."""
+    ptrs = {n: "bf16" for n in ("Q", "K", "V", "K_NEW", "V_NEW", "O")} | {
+        "SEQ_LENS": "i64", "M": "fp32", "L": "fp32", "ACC": "fp32", "COUNTERS": "i32"}
+    unit = {n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_knd", "stride_vnd", "stride_od")}
     cases = {}
     for D in (64, 128):
         block_n = max(16, min(128, 4096 // D))  # as decode_attention._settings on a GPU
-        cases[f"decode_attention split D={D}"] = compile_case(
-            arch, decode_attention._decode_split_kernel, ptrs, unit | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES),
+        cases[f"decode_attention D={D}"] = compile_case(
+            arch, decode_attention._decode_attention_kernel, ptrs,
+            unit | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES, SPLITS_P2=64),
             floats=("qk_scale",), unaligned=("H", "S", "chunk"), num_warps=4)
     return cases
 

@@ -220,3 +220,17 @@ def test_gpu_cuda_graph_replay(dtype):
         torch_err = (reference.decode_attention(q, k, v, seq_lens).double() - want).abs().max().item()
         err = (out.double() - want).abs().max().item()
         assert err <= 2 * torch_err + 5e-3 + 5e-3 * want.abs().max().item(), f"lengths {lens}: error {err:.3g}"
+
+
+def test_split_counters_are_left_at_zero(device):
+    """The last split of each (batch, head) combines and re-zeroes its counter, so calls in
+    a row (graph replays) stay right as the lengths change in place."""
+    from kernels.decode_attention import _COUNTERS
+
+    torch.manual_seed(3)
+    q, k, v, lens = _inputs(2, 2, 64, 16, [5, 64], torch.float32, device)
+    for step in range(3):
+        _compare(q, k, v, lens, 1e-5, 1e-5)
+        lens += 7 * step
+        lens.clamp_(max=64)
+    assert not _COUNTERS[q.device].any()
