@@ -91,6 +91,7 @@ def run_hf(cfg, prompts, new_tokens, device, dtype) -> tuple[float, float]:
         return timed(lambda: go(1), device), timed(lambda: go(new_tokens), device)
 
 
+@torch.no_grad()  # as generate(): the decode FFN's GELU epilogue applies at inference only
 def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -> None:
     """Per-kernel device time of a decode step plus its sampling (eager, so that every kernel
     is seen), against the CUDA-graph replay of the same step: the kernels to fuse first,
