@@ -4,14 +4,18 @@
     python -m bench.bench_sample --preset tiny --batch-sizes 1 --new-tokens 512   # a CPU run
     python -m bench.bench_sample --profile                # where a decode step's time goes
 
-Random weights (throughput does not depend on them). Rows: our fast path (KV
-cache + CUDA graph, top-k sampling on kernels.sample inside the graph), the same drawing
-with torch's ops outside the graph (the fast path before kernels.sample), the same with
-the decode FFN's GELU switched in or out of cuBLAS's epilogue (gpt/ops.py GELU_EPILOGUE), the same with the FFN on our Triton kernel instead of cuBLAS (the
-candidate for gpt/ops.py's FFN_MIN_ROWS), torch.compile(mode="reduce-overhead") of the decode step on the
-torch reference ops (Inductor writes its own kernels), our plain KV-cache
-path, the no-cache loop nanoGPT's generate() uses, and Hugging Face transformers'
-GPT-2 generate() when it is installed.
+Random weights (throughput barely depends on them: only the top-k draw's candidate count
+does). Rows:
+  - our fast path: KV cache + CUDA graph, top-k sampling on kernels.sample in the graph;
+  - the same drawing with torch's ops outside the graph (the fast path before it);
+  - the same with the decode FFN's GELU moved in or out of cuBLAS's epilogue
+    (gpt/ops.py GELU_EPILOGUE);
+  - the same with the FFN on our Triton kernel instead of cuBLAS (gpt/ops.py FFN_MIN_ROWS);
+  - torch.compile(mode="reduce-overhead") of the decode step on the torch reference ops
+    (Inductor writes its own kernels);
+  - our plain KV-cache path, eager;
+  - the no-cache loop nanoGPT's generate() uses;
+  - Hugging Face transformers' GPT-2 generate(), when it is installed.
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@
 # limits add up to ~18 minutes and a device command may run 10: a session splits them, e.g.
 #   bash bench/gpu_check.sh "$OUT" 560 gpu-tests kernel-tests-on-cuda bench-ffn ffn-few-rows \
 #       bench-attention bench-layer-norm
-#   bash bench/gpu_check.sh "$OUT" 560 bench-sample profile-sample bench-train train-triton \
-#       train-torch ln-sweep ffn-sweep attention-sweep
+#   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
+#       bench-train train-triton train-torch ln-sweep ffn-sweep attention-sweep
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 set -u
@@ -56,7 +56,7 @@ step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
-step bench-sample 120 python3 -m bench.bench_sample
+step bench-sample 150 python3 -m bench.bench_sample
 step bench-sample-fast 60 python3 -m bench.bench_sample --skip fast-ffn compile cached uncached hf
 step bench-sampling 90 python3 -m bench.bench_sampling
 step profile-sample 60 python3 -m bench.bench_sample --profile

@@ -16,9 +16,9 @@ from torch import Tensor
 from kernels import reference
 
 
-# Below this many rows (tokens) "auto" runs the FFN on cuBLAS: measured faster for decode
-# when the Triton FFN's tiles were 128 rows tall (bench/RESULTS.md, generation). Its 16-row
-# tiles for at most 64 rows are not measured yet: `bench_ffn --few-rows` decides this.
+# Below this many rows (tokens) "auto" runs the FFN on cuBLAS: faster for decode, on an
+# H200, than the Triton FFN's 128-row tiles (run 1) and its 16-row tiles for at most 64
+# rows (1,888 against 1,937 tokens/s at batch 1; level at 32: bench/RESULTS.md).
 FFN_MIN_ROWS = 256
 # On that cuBLAS path, at inference, fold the bias and GELU into the first matmul's epilogue
 # (torch._addmm_activation, cuBLASLt's GELU_BIAS: the tanh approximation, as here) instead
