@@ -176,15 +176,25 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, i
         score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
         best_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
     else:
+        top = tl.zeros((), dtype=tl.uint32)
+        bottom = tl.full((), 0xFFFFFFFF, dtype=tl.uint32)
+        for c_start in range(0, n, CANDIDATES):
+            c_ok = c_start + c_offs < n
+            c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+            top = tl.maximum(top, tl.max(c_key, 0))
+            bottom = tl.minimum(bottom, tl.min(tl.where(c_ok, c_key, 0xFFFFFFFF), 0))
         for b in range(31, -1, -1):
             trial = threshold | (tl.full((), 1, tl.uint32) << b)
-            count = tl.zeros((), dtype=tl.int32)
-            for c_start in range(0, n, CANDIDATES):
-                c_ok = c_start + c_offs < n
-                c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-                count += tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0)
-            if count >= top_k:
+            if trial <= bottom:
                 threshold = trial
+            elif trial <= top:
+                count = tl.zeros((), dtype=tl.int32)
+                for c_start in range(0, n, CANDIDATES):
+                    c_ok = c_start + c_offs < n
+                    c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+                    count += tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0)
+                if count >= top_k:
+                    threshold = trial
         best = tl.full((), float("-inf"), dtype=tl.float32)
         best_index = tl.zeros((), dtype=tl.int32)
         for c_start in range(0, n, CANDIDATES):
