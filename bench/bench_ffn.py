@@ -2,7 +2,7 @@
 
     python -m bench.bench_ffn            # bf16 on the GPU, GPT-2 widths, 16384 tokens (8192 at C=4096)
     python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
-    python -m bench.bench_ffn --sweep    # time alternative tile tables at one width
+    python -m bench.bench_ffn --sweep    # time alternative tile tables (C = 768, 1024), eager beside
     python -m bench.bench_ffn --few-rows # a decode step's FFN: 1 to 64 rows, forward, microseconds
 
 The block is linear(C -> 4C) -> GELU(tanh) -> linear(4C -> C), with biases. TFLOP/s count
@@ -119,44 +119,56 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap, persistent programs per SM]. Two programs per SM let one's
-# epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones capped at
-# 128 registers (the GELU kernels need 134-149 uncapped and spill 24-44 bytes capped,
-# compiled for sm90); the persistent kernel overlaps them within one program.
+# warps, stages[, register cap, persistent programs per SM, TMA]. Two programs per SM let
+# one's epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones
+# capped at 128 registers (the GELU kernels need 134-149 uncapped and spill 24-44 bytes
+# capped, compiled for sm90); the persistent kernels overlap them within one program.
+# The TMA rows run kernels/ffn.py's _matmul_tma_kernel (descriptors, persistent, K split
+# for weight gradients with few tiles).
+_TMA = dict(plain=(128, 256, 64, 8, 8, 3, None, 1, True), epilogue=(128, 128, 64, 8, 8, 4, None, 1, True),
+            weight_grad=(128, 128, 64, 8, 8, 4, None, 1, True))
 SWEEP = {
     "table": None,
+    "TMA (kernels/ffn.py _TMA_TILES)": _TMA,
+    "TMA, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True)),
+    "TMA, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True)),
+    # 2 stages of 32 KiB and a 32 KiB staging tile: two programs per SM fit, as do their registers capped.
+    "TMA, plain and weight_grad 128x128 s2, 2/SM": _TMA | dict(
+        plain=(128, 128, 64, 8, 8, 2, 128, 2, True), weight_grad=(128, 128, 64, 8, 8, 2, 128, 2, True)),
     "forward persistent": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 3, None, 1)),
-    # Two resident programs per SM need two stages (96 KiB of shared memory each) and the cap.
-    "forward persistent, GELU 2/SM": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 2, 128, 2)),
     "epilogue 128 registers": dict(epilogue=(128, 128, 64, 8, 8, 3, 128)),
     "128x128 w4 everywhere": dict(plain=(128, 128, 64, 8, 4, 3), epilogue=(128, 128, 64, 8, 4, 3), weight_grad=(128, 128, 64, 8, 4, 3)),
-    "epilogue 128x128 w4": dict(epilogue=(128, 128, 64, 8, 4, 3)),
-    "weight_grad 128x256": dict(weight_grad=(128, 256, 64, 8, 8, 3)),
     "weight_grad 128x128 w4": dict(weight_grad=(128, 128, 64, 8, 4, 3)),
-    "weight_grad 128x128 s4": dict(weight_grad=(128, 128, 64, 8, 8, 4)),
-    "epilogue 128x256": dict(epilogue=(128, 256, 64, 8, 8, 3)),
-    "plain 128x128 s4": dict(plain=(128, 128, 64, 8, 8, 4)),
 }
 
 
-def sweep(C: int, M: int, dtype: torch.dtype, device: str = "cuda") -> None:
-    """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py);
-    time_providers checks every gradient before it times."""
+def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda") -> None:
+    """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py),
+    beside torch eager in the same run; time_providers checks every gradient before it times."""
     module = importlib.import_module("kernels.ffn")
     original = module._tiles
-    rows = []
-    for name, changes in SWEEP.items():
-        overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
-        module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
-        try:
-            f, b = time_providers({"triton": ffn}, M, C, dtype, device, 1e12)
-            rows.append([name, f["triton"], b["triton"]])
-        except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
-            rows.append([name, None, None])
-            print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
-        finally:
-            module._tiles = original
-    print_table(f"FFN tile sweep, TFLOP/s (C={C}, M={M})", ["tiles (changes to the table)", "forward", "forward+backward"], rows)
+    unit = 1e12 if device == "cuda" else 1e6
+    for C in widths:
+        M = 8192 if C >= 4096 else 16384 if device == "cuda" else 40
+        f, b = time_providers({"torch": reference.ffn}, M, C, dtype, device, unit)
+        eager = (f["torch"], b["torch"])
+        rows = [["torch eager", *eager, 1.0, 1.0]]
+        for name, changes in SWEEP.items():
+            overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
+            module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
+            try:
+                f, b = time_providers({"triton": ffn}, M, C, dtype, device, unit)
+                rows.append([name, f["triton"], b["triton"], f["triton"] / eager[0], b["triton"] / eager[1]])
+            except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
+                rows.append([name, None, None, None, None])
+                print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
+            finally:
+                module._tiles = original
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        units = "TFLOP/s" if device == "cuda" else "MFLOP/s"
+        print_table(f"FFN tile sweep, {units} (C={C}, M={M})",
+                    ["tiles (changes to the table)", "forward", "forward+backward", "fwd / eager", "fwd+bwd / eager"], rows)
 
 
 def few_rows(widths: list[int], rows: list[int], dtype: torch.dtype, device: str) -> None:
@@ -183,7 +195,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="element type (default bf16)")
     parser.add_argument("--widths", type=int, nargs="+", default=[768, 1024, 1600, 4096], help="model widths C")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
-    parser.add_argument("--sweep", type=int, metavar="C", nargs="?", const=1024, help="time alternative tile tables at width C instead (with --smoke: on CPU)")
+    parser.add_argument("--sweep", type=int, metavar="C", nargs="*", help="time alternative tile tables at widths C (default 768 1024) instead (with --smoke: on CPU)")
     parser.add_argument("--few-rows", action="store_true", help="time a decode step's FFN (1 to 64 rows) instead (with --smoke: on CPU)")
     args = parser.parse_args()
     if args.few_rows:
@@ -194,8 +206,8 @@ def main() -> None:
         else:
             parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke --few-rows to check the script on CPU\n")
         return
-    if args.smoke and args.sweep:
-        sweep(16, 40, torch.float32, "cpu")
+    if args.smoke and args.sweep is not None:
+        sweep([16], torch.float32, "cpu")
         return
     if args.smoke:
         run([16, 32], {16: 40, 32: 40}, torch.float32, "cpu", use_compile=False, plot_suffix="_smoke")
@@ -203,8 +215,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke to check the script on CPU\n")
     dtype = DTYPES[args.dtype]
-    if args.sweep:
-        sweep(args.sweep, 16384, dtype)
+    if args.sweep is not None:
+        sweep(args.sweep or [768, 1024], dtype)
         return
     tokens = {C: 8192 if C >= 4096 else 16384 for C in args.widths}
     run(args.widths, tokens, dtype, "cuda", use_compile=not args.no_compile, plot_suffix="")

@@ -66,7 +66,7 @@ for k in triton torch; do
         --lr 1e-3 --warmup 50 --eval-interval 150 --eval-iters 20 --log-interval 50 --seed 1 \
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
-step ffn-sweep 60 python3 -m bench.bench_ffn --sweep 1024
+step ffn-sweep 150 python3 -m bench.bench_ffn --sweep 768 1024
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep
 step attention-sweep 150 python3 -m bench.bench_attention --sweep
 

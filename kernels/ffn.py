@@ -20,6 +20,11 @@ The main loop is the same plain loop in every kernel: bias gradients come from t
 epilogue (dbfc) or from torch (dbproj), never from extra work inside the loop, which in
 earlier versions made the weight-gradient kernels' first column of programs the slowest.
 
+On Hopper a second kernel, _matmul_tma_kernel, moves every tile with TMA descriptors on a
+persistent schedule and cuts the K of weight gradients whose output tiles are too few to
+fill the SMs; it is the candidate (_TMA_TILES) that bench_ffn --sweep times against the
+pointer kernel's table, the default until a GPU run says otherwise.
+
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
 times both; saving is the default (see bench/RESULTS.md).
@@ -33,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import cdiv, check_inputs, device_capability
 
@@ -45,12 +51,20 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 
 @triton.jit
-def _gelu_parts(x):
+def _gelu(x):
     # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u): one sigmoid, no tanh
     # (libdevice tanh fails in the interpreter).
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _gelu_grad(x):
+    """d gelu_tanh / dx, at the rounded pre-activation the forward stored, as autograd would use."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     s = tl.sigmoid(2.0 * u)
-    return u, s
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    return s + x * s * (1.0 - s) * 2.0 * du
 
 
 @triton.jit
@@ -118,14 +132,10 @@ def _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N,
     if EPILOGUE == 1:
         if STORE_PRE:
             tl.store(Aux + om * stride_xm + on * stride_xn, acc.to(Aux.dtype.element_ty), mask=mask)
-        u, s = _gelu_parts(acc)
-        acc = acc * s
+        acc = _gelu(acc)
     if EPILOGUE == 2:
-        # Derivative of the rounded pre-activation the forward stored, as autograd would use.
         pre = tl.load(Aux + om * stride_xm + on * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        u, s = _gelu_parts(pre)
-        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * pre * pre)
-        acc = acc * (s + pre * s * (1.0 - s) * 2.0 * du)
+        acc = acc * _gelu_grad(pre)
     if COL_SUM:
         # Wrapped rows repeat real ones: they must not count twice.
         sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
@@ -185,6 +195,88 @@ def _matmul_persistent_kernel(
                   BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
 
 
+@triton.jit
+def _matmul_tma_kernel(
+    DescA, DescB, DescOut, DescAux, Bias, ColSum,
+    M, N, K, num_programs, splits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, STORE_HALVES: tl.constexpr,
+):
+    """_matmul_persistent_kernel with every tile moved by the TMA engine (host tensor
+    descriptors) instead of the threads: one instruction a tile, no per-element addresses
+    in registers, and zero fill past every edge for loads (clipping for stores), so
+    neither M, N nor K needs a mask or a wrap.
+
+    A_ROWS_FIRST: DescA holds A as stored, (M, K) row-major; else A^T, (K, M) row-major, a
+    tile of which is read and transposed in shared memory (dW = dy^T @ h). B_K_FIRST: DescB
+    holds B, (K, N) row-major; else B^T (N, K), an nn.Linear weight as stored. DescOut
+    is (splits, M, N) in tiles of (1, BLOCK_M, BLOCK_N), or half as wide with STORE_HALVES;
+    DescAux (M, N) holds the pre-activation (EPILOGUE 1 with STORE_PRE
+    writes it, EPILOGUE 2 reads it).
+
+    splits > 1 (products without bias or epilogue): K is cut into that many slices, each
+    a unit of work that stores an fp32 partial tile at DescOut[slice]; the caller sums
+    them. For weight gradients whose few output tiles would leave SMs idle in the last
+    round (GPT-2 small: 144 tiles on 132 SMs).
+    """
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # Every slice walks the same number of K steps, so the flattened loop keeps a fixed trip
+    # count; steps past K read zero fill.
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)
+    start = tl.program_id(0)
+    # The epilogue's own unit counter, so that it does not depend on the prologue's.
+    unit_out = start - num_programs
+    # Units run slice-major: the programs running side by side share a K slice and,
+    # through the grouped tile order, the operand tiles in L2.
+    for unit in tl.range(start, tiles * splits, num_programs, flatten=True):
+        pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        k_first = (unit // tiles) * k_steps
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            off_k = (k_first + k) * BLOCK_K
+            if A_ROWS_FIRST:
+                a = DescA.load([off_m, off_k])
+            else:
+                a = DescA.load([off_k, off_m]).T
+            if B_K_FIRST:
+                b = DescB.load([off_k, off_n])
+            else:
+                b = DescB.load([off_n, off_k]).T
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+        unit_out += num_programs
+        pid_m, pid_n = _tile_coords(unit_out % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        out_m = pid_m * BLOCK_M
+        out_n = pid_n * BLOCK_N
+        rn = out_n + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1:
+            if STORE_PRE:
+                DescAux.store([out_m, out_n], acc.to(DescAux.dtype))
+            acc = _gelu(acc)
+        if EPILOGUE == 2:
+            acc = acc * _gelu_grad(DescAux.load([out_m, out_n]).to(tl.float32))
+        if COL_SUM:
+            # Rows past M read zero fill, but a bias would not be zero there: mask them.
+            rm = out_m + tl.arange(0, BLOCK_M)
+            sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
+            tl.store(ColSum + pid_m.to(tl.int64) * N + rn, sums, mask=rn < N)
+        out = acc.to(DescOut.dtype)
+        if STORE_HALVES:
+            # Two stores of half the width: half the staging buffer in shared memory, which
+            # at 128 x 256 would not fit beside three pipeline stages.
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            DescOut.store([unit_out // tiles, out_m, out_n], left[None, :, :])
+            DescOut.store([unit_out // tiles, out_m, out_n + BLOCK_N // 2], right[None, :, :])
+        else:
+            DescOut.store([unit_out // tiles, out_m, out_n], out[None, :, :])
+
+
 class _Tiles(NamedTuple):
     block_m: int
     block_n: int
@@ -194,6 +286,7 @@ class _Tiles(NamedTuple):
     num_stages: int
     max_registers: int | None = None  # ptxas's cap, e.g. 128 for two 8-warp programs per SM
     persistent: int = 0  # programs per SM of the persistent kernel (K-contiguous products); 0: one per tile
+    tma: bool = False  # operands through TMA descriptors, persistent (`persistent` or 1 program per SM), any layout
 
 
 # The kinds of product, which take different tiles.
@@ -222,6 +315,16 @@ _TILES: dict[tuple[int, str], _Tiles] = {
     (8, _PLAIN): _Tiles(128, 128, 32, 8, 4, 4),
     (8, _EPILOGUE): _Tiles(128, 128, 32, 8, 8, 3),
     (8, _WEIGHT_GRAD): _Tiles(128, 128, 32, 8, 4, 4),
+}
+# Hopper with TMA, the candidate that bench_ffn --sweep times against the table above (not
+# yet measured, so not the default): descriptors instead of per-thread address arithmetic,
+# and the persistent schedule for every product, since TMA reads transposed operands as
+# well as K-contiguous ones. 128 x 128 tiles keep four 32 KiB stages in shared memory
+# beside the epilogue's staging, 128 x 256 three stages of 48 KiB.
+_TMA_TILES: dict[str, _Tiles] = {
+    _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True),
+    _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True),
+    _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 8, 4, tma=True),
 }
 _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
 # The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
@@ -268,28 +371,90 @@ def _matmul(
     tiles = row_tiles * cdiv(N, t.block_n)
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None
     aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
-    args = (a, b, out, out if bias is None else bias, aux_arg, out if partial is None else partial, M, N, K)
-    # The persistent kernel's flattened loop is pipelined only when both operands are
-    # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
-    # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
-    if t.persistent and a.stride(1) == 1 and b.stride(0) == 1:
-        programs = min(tiles, t.persistent * (_sm_count(a.device.index or 0) if a.is_cuda else 2))
-        kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
-    else:
-        kernel, grid = _matmul_kernel, (tiles,)
-    kernel[grid](
-        *args,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        aux_arg.stride(0), aux_arg.stride(1),
+    outputs = (out, out if bias is None else bias, aux_arg, out if partial is None else partial)
+    out_strides = (out.stride(0), out.stride(1), aux_arg.stride(0), aux_arg.stride(1))
+    flags = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_PRE=aux is not None and epilogue == _GELU,
+        COL_SUM=col_sums,
         # tl.dot would round fp32 inputs to tf32; 16-bit inputs take the backend's default.
-        COL_SUM=col_sums, ALIGNED=M % 16 == 0 and N % 16 == 0,
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         num_warps=t.num_warps, num_stages=t.num_stages,
         **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )
+    # Programs a persistent launch keeps resident (two stand for the SMs when interpreting).
+    slots = max(t.persistent, 1) * (_sm_count(a.device.index or 0) if a.is_cuda else 2)
+    programs = min(tiles, slots)
+    operands = _tma_operands(a, b, t) if t.tma else None
+    if operands is not None:
+        (desc_a, a_rows_first), (desc_b, b_k_first) = operands
+        splits = _k_splits(tiles, cdiv(K, t.block_k), slots) if epilogue == _NONE and bias is None else 1
+        target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
+        halves = t.block_n >= 256
+        _matmul_tma_kernel[(min(tiles * splits, slots),)](
+            desc_a, desc_b,
+            TensorDescriptor(target, [splits, M, N], [M * N, N, 1], [1, t.block_m, t.block_n // (1 + halves)]),
+            TensorDescriptor(aux_arg, [M, N], [aux_arg.stride(0), 1], [t.block_m, t.block_n]), outputs[1],
+            outputs[3], M, N, K, min(tiles * splits, slots), splits,
+            A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, STORE_HALVES=halves, **flags)
+        if splits > 1:
+            out.copy_(target.sum(0))
+        return out, None if partial is None else partial.sum(0)
+    args = (a, b, *outputs, M, N, K)
+    # The persistent kernel's flattened loop is pipelined only when both operands are
+    # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
+    # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
+    if t.persistent and a.stride(1) == 1 and b.stride(0) == 1:
+        kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
+    else:
+        kernel, grid = _matmul_kernel, (tiles,)
+    kernel[grid](
+        *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_strides,
+        ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
+    )
     return out, None if partial is None else partial.sum(0)
+
+
+def _k_splits(tiles: int, k_steps: int, slots: int) -> int:
+    """How many K slices to cut a product into so that its units of work fill the `slots`
+    programs' rounds: the fewest slices (up to 8, each 16 or more K steps) whose rounds per
+    tile come within 15% of perfect balance, as wave quantisation otherwise leaves SMs idle
+    (144 tiles on 132 SMs take two rounds: 55% busy; cut in four, 576 units take five
+    rounds of 4.4 units' work: 87%)."""
+    ideal = tiles / slots
+    best, best_rounds = 1, float(cdiv(tiles, slots))
+    for s in range(1, 9):
+        if s > 1 and k_steps < 16 * s:
+            break
+        rounds = cdiv(tiles * s, slots) / s
+        if rounds <= 1.15 * ideal:
+            return s
+        if rounds < best_rounds:
+            best, best_rounds = s, rounds
+    return best
+
+
+def _tma_operands(a: Tensor, b: Tensor, t: _Tiles) -> tuple[tuple[TensorDescriptor, bool], ...] | None:
+    """TMA descriptors for a (M, K) and b (K, N) with t's tiles (see _descriptor), or None
+    where TMA cannot address an operand or the (M, N) output's rows."""
+    if b.shape[1] * a.element_size() % 16:
+        return None
+    desc_a = _descriptor(a, (t.block_m, t.block_k))
+    desc_b = _descriptor(b, (t.block_k, t.block_n))
+    return None if desc_a is None or desc_b is None else (desc_a, desc_b)
+
+
+def _descriptor(x: Tensor, block: tuple[int, int]) -> tuple[TensorDescriptor, bool] | None:
+    """A TMA descriptor for the 2-D operand x read in `block` tiles, and True if it describes
+    x as stored (row-major), False if x^T (x a transposed view: the tiles are read reversed
+    and transposed in the kernel). None where TMA cannot address x: start or row stride not
+    16-byte aligned, or neither dimension contiguous."""
+    if x.data_ptr() % 16:
+        return None
+    for as_stored, view, shape in ((True, x, block), (False, x.t(), block[::-1])):
+        if view.stride(1) == 1 and view.stride(0) * x.element_size() % 16 == 0:
+            return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], list(shape)), as_stored
+    return None
 
 
 def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None) -> None:

@@ -35,14 +35,20 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                 unaligned: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 3) -> dict:
+                 unaligned: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 3,
+                 descriptors: dict[str, str] | None = None) -> dict:
     """Compiles `kernel` with every pointer and integer 16-aligned except `unaligned`;
-    integer arguments given in `constexprs` (strides of 1) are specialised like Triton does."""
+    integer arguments given in `constexprs` (strides of 1) are specialised like Triton does;
+    `descriptors` maps TMA descriptor arguments to their types, e.g. "tensordesc<bf16[128, 64]>"."""
     names = kernel.arg_names
+    descriptors = descriptors or {}
     signature, attrs = {}, {}
     for i, name in enumerate(names):
         if name in constexprs:
             signature[name] = "constexpr"
+            continue
+        if name in descriptors:
+            signature[name] = descriptors[name]
             continue
         signature[name] = f"*{pointers[name]}" if name in pointers else "fp32" if name in floats else "i32"
         if signature[name] != "fp32" and name not in unaligned:
@@ -63,6 +69,7 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared": compiled.metadata.shared,
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "num_warps": num_warps,
         "arch": arch,
     }
@@ -132,7 +139,25 @@ def ffn_cases(arch: int) -> dict[str, dict]:
             COL_SUM=epilogue == ffn._GELU_GRAD, ALIGNED=True, PRECISION=None)
         cases[f"ffn {name}"] = compile_case(
             arch, ffn._matmul_kernel, ptrs, constexprs, num_warps=t.num_warps, num_stages=t.num_stages)
+        if arch == 90 and kind != ffn._FEW_ROWS:
+            cases[f"ffn tma {name}"] = _ffn_tma_case(ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1)
     return cases
+
+
+def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool) -> dict:
+    """An FFN product on the TMA kernel for sm90, its descriptors' tiles in storage order."""
+    halves = t.block_n >= 256
+    a_block = [t.block_m, t.block_k] if a_rows_first else [t.block_k, t.block_m]
+    b_block = [t.block_k, t.block_n] if b_k_first else [t.block_n, t.block_k]
+    descriptors = {"DescA": f"tensordesc<bf16{a_block}>", "DescB": f"tensordesc<bf16{b_block}>",
+                   "DescOut": f"tensordesc<bf16{[1, t.block_m, t.block_n // (1 + halves)]}>",
+                   "DescAux": f"tensordesc<bf16{[t.block_m, t.block_n]}>"}
+    constexprs = dict(
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, STORE_HALVES=halves)
+    return compile_case(90, ffn._matmul_tma_kernel, {"Bias": "bf16", "ColSum": "fp32"}, constexprs,
+                        num_warps=t.num_warps, num_stages=t.num_stages, descriptors=descriptors)
 
 
 def decode_attention_cases(arch: int) -> dict[str, dict]:

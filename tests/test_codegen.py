@@ -47,9 +47,18 @@ def test_loops_are_pipelined(cases):
     """Every kernel that walks a loop of tiles has its loads in flight ahead of use; the
     LayerNorm forward and the sampling kernels (one tile a program) have no loop but for
     sampling's rare path over scratch, when the candidates overflow the registers."""
-    flat = {name: c for name, c in cases.items() if c["cp_async"] == 0 and not any(
+    flat = {name: c for name, c in cases.items() if c["cp_async"] == 0 and c["tma_loads"] == 0 and not any(
         k in name for k in ("layer_norm fwd", "sample"))}
-    assert not flat, f"no cp.async (loads not pipelined): {sorted(flat)}"
+    assert not flat, f"no cp.async or TMA copies (loads not pipelined): {sorted(flat)}"
+
+
+def test_ffn_tma_kernels_load_through_tma(cases):
+    """The TMA candidate's products issue TMA copies (operand tiles, and the stored
+    pre-activation for the GELU gradient), never per-thread cp.async."""
+    tma = {name: c for name, c in cases.items() if "ffn tma" in name}
+    assert len(tma) == 6
+    for name, c in tma.items():
+        assert c["tma_loads"] >= 2 and c["cp_async"] == 0, (name, c)
 
 
 def test_layer_norm_backward_occupancy(cases):

@@ -137,6 +137,68 @@ def test_persistent_kernel_in_interpreter(monkeypatch, device):
     assert len(calls) == 2  # forward: x @ Wfc^T and h @ Wproj^T
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_tma_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
+    """The TMA kernel (descriptors, persistent schedule) runs all six products, the
+    transposed operands of the backward included, on ragged shapes: zero fill past the
+    edges stands in for masks."""
+    if device == "cuda":
+        pytest.skip("test_tma_kernel_gpu runs it on Hopper")
+    calls = []
+    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
+    tiles = ffn_module._INTERPRETER._replace(tma=True)
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device).to(dtype)  # 10 x 5 tiles of 32 x 64 on 2 programs
+    _check(x, lambda t: t, _weights(48, 280, dtype, device), dtype, atol, rtol)
+    assert len(calls) == 6  # h, y; dpre, dWproj, dWfc, dx
+
+
+def test_tma_tiles_in_interpreter(monkeypatch, device):
+    """Hopper's TMA tiles themselves (128 x 256 stored in two halves, 128 x 128), fp16,
+    ragged, through the interpreter."""
+    if device == "cuda":
+        pytest.skip("test_tma_kernel_gpu runs them on Hopper")
+    calls = []
+    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._TMA_TILES[kind])
+    torch.manual_seed(0)
+    x = torch.randn(300, 80, device=device).half()  # C = 80: no product has few (<= 64) rows
+    _check(x, lambda t: t, _weights(80, 320, torch.float16, device), torch.float16, 2e-3, 2e-3)
+    assert len(calls) == 6
+
+
+def test_tma_kernel_split_k_in_interpreter(monkeypatch, device):
+    """Products cut along K (the weight gradients on GPUs where their tiles are few), the
+    last slice running past K into zero fill, sum to the same gradients."""
+    if device == "cuda":
+        pytest.skip("interpreter check; test_tma_kernel_gpu covers the GPU's choice")
+    asked = []
+    monkeypatch.setattr(ffn_module, "_k_splits", lambda tiles, k_steps, slots: asked.append(k_steps) or 3)
+    tiles = ffn_module._INTERPRETER._replace(tma=True)
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device)  # K = 300 tokens: 19 steps of 16, 7 per slice
+    _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
+    assert sorted(asked) == [18, 19, 19]  # dx (K = 280), dWproj and dWfc (K = 300); never the biased ones
+
+
+def test_tma_kernel_falls_back_where_tma_cannot_address(monkeypatch, device):
+    """x sliced from rows of 52 fp16 values (104 bytes, not a multiple of 16): TMA cannot
+    describe it, so the two products that read x take the pointer kernel, the other four
+    TMA, and the results still match."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher's choice")
+    calls = []
+    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
+    tiles = ffn_module._INTERPRETER._replace(tma=True)
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    torch.manual_seed(0)
+    x = torch.randn(70, 52, device=device).half()
+    _check(x, lambda t: t[:, :48], _weights(48, 192, torch.float16, device), torch.float16, 2e-3, 2e-3)
+    assert len(calls) == 4  # y, dpre, dWproj, dx
+
+
 class _Recorder:
     """A kernel that records its launches and runs them."""
 
@@ -205,6 +267,23 @@ def test_ffn_gpu(M, C, dtype, atol, rtol):
     torch.manual_seed(0)
     x = torch.randn(M, C, device="cuda").to(dtype)
     _check(x, lambda t: t, _weights(C, 4 * C, dtype, "cuda"), dtype, atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M, C", [pytest.param(1000, 768, id="gpt2"), pytest.param(513, 1600, id="gpt2-xl"), pytest.param(77, 48, id="small")])
+def test_tma_kernel_gpu(M, C, monkeypatch):
+    """The Hopper TMA candidate (bench_ffn --sweep times it) in bf16 at GPT-2 sizes."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA tiles are Hopper's")
+    calls = []
+    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
+    original = ffn_module._tiles
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._TMA_TILES.get(kind) or original(t, kind))
+    torch.manual_seed(0)
+    x = torch.randn(M, C, device="cuda").bfloat16()
+    _check(x, lambda t: t, _weights(C, 4 * C, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
+    assert len(calls) == (6 if C > 64 else 5)  # dWproj of C <= 64 rows takes the few-rows tiles
 
 
 @pytest.mark.gpu
