@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import cdiv, check_inputs, device_capability
 
@@ -37,17 +38,21 @@ from kernels._utils import cdiv, check_inputs, device_capability
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
-    stride_kt, stride_vt,
+    stride_kt, stride_vt, b, h,
     offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
     BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Folds key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile.
 
     Without MASK every tile must be in bounds and wholly visible to every query row.
+    TMA: K and V are (B, H, T, D) descriptors, read at head (b, h), zero-filled past Tk;
+    else pointers already at the head.
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -55,6 +60,9 @@ def _attn_fwd_inner(
         rows = offs_n.to(tl.int64)[:, None]
         if MASK:
             n_ok = offs_n < Tk
+        if TMA:
+            k = K.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASK:
             k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
             k = tl.load(K + rows * stride_kt + offs_d[None, :])
@@ -81,7 +89,9 @@ def _attn_fwd_inner(
             p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
+        if TMA:
+            v = V.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASK:
             v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
             v = tl.load(V + rows * stride_vt + offs_d[None, :])
@@ -105,7 +115,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """One BLOCK_M tile of queries of one (batch, head). TMA: Q, K and V are (B, H, T, D)
+    tensor descriptors, tiles moved by the TMA engine (no per-thread addresses; zero fill
+    past T), else pointers with the given strides."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         # The last query tiles see the most keys: launch them first so that the short
@@ -114,9 +128,6 @@ def _attn_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * Tq
 
@@ -124,8 +135,13 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
-    q_ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+    if TMA:
+        q = Q.load([bh // H, bh % H, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -142,12 +158,14 @@ def _attn_fwd_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, mid, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, 0, mid, Tk, offset,
+        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
+        PRECISION=PRECISION, TMA=TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, mid, hi, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, mid, hi, Tk, offset,
+        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
+        PRECISION=PRECISION, TMA=TMA,
     )
 
     o = acc / l_i[:, None]
@@ -394,6 +412,7 @@ class _Launch(NamedTuple):
     BLOCK_N: int  # keys per tile
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: q, k, v through TMA descriptors where TMA can address them
 
 
 class _Settings(NamedTuple):
@@ -477,6 +496,15 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _head_descriptor(t: Tensor, rows: int) -> TensorDescriptor | None:
+    """A TMA descriptor over t (B, H, T, D) read in (1, 1, rows, D) tiles, or None where TMA
+    cannot address it (start or a stride not 16-byte aligned)."""
+    size = t.element_size()
+    if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]):
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
+
+
 def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -496,12 +524,15 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         return o, lse, q, k, v, scale
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
     grid = (cdiv(Tq, cfg.BLOCK_M), B * H)
+    tiles = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_N)
+    descriptors = [_head_descriptor(t, rows) for t, rows in zip((q, k, v), tiles)] if cfg.tma else [None]
+    tma = None not in descriptors
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
+        *(descriptors if tma else (q, k, v)), o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, Tk, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
 

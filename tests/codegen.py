@@ -100,7 +100,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
         cfg = attention._CONFIGS[(arch // 10, D)]
         common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None)
         for name, kernel, launch, extra in (
-            ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False)),
+            ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
             ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {}),
             ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {}),
         ):
@@ -108,6 +108,15 @@ def attention_cases(arch: int) -> dict[str, dict]:
                 arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
                 floats=("scale", "qk_scale"), unaligned=unaligned,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
+        if arch == 90:  # the TMA forward, a Hopper candidate (bench_attention --sweep)
+            launch = cfg.fwd
+            rows = {"Q": launch.BLOCK_M, "K": launch.BLOCK_N, "V": launch.BLOCK_N}
+            cases[f"attention fwd tma D={D}"] = compile_case(
+                arch, attention._attn_fwd_kernel, ptrs,
+                common | dict(NEGATIVE_SCALE=False, TMA=True, BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
+                floats=("scale", "qk_scale"), unaligned=unaligned, num_warps=launch.num_warps,
+                num_stages=launch.num_stages,
+                descriptors={n: f"tensordesc<bf16[1, 1, {r}, {D}]>" for n, r in rows.items()})
     return cases
 
 

@@ -169,6 +169,58 @@ def test_gpu_tile_shapes_in_interpreter(capability, dtype, D, monkeypatch, devic
         _compare(_separate, inputs, do, atol, rtol, causal=causal)
 
 
+def _tma_forward(monkeypatch):
+    """Makes the forward read q, k, v through TMA descriptors; returns the TMA flag of each launch."""
+    original, calls = attention_module._settings, []
+    kernel = attention_module._attn_fwd_kernel
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs["TMA"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention_module, "_settings",
+                        lambda *a: (s := original(*a))._replace(fwd=s.fwd._replace(tma=True)))
+    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", Launcher())
+    return calls
+
+
+@pytest.mark.parametrize("B, H, Tq, Tk, D, causal", [
+    pytest.param(2, 2, 50, 50, 16, True, id="T50-B2-H2"),
+    pytest.param(1, 1, 19, 65, 32, True, id="Tq19-Tk65"),
+    pytest.param(1, 1, 40, 21, 16, False, id="Tq40-Tk21-full"),
+])
+def test_tma_forward_in_interpreter(B, H, Tq, Tk, D, causal, monkeypatch, device):
+    """The forward with q, k, v read by TMA (zero fill past T instead of masked loads), on
+    ragged, multi-tile, multi-head shapes."""
+    if device == "cuda":
+        pytest.skip("test_tma_forward_gpu runs it on Hopper")
+    calls = _tma_forward(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _qkv(B, H, Tq, Tk, D, torch.float32, device)
+    do = torch.randn(B, H, Tq, D, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal)
+    assert calls == [True]
+
+
+def test_tma_forward_fused_qkv_and_fallback(monkeypatch, device):
+    """TMA reads the model's layout (permuted views of one (B, T, 3, H, D) projection, head
+    stride D); a row stride that is not a multiple of 16 bytes takes the pointer path."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher's choice")
+    calls = _tma_forward(monkeypatch)
+    torch.manual_seed(0)
+    B, T, H, D = 2, 33, 2, 16
+    do = torch.randn(B, H, T, D, device=device)
+    _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [torch.randn(B, T, 3, H, D, device=device)], do, 1e-5, 1e-5)
+    # Rows of 3 * 16 + 1 floats: 196 bytes apart.
+    _compare(lambda x: x[..., :48].unflatten(-1, (3, H // 2, D)).permute(2, 0, 3, 1, 4).unbind(0),
+             [torch.randn(B, T, 49, device=device)], torch.randn(B, 1, T, D, device=device), 1e-5, 1e-5)
+    assert calls == [True, False]
+
+
 @pytest.mark.parametrize(
     "q_shape, k_shape, v_shape, dtype, k_device, causal, match",
     [
@@ -250,6 +302,25 @@ def test_long_sequence_gpu(D, dtype, atol, rtol):
     T = 4096
     inputs = _qkv(1, 2, T, T, D, dtype, "cuda")
     _compare(_separate, inputs, torch.randn(1, 2, T, D, device="cuda").to(dtype), atol, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES[1:])
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_tma_forward_gpu(D, dtype, atol, rtol, monkeypatch):
+    """The TMA forward (bench_attention --sweep times it) on Hopper, ragged and full-size,
+    in the model's fused-QKV layout and in separate tensors."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("TMA forward candidates are Hopper's")
+    calls = _tma_forward(monkeypatch)
+    torch.manual_seed(0)
+    for Tq, Tk, causal in [(1000, 1000, True), (333, 1024, True), (257, 257, False)]:
+        inputs = _qkv(2, 3, Tq, Tk, D, dtype, "cuda")
+        _compare(_separate, inputs, torch.randn(2, 3, Tq, D, device="cuda").to(dtype), atol, rtol, causal=causal)
+    qkv = torch.randn(2, 1024, 3, 4, D, device="cuda").to(dtype)
+    _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [qkv], torch.randn(2, 4, 1024, D, device="cuda").to(dtype),
+             atol, rtol)
+    assert calls == [True] * 4
 
 
 @pytest.mark.gpu
