@@ -119,26 +119,28 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap, persistent programs per SM, TMA]. Two programs per SM let
-# one's epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or 8-warp ones
-# capped at 128 registers (the GELU kernels need 134-149 uncapped and spill 24-44 bytes
-# capped, compiled for sm90); the persistent kernels overlap them within one program.
-# The TMA rows run kernels/ffn.py's _matmul_tma_kernel (descriptors, persistent, K split
-# for weight gradients with few tiles).
-_TMA = dict(plain=(128, 256, 64, 8, 8, 3, None, 1, True), epilogue=(128, 128, 64, 8, 8, 4, None, 1, True),
-            weight_grad=(128, 128, 64, 8, 8, 4, None, 1, True))
+# warps, stages[, register cap, persistent programs per SM, TMA, split K]. Two programs
+# per SM let one's epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or
+# 8-warp ones capped at 128 registers (the GELU kernels need 134-149 uncapped and spill
+# 24-44 bytes capped, compiled for sm90); the persistent kernels overlap them within one
+# program. The TMA rows run kernels/ffn.py's _matmul_tma_kernel (descriptors, persistent);
+# split K cuts the weight gradients where their tiles leave SMs idle (C = 768: 144 tiles
+# on 132 SMs, cut in 4), so the C = 768 rows show it and the C = 1024 rows do not.
+_TMA = dict(plain=(128, 256, 64, 8, 8, 3, None, 1, True, True), epilogue=(128, 128, 64, 8, 8, 4, None, 1, True, True),
+            weight_grad=(128, 128, 64, 8, 8, 4, None, 1, True, True))
 SWEEP = {
     "table": None,
-    "TMA (kernels/ffn.py _TMA_TILES)": _TMA,
-    "TMA, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True)),
-    "TMA, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True)),
+    "TMA + split K (kernels/ffn.py _TMA_TILES)": _TMA,
+    "split K (pointer kernel)": dict(weight_grad=(128, 128, 64, 8, 8, 3, None, 0, False, True)),
+    "TMA, no split K": {kind: t[:9] for kind, t in _TMA.items()},
+    "TMA + split K, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True, True)),
+    "TMA + split K, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True, True)),
     # 2 stages of 32 KiB and a 32 KiB staging tile: two programs per SM fit, as do their registers capped.
-    "TMA, plain and weight_grad 128x128 s2, 2/SM": _TMA | dict(
-        plain=(128, 128, 64, 8, 8, 2, 128, 2, True), weight_grad=(128, 128, 64, 8, 8, 2, 128, 2, True)),
+    "TMA + split K, plain and weight_grad 128x128 s2, 2/SM": _TMA | dict(
+        plain=(128, 128, 64, 8, 8, 2, 128, 2, True, True), weight_grad=(128, 128, 64, 8, 8, 2, 128, 2, True, True)),
     "forward persistent": dict(plain=(128, 256, 64, 8, 8, 3, None, 1), epilogue=(128, 128, 64, 8, 8, 3, None, 1)),
     "epilogue 128 registers": dict(epilogue=(128, 128, 64, 8, 8, 3, 128)),
     "128x128 w4 everywhere": dict(plain=(128, 128, 64, 8, 4, 3), epilogue=(128, 128, 64, 8, 4, 3), weight_grad=(128, 128, 64, 8, 4, 3)),
-    "weight_grad 128x128 w4": dict(weight_grad=(128, 128, 64, 8, 4, 3)),
 }
 
 

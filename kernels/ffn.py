@@ -82,10 +82,11 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, k_first, k_steps,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) fp32 tile (pid_m, pid_n) of A @ B.
+    """The (BLOCK_M, BLOCK_N) fp32 tile (pid_m, pid_n) of A @ B over the K steps
+    [k_first, k_first + k_steps); steps past K add zeros.
 
     ALIGNED: M and N are multiples of 16, so wrapped indices still come in aligned runs of
     16 -- said explicitly, because the persistent kernel's flattened loop carries the
@@ -106,7 +107,7 @@ def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid
     am = am.to(tl.int64)
     bn = bn.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_first + k_steps):
         # Pointers from k, not incremented: the persistent kernel's flattened loop
         # (tl.range flatten) wants no loop-carried pointers between tiles.
         kk = k * BLOCK_K + rk
@@ -146,22 +147,27 @@ def _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N,
 @triton.jit
 def _matmul_kernel(
     A, B, Out, Bias, Aux, ColSum,
-    M, N, K,
+    M, N, K, splits,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
     ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Out = epilogue(A @ B + Bias), one output tile per program; A (M, K), B (K, N), any
-    strides; fp32 accumulation.
+    """Out = epilogue(A @ B + Bias), one output tile (of one K slice) per program; A (M, K),
+    B (K, N), any strides; fp32 accumulation.
 
     EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
     gelu'(Aux).  COL_SUM: ColSum (cdiv(M, BLOCK_M), N) fp32 = Out's columns summed over
-    each row tile (before rounding to Out's dtype).
+    each row tile (before rounding to Out's dtype). splits > 1 (no bias, no epilogue): Out
+    is (splits, M, N) fp32 and slice s of K adds its partial product at Out[s] (see _k_splits).
     """
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    unit = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)
     acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                        BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+                        (unit // tiles) * k_steps, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+    Out += (unit // tiles).to(tl.int64) * M * N
     _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
               BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
 
@@ -188,7 +194,7 @@ def _matmul_persistent_kernel(
     for tile in tl.range(start, tiles, num_programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                            BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+                            0, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
         tile_out += num_programs
         pid_m, pid_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
@@ -287,6 +293,7 @@ class _Tiles(NamedTuple):
     max_registers: int | None = None  # ptxas's cap, e.g. 128 for two 8-warp programs per SM
     persistent: int = 0  # programs per SM of the persistent kernel (K-contiguous products); 0: one per tile
     tma: bool = False  # operands through TMA descriptors, persistent (`persistent` or 1 program per SM), any layout
+    split_k: bool = False  # cut K where the output tiles alone would leave SMs idle (products without bias or epilogue)
 
 
 # The kinds of product, which take different tiles.
@@ -322,9 +329,9 @@ _TILES: dict[tuple[int, str], _Tiles] = {
 # well as K-contiguous ones. 128 x 128 tiles keep four 32 KiB stages in shared memory
 # beside the epilogue's staging, 128 x 256 three stages of 48 KiB.
 _TMA_TILES: dict[str, _Tiles] = {
-    _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True),
-    _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True),
-    _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 8, 4, tma=True),
+    _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True, split_k=True),
+    _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
+    _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
 }
 _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
 # The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
@@ -372,7 +379,6 @@ def _matmul(
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None
     aux_arg = out if aux is None else aux  # never touched without an epilogue that needs it
     outputs = (out, out if bias is None else bias, aux_arg, out if partial is None else partial)
-    out_strides = (out.stride(0), out.stride(1), aux_arg.stride(0), aux_arg.stride(1))
     flags = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_PRE=aux is not None and epilogue == _GELU,
@@ -385,33 +391,37 @@ def _matmul(
     # Programs a persistent launch keeps resident (two stand for the SMs when interpreting).
     slots = max(t.persistent, 1) * (_sm_count(a.device.index or 0) if a.is_cuda else 2)
     programs = min(tiles, slots)
+    splits = 1
+    if t.split_k and epilogue == _NONE and bias is None:
+        splits = _k_splits(tiles, cdiv(K, t.block_k), slots)
+    # A split product's slices store fp32 partials, summed below.
+    target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
     operands = _tma_operands(a, b, t) if t.tma else None
     if operands is not None:
         (desc_a, a_rows_first), (desc_b, b_k_first) = operands
-        splits = _k_splits(tiles, cdiv(K, t.block_k), slots) if epilogue == _NONE and bias is None else 1
-        target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
         halves = t.block_n >= 256
-        _matmul_tma_kernel[(min(tiles * splits, slots),)](
+        programs = min(tiles * splits, slots)
+        _matmul_tma_kernel[(programs,)](
             desc_a, desc_b,
             TensorDescriptor(target, [splits, M, N], [M * N, N, 1], [1, t.block_m, t.block_n // (1 + halves)]),
             TensorDescriptor(aux_arg, [M, N], [aux_arg.stride(0), 1], [t.block_m, t.block_n]), outputs[1],
-            outputs[3], M, N, K, min(tiles * splits, slots), splits,
+            outputs[3], M, N, K, programs, splits,
             A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, STORE_HALVES=halves, **flags)
-        if splits > 1:
-            out.copy_(target.sum(0))
-        return out, None if partial is None else partial.sum(0)
-    args = (a, b, *outputs, M, N, K)
-    # The persistent kernel's flattened loop is pipelined only when both operands are
-    # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
-    # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
-    if t.persistent and a.stride(1) == 1 and b.stride(0) == 1:
-        kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
     else:
-        kernel, grid = _matmul_kernel, (tiles,)
-    kernel[grid](
-        *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_strides,
-        ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
-    )
+        args = (a, b, target, *outputs[1:], M, N, K)
+        # The persistent kernel's flattened loop is pipelined only when both operands are
+        # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
+        # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
+        if t.persistent and splits == 1 and a.stride(1) == 1 and b.stride(0) == 1:
+            kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
+        else:
+            kernel, grid, args = _matmul_kernel, (tiles * splits,), (*args, splits)
+        kernel[grid](
+            *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, aux_arg.stride(0), aux_arg.stride(1),
+            ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
+        )
+    if splits > 1:
+        out.copy_(target.sum(0))
     return out, None if partial is None else partial.sum(0)
 
 

@@ -168,14 +168,15 @@ def test_tma_tiles_in_interpreter(monkeypatch, device):
     assert len(calls) == 6
 
 
-def test_tma_kernel_split_k_in_interpreter(monkeypatch, device):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_split_k_in_interpreter(tma, monkeypatch, device):
     """Products cut along K (the weight gradients on GPUs where their tiles are few), the
-    last slice running past K into zero fill, sum to the same gradients."""
+    last slice running past K (into zero fill, or masked loads), sum to the same gradients."""
     if device == "cuda":
         pytest.skip("interpreter check; test_tma_kernel_gpu covers the GPU's choice")
     asked = []
     monkeypatch.setattr(ffn_module, "_k_splits", lambda tiles, k_steps, slots: asked.append(k_steps) or 3)
-    tiles = ffn_module._INTERPRETER._replace(tma=True)
+    tiles = ffn_module._INTERPRETER._replace(tma=tma, split_k=True)
     monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
     torch.manual_seed(0)
     x = torch.randn(300, 48, device=device)  # K = 300 tokens: 19 steps of 16, 7 per slice
