@@ -151,23 +151,29 @@ def _matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Out = epilogue(A @ B + Bias), one output tile (of one K slice) per program; A (M, K),
     B (K, N), any strides; fp32 accumulation.
 
     EPILOGUE 1: Out = gelu(pre), and Aux = pre when STORE_PRE.  EPILOGUE 2: Out = (A @ B) *
     gelu'(Aux).  COL_SUM: ColSum (cdiv(M, BLOCK_M), N) fp32 = Out's columns summed over
-    each row tile (before rounding to Out's dtype). splits > 1 (no bias, no epilogue): Out
+    each row tile (before rounding to Out's dtype). SPLIT_K (no bias, no epilogue): Out
     is (splits, M, N) fp32 and slice s of K adds its partial product at Out[s] (see _k_splits).
     """
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    unit = tl.program_id(0)
-    pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)
+    if SPLIT_K:  # constexpr, so that unsplit products compile exactly as before
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        unit = tl.program_id(0)
+        pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)
+        k_first = (unit // tiles) * k_steps
+        Out += (unit // tiles).to(tl.int64) * M * N
+    else:
+        pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        k_first = 0
+        k_steps = tl.cdiv(K, BLOCK_K)
     acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                        (unit // tiles) * k_steps, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
-    Out += (unit // tiles).to(tl.int64) * M * N
+                        k_first, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
     _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
               BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
 
@@ -416,6 +422,7 @@ def _matmul(
             kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
         else:
             kernel, grid, args = _matmul_kernel, (tiles * splits,), (*args, splits)
+            flags["SPLIT_K"] = splits > 1
         kernel[grid](
             *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, aux_arg.stride(0), aux_arg.stride(1),
             ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
