@@ -182,15 +182,18 @@ def run(
 
 
 # Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]) per
-# kernel; each is timed with the other two kernels at the table's setting. The forward's
-# TMA rows read q, k, v through tensor descriptors (Hopper): no per-thread address
-# arithmetic (a third fewer PTX instructions at D = 64, compiled for sm90), which competes
-# for issue slots with the softmax that sets the D = 64 forward's pace.
+# kernel; each is timed with the other two kernels at the table's setting. The TMA rows
+# move the tiles each kernel loops over (forward: q, k, v; dK/dV: q, dO; dQ: k, v)
+# through tensor descriptors (Hopper): no per-thread address arithmetic (a third fewer
+# PTX instructions in the D = 64 forward, compiled for sm90), which competes for issue
+# slots with the softmax that sets the D = 64 forward's pace.
 SWEEP = {
     "fwd": [(128, 128, 8, 3), (128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
             (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
-    "dkdv": [(32, 128, 8, 5), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4), (16, 128, 4, 5)],
-    "dq": [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 3)],
+    "dkdv": [(32, 128, 8, 5), (32, 128, 8, 5, True), (32, 128, 8, 3, True), (32, 128, 4, 5), (64, 128, 8, 3),
+             (32, 64, 4, 4), (16, 128, 4, 5)],
+    "dq": [(128, 32, 4, 5), (128, 32, 4, 5, True), (128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3),
+           (64, 32, 4, 4), (128, 32, 8, 3)],
 }
 
 
@@ -250,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
-            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}
+            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
             sweep(48, 48, 32, [16], torch.float32, "cpu", tiny)
         elif torch.cuda.is_available():
             sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda")

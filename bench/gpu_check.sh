@@ -68,7 +68,7 @@ for k in triton torch; do
 done
 step ffn-sweep 150 python3 -m bench.bench_ffn --sweep 768 1024
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep
-step attention-sweep 180 python3 -m bench.bench_attention --sweep
+step attention-sweep 240 python3 -m bench.bench_attention --sweep
 
 tar -cf "$out/plots.tar" bench/plots 2>/dev/null
 # The tables and outcomes, for the reply's tail.

@@ -203,29 +203,38 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA,
-    stride_qt, stride_dot,
+    stride_qt, stride_dot, b, h,
     offs_n, offs_d, lo, hi, Tq, offset, qk_scale,
     BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Adds the query tiles [lo, hi) to one key tile's dK (unscaled) and dV.
 
     Works on transposed scores (keys x queries) so that P^T and dS^T feed the matmuls
     directly. Query rows past Tq load zeros and a log-sum-exp of +inf: P = 0 there, so
-    they add nothing; MASK applies the causal mask.
+    they add nothing; MASK applies the causal mask. TMA: Q and DO are (B, H, T, D)
+    descriptors read at head (b, h), else pointers already at the head.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
         rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(Q + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        if TMA:
+            q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q = tl.load(Q + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASK:
             pT = tl.where(offs_m[None, :] + offset >= offs_n[:, None], pT, 0.0)
-        do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        if TMA:
+            do = DO.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -249,17 +258,21 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """One BLOCK_N tile of keys of one (batch, head) against the queries that see it.
+    TMA: Q and DO (the tiles of the loop) are (B, H, T, D) descriptors."""
     # Programs in launch order hold keys 0, BLOCK_N, ...: under a causal mask the first
     # ones see the most queries, which already puts the long programs first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
+    if not TMA:
+        Q += b * stride_qb + h * stride_qh
+        DO += b * stride_dob + h * stride_doh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
     LSE += bh.to(tl.int64) * Tq
@@ -284,17 +297,17 @@ def _attn_bwd_dkdv_kernel(
         full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, bh // H, bh % H,
             offs_n, offs_d, lo, mid, Tq, offset, qk_scale,
-            BLOCK_M=BLOCK_M, MASK=True, PRECISION=PRECISION,
+            BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA,
         )
     else:
         offset = 0
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, bh // H, bh % H,
         offs_n, offs_d, mid, Tq, Tq, offset, qk_scale,
-        BLOCK_M=BLOCK_M, MASK=False, PRECISION=PRECISION,
+        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA,
     )
 
     tl.store(DV + rows * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
@@ -306,20 +319,26 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K, V,
-    stride_kt, stride_vt,
+    stride_kt, stride_vt, b, h,
     offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
     BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds as in the forward."""
+    """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds and TMA as in the forward."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)[:, None]
         if MASK:
             n_ok = offs_n < Tk
+        if TMA:
+            k = K.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = V.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASK:
             k = tl.load(K + rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
@@ -352,7 +371,10 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """One BLOCK_M tile of queries of one (batch, head) against the keys it sees.
+    TMA: K and V (the tiles of the loop) are (B, H, T, D) descriptors."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
@@ -360,8 +382,9 @@ def _attn_bwd_dq_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    if not TMA:
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
     LSE += bh.to(tl.int64) * Tq
@@ -387,12 +410,12 @@ def _attn_bwd_dq_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, 0, mid, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, 0, mid, Tk, offset,
+        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, mid, hi, Tk, offset, qk_scale,
-        BLOCK_N=BLOCK_N, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, mid, hi, Tk, offset,
+        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
     )
     dq = dq * scale
     tl.store(DQ + rows * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -412,7 +435,7 @@ class _Launch(NamedTuple):
     BLOCK_N: int  # keys per tile
     num_warps: int
     num_stages: int
-    tma: bool = False  # forward only: q, k, v through TMA descriptors where TMA can address them
+    tma: bool = False  # the tiles moved by TMA descriptors where TMA can address them (Hopper)
 
 
 class _Settings(NamedTuple):
@@ -496,13 +519,14 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _head_descriptor(t: Tensor, rows: int) -> TensorDescriptor | None:
-    """A TMA descriptor over t (B, H, T, D) read in (1, 1, rows, D) tiles, or None where TMA
-    cannot address it (start or a stride not 16-byte aligned)."""
-    size = t.element_size()
-    if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]):
-        return None
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
+def _descriptors(tma: bool, *tensors: tuple[Tensor, int]) -> list[TensorDescriptor | None]:
+    """TMA descriptors over (B, H, T, D) tensors read in (1, 1, rows, D) tiles, for each
+    (tensor, rows) -- or all None, unless `tma` and TMA can address every one of them
+    (start and strides 16-byte aligned; a broadcast stride of 0 cannot be described)."""
+    for t, _ in tensors:
+        if not tma or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:3]):
+            return [None] * len(tensors)
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]]) for t, rows in tensors]
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -524,9 +548,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         return o, lse, q, k, v, scale
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
     grid = (cdiv(Tq, cfg.BLOCK_M), B * H)
-    tiles = (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_N)
-    descriptors = [_head_descriptor(t, rows) for t, rows in zip((q, k, v), tiles)] if cfg.tma else [None]
-    tma = None not in descriptors
+    descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
+    tma = descriptors[0] is not None
     _attn_fwd_kernel[grid](
         *(descriptors if tma else (q, k, v)), o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -558,20 +581,22 @@ def _attention_bwd(
         HEAD_DIM=D, BLOCK_M=pre_rows, num_warps=4,
     )
     cfg = settings.dkdv
+    q_tiles, do_tiles = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (do, cfg.BLOCK_M))
     _attn_bwd_dkdv_kernel[(cdiv(Tk, cfg.BLOCK_N), B * H)](
-        q, k, v, do, dk, dv, lse, delta,
+        q_tiles or q, k, v, do_tiles or do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Tq, Tk, scale, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=q_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = settings.dq
+    k_tiles, v_tiles = _descriptors(cfg.tma, (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
     _attn_bwd_dq_kernel[(cdiv(Tq, cfg.BLOCK_M), B * H)](
-        q, k, v, do, dq, lse, delta,
+        q, k_tiles or k, v_tiles or v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, scale, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=k_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 

@@ -101,22 +101,26 @@ def attention_cases(arch: int) -> dict[str, dict]:
         common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
-            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {}),
-            ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {}),
+            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False)),
+            ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, dict(TMA=False)),
         ):
             cases[f"attention {name} D={D}"] = compile_case(
                 arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
                 floats=("scale", "qk_scale"), unaligned=unaligned,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
-        if arch == 90:  # the TMA forward, a Hopper candidate (bench_attention --sweep)
-            launch = cfg.fwd
-            rows = {"Q": launch.BLOCK_M, "K": launch.BLOCK_N, "V": launch.BLOCK_N}
-            cases[f"attention fwd tma D={D}"] = compile_case(
-                arch, attention._attn_fwd_kernel, ptrs,
-                common | dict(NEGATIVE_SCALE=False, TMA=True, BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
-                floats=("scale", "qk_scale"), unaligned=unaligned, num_warps=launch.num_warps,
-                num_stages=launch.num_stages,
-                descriptors={n: f"tensordesc<bf16[1, 1, {r}, {D}]>" for n, r in rows.items()})
+        if arch == 90:  # the TMA candidates, Hopper's (bench_attention --sweep)
+            for name, kernel, launch, loop_tiles in (
+                ("fwd", attention._attn_fwd_kernel, cfg.fwd, {"Q": "M", "K": "N", "V": "N"}),
+                ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {"Q": "M", "DO": "M"}),
+                ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {"K": "N", "V": "N"}),
+            ):
+                blocks = dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N)
+                extra = dict(NEGATIVE_SCALE=False) if name == "fwd" else {}
+                cases[f"attention {name} tma D={D}"] = compile_case(
+                    arch, kernel, ptrs, common | extra | blocks | dict(TMA=True),
+                    floats=("scale", "qk_scale"), unaligned=unaligned, num_warps=launch.num_warps,
+                    num_stages=launch.num_stages,
+                    descriptors={n: f"tensordesc<bf16[1, 1, {blocks['BLOCK_' + b]}, {D}]>" for n, b in loop_tiles.items()})
     return cases
 
 

@@ -169,21 +169,28 @@ def test_gpu_tile_shapes_in_interpreter(capability, dtype, D, monkeypatch, devic
         _compare(_separate, inputs, do, atol, rtol, causal=causal)
 
 
-def _tma_forward(monkeypatch):
-    """Makes the forward read q, k, v through TMA descriptors; returns the TMA flag of each launch."""
+def _tma_launches(monkeypatch):
+    """Settings that move every kernel's tiles with TMA descriptors; returns the TMA flag
+    of each launch, in order (forward, dK/dV, dQ)."""
     original, calls = attention_module._settings, []
-    kernel = attention_module._attn_fwd_kernel
+
+    def settings(*args):
+        s = original(*args)
+        return s._replace(**{k: getattr(s, k)._replace(tma=True) for k in ("fwd", "dkdv", "dq")})
 
     class Launcher:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 calls.append(kwargs["TMA"])
-                return kernel[grid](*args, **kwargs)
+                return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(attention_module, "_settings",
-                        lambda *a: (s := original(*a))._replace(fwd=s.fwd._replace(tma=True)))
-    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", Launcher())
+    monkeypatch.setattr(attention_module, "_settings", settings)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(attention_module, name, Launcher(getattr(attention_module, name)))
     return calls
 
 
@@ -192,25 +199,26 @@ def _tma_forward(monkeypatch):
     pytest.param(1, 1, 19, 65, 32, True, id="Tq19-Tk65"),
     pytest.param(1, 1, 40, 21, 16, False, id="Tq40-Tk21-full"),
 ])
-def test_tma_forward_in_interpreter(B, H, Tq, Tk, D, causal, monkeypatch, device):
-    """The forward with q, k, v read by TMA (zero fill past T instead of masked loads), on
-    ragged, multi-tile, multi-head shapes."""
+def test_tma_in_interpreter(B, H, Tq, Tk, D, causal, monkeypatch, device):
+    """Forward and backward with the looped-over tiles read by TMA (zero fill past T
+    instead of masked loads), on ragged, multi-tile, multi-head shapes."""
     if device == "cuda":
-        pytest.skip("test_tma_forward_gpu runs it on Hopper")
-    calls = _tma_forward(monkeypatch)
+        pytest.skip("test_tma_gpu runs it on Hopper")
+    calls = _tma_launches(monkeypatch)
     torch.manual_seed(0)
     inputs = _qkv(B, H, Tq, Tk, D, torch.float32, device)
     do = torch.randn(B, H, Tq, D, device=device)
     _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal)
-    assert calls == [True]
+    assert calls == [True] * 3
 
 
-def test_tma_forward_fused_qkv_and_fallback(monkeypatch, device):
+def test_tma_fused_qkv_and_fallback(monkeypatch, device):
     """TMA reads the model's layout (permuted views of one (B, T, 3, H, D) projection, head
-    stride D); a row stride that is not a multiple of 16 bytes takes the pointer path."""
+    stride D); a row stride that is not a multiple of 16 bytes takes the pointer path, as
+    does an upstream gradient broadcast over heads (stride 0) in the backward."""
     if device == "cuda":
         pytest.skip("interpreter check of the launcher's choice")
-    calls = _tma_forward(monkeypatch)
+    calls = _tma_launches(monkeypatch)
     torch.manual_seed(0)
     B, T, H, D = 2, 33, 2, 16
     do = torch.randn(B, H, T, D, device=device)
@@ -218,7 +226,16 @@ def test_tma_forward_fused_qkv_and_fallback(monkeypatch, device):
     # Rows of 3 * 16 + 1 floats: 196 bytes apart.
     _compare(lambda x: x[..., :48].unflatten(-1, (3, H // 2, D)).permute(2, 0, 3, 1, 4).unbind(0),
              [torch.randn(B, T, 49, device=device)], torch.randn(B, 1, T, D, device=device), 1e-5, 1e-5)
-    assert calls == [True, False]
+    assert calls == [True] * 3 + [False] * 3
+    calls.clear()
+    ours = [t.requires_grad_() for t in _qkv(B, H, T, T, D, torch.float32, device)]
+    do = torch.randn(B, 1, T, D, device=device).expand(B, H, T, D)  # a head stride of 0
+    attention(*ours).backward(do)
+    assert calls == [True, False, True]  # dO feeds only dK/dV's loop
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    reference.attention(*theirs).backward(do)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -307,12 +324,12 @@ def test_long_sequence_gpu(D, dtype, atol, rtol):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES[1:])
 @pytest.mark.parametrize("D", [16, 64, 128])
-def test_tma_forward_gpu(D, dtype, atol, rtol, monkeypatch):
-    """The TMA forward (bench_attention --sweep times it) on Hopper, ragged and full-size,
+def test_tma_gpu(D, dtype, atol, rtol, monkeypatch):
+    """The TMA kernels (bench_attention --sweep times them) on Hopper, ragged and full-size,
     in the model's fused-QKV layout and in separate tensors."""
     if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("TMA forward candidates are Hopper's")
-    calls = _tma_forward(monkeypatch)
+        pytest.skip("TMA candidates are Hopper's")
+    calls = _tma_launches(monkeypatch)
     torch.manual_seed(0)
     for Tq, Tk, causal in [(1000, 1000, True), (333, 1024, True), (257, 257, False)]:
         inputs = _qkv(2, 3, Tq, Tk, D, dtype, "cuda")
@@ -320,7 +337,7 @@ def test_tma_forward_gpu(D, dtype, atol, rtol, monkeypatch):
     qkv = torch.randn(2, 1024, 3, 4, D, device="cuda").to(dtype)
     _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [qkv], torch.randn(2, 4, 1024, D, device="cuda").to(dtype),
              atol, rtol)
-    assert calls == [True] * 4
+    assert calls == [True] * 12
 
 
 @pytest.mark.gpu
