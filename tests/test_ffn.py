@@ -126,11 +126,7 @@ def test_persistent_kernel_in_interpreter(monkeypatch, device):
     results; it runs the products contiguous along K, the others keep one tile a program."""
     if device == "cuda":
         pytest.skip("the GPU tables do not use it yet; bench_ffn --sweep times it")
-    calls = []
-    kernel = ffn_module._matmul_persistent_kernel
-    monkeypatch.setattr(ffn_module, "_matmul_persistent_kernel", _Recorder(kernel, calls))
-    tiles = ffn_module._INTERPRETER._replace(persistent=1)
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    calls = _launches(monkeypatch, "_matmul_persistent_kernel", ffn_module._INTERPRETER._replace(persistent=1))
     torch.manual_seed(0)
     x = torch.randn(300, 48, device=device)  # 10 x 5 tiles of 32 x 64 on 2 programs: ragged
     _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
@@ -144,10 +140,7 @@ def test_tma_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
     edges stands in for masks."""
     if device == "cuda":
         pytest.skip("test_tma_kernel_gpu runs it on Hopper")
-    calls = []
-    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
-    tiles = ffn_module._INTERPRETER._replace(tma=True)
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(tma=True))
     torch.manual_seed(0)
     x = torch.randn(300, 48, device=device).to(dtype)  # 10 x 5 tiles of 32 x 64 on 2 programs
     _check(x, lambda t: t, _weights(48, 280, dtype, device), dtype, atol, rtol)
@@ -159,9 +152,7 @@ def test_tma_tiles_in_interpreter(monkeypatch, device):
     ragged, through the interpreter."""
     if device == "cuda":
         pytest.skip("test_tma_kernel_gpu runs them on Hopper")
-    calls = []
-    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._TMA_TILES[kind])
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: ffn_module._TMA_TILES[kind])
     torch.manual_seed(0)
     x = torch.randn(300, 80, device=device).half()  # C = 80: no product has few (<= 64) rows
     _check(x, lambda t: t, _weights(80, 320, torch.float16, device), torch.float16, 2e-3, 2e-3)
@@ -176,8 +167,7 @@ def test_split_k_in_interpreter(tma, monkeypatch, device):
         pytest.skip("interpreter check; test_tma_kernel_gpu covers the GPU's choice")
     asked = []
     monkeypatch.setattr(ffn_module, "_k_splits", lambda tiles, k_steps, slots: asked.append(k_steps) or 3)
-    tiles = ffn_module._INTERPRETER._replace(tma=tma, split_k=True)
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(tma=tma, split_k=True))
     torch.manual_seed(0)
     x = torch.randn(300, 48, device=device)  # K = 300 tokens: 19 steps of 16, 7 per slice
     _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
@@ -190,14 +180,20 @@ def test_tma_kernel_falls_back_where_tma_cannot_address(monkeypatch, device):
     TMA, and the results still match."""
     if device == "cuda":
         pytest.skip("interpreter check of the launcher's choice")
-    calls = []
-    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
-    tiles = ffn_module._INTERPRETER._replace(tma=True)
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(tma=True))
     torch.manual_seed(0)
     x = torch.randn(70, 52, device=device).half()
     _check(x, lambda t: t[:, :48], _weights(48, 192, torch.float16, device), torch.float16, 2e-3, 2e-3)
     assert len(calls) == 4  # y, dpre, dWproj, dx
+
+
+def _launches(monkeypatch, kernel: str, tiles) -> list:
+    """Runs the FFN on `tiles` (a _Tiles, or a function like _tiles(tensor, kind)) and returns
+    the list that will hold the grid of each launch of the kernel named `kernel`."""
+    calls = []
+    monkeypatch.setattr(ffn_module, kernel, _Recorder(getattr(ffn_module, kernel), calls))
+    monkeypatch.setattr(ffn_module, "_tiles", tiles if callable(tiles) else lambda t, kind: tiles)
+    return calls
 
 
 class _Recorder:
@@ -277,10 +273,9 @@ def test_tma_kernel_gpu(M, C, monkeypatch):
     """The Hopper TMA candidate (bench_ffn --sweep times it) in bf16 at GPT-2 sizes."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA tiles are Hopper's")
-    calls = []
-    monkeypatch.setattr(ffn_module, "_matmul_tma_kernel", _Recorder(ffn_module._matmul_tma_kernel, calls))
     original = ffn_module._tiles
-    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._TMA_TILES.get(kind) or original(t, kind))
+    calls = _launches(monkeypatch, "_matmul_tma_kernel",
+                      lambda t, kind: ffn_module._TMA_TILES.get(kind) or original(t, kind))
     torch.manual_seed(0)
     x = torch.randn(M, C, device="cuda").bfloat16()
     _check(x, lambda t: t, _weights(C, 4 * C, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
