@@ -149,10 +149,13 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
 
 
 # Candidate launch settings for --sweep: elements per program step, elements per thread,
-# and (at the default tile) backward pipeline stages.
+# and (at the default tile) backward pipeline stages and the persistent forward's (stages,
+# programs per SM). The non-persistent forward at N = 8192 holds 2 programs per SM (53-60
+# registers x 16 warps, sm90): 32 KiB in flight; persistent with 2 stages, 2 x 2 tiles.
 SWEEP_TILES = (1024, 2048, 4096, 8192)
 SWEEP_PER_THREAD = (8, 16, 32)
 SWEEP_STAGES = (1, 2, 3)
+SWEEP_FWD = ((2, 2), (3, 2), (2, 4))
 
 
 def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> None:
@@ -173,6 +176,7 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
             expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
             default = original(N, esize)
             candidates = [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
+            candidates += [default._replace(fwd_stages=s, fwd_programs_per_sm=p) for s, p in SWEEP_FWD]
             for tile in SWEEP_TILES:
                 for per_thread in SWEEP_PER_THREAD:
                     block_m = max(1, tile // default.block_n)
@@ -180,7 +184,8 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
                     candidates.append(default._replace(block_m=block_m, num_warps=warps))
             for cfg in dict.fromkeys(candidates):  # unique, in order
                 module._settings = lambda n, e, s=cfg: s
-                label = [N, cfg.block_m, cfg.num_warps, cfg.bwd_stages, "default" if cfg == default else ""]
+                persistent = f"{cfg.fwd_stages}, {cfg.fwd_programs_per_sm}/SM" if cfg.fwd_stages else "-"
+                label = [N, cfg.block_m, cfg.num_warps, cfg.bwd_stages, persistent, "default" if cfg == default else ""]
                 try:
                     got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
                 except Exception as e:  # e.g. more shared memory than the device has
@@ -195,7 +200,7 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
     finally:
         module._settings = original
     dt = str(dtype).removeprefix("torch.")
-    headers = ["N", "BLOCK_M", "warps", "bwd stages", "", "forward", "forward+backward"]
+    headers = ["N", "BLOCK_M", "warps", "bwd stages", "persistent fwd stages", "", "forward", "forward+backward"]
     print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", headers, rows)
 
 

@@ -33,8 +33,32 @@ def _layer_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Normalises BLOCK_M rows per step. STAGES 0: one step per program. STAGES >= 1: the
+    grid is smaller than the tiles and each program walks tiles num_programs apart, its
+    loop pipelined STAGES deep, so that the next rows stream in while these are reduced
+    (a one-tile program leaves its SM's load slots idle through its reductions)."""
+    if STAGES == 0:
+        _layer_norm_fwd_tile(X, R, S, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_s, stride_y,
+                             tl.program_id(0) * BLOCK_M, M, N, eps, BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS)
+    else:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
+            _layer_norm_fwd_tile(X, R, S, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_s, stride_y,
+                                 tile * BLOCK_M, M, N, eps, BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS)
+
+
+@triton.jit
+def _layer_norm_fwd_tile(
+    X, R, S, Y, W, B, Mean, Rstd,
+    stride_x, stride_r, stride_s, stride_y,
+    start, M, N, eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    rows = start + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
@@ -163,6 +187,8 @@ class _Settings(NamedTuple):
     block_n: int  # the whole row, rounded up to a power of two
     num_warps: int
     bwd_stages: int  # tiles of x and dy the backward's row loop keeps in flight
+    fwd_stages: int = 0  # 0: a forward program per tile; else persistent, its row loop this deep
+    fwd_programs_per_sm: int = 1  # persistent forward programs launched per SM
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,13 +283,17 @@ def _layer_norm_fwd(
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     cfg = _settings(N, x2.element_size())
+    programs = cdiv(M, cfg.block_m)
+    if cfg.fwd_stages:
+        slots = _sm_count(x2.device.index or 0) * cfg.fwd_programs_per_sm if x2.is_cuda else _INTERPRET_PROGRAMS
+        programs = min(programs, slots)
     if M > 0:
-        _layer_norm_fwd_kernel[(cdiv(M, cfg.block_m),)](
+        _layer_norm_fwd_kernel[(programs,)](
             x2, r2, s2, y, weight, weight if bias is None else bias, mean, rstd,
             x2.stride(0), r2.stride(0), N, N,
             M, N, eps,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STAGES=cfg.fwd_stages,
             num_warps=cfg.num_warps,
         )
     return y, s, mean, rstd, x2, weight

@@ -83,7 +83,11 @@ def layer_norm_cases(arch: int) -> dict[str, dict]:
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True)
         cases[f"layer_norm fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True),
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True, STAGES=cfg.fwd_stages),
+            floats=("eps",), unaligned=("M",), num_warps=cfg.num_warps)
+        # The persistent forward, a sweep candidate (bench_layer_norm --sweep), 2 stages.
+        cases[f"layer_norm persistent fwd N={N}"] = compile_case(
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True, STAGES=2),
             floats=("eps",), unaligned=("M",), num_warps=cfg.num_warps)
         for dsum in (False, True):
             cases[f"layer_norm bwd N={N} dsum={dsum}"] = compile_case(
