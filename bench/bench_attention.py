@@ -227,6 +227,7 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
                         fwd = flops_per_s(B, H, T, D, bench(lambda: triton_causal(q, k, v)), 1.0, unit)
                         ms = bench(lambda: triton_causal(q, k, v).backward(do), grad_to_none=[q, k, v])
                         rows.append([D, kernel, str(launch), fwd, flops_per_s(B, H, T, D, ms, 3.5, unit)])
+                        print("row:", *rows[-1], flush=True)  # survives a step killed before the table
                     except Exception as e:  # out of shared memory or registers, or wrong
                         print(f"D={D} {kernel} {launch}: failed ({str(e).splitlines()[0][:120]})")
                         rows.append([D, kernel, str(launch), None, None])

@@ -161,6 +161,7 @@ def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda") -> None:
             try:
                 f, b = time_providers({"triton": ffn}, M, C, dtype, device, unit)
                 rows.append([name, f["triton"], b["triton"], f["triton"] / eager[0], b["triton"] / eager[1]])
+                print(f"row: C={C}", *rows[-1], flush=True)  # survives a step killed before the table
             except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
                 rows.append([name, None, None, None, None])
                 print(f"{name}: failed ({str(e).splitlines()[0][:120]})")

@@ -197,6 +197,7 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
                 fwd = gbps(2 * M * N, esize, bench_graph(lambda: layer_norm(x, w, b, EPS)))
                 ms = bench_graph(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
                 rows.append([*label, fwd, gbps(5 * M * N, esize, ms)])
+                print("row:", *rows[-1], flush=True)  # survives a step killed before the table
     finally:
         module._settings = original
     dt = str(dtype).removeprefix("torch.")
