@@ -135,6 +135,10 @@ SWEEP = {
     "TMA, no split K": {kind: t[:9] for kind, t in _TMA.items()},
     "TMA + split K, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True, True)),
     "TMA + split K, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True, True)),
+    # 128 x 128 tiles need more operand bytes per FLOP from L2 than 128 x 256; the GELU
+    # epilogues fit 128 x 256 in halves (254 registers, no spill; 194 KiB shared at 2 stages).
+    "TMA + split K, epilogue 128x256 s2": _TMA | dict(epilogue=(128, 256, 64, 8, 8, 2, None, 1, True, True)),
+    "TMA + split K, weight_grad 128x256 s3": _TMA | dict(weight_grad=(128, 256, 64, 8, 8, 3, None, 1, True, True)),
     # 2 stages of 32 KiB and a 32 KiB staging tile: two programs per SM fit, as do their registers capped.
     "TMA + split K, plain and weight_grad 128x128 s2, 2/SM": _TMA | dict(
         plain=(128, 128, 64, 8, 8, 2, 128, 2, True, True), weight_grad=(128, 128, 64, 8, 8, 2, 128, 2, True, True)),

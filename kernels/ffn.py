@@ -214,7 +214,7 @@ def _matmul_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr, STORE_HALVES: tl.constexpr,
+    PRECISION: tl.constexpr, HALVES: tl.constexpr,
 ):
     """_matmul_persistent_kernel with every tile moved by the TMA engine (host tensor
     descriptors) instead of the threads: one instruction a tile, no per-element addresses
@@ -224,8 +224,8 @@ def _matmul_tma_kernel(
     A_ROWS_FIRST: DescA holds A as stored, (M, K) row-major; else A^T, (K, M) row-major, a
     tile of which is read and transposed in shared memory (dW = dy^T @ h). B_K_FIRST: DescB
     holds B, (K, N) row-major; else B^T (N, K), an nn.Linear weight as stored. DescOut
-    is (splits, M, N) in tiles of (1, BLOCK_M, BLOCK_N), or half as wide with STORE_HALVES;
-    DescAux (M, N) holds the pre-activation (EPILOGUE 1 with STORE_PRE
+    is (splits, M, N) in tiles of (1, BLOCK_M, BLOCK_N), DescAux (M, N) in (BLOCK_M,
+    BLOCK_N), both half as wide with HALVES (the epilogue in two halves); DescAux holds the pre-activation (EPILOGUE 1 with STORE_PRE
     writes it, EPILOGUE 2 reads it).
 
     splits > 1 (products without bias or epilogue): K is cut into that many slices, each
@@ -262,31 +262,42 @@ def _matmul_tma_kernel(
 
         unit_out += num_programs
         pid_m, pid_n = _tile_coords(unit_out % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        out_m = pid_m * BLOCK_M
-        out_n = pid_n * BLOCK_N
-        rn = out_n + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 1:
-            if STORE_PRE:
-                DescAux.store([out_m, out_n], acc.to(DescAux.dtype))
-            acc = _gelu(acc)
-        if EPILOGUE == 2:
-            acc = acc * _gelu_grad(DescAux.load([out_m, out_n]).to(tl.float32))
-        if COL_SUM:
-            # Rows past M read zero fill, but a bias would not be zero there: mask them.
-            rm = out_m + tl.arange(0, BLOCK_M)
-            sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
-            tl.store(ColSum + pid_m.to(tl.int64) * N + rn, sums, mask=rn < N)
-        out = acc.to(DescOut.dtype)
-        if STORE_HALVES:
-            # Two stores of half the width: half the staging buffer in shared memory, which
-            # at 128 x 256 would not fit beside three pipeline stages.
-            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            DescOut.store([unit_out // tiles, out_m, out_n], left[None, :, :])
-            DescOut.store([unit_out // tiles, out_m, out_n + BLOCK_N // 2], right[None, :, :])
+        if HALVES:
+            # The epilogue a half-width tile at a time: half the staging buffers in shared
+            # memory (at 128 x 256 they would not fit beside three pipeline stages) and half
+            # the GELU's temporaries in registers.
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _tma_epilogue(left, unit_out // tiles, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
+                          BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+            _tma_epilogue(right, unit_out // tiles, pid_m, pid_n * BLOCK_N + BLOCK_N // 2, DescOut, DescAux, Bias,
+                          ColSum, M, N, BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
         else:
-            DescOut.store([unit_out // tiles, out_m, out_n], out[None, :, :])
+            _tma_epilogue(acc, unit_out // tiles, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
+                          BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+
+
+@triton.jit
+def _tma_epilogue(acc, split, pid_m, out_n, DescOut, DescAux, Bias, ColSum, M, N,
+                  BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr):
+    """_epilogue for _matmul_tma_kernel: the (BLOCK_M, WIDTH) tile at row tile pid_m and
+    column out_n, its pre-activation and output moved by TMA (stores clipped at M and N)."""
+    out_m = pid_m * BLOCK_M
+    rn = out_n + tl.arange(0, WIDTH)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 1:
+        if STORE_PRE:
+            DescAux.store([out_m, out_n], acc.to(DescAux.dtype))
+        acc = _gelu(acc)
+    if EPILOGUE == 2:
+        acc = acc * _gelu_grad(DescAux.load([out_m, out_n]).to(tl.float32))
+    if COL_SUM:
+        # Rows past M read zero fill, but a bias would not be zero there: mask them.
+        rm = out_m + tl.arange(0, BLOCK_M)
+        sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
+        tl.store(ColSum + pid_m.to(tl.int64) * N + rn, sums, mask=rn < N)
+    DescOut.store([split, out_m, out_n], acc.to(DescOut.dtype)[None, :, :])
 
 
 class _Tiles(NamedTuple):
@@ -406,13 +417,14 @@ def _matmul(
     if operands is not None:
         (desc_a, a_rows_first), (desc_b, b_k_first) = operands
         halves = t.block_n >= 256
+        width = t.block_n // (1 + halves)
         programs = min(tiles * splits, slots)
         _matmul_tma_kernel[(programs,)](
             desc_a, desc_b,
-            TensorDescriptor(target, [splits, M, N], [M * N, N, 1], [1, t.block_m, t.block_n // (1 + halves)]),
-            TensorDescriptor(aux_arg, [M, N], [aux_arg.stride(0), 1], [t.block_m, t.block_n]), outputs[1],
+            TensorDescriptor(target, [splits, M, N], [M * N, N, 1], [1, t.block_m, width]),
+            TensorDescriptor(aux_arg, [M, N], [aux_arg.stride(0), 1], [t.block_m, width]), outputs[1],
             outputs[3], M, N, K, programs, splits,
-            A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, STORE_HALVES=halves, **flags)
+            A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HALVES=halves, **flags)
     else:
         args = (a, b, target, *outputs[1:], M, N, K)
         # The persistent kernel's flattened loop is pipelined only when both operands are

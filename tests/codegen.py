@@ -168,15 +168,16 @@ def ffn_cases(arch: int) -> dict[str, dict]:
 def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool) -> dict:
     """An FFN product on the TMA kernel for sm90, its descriptors' tiles in storage order."""
     halves = t.block_n >= 256
+    width = t.block_n // (1 + halves)
     a_block = [t.block_m, t.block_k] if a_rows_first else [t.block_k, t.block_m]
     b_block = [t.block_k, t.block_n] if b_k_first else [t.block_n, t.block_k]
     descriptors = {"DescA": f"tensordesc<bf16{a_block}>", "DescB": f"tensordesc<bf16{b_block}>",
-                   "DescOut": f"tensordesc<bf16{[1, t.block_m, t.block_n // (1 + halves)]}>",
-                   "DescAux": f"tensordesc<bf16{[t.block_m, t.block_n]}>"}
+                   "DescOut": f"tensordesc<bf16{[1, t.block_m, width]}>",
+                   "DescAux": f"tensordesc<bf16{[t.block_m, width]}>"}
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
-        STORE_PRE=name == "fwd fc+gelu", COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, STORE_HALVES=halves)
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, HALVES=halves)
     return compile_case(90, ffn._matmul_tma_kernel, {"Bias": "bf16", "ColSum": "fp32"}, constexprs,
                         num_warps=t.num_warps, num_stages=t.num_stages, descriptors=descriptors)
 

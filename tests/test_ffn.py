@@ -147,12 +147,17 @@ def test_tma_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
     assert len(calls) == 6  # h, y; dpre, dWproj, dWfc, dx
 
 
-def test_tma_tiles_in_interpreter(monkeypatch, device):
-    """Hopper's TMA tiles themselves (128 x 256 stored in two halves, 128 x 128), fp16,
-    ragged, through the interpreter."""
+@pytest.mark.parametrize("gelu_halves", [False, True], ids=["table", "gelu-epilogues-in-halves"])
+def test_tma_tiles_in_interpreter(gelu_halves, monkeypatch, device):
+    """Hopper's TMA tiles themselves (128 x 256 with the epilogue in two halves, 128 x 128),
+    and 128 x 256 GELU epilogues (pre-activation stored, loaded and column-summed a half at
+    a time), fp16, ragged, through the interpreter."""
     if device == "cuda":
         pytest.skip("test_tma_kernel_gpu runs them on Hopper")
-    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: ffn_module._TMA_TILES[kind])
+    table = dict(ffn_module._TMA_TILES)
+    if gelu_halves:
+        table[ffn_module._EPILOGUE] = table[ffn_module._EPILOGUE]._replace(block_n=256, num_stages=2)
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: table[kind])
     torch.manual_seed(0)
     x = torch.randn(300, 80, device=device).half()  # C = 80: no product has few (<= 64) rows
     _check(x, lambda t: t, _weights(80, 320, torch.float16, device), torch.float16, 2e-3, 2e-3)
@@ -269,13 +274,16 @@ def test_ffn_gpu(M, C, dtype, atol, rtol):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "M, C", [pytest.param(1000, 768, id="gpt2"), pytest.param(513, 1600, id="gpt2-xl"), pytest.param(77, 48, id="small")])
-def test_tma_kernel_gpu(M, C, monkeypatch):
-    """The Hopper TMA candidate (bench_ffn --sweep times it) in bf16 at GPT-2 sizes."""
+@pytest.mark.parametrize("gelu_halves", [False, True], ids=["table", "gelu-epilogues-in-halves"])
+def test_tma_kernel_gpu(M, C, gelu_halves, monkeypatch):
+    """The Hopper TMA candidates (bench_ffn --sweep times them) in bf16 at GPT-2 sizes."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA tiles are Hopper's")
+    table = dict(ffn_module._TMA_TILES)
+    if gelu_halves:
+        table[ffn_module._EPILOGUE] = table[ffn_module._EPILOGUE]._replace(block_n=256, num_stages=2)
     original = ffn_module._tiles
-    calls = _launches(monkeypatch, "_matmul_tma_kernel",
-                      lambda t, kind: ffn_module._TMA_TILES.get(kind) or original(t, kind))
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: table.get(kind) or original(t, kind))
     torch.manual_seed(0)
     x = torch.randn(M, C, device="cuda").bfloat16()
     _check(x, lambda t: t, _weights(C, 4 * C, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
