@@ -132,13 +132,13 @@ SWEEP = {
     "table": None,
     "TMA + split K (kernels/ffn.py _TMA_TILES)": _TMA,
     "split K (pointer kernel)": dict(weight_grad=(128, 128, 64, 8, 8, 3, None, 0, False, True)),
-    "TMA, no split K": {kind: t[:9] for kind, t in _TMA.items()},
-    "TMA + split K, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True, True)),
-    "TMA + split K, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True, True)),
     # 128 x 128 tiles need more operand bytes per FLOP from L2 than 128 x 256; the GELU
     # epilogues fit 128 x 256 in halves (254 registers, no spill; 194 KiB shared at 2 stages).
     "TMA + split K, epilogue 128x256 s2": _TMA | dict(epilogue=(128, 256, 64, 8, 8, 2, None, 1, True, True)),
     "TMA + split K, weight_grad 128x256 s3": _TMA | dict(weight_grad=(128, 256, 64, 8, 8, 3, None, 1, True, True)),
+    "TMA, no split K": {kind: t[:9] for kind, t in _TMA.items()},
+    "TMA + split K, plain 128x128 s4": _TMA | dict(plain=(128, 128, 64, 8, 8, 4, None, 1, True, True)),
+    "TMA + split K, epilogue s3": _TMA | dict(epilogue=(128, 128, 64, 8, 8, 3, None, 1, True, True)),
     # 2 stages of 32 KiB and a 32 KiB staging tile: two programs per SM fit, as do their registers capped.
     "TMA + split K, plain and weight_grad 128x128 s2, 2/SM": _TMA | dict(
         plain=(128, 128, 64, 8, 8, 2, 128, 2, True, True), weight_grad=(128, 128, 64, 8, 8, 2, 128, 2, True, True)),
@@ -150,32 +150,36 @@ SWEEP = {
 
 def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda") -> None:
     """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py),
-    beside torch eager in the same run; time_providers checks every gradient before it times."""
+    beside torch eager in the same run; time_providers checks every gradient before it times.
+    Candidates run in SWEEP's order, each at every width, so that a run cut short has timed
+    the first ones everywhere."""
     module = importlib.import_module("kernels.ffn")
     original = module._tiles
     unit = 1e12 if device == "cuda" else 1e6
+    tokens = {C: 8192 if C >= 4096 else 16384 if device == "cuda" else 40 for C in widths}
+    eager = {C: time_providers({"torch": reference.ffn}, tokens[C], C, dtype, device, unit) for C in widths}
+    rows = {C: [["torch eager", eager[C][0]["torch"], eager[C][1]["torch"], 1.0, 1.0]] for C in widths}
+    for name, changes in SWEEP.items():
+        overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
+        module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
+        try:
+            for C in widths:
+                try:
+                    f, b = time_providers({"triton": ffn}, tokens[C], C, dtype, device, unit)
+                    f, b = f["triton"], b["triton"]
+                    rows[C].append([name, f, b, f / eager[C][0]["torch"], b / eager[C][1]["torch"]])
+                    print(f"row: C={C}", *rows[C][-1], flush=True)  # survives a step killed before the tables
+                except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
+                    rows[C].append([name, None, None, None, None])
+                    print(f"{name} at C={C}: failed ({str(e).splitlines()[0][:120]})", flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        finally:
+            module._tiles = original
+    units = "TFLOP/s" if device == "cuda" else "MFLOP/s"
     for C in widths:
-        M = 8192 if C >= 4096 else 16384 if device == "cuda" else 40
-        f, b = time_providers({"torch": reference.ffn}, M, C, dtype, device, unit)
-        eager = (f["torch"], b["torch"])
-        rows = [["torch eager", *eager, 1.0, 1.0]]
-        for name, changes in SWEEP.items():
-            overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
-            module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
-            try:
-                f, b = time_providers({"triton": ffn}, M, C, dtype, device, unit)
-                rows.append([name, f["triton"], b["triton"], f["triton"] / eager[0], b["triton"] / eager[1]])
-                print(f"row: C={C}", *rows[-1], flush=True)  # survives a step killed before the table
-            except Exception as e:  # a tile shape that does not fit (shared memory, registers), or wrong results
-                rows.append([name, None, None, None, None])
-                print(f"{name}: failed ({str(e).splitlines()[0][:120]})")
-            finally:
-                module._tiles = original
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        units = "TFLOP/s" if device == "cuda" else "MFLOP/s"
-        print_table(f"FFN tile sweep, {units} (C={C}, M={M})",
-                    ["tiles (changes to the table)", "forward", "forward+backward", "fwd / eager", "fwd+bwd / eager"], rows)
+        print_table(f"FFN tile sweep, {units} (C={C}, M={tokens[C]})",
+                    ["tiles (changes to the table)", "forward", "forward+backward", "fwd / eager", "fwd+bwd / eager"], rows[C])
 
 
 def few_rows(widths: list[int], rows: list[int], dtype: torch.dtype, device: str) -> None:

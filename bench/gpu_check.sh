@@ -13,10 +13,11 @@
 #       bench-attention bench-layer-norm
 #   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
 #       bench-train train-triton train-torch
-#   bash bench/gpu_check.sh "$OUT" 560 ffn-sweep ln-sweep attention-sweep
-# With one session's 15 minutes, re-tuning comes first: gpu-tests and the three sweeps
+# With one session's 15 minutes, re-tuning comes first: the gpu tests and the three sweeps
 # (every candidate is checked before it is timed; the sweeps print each row as measured,
-# so a step cut short still leaves its rows in all.log).
+# so a step cut short still leaves its rows in all.log), in two calls:
+#   bash bench/gpu_check.sh "$OUT" 500 gpu-tests ffn-sweep ln-sweep
+#   bash bench/gpu_check.sh "$OUT" 300 attention-sweep
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 set -u
@@ -70,7 +71,7 @@ for k in triton torch; do
         --lr 1e-3 --warmup 50 --eval-interval 150 --eval-iters 20 --log-interval 50 --seed 1 \
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
-step ffn-sweep 150 python3 -m bench.bench_ffn --sweep 768 1024
+step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024
 step ln-sweep 150 python3 -m bench.bench_layer_norm --sweep
 step attention-sweep 240 python3 -m bench.bench_attention --sweep
 
