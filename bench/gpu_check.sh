@@ -51,7 +51,7 @@ step() {  # name seconds command...
 } >>"$log" 2>&1
 tail -n 3 "$log"
 
-step gpu-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu tests/test_ffn.py tests/test_model_kernels.py \
+step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu tests/test_ffn.py tests/test_model_kernels.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_generate.py tests/test_sampling.py
 step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
