@@ -465,8 +465,9 @@ def _k_splits(tiles: int, k_steps: int, slots: int) -> int:
 
 def _tma_operands(a: Tensor, b: Tensor, t: _Tiles) -> tuple[tuple[TensorDescriptor, bool], ...] | None:
     """TMA descriptors for a (M, K) and b (K, N) with t's tiles (see _descriptor), or None
-    where TMA cannot address an operand or the (M, N) output's rows."""
-    if b.shape[1] * a.element_size() % 16:
+    where TMA cannot address an operand or the (M, N) output's rows, or K is 0 (a
+    descriptor needs every dimension positive; the pointer kernel writes the bias)."""
+    if b.shape[1] * a.element_size() % 16 or a.shape[1] == 0:
         return None
     desc_a = _descriptor(a, (t.block_m, t.block_k))
     desc_b = _descriptor(b, (t.block_k, t.block_n))

@@ -97,7 +97,12 @@ def test_partial_gradients_and_inference(device):
     torch.testing.assert_close(y, reference.ffn(x, fc_w, fc_b, proj_w, proj_b), atol=1e-5, rtol=1e-5)
 
 
-def test_empty_input(device):
+@pytest.mark.parametrize("tma", [False, True], ids=["table", "tma"])
+def test_empty_input(tma, monkeypatch, device):
+    """No rows: the weight gradients are products with K = 0, which TMA cannot describe."""
+    if tma:
+        original = ffn_module._tiles
+        monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: original(t, kind)._replace(tma=True, split_k=True))
     fc_w, fc_b, proj_w, proj_b = (t.requires_grad_() for t in _weights(16, 64, torch.float32, device))
     x = torch.randn(0, 16, device=device, requires_grad=True)
     y = ffn(x, fc_w, fc_b, proj_w, proj_b)
