@@ -16,7 +16,7 @@
 # With one session's 15 minutes, re-tuning comes first: the gpu tests and the three sweeps
 # (every candidate is checked before it is timed; the sweeps print each row as measured,
 # so a step cut short still leaves its rows in all.log), in two calls:
-#   bash bench/gpu_check.sh "$OUT" 500 gpu-tests ffn-sweep ln-sweep
+#   bash bench/gpu_check.sh "$OUT" 560 gpu-tests candidate-tests ffn-sweep ln-sweep
 #   bash bench/gpu_check.sh "$OUT" 300 attention-sweep
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
@@ -56,6 +56,9 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gp
 step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
+# The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
+step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
+    tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention

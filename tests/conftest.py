@@ -9,6 +9,19 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import candidates  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--candidates", action="store_true",
+                     help="force the kernels' untimed Hopper candidates on (tests/candidates.py)")
+
+
+@pytest.fixture(autouse=True)
+def _candidates(request, monkeypatch):
+    if request.config.getoption("--candidates"):
+        candidates.force(monkeypatch)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,0 +1,37 @@
+"""The kernel launchers' untimed Hopper candidates forced on, for `pytest --candidates`:
+every kernel test then runs them (in the interpreter, or on a Hopper GPU) over all its
+shapes and edge cases, not only the few the candidates' own tests pick.
+
+- FFN: TMA and split K (each eligible product cut in two; on Hopper the _TMA_TILES table);
+- attention: TMA in the forward and both backward kernels;
+- LayerNorm: the persistent, pipelined forward.
+"""
+import importlib
+
+import pytest
+import torch
+
+
+def force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Monkeypatches the settings functions; tests that set their own still win."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA candidates need Hopper (or the interpreter)")
+    ffn = importlib.import_module("kernels.ffn")
+    tiles = ffn._tiles
+    if torch.cuda.is_available():
+        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: ffn._TMA_TILES.get(kind) or tiles(t, kind))
+    else:
+        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(tma=True, split_k=True))
+        # The interpreter's two stand-in SMs rarely call for a split: force one wherever K allows.
+        monkeypatch.setattr(ffn, "_k_splits", lambda tiles, k_steps, slots: 2 if k_steps >= 2 else 1)
+    attention = importlib.import_module("kernels.attention")
+    settings = attention._settings
+
+    def with_tma(*args):
+        s = settings(*args)
+        return s._replace(**{k: getattr(s, k)._replace(tma=True) for k in ("fwd", "dkdv", "dq")})
+
+    monkeypatch.setattr(attention, "_settings", with_tma)
+    layer_norm = importlib.import_module("kernels.layer_norm")
+    ln_settings = layer_norm._settings
+    monkeypatch.setattr(layer_norm, "_settings", lambda n, e: ln_settings(n, e)._replace(fwd_stages=2, fwd_programs_per_sm=2))
