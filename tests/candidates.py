@@ -2,7 +2,8 @@
 every kernel test then runs them (in the interpreter, or on a Hopper GPU) over all its
 shapes and edge cases, not only the few the candidates' own tests pick.
 
-- FFN: TMA and split K (each eligible product cut in two; on Hopper the _TMA_TILES table);
+- FFN: TMA and split K (in the interpreter each eligible product cut in two; on Hopper
+  the _TMA_TILES table for 16-bit inputs);
 - attention: TMA in the forward and both backward kernels;
 - LayerNorm: the persistent, pipelined forward.
 """
@@ -18,8 +19,9 @@ def force(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("the TMA candidates need Hopper (or the interpreter)")
     ffn = importlib.import_module("kernels.ffn")
     tiles = ffn._tiles
-    if torch.cuda.is_available():
-        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: ffn._TMA_TILES.get(kind) or tiles(t, kind))
+    if torch.cuda.is_available():  # fp32 keeps its own small tiles, as the launcher's table does
+        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: (
+            ffn._TMA_TILES.get(kind) if t.dtype != torch.float32 else None) or tiles(t, kind))
     else:
         monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(tma=True, split_k=True))
         # The interpreter's two stand-in SMs rarely call for a split: force one wherever K allows.
