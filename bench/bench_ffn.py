@@ -119,18 +119,25 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap, persistent programs per SM, TMA, split K]. Two programs
+# warps, stages[, register cap, persistent programs per SM, TMA, split K, warp-specialised]. Two programs
 # per SM let one's epilogue overlap the other's main loop: 4-warp 128 x 128 tiles, or
 # 8-warp ones capped at 128 registers (the GELU kernels need 134-149 uncapped and spill
 # 24-44 bytes capped, compiled for sm90); the persistent kernels overlap them within one
 # program. The TMA rows run kernels/ffn.py's _matmul_tma_kernel (descriptors, persistent);
 # split K cuts the weight gradients where their tiles leave SMs idle (C = 768: 144 tiles
-# on 132 SMs, cut in 4), so the C = 768 rows show it and the C = 1024 rows do not.
+# on 132 SMs, cut in 4), so the C = 768 rows show it and the C = 1024 rows do not. The
+# warp-specialised rows run _matmul_ws_kernel: a producer warp group keeps loading while
+# two consumer groups multiply and run the epilogue (4 warps here name one consumer group).
 _TMA = dict(plain=(128, 256, 64, 8, 8, 3, None, 1, True, True), epilogue=(128, 128, 64, 8, 8, 4, None, 1, True, True),
             weight_grad=(128, 128, 64, 8, 8, 4, None, 1, True, True))
+_WS = dict(plain=(128, 256, 64, 8, 4, 3, None, 1, True, True, True),
+           epilogue=(128, 256, 64, 8, 4, 3, None, 1, True, True, True),
+           weight_grad=(128, 128, 64, 8, 4, 4, None, 1, True, True, True))
 SWEEP = {
     "table": None,
     "TMA + split K (kernels/ffn.py _TMA_TILES)": _TMA,
+    "warp-specialized TMA + split K (kernels/ffn.py _WS_TILES)": _WS,
+    "warp-specialized, 128x128 s4 everywhere": {kind: (128, 128, 64, 8, 4, 4, None, 1, True, True, True) for kind in _WS},
     "split K (pointer kernel)": dict(weight_grad=(128, 128, 64, 8, 8, 3, None, 0, False, True)),
     # 128 x 128 tiles need more operand bytes per FLOP from L2 than 128 x 256; the GELU
     # epilogues fit 128 x 256 in halves (254 registers, no spill; 194 KiB shared at 2 stages).

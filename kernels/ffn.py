@@ -23,7 +23,9 @@ earlier versions made the weight-gradient kernels' first column of programs the 
 On Hopper a second kernel, _matmul_tma_kernel, moves every tile with TMA descriptors on a
 persistent schedule and cuts the K of weight gradients whose output tiles are too few to
 fill the SMs; it is the candidate (_TMA_TILES) that bench_ffn --sweep times against the
-pointer kernel's table, the default until a GPU run says otherwise.
+pointer kernel's table, the default until a GPU run says otherwise. _matmul_ws_kernel, a
+second candidate (_WS_TILES), runs the same work warp-specialised: a producer warp group
+loads while two consumer groups multiply and run the epilogue.
 
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
@@ -31,7 +33,9 @@ times both; saving is the default (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -210,7 +214,7 @@ def _matmul_persistent_kernel(
 @triton.jit
 def _matmul_tma_kernel(
     DescA, DescB, DescOut, DescAux, Bias, ColSum,
-    M, N, K, num_programs, splits,
+    M, N, K, num_programs, splits, split_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
@@ -224,15 +228,72 @@ def _matmul_tma_kernel(
     A_ROWS_FIRST: DescA holds A as stored, (M, K) row-major; else A^T, (K, M) row-major, a
     tile of which is read and transposed in shared memory (dW = dy^T @ h). B_K_FIRST: DescB
     holds B, (K, N) row-major; else B^T (N, K), an nn.Linear weight as stored. DescOut
-    is (splits, M, N) in tiles of (1, BLOCK_M, BLOCK_N), DescAux (M, N) in (BLOCK_M,
-    BLOCK_N), both half as wide with HALVES (the epilogue in two halves); DescAux holds the pre-activation (EPILOGUE 1 with STORE_PRE
+    and DescAux are (M, N) in (BLOCK_M, BLOCK_N) tiles, half as wide with HALVES (the
+    epilogue in two halves); DescAux holds the pre-activation (EPILOGUE 1 with STORE_PRE
     writes it, EPILOGUE 2 reads it).
 
     splits > 1 (products without bias or epilogue): K is cut into that many slices, each
-    a unit of work that stores an fp32 partial tile at DescOut[slice]; the caller sums
+    a unit of work that stores an fp32 partial tile in DescOut, (splits * split_rows, N)
+    with slice s at rows [s * split_rows, s * split_rows + M) and split_rows a multiple of
+    BLOCK_M (a 2-D stack: warp specialisation cannot split a 3-D tile); the caller sums
     them. For weight gradients whose few output tiles would leave SMs idle in the last
     round (GPT-2 small: 144 tiles on 132 SMs).
     """
+    _tma_units(DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
+               PRECISION, HALVES, False)
+
+
+@triton.jit
+def _matmul_ws_kernel(
+    A, B, Out, Aux, Bias, ColSum,
+    M, N, K, num_programs, splits, split_rows, out_rows, stride_a, stride_b, stride_aux,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, HALVES: tl.constexpr,
+):
+    """_matmul_tma_kernel warp-specialised (Triton's automatic warp specialisation on
+    Hopper): a producer warp group issues the TMA loads while consumer warp groups run the
+    MMAs and the epilogue, so loads for the next tile never wait on this tile's epilogue,
+    the schedule cuBLAS's Hopper kernels use.
+
+    Triton (3.6, 3.7) specialises no loop that reads host descriptors, so these are built
+    on the device: A (A_ROWS_FIRST: (M, K) with row stride stride_a, else (K, M)), B
+    (B_K_FIRST: (K, N), else (N, K)), Out (out_rows, N) contiguous, and Aux (M, N) with
+    row stride stride_aux. out_rows is M, or splits * split_rows when split; it comes from
+    the host because a select between the two here stops the specialisation, as do a
+    reduction across the tile's rows (COL_SUM: each consumer holds some of the rows), a
+    tile split in halves (HALVES) and a 3-D descriptor; 8 warps are not specialised.
+    """
+    if A_ROWS_FIRST:
+        desc_a = tl.make_tensor_descriptor(A, [M, K], [stride_a, 1], [BLOCK_M, BLOCK_K])
+    else:
+        desc_a = tl.make_tensor_descriptor(A, [K, M], [stride_a, 1], [BLOCK_K, BLOCK_M])
+    if B_K_FIRST:
+        desc_b = tl.make_tensor_descriptor(B, [K, N], [stride_b, 1], [BLOCK_K, BLOCK_N])
+    else:
+        desc_b = tl.make_tensor_descriptor(B, [N, K], [stride_b, 1], [BLOCK_N, BLOCK_K])
+    if HALVES:
+        desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N // 2])
+        desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N // 2])
+    else:
+        desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N])
+        desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N])
+    _tma_units(desc_a, desc_b, desc_out, desc_aux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
+               PRECISION, HALVES, True)
+
+
+@triton.jit
+def _tma_units(
+    DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, HALVES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """The work of _matmul_tma_kernel and _matmul_ws_kernel, given their descriptors."""
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     # Every slice walks the same number of K steps, so the flattened loop keeps a fixed trip
     # count; steps past K read zero fill.
@@ -242,7 +303,9 @@ def _matmul_tma_kernel(
     unit_out = start - num_programs
     # Units run slice-major: the programs running side by side share a K slice and,
     # through the grouped tile order, the operand tiles in L2.
-    for unit in tl.range(start, tiles * splits, num_programs, flatten=True):
+    # Warp specialisation needs the tile loop unflattened (Triton 3.6, Hopper).
+    for unit in tl.range(start, tiles * splits, num_programs, flatten=not WARP_SPECIALIZE,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -262,26 +325,28 @@ def _matmul_tma_kernel(
 
         unit_out += num_programs
         pid_m, pid_n = _tile_coords(unit_out % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        first_row = (unit_out // tiles) * split_rows  # of this unit's K slice in DescOut
         if HALVES:
             # The epilogue a half-width tile at a time: half the staging buffers in shared
             # memory (at 128 x 256 they would not fit beside three pipeline stages) and half
             # the GELU's temporaries in registers.
             left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _tma_epilogue(left, unit_out // tiles, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
+            _tma_epilogue(left, first_row, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
                           BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
-            _tma_epilogue(right, unit_out // tiles, pid_m, pid_n * BLOCK_N + BLOCK_N // 2, DescOut, DescAux, Bias,
+            _tma_epilogue(right, first_row, pid_m, pid_n * BLOCK_N + BLOCK_N // 2, DescOut, DescAux, Bias,
                           ColSum, M, N, BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
         else:
-            _tma_epilogue(acc, unit_out // tiles, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
+            _tma_epilogue(acc, first_row, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
                           BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
 
 
 @triton.jit
-def _tma_epilogue(acc, split, pid_m, out_n, DescOut, DescAux, Bias, ColSum, M, N,
+def _tma_epilogue(acc, out_first_row, pid_m, out_n, DescOut, DescAux, Bias, ColSum, M, N,
                   BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
                   HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr):
     """_epilogue for _matmul_tma_kernel: the (BLOCK_M, WIDTH) tile at row tile pid_m and
-    column out_n, its pre-activation and output moved by TMA (stores clipped at M and N)."""
+    column out_n, its pre-activation and output moved by TMA (stores clipped at M and N),
+    the output at rows from out_first_row (its K slice's)."""
     out_m = pid_m * BLOCK_M
     rn = out_n + tl.arange(0, WIDTH)
     if HAS_BIAS:
@@ -297,7 +362,7 @@ def _tma_epilogue(acc, split, pid_m, out_n, DescOut, DescAux, Bias, ColSum, M, N
         rm = out_m + tl.arange(0, BLOCK_M)
         sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
         tl.store(ColSum + pid_m.to(tl.int64) * N + rn, sums, mask=rn < N)
-    DescOut.store([split, out_m, out_n], acc.to(DescOut.dtype)[None, :, :])
+    DescOut.store([out_first_row + out_m, out_n], acc.to(DescOut.dtype))
 
 
 class _Tiles(NamedTuple):
@@ -311,6 +376,7 @@ class _Tiles(NamedTuple):
     persistent: int = 0  # programs per SM of the persistent kernel (K-contiguous products); 0: one per tile
     tma: bool = False  # operands through TMA descriptors, persistent (`persistent` or 1 program per SM), any layout
     split_k: bool = False  # cut K where the output tiles alone would leave SMs idle (products without bias or epilogue)
+    warp_specialize: bool = False  # with tma: a producer warp group loads, consumers multiply (Hopper, 4 warps)
 
 
 # The kinds of product, which take different tiles.
@@ -349,6 +415,15 @@ _TMA_TILES: dict[str, _Tiles] = {
     _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True, split_k=True),
     _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
     _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
+}
+# The TMA kernel warp-specialised (_matmul_ws_kernel), also a sweep candidate: 4 warps make
+# one consumer warp group, to which Triton adds a second and a producer (384 threads);
+# 128 x 256 tiles with a full-width epilogue fit three stages (213 KiB of shared memory),
+# weight gradients (fp32 partial tiles when split) 128 x 128 four.
+_WS_TILES: dict[str, _Tiles] = {
+    _PLAIN: _Tiles(128, 256, 64, 8, 4, 3, tma=True, split_k=True, warp_specialize=True),
+    _EPILOGUE: _Tiles(128, 256, 64, 8, 4, 3, tma=True, split_k=True, warp_specialize=True),
+    _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 4, 4, tma=True, split_k=True, warp_specialize=True),
 }
 _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
 # The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
@@ -391,6 +466,10 @@ def _matmul(
     elif epilogue != _NONE:
         kind = _EPILOGUE
     t = _tiles(a, kind)
+    if t.warp_specialize and col_sums:
+        # Triton's Hopper warp specialisation gives each consumer warp group some of the
+        # tile's rows and cannot sum across them: these take the TMA kernel unspecialised.
+        t = t._replace(warp_specialize=False, block_n=min(t.block_n, 128), num_warps=8)
     row_tiles = cdiv(M, t.block_m)
     tiles = row_tiles * cdiv(N, t.block_n)
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None
@@ -411,21 +490,12 @@ def _matmul(
     splits = 1
     if t.split_k and epilogue == _NONE and bias is None:
         splits = _k_splits(tiles, cdiv(K, t.block_k), slots)
-    # A split product's slices store fp32 partials, summed below.
-    target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
-    operands = _tma_operands(a, b, t) if t.tma else None
-    if operands is not None:
-        (desc_a, a_rows_first), (desc_b, b_k_first) = operands
-        halves = t.block_n >= 256
-        width = t.block_n // (1 + halves)
-        programs = min(tiles * splits, slots)
-        _matmul_tma_kernel[(programs,)](
-            desc_a, desc_b,
-            TensorDescriptor(target, [splits, M, N], [M * N, N, 1], [1, t.block_m, width]),
-            TensorDescriptor(aux_arg, [M, N], [aux_arg.stride(0), 1], [t.block_m, width]), outputs[1],
-            outputs[3], M, N, K, programs, splits,
-            A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HALVES=halves, **flags)
+    views = _tma_views(a, b) if t.tma else None
+    if views is not None:
+        _launch_tma(a, b, views, out, aux_arg, outputs[1], outputs[3], t, splits, min(tiles * splits, slots), flags)
     else:
+        # A split product's slices store fp32 partials, summed below.
+        target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
         args = (a, b, target, *outputs[1:], M, N, K)
         # The persistent kernel's flattened loop is pipelined only when both operands are
         # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
@@ -439,8 +509,8 @@ def _matmul(
             *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, aux_arg.stride(0), aux_arg.stride(1),
             ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
         )
-    if splits > 1:
-        out.copy_(target.sum(0))
+        if splits > 1:
+            out.copy_(target.sum(0))
     return out, None if partial is None else partial.sum(0)
 
 
@@ -463,28 +533,67 @@ def _k_splits(tiles: int, k_steps: int, slots: int) -> int:
     return best
 
 
-def _tma_operands(a: Tensor, b: Tensor, t: _Tiles) -> tuple[tuple[TensorDescriptor, bool], ...] | None:
-    """TMA descriptors for a (M, K) and b (K, N) with t's tiles (see _descriptor), or None
-    where TMA cannot address an operand or the (M, N) output's rows, or K is 0 (a
-    descriptor needs every dimension positive; the pointer kernel writes the bias)."""
+def _launch_tma(a: Tensor, b: Tensor, views: tuple[tuple[Tensor, bool], ...], out: Tensor, aux: Tensor,
+                bias: Tensor, col_sums: Tensor, t: _Tiles, splits: int, programs: int, flags: dict) -> None:
+    """out = a @ b (epilogue in flags) on _matmul_tma_kernel, or _matmul_ws_kernel if
+    t.warp_specialize; `views` from _tma_views. Split products stack their fp32 slices in
+    a scratch tensor, each slice padded to whole row tiles, and sum them into out."""
+    (M, K), N = a.shape, b.shape[1]
+    (view_a, a_rows_first), (view_b, b_k_first) = views
+    split_rows = cdiv(M, t.block_m) * t.block_m
+    target = out if splits == 1 else torch.empty((splits * split_rows, N), dtype=torch.float32, device=a.device)
+    halves = t.block_n >= 256 and not t.warp_specialize  # Triton cannot specialise the split into halves
+    width = t.block_n // (1 + halves)
+    flags = dict(flags, A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HALVES=halves)
+    if t.warp_specialize:
+        _with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
+            view_a, view_b, target, aux, bias, col_sums, M, N, K, programs, splits, split_rows, target.shape[0],
+            view_a.stride(0), view_b.stride(0), aux.stride(0), **flags))
+    else:
+        block_a = (t.block_m, t.block_k) if a_rows_first else (t.block_k, t.block_m)
+        block_b = (t.block_k, t.block_n) if b_k_first else (t.block_n, t.block_k)
+        _matmul_tma_kernel[(programs,)](
+            _descriptor(view_a, block_a), _descriptor(view_b, block_b), _descriptor(target, (t.block_m, width)),
+            _descriptor(aux, (t.block_m, width)), bias, col_sums, M, N, K, programs, splits, split_rows, **flags)
+    if splits > 1:
+        out.copy_(target.view(splits, split_rows, N)[:, :M].sum(0))
+
+
+def _tma_views(a: Tensor, b: Tensor) -> tuple[tuple[Tensor, bool], ...] | None:
+    """a (M, K) and b (K, N) as TMA reads them (see _tma_view), or None where TMA cannot
+    address an operand or the (M, N) output's rows, or K is 0 (a descriptor needs every
+    dimension positive; the pointer kernel writes the bias)."""
     if b.shape[1] * a.element_size() % 16 or a.shape[1] == 0:
         return None
-    desc_a = _descriptor(a, (t.block_m, t.block_k))
-    desc_b = _descriptor(b, (t.block_k, t.block_n))
-    return None if desc_a is None or desc_b is None else (desc_a, desc_b)
+    view_a, view_b = _tma_view(a), _tma_view(b)
+    return None if view_a is None or view_b is None else (view_a, view_b)
 
 
-def _descriptor(x: Tensor, block: tuple[int, int]) -> tuple[TensorDescriptor, bool] | None:
-    """A TMA descriptor for the 2-D operand x read in `block` tiles, and True if it describes
-    x as stored (row-major), False if x^T (x a transposed view: the tiles are read reversed
-    and transposed in the kernel). None where TMA cannot address x: start or row stride not
-    16-byte aligned, or neither dimension contiguous."""
+def _tma_view(x: Tensor) -> tuple[Tensor, bool] | None:
+    """The 2-D operand x as a row-major view TMA can describe, and True if that is x as
+    stored, False if x^T (x a transposed view: the kernel reads tiles reversed and
+    transposes them). None where TMA cannot address x: start or row stride not 16-byte
+    aligned, or neither dimension contiguous."""
     if x.data_ptr() % 16:
         return None
-    for as_stored, view, shape in ((True, x, block), (False, x.t(), block[::-1])):
+    for as_stored, view in ((True, x), (False, x.t())):
         if view.stride(1) == 1 and view.stride(0) * x.element_size() % 16 == 0:
-            return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], list(shape)), as_stored
+            return view, as_stored
     return None
+
+
+def _descriptor(view: Tensor, block: tuple[int, int]) -> TensorDescriptor:
+    return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], list(block))
+
+
+def _with_device_scratch(device: torch.device, launch: Callable[[], object]) -> None:
+    """Runs `launch` with Triton's global scratch memory (device-side descriptors) taken from
+    torch's caching allocator. triton.set_allocator sets a context variable, so setting it
+    in a copy of the context leaves any allocator the caller set untouched."""
+    def run() -> None:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        launch()
+    contextvars.copy_context().run(run)
 
 
 def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None) -> None:

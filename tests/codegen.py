@@ -70,6 +70,9 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
         "shared": compiled.metadata.shared,
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        # Warp specialisation adds warp groups and moves registers between them.
+        "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
+        "setmaxnreg": len(re.findall(r"setmaxnreg", ptx)),
         "num_warps": num_warps,
         "arch": arch,
     }
@@ -162,7 +165,23 @@ def ffn_cases(arch: int) -> dict[str, dict]:
                 num_warps=t.num_warps, num_stages=t.num_stages)
         if arch == 90 and kind != ffn._FEW_ROWS:
             cases[f"ffn tma {name}"] = _ffn_tma_case(ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1)
+            # The warp-specialised candidate; the launcher gives it dpre only without the
+            # column sums (no fc bias), as the specialisation cannot sum across its consumers.
+            cases[f"ffn ws {name}"] = _ffn_ws_case(ffn._WS_TILES[kind], epilogue, name, ak == 1, bn == 1)
     return cases
+
+
+def _ffn_ws_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool) -> dict:
+    """An FFN product on the warp-specialised TMA kernel for sm90; weight gradients with the
+    fp32 output of a split K."""
+    constexprs = dict(
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=False, PRECISION=None, HALVES=False)
+    out = "fp32" if "dW" in name else "bf16"
+    pointers = {"A": "bf16", "B": "bf16", "Out": out, "Aux": "bf16", "Bias": "bf16", "ColSum": "fp32"}
+    return compile_case(90, ffn._matmul_ws_kernel, pointers, constexprs, num_warps=t.num_warps,
+                        num_stages=t.num_stages)
 
 
 def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool) -> dict:
@@ -172,7 +191,7 @@ def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bo
     a_block = [t.block_m, t.block_k] if a_rows_first else [t.block_k, t.block_m]
     b_block = [t.block_k, t.block_n] if b_k_first else [t.block_n, t.block_k]
     descriptors = {"DescA": f"tensordesc<bf16{a_block}>", "DescB": f"tensordesc<bf16{b_block}>",
-                   "DescOut": f"tensordesc<bf16{[1, t.block_m, width]}>",
+                   "DescOut": f"tensordesc<bf16{[t.block_m, width]}>",
                    "DescAux": f"tensordesc<bf16{[t.block_m, width]}>"}
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,

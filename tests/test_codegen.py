@@ -55,10 +55,20 @@ def test_loops_are_pipelined(cases):
 def test_ffn_tma_kernels_load_through_tma(cases):
     """The TMA candidate's products issue TMA copies (operand tiles, and the stored
     pre-activation for the GELU gradient), never per-thread cp.async."""
-    tma = {name: c for name, c in cases.items() if "ffn tma" in name}
-    assert len(tma) == 6
+    tma = {name: c for name, c in cases.items() if "ffn tma" in name or "ffn ws" in name}
+    assert len(tma) == 12
     for name, c in tma.items():
         assert c["tma_loads"] >= 2 and c["cp_async"] == 0, (name, c)
+
+
+def test_ffn_ws_kernels_are_warp_specialized(cases):
+    """The warp-specialised candidate's products come out specialised (a producer and two
+    consumer warp groups trading registers), not silently as a plain 4-warp kernel:
+    Triton drops the specialisation, without a word, for loops it cannot split."""
+    ws = {name: c for name, c in cases.items() if "ffn ws" in name}
+    assert len(ws) == 6
+    for name, c in ws.items():
+        assert c["threads"] == 384 and c["setmaxnreg"] > 0 and c["tma_loads"] >= 2, (name, c)
 
 
 def test_layer_norm_backward_occupancy(cases):

@@ -152,32 +152,73 @@ def test_tma_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
     assert len(calls) == 6  # h, y; dpre, dWproj, dWfc, dx
 
 
-@pytest.mark.parametrize("gelu_halves", [False, True], ids=["table", "gelu-epilogues-in-halves"])
-def test_tma_tiles_in_interpreter(gelu_halves, monkeypatch, device):
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_ws_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
+    """The warp-specialised TMA kernel (descriptors built on the device) runs five of the
+    six products; dpre, whose epilogue sums its columns, takes the TMA kernel. The
+    interpreter runs it unspecialised: the test checks descriptors, strides and schedule."""
+    if device == "cuda":
+        pytest.skip("test_tma_kernel_gpu runs it on Hopper")
+    tiles = ffn_module._INTERPRETER._replace(tma=True, warp_specialize=True)
+    ws_calls = _launches(monkeypatch, "_matmul_ws_kernel", tiles)
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", tiles)
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device).to(dtype)  # 10 x 5 tiles of 32 x 64 on 2 programs
+    _check(x, lambda t: t, _weights(48, 280, dtype, device), dtype, atol, rtol)
+    assert len(ws_calls) == 5 and len(calls) == 1
+
+
+def test_ws_kernel_keeps_the_callers_allocator(monkeypatch, device):
+    """Device-side descriptors need Triton's allocator; the launcher sets its own in a copy
+    of the context, so an allocator the caller set is still in place afterwards."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher")
+    from triton.runtime import _allocation
+
+    def callers_allocator(size, alignment, stream):
+        raise AssertionError("the kernel used the caller's allocator")
+
+    token = _allocation._allocator.set(callers_allocator)
+    try:
+        monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._INTERPRETER._replace(
+            tma=True, warp_specialize=True))
+        fc_w, fc_b, proj_w, proj_b = _weights(16, 64, torch.float32, device)
+        with torch.no_grad():
+            ffn(torch.randn(20, 16, device=device), fc_w, fc_b, proj_w, proj_b)
+        assert _allocation._allocator.get() is callers_allocator
+    finally:
+        _allocation._allocator.reset(token)
+
+
+@pytest.mark.parametrize("table", ["tma", "tma-gelu-epilogues-in-halves", "warp-specialized"])
+def test_tma_tiles_in_interpreter(table, monkeypatch, device):
     """Hopper's TMA tiles themselves (128 x 256 with the epilogue in two halves, 128 x 128),
-    and 128 x 256 GELU epilogues (pre-activation stored, loaded and column-summed a half at
-    a time), fp16, ragged, through the interpreter."""
+    128 x 256 GELU epilogues (pre-activation stored, loaded and column-summed a half at a
+    time), and the warp-specialised table (128 x 256, full width), fp16, ragged, through
+    the interpreter."""
     if device == "cuda":
         pytest.skip("test_tma_kernel_gpu runs them on Hopper")
-    table = dict(ffn_module._TMA_TILES)
-    if gelu_halves:
-        table[ffn_module._EPILOGUE] = table[ffn_module._EPILOGUE]._replace(block_n=256, num_stages=2)
-    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: table[kind])
+    tiles = dict(ffn_module._WS_TILES if table == "warp-specialized" else ffn_module._TMA_TILES)
+    if table == "tma-gelu-epilogues-in-halves":
+        tiles[ffn_module._EPILOGUE] = tiles[ffn_module._EPILOGUE]._replace(block_n=256, num_stages=2)
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: tiles[kind])
+    ws_calls = _launches(monkeypatch, "_matmul_ws_kernel", lambda t, kind: tiles[kind])
     torch.manual_seed(0)
     x = torch.randn(300, 80, device=device).half()  # C = 80: no product has few (<= 64) rows
     _check(x, lambda t: t, _weights(80, 320, torch.float16, device), torch.float16, 2e-3, 2e-3)
-    assert len(calls) == 6
+    assert len(calls) + len(ws_calls) == 6
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_split_k_in_interpreter(tma, monkeypatch, device):
+@pytest.mark.parametrize("kernel", ["tma", "pointers", "warp-specialized"])
+def test_split_k_in_interpreter(kernel, monkeypatch, device):
     """Products cut along K (the weight gradients on GPUs where their tiles are few), the
     last slice running past K (into zero fill, or masked loads), sum to the same gradients."""
     if device == "cuda":
         pytest.skip("interpreter check; test_tma_kernel_gpu covers the GPU's choice")
     asked = []
     monkeypatch.setattr(ffn_module, "_k_splits", lambda tiles, k_steps, slots: asked.append(k_steps) or 3)
-    _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(tma=tma, split_k=True))
+    _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(
+        tma=kernel != "pointers", split_k=True, warp_specialize=kernel == "warp-specialized"))
     torch.manual_seed(0)
     x = torch.randn(300, 48, device=device)  # K = 300 tokens: 19 steps of 16, 7 per slice
     _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
@@ -279,20 +320,24 @@ def test_ffn_gpu(M, C, dtype, atol, rtol):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "M, C", [pytest.param(1000, 768, id="gpt2"), pytest.param(513, 1600, id="gpt2-xl"), pytest.param(77, 48, id="small")])
-@pytest.mark.parametrize("gelu_halves", [False, True], ids=["table", "gelu-epilogues-in-halves"])
-def test_tma_kernel_gpu(M, C, gelu_halves, monkeypatch):
+@pytest.mark.parametrize("candidate", ["tma", "tma-gelu-epilogues-in-halves", "warp-specialized"])
+def test_tma_kernel_gpu(M, C, candidate, monkeypatch):
     """The Hopper TMA candidates (bench_ffn --sweep times them) in bf16 at GPT-2 sizes."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA tiles are Hopper's")
-    table = dict(ffn_module._TMA_TILES)
-    if gelu_halves:
+    table = dict(ffn_module._WS_TILES if candidate == "warp-specialized" else ffn_module._TMA_TILES)
+    if candidate == "tma-gelu-epilogues-in-halves":
         table[ffn_module._EPILOGUE] = table[ffn_module._EPILOGUE]._replace(block_n=256, num_stages=2)
     original = ffn_module._tiles
     calls = _launches(monkeypatch, "_matmul_tma_kernel", lambda t, kind: table.get(kind) or original(t, kind))
+    ws_calls = _launches(monkeypatch, "_matmul_ws_kernel", lambda t, kind: table.get(kind) or original(t, kind))
     torch.manual_seed(0)
     x = torch.randn(M, C, device="cuda").bfloat16()
     _check(x, lambda t: t, _weights(C, 4 * C, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
-    assert len(calls) == (6 if C > 64 else 5)  # dWproj of C <= 64 rows takes the few-rows tiles
+    # dWproj of C <= 64 rows takes the few-rows tiles; the warp-specialised table sends
+    # the column-summing dpre product to the TMA kernel.
+    assert len(calls) + len(ws_calls) == (6 if C > 64 else 5)
+    assert len(ws_calls) == (len(calls + ws_calls) - 1 if candidate == "warp-specialized" else 0)
 
 
 @pytest.mark.gpu
