@@ -13,11 +13,12 @@
 #       bench-attention bench-layer-norm
 #   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
 #       bench-train train-triton train-torch
-# With one session's 15 minutes, re-tuning comes first: the gpu tests and the three sweeps
-# (every candidate is checked before it is timed; the sweeps print each row as measured,
-# so a step cut short still leaves its rows in all.log), in two calls:
-#   bash bench/gpu_check.sh "$OUT" 560 gpu-tests candidate-tests ffn-sweep ln-sweep
-#   bash bench/gpu_check.sh "$OUT" 300 attention-sweep
+# With one session's 15 minutes (the machine's start, ~1 minute, included), re-tuning comes
+# first: the gpu tests and the three sweeps (every candidate is checked before it is
+# timed; the sweeps print each row as measured, so a step cut short still leaves its rows
+# in all.log), then the kernel tests with the candidates forced on, in two calls:
+#   bash bench/gpu_check.sh "$OUT" 540 gpu-tests ffn-sweep ln-sweep
+#   bash bench/gpu_check.sh "$OUT" 270 attention-sweep candidate-tests
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 set -u
@@ -56,9 +57,6 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gp
 step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
-# The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
-step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
-    tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention
@@ -77,6 +75,9 @@ done
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024
 step ln-sweep 150 python3 -m bench.bench_layer_norm --sweep
 step attention-sweep 240 python3 -m bench.bench_attention --sweep
+# The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
+step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
+    tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 
 tar -cf "$out/plots.tar" bench/plots 2>/dev/null
 # The tables and outcomes, for the reply's tail.
