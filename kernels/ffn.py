@@ -251,7 +251,7 @@ def _matmul_ws_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr, HALVES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """_matmul_tma_kernel warp-specialised (Triton's automatic warp specialisation on
     Hopper): a producer warp group issues the TMA loads while consumer warp groups run the
@@ -264,7 +264,8 @@ def _matmul_ws_kernel(
     row stride stride_aux. out_rows is M, or splits * split_rows when split; it comes from
     the host because a select between the two here stops the specialisation, as do a
     reduction across the tile's rows (COL_SUM: each consumer holds some of the rows), a
-    tile split in halves (HALVES) and a 3-D descriptor; 8 warps are not specialised.
+    tile split in halves (the TMA kernel's HALVES) and a 3-D descriptor; 8 warps are not
+    specialised.
     """
     if A_ROWS_FIRST:
         desc_a = tl.make_tensor_descriptor(A, [M, K], [stride_a, 1], [BLOCK_M, BLOCK_K])
@@ -274,15 +275,11 @@ def _matmul_ws_kernel(
         desc_b = tl.make_tensor_descriptor(B, [K, N], [stride_b, 1], [BLOCK_K, BLOCK_N])
     else:
         desc_b = tl.make_tensor_descriptor(B, [N, K], [stride_b, 1], [BLOCK_N, BLOCK_K])
-    if HALVES:
-        desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N // 2])
-        desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N // 2])
-    else:
-        desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N])
-        desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N])
+    desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N])
+    desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N])
     _tma_units(desc_a, desc_b, desc_out, desc_aux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
-               PRECISION, HALVES, True)
+               PRECISION, False, True)
 
 
 @triton.jit
@@ -542,19 +539,20 @@ def _launch_tma(a: Tensor, b: Tensor, views: tuple[tuple[Tensor, bool], ...], ou
     (view_a, a_rows_first), (view_b, b_k_first) = views
     split_rows = cdiv(M, t.block_m) * t.block_m
     target = out if splits == 1 else torch.empty((splits * split_rows, N), dtype=torch.float32, device=a.device)
-    halves = t.block_n >= 256 and not t.warp_specialize  # Triton cannot specialise the split into halves
-    width = t.block_n // (1 + halves)
-    flags = dict(flags, A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HALVES=halves)
+    flags = dict(flags, A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first)
     if t.warp_specialize:
         _with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
             view_a, view_b, target, aux, bias, col_sums, M, N, K, programs, splits, split_rows, target.shape[0],
             view_a.stride(0), view_b.stride(0), aux.stride(0), **flags))
     else:
+        halves = t.block_n >= 256
+        width = t.block_n // (1 + halves)
         block_a = (t.block_m, t.block_k) if a_rows_first else (t.block_k, t.block_m)
         block_b = (t.block_k, t.block_n) if b_k_first else (t.block_n, t.block_k)
         _matmul_tma_kernel[(programs,)](
             _descriptor(view_a, block_a), _descriptor(view_b, block_b), _descriptor(target, (t.block_m, width)),
-            _descriptor(aux, (t.block_m, width)), bias, col_sums, M, N, K, programs, splits, split_rows, **flags)
+            _descriptor(aux, (t.block_m, width)), bias, col_sums, M, N, K, programs, splits, split_rows,
+            HALVES=halves, **flags)
     if splits > 1:
         out.copy_(target.view(splits, split_rows, N)[:, :M].sum(0))
 

@@ -177,7 +177,7 @@ def _ffn_ws_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: boo
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
-        STORE_PRE=name == "fwd fc+gelu", COL_SUM=False, PRECISION=None, HALVES=False)
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=False, PRECISION=None)
     out = "fp32" if "dW" in name else "bf16"
     pointers = {"A": "bf16", "B": "bf16", "Out": out, "Aux": "bf16", "Bias": "bf16", "ColSum": "fp32"}
     return compile_case(90, ffn._matmul_ws_kernel, pointers, constexprs, num_warps=t.num_warps,
