@@ -181,7 +181,7 @@ def run(
         )
 
 
-# Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]) per
+# Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma, warp-specialized]) per
 # kernel; each is timed with the other two kernels at the table's setting. The TMA rows
 # move the tiles each kernel loops over (forward: q, k, v; dK/dV: q, dO; dQ: k, v)
 # through tensor descriptors (Hopper): no per-thread address arithmetic (a third fewer
@@ -190,8 +190,11 @@ def run(
 SWEEP = {
     # One warpgroup per 128 query rows: (128, 128, 4, 3) is what FlexAttention's Hopper table
     # gives 16-bit D = 64 -- it spills 40 bytes here with pointers, fits with TMA (254
-    # registers); (128, 64, 4, 3) fits two programs per SM (188 registers with TMA).
-    "fwd": [(128, 128, 8, 3), (128, 128, 8, 3, True), (128, 128, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, True),
+    # registers); (128, 64, 4, 3) fits two programs per SM (188 registers with TMA). Rows
+    # ending in True, True run the warp-specialised forward (_attn_fwd_ws_kernel: a TMA
+    # producer and two 64-row consumer warp groups; 4 warps name one consumer group).
+    "fwd": [(128, 128, 8, 3), (128, 128, 8, 3, True), (128, 128, 4, 3, False, True), (128, 64, 4, 3, False, True),
+            (128, 128, 4, 2, False, True), (128, 128, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, True),
             (128, 128, 8, 2, True), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
     "dkdv": [(32, 128, 8, 5), (32, 128, 8, 5, True), (32, 128, 8, 3, True), (32, 128, 4, 5), (64, 128, 8, 3),
              (32, 64, 4, 4), (16, 128, 4, 5)],
@@ -201,7 +204,7 @@ SWEEP = {
 
 
 def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype, device: str,
-          sweep_table: dict[str, list[tuple[int, int, int, int]]] = SWEEP) -> None:
+          sweep_table: dict[str, list[tuple]] = SWEEP) -> None:
     """Times the Triton kernel under alternative launch settings, kernel by kernel, for
     re-tuning kernels/attention.py's table; every candidate is checked against SDPA."""
     module = importlib.import_module("kernels.attention")
@@ -241,7 +244,7 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
     dt = str(dtype).removeprefix("torch.")
     print_table(
         f"attention launch sweep, {'TFLOP/s' if device == 'cuda' else 'MFLOP/s'} ({dt}, T={T}, B*T={tokens}, H*D={hidden})",
-        ["D", "kernel", "BLOCK_M, BLOCK_N, warps, stages[, tma]", "forward", "forward+backward"], rows,
+        ["D", "kernel", "BLOCK_M, BLOCK_N, warps, stages[, tma, warp-specialized]", "forward", "forward+backward"], rows,
     )
 
 
@@ -257,7 +260,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
-            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
+            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True), (32, 16, 4, 1, False, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
             sweep(48, 48, 32, [16], torch.float32, "cpu", tiny)
         elif torch.cuda.is_available():
             sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda")

@@ -1,10 +1,13 @@
 """Small helpers shared by the kernel launchers: input checks and launch settings."""
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
+from collections.abc import Callable
 
 import torch
+import triton
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,3 +70,14 @@ def device_capability(index: int = 0) -> tuple[int, int]:
 
 def is_hopper(t: Tensor) -> bool:
     return t.is_cuda and device_capability(t.device.index or 0)[0] == 9
+
+
+def with_device_scratch(device: torch.device, launch: Callable[[], object]) -> None:
+    """Runs `launch` with Triton's global scratch memory (which kernels that build tensor
+    descriptors on the device need) taken from torch's caching allocator.
+    triton.set_allocator sets a context variable, so setting it in a copy of the context
+    leaves any allocator the caller set untouched."""
+    def run() -> None:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        launch()
+    contextvars.copy_context().run(run)

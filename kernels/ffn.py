@@ -33,9 +33,7 @@ times both; saving is the default (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
-import contextvars
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._utils import cdiv, check_inputs, device_capability
+from kernels._utils import cdiv, check_inputs, device_capability, with_device_scratch
 
 _OP = "ffn"
 _REFERENCE = "kernels.reference.ffn"
@@ -541,7 +539,7 @@ def _launch_tma(a: Tensor, b: Tensor, views: tuple[tuple[Tensor, bool], ...], ou
     target = out if splits == 1 else torch.empty((splits * split_rows, N), dtype=torch.float32, device=a.device)
     flags = dict(flags, A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first)
     if t.warp_specialize:
-        _with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
+        with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
             view_a, view_b, target, aux, bias, col_sums, M, N, K, programs, splits, split_rows, target.shape[0],
             view_a.stride(0), view_b.stride(0), aux.stride(0), **flags))
     else:
@@ -582,16 +580,6 @@ def _tma_view(x: Tensor) -> tuple[Tensor, bool] | None:
 
 def _descriptor(view: Tensor, block: tuple[int, int]) -> TensorDescriptor:
     return TensorDescriptor(view, list(view.shape), [view.stride(0), 1], list(block))
-
-
-def _with_device_scratch(device: torch.device, launch: Callable[[], object]) -> None:
-    """Runs `launch` with Triton's global scratch memory (device-side descriptors) taken from
-    torch's caching allocator. triton.set_allocator sets a context variable, so setting it
-    in a copy of the context leaves any allocator the caller set untouched."""
-    def run() -> None:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        launch()
-    contextvars.copy_context().run(run)
 
 
 def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None) -> None:

@@ -61,12 +61,13 @@ def test_ffn_tma_kernels_load_through_tma(cases):
         assert c["tma_loads"] >= 2 and c["cp_async"] == 0, (name, c)
 
 
-def test_ffn_ws_kernels_are_warp_specialized(cases):
-    """The warp-specialised candidate's products come out specialised (a producer and two
-    consumer warp groups trading registers), not silently as a plain 4-warp kernel:
-    Triton drops the specialisation, without a word, for loops it cannot split."""
-    ws = {name: c for name, c in cases.items() if "ffn ws" in name}
-    assert len(ws) == 6
+def test_ws_kernels_are_warp_specialized(cases):
+    """The warp-specialised candidates (the FFN's six products, the attention forward) come
+    out specialised (a producer and two consumer warp groups trading registers), not
+    silently as a plain 4-warp kernel: Triton drops the specialisation, without a word,
+    for loops it cannot split."""
+    ws = {name: c for name, c in cases.items() if " ws " in name}
+    assert len(ws) == 8
     for name, c in ws.items():
         assert c["threads"] == 384 and c["setmaxnreg"] > 0 and c["tma_loads"] >= 2, (name, c)
 
