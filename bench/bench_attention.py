@@ -204,9 +204,11 @@ SWEEP = {
 
 
 def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype, device: str,
-          sweep_table: dict[str, list[tuple]] = SWEEP) -> None:
+          sweep_table: dict[str, list[tuple]] = SWEEP, warp_specialized: bool = True) -> None:
     """Times the Triton kernel under alternative launch settings, kernel by kernel, for
-    re-tuning kernels/attention.py's table; every candidate is checked against SDPA."""
+    re-tuning kernels/attention.py's table; every candidate is checked against SDPA.
+    warp_specialized=False leaves out the warp-specialised launches (for a GPU on which
+    their tests failed or hung: bench/gpu_check.sh)."""
     module = importlib.import_module("kernels.attention")
     original = module._settings
     unit = 1e12 if device == "cuda" else 1e6
@@ -222,6 +224,8 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
             expected = [ref.detach(), *torch.autograd.grad(ref, (q, k, v), do)]
             for kernel, launches in sweep_table.items():
                 for launch in launches:
+                    if not warp_specialized and len(launch) > 5 and launch[5]:
+                        continue
                     base = original(D, dtype, module.device_capability(q.device.index or 0))
                     settings = base._replace(**{kernel: module._Launch(*launch)})
                     module._settings = lambda *a, s=settings: s
@@ -257,13 +261,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048, help="H*D held fixed (default 2048)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
     parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
+    parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised launches")
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
             tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True), (32, 16, 4, 1, False, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
             sweep(48, 48, 32, [16], torch.float32, "cpu", tiny)
         elif torch.cuda.is_available():
-            sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda")
+            sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda",
+                  warp_specialized=not args.no_warp_specialized)
         else:
             parser.exit(1, "bench_attention: no CUDA GPU; use --smoke --sweep to check the script on CPU\n")
         return

@@ -155,11 +155,12 @@ SWEEP = {
 }
 
 
-def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda") -> None:
+def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda", warp_specialized: bool = True) -> None:
     """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py),
     beside torch eager in the same run; time_providers checks every gradient before it times.
     Candidates run in SWEEP's order, each at every width, so that a run cut short has timed
-    the first ones everywhere."""
+    the first ones everywhere. warp_specialized=False leaves out the warp-specialised rows
+    (for a GPU on which their tests failed or hung: bench/gpu_check.sh)."""
     module = importlib.import_module("kernels.ffn")
     original = module._tiles
     unit = 1e12 if device == "cuda" else 1e6
@@ -167,6 +168,8 @@ def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda") -> None:
     eager = {C: time_providers({"torch": reference.ffn}, tokens[C], C, dtype, device, unit) for C in widths}
     rows = {C: [["torch eager", eager[C][0]["torch"], eager[C][1]["torch"], 1.0, 1.0]] for C in widths}
     for name, changes in SWEEP.items():
+        if not warp_specialized and any(len(t) > 10 and t[10] for t in (changes or {}).values()):
+            continue
         overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
         module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
         try:
@@ -214,6 +217,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[768, 1024, 1600, 4096], help="model widths C")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
     parser.add_argument("--sweep", type=int, metavar="C", nargs="*", help="time alternative tile tables at widths C (default 768 1024) instead (with --smoke: on CPU)")
+    parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised rows")
     parser.add_argument("--few-rows", action="store_true", help="time a decode step's FFN (1 to 64 rows) instead (with --smoke: on CPU)")
     args = parser.parse_args()
     if args.few_rows:
@@ -234,7 +238,7 @@ def main() -> None:
         parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke to check the script on CPU\n")
     dtype = DTYPES[args.dtype]
     if args.sweep is not None:
-        sweep(args.sweep or [768, 1024], dtype)
+        sweep(args.sweep or [768, 1024], dtype, warp_specialized=not args.no_warp_specialized)
         return
     tokens = {C: 8192 if C >= 4096 else 16384 for C in args.widths}
     run(args.widths, tokens, dtype, "cuda", use_compile=not args.no_compile, plot_suffix="")

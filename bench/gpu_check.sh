@@ -17,8 +17,10 @@
 # first: the gpu tests and the three sweeps (every candidate is checked before it is
 # timed; the sweeps print each row as measured, so a step cut short still leaves its rows
 # in all.log), then the kernel tests with the candidates forced on, in two calls:
-#   bash bench/gpu_check.sh "$OUT" 540 gpu-tests ffn-sweep ln-sweep
-#   bash bench/gpu_check.sh "$OUT" 270 attention-sweep candidate-tests
+#   bash bench/gpu_check.sh "$OUT" 540 ws-check gpu-tests ffn-sweep ln-sweep
+#   bash bench/gpu_check.sh "$OUT" 270 ws-check attention-sweep candidate-tests
+# ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
+# they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 set -u
@@ -31,9 +33,11 @@ start=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 unset TRITON_INTERPRET
 
+rc=  # the exit status of the last step run
 step() {  # name seconds command...
     local name=$1 limit=$2
     shift 2
+    rc=
     if [[ "$only" != "  " && "$only" != *" $name "* ]]; then return; fi
     local left=$((budget - ($(date +%s) - start)))
     ((limit > left)) && limit=$left
@@ -43,7 +47,8 @@ step() {  # name seconds command...
     fi
     echo "== $name (limit ${limit}s, at $(($(date +%s) - start))s)" | tee -a "$log"
     timeout -k 5 "$limit" "$@" >>"$log" 2>&1
-    echo "== $name: exit $? after $(($(date +%s) - start))s" | tee -a "$log"
+    rc=$?
+    echo "== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$log"
 }
 
 {
@@ -52,8 +57,17 @@ step() {  # name seconds command...
 } >>"$log" 2>&1
 tail -n 3 "$log"
 
-step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu tests/test_ffn.py tests/test_model_kernels.py \
-    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_generate.py tests/test_sampling.py
+ws_tests="warp-specialized or ws_forward"
+step ws-check 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "$ws_tests" tests/test_ffn.py \
+    tests/test_attention.py
+no_ws=()
+if [[ -n "$rc" && "$rc" != 0 ]]; then
+    no_ws=(--no-warp-specialized)
+    echo "== the warp-specialised candidates failed their tests: the sweeps leave them out" | tee -a "$log"
+fi
+step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "not ($ws_tests)" tests/test_ffn.py \
+    tests/test_model_kernels.py tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py \
+    tests/test_generate.py tests/test_sampling.py
 step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
@@ -72,9 +86,9 @@ for k in triton torch; do
         --lr 1e-3 --warmup 50 --eval-interval 150 --eval-iters 20 --log-interval 50 --seed 1 \
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
-step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024
+step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
 step ln-sweep 150 python3 -m bench.bench_layer_norm --sweep
-step attention-sweep 240 python3 -m bench.bench_attention --sweep
+step attention-sweep 240 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 # The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
     tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
