@@ -190,6 +190,7 @@ def _attn_fwd_ws_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """_attn_fwd_kernel warp-specialised (Triton's automatic warp specialisation, Hopper):
@@ -204,6 +205,8 @@ def _attn_fwd_ws_kernel(
     tiles of _attn_fwd_kernel do without. The mask is one bound per row, the last key it
     sees (causal, and Tk - 1 for the ragged end). Descriptors are built here, per head,
     over (T, D) rows (zero fill past T), as Triton specialises no loop over host ones.
+    SCALE_FIRST (scale <= 0): scores are scaled before the mask, as masking first would
+    take a negative scale's row maxima from the raw scores and make -inf * 0 a NaN.
     """
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -234,9 +237,16 @@ def _attn_fwd_ws_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         # Every row sees key 0, so m_i is finite after the first tile (no NaN from -inf - -inf).
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+        if SCALE_FIRST:
+            qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+        else:
+            # Masked before scaling (-inf stays -inf), so the scale stays folded into one FMA
+            # per score, as in _attn_fwd_inner: the mask adds a compare and a select.
+            qk = tl.where(offs_n[None, :] <= last[:, None], qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = v_tiles.load([start_n, 0])
@@ -635,7 +645,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         with_device_scratch(q.device, lambda: _attn_fwd_ws_kernel[grid](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, Tq, Tk, scale * _LOG2E, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal,
-            PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            SCALE_FIRST=scale <= 0, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages))
         return o, lse, q, k, v, scale
     descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
     tma = descriptors[0] is not None

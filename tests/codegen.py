@@ -130,7 +130,8 @@ def attention_cases(arch: int) -> dict[str, dict]:
                     descriptors={n: f"tensordesc<bf16[1, 1, {blocks['BLOCK_' + b]}, {D}]>" for n, b in loop_tiles.items()})
             # The warp-specialised forward candidate, with its sweep tiles.
             cases[f"attention fwd ws D={D}"] = compile_case(
-                arch, attention._attn_fwd_ws_kernel, ptrs, common | dict(BLOCK_M=128, BLOCK_N=64 if D == 128 else 128),
+                arch, attention._attn_fwd_ws_kernel, ptrs,
+                common | dict(BLOCK_M=128, BLOCK_N=64 if D == 128 else 128, SCALE_FIRST=False),
                 floats=("qk_scale",), unaligned=unaligned, num_warps=4, num_stages=3)
     return cases
 

@@ -383,6 +383,19 @@ def test_ws_forward_in_interpreter(B, H, Tq, Tk, D, causal, monkeypatch, device)
     assert calls == ["_attn_fwd_ws_kernel"]
 
 
+@pytest.mark.parametrize("scale", [0.0, -8.0], ids=["zero", "negative"])
+def test_ws_forward_custom_scale(scale, monkeypatch, device):
+    """The warp-specialised forward masks before scaling; a negative scale (row maxima of the
+    scaled scores, not of the raw ones) and zero take their own path."""
+    if device == "cuda":
+        pytest.skip("interpreter check")
+    calls = _ws_launches(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _qkv(1, 2, 9, 40, 32, torch.float32, device)
+    _compare(_separate, inputs, torch.randn(1, 2, 9, 32, device=device), 1e-5, 1e-5, causal=True, scale=scale)
+    assert calls == ["_attn_fwd_ws_kernel"]
+
+
 def test_ws_forward_fused_qkv_and_fallback(monkeypatch, device):
     """The warp-specialised forward reads the model's fused-QKV views; rows 196 bytes apart,
     which TMA cannot address, take the pointer kernel."""
