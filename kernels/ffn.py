@@ -436,6 +436,21 @@ def _tiles(t: Tensor, kind: str) -> _Tiles:
     return _TILES[(major, kind)]
 
 
+def _specialised(t: _Tiles, epilogue: int, col_sums: bool) -> _Tiles:
+    """The products the warp-specialised tiles cannot take as they are."""
+    if not t.warp_specialize:
+        return t
+    if col_sums:
+        # Triton's Hopper warp specialisation gives each consumer warp group some of the
+        # tile's rows and cannot sum across them: these take the TMA kernel unspecialised.
+        return t._replace(warp_specialize=False, block_n=min(t.block_n, 128), num_warps=8)
+    if epilogue == _GELU_GRAD:
+        # Its second input tile (the pre-activation) spills 8-16 bytes at 128 x 256 under
+        # Triton 3.8 and 3.9 (none under 3.6 and 3.7): 128 x 128 spills under none.
+        return t._replace(block_n=128, num_stages=4)
+    return t
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -460,11 +475,7 @@ def _matmul(
         kind = _FEW_ROWS
     elif epilogue != _NONE:
         kind = _EPILOGUE
-    t = _tiles(a, kind)
-    if t.warp_specialize and col_sums:
-        # Triton's Hopper warp specialisation gives each consumer warp group some of the
-        # tile's rows and cannot sum across them: these take the TMA kernel unspecialised.
-        t = t._replace(warp_specialize=False, block_n=min(t.block_n, 128), num_warps=8)
+    t = _specialised(_tiles(a, kind), epilogue, col_sums)
     row_tiles = cdiv(M, t.block_m)
     tiles = row_tiles * cdiv(N, t.block_n)
     partial = torch.empty((row_tiles, N), dtype=torch.float32, device=a.device) if col_sums else None

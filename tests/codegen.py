@@ -31,7 +31,13 @@ attention, decode_attention, ffn, layer_norm, sampling = (
 )
 
 ARCHS = (90, 80)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles `arch` with: Triton 3.9 emits PTX 9.x for sm90,
+    which only its CUDA 13 ptxas (`ptxas-blackwell`) reads."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(arch).path
 
 
 def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
@@ -60,7 +66,7 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        info = subprocess.run([PTXAS, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
+        info = subprocess.run([ptxas(arch), f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
@@ -103,7 +109,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
     cases = {}
     ptrs = {n: "bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
     unaligned = ("H", "Tq", "Tk")
-    for D in (64, 128):
+    for D in (16, 32, 64, 128):
         cfg = attention._CONFIGS[(arch // 10, D)]
         common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None)
         for name, kernel, launch, extra in (
@@ -115,7 +121,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
                 arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
                 floats=("scale", "qk_scale"), unaligned=unaligned,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
-        if arch == 90:  # the TMA candidates, Hopper's (bench_attention --sweep)
+        if arch == 90 and D >= 64:  # the TMA candidates, Hopper's (bench_attention --sweep)
             for name, kernel, launch, loop_tiles in (
                 ("fwd", attention._attn_fwd_kernel, cfg.fwd, {"Q": "M", "K": "N", "V": "N"}),
                 ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {"Q": "M", "DO": "M"}),
@@ -172,7 +178,8 @@ def ffn_cases(arch: int) -> dict[str, dict]:
             cases[f"ffn tma {name}"] = _ffn_tma_case(ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1)
             # The warp-specialised candidate; the launcher gives it dpre only without the
             # column sums (no fc bias), as the specialisation cannot sum across its consumers.
-            cases[f"ffn ws {name}"] = _ffn_ws_case(ffn._WS_TILES[kind], epilogue, name, ak == 1, bn == 1)
+            ws_tiles = ffn._specialised(ffn._WS_TILES[kind], epilogue, col_sums=False)
+            cases[f"ffn ws {name}"] = _ffn_ws_case(ws_tiles, epilogue, name, ak == 1, bn == 1)
     return cases
 
 

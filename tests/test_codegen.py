@@ -12,7 +12,6 @@ import pytest
 import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 SHARED_PER_PROGRAM = {90: 227 * 1024, 80: 163 * 1024}  # the per-block opt-in maxima
@@ -20,8 +19,9 @@ SHARED_PER_PROGRAM = {90: 227 * 1024, 80: 163 * 1024}  # the per-block opt-in ma
 
 @pytest.fixture(scope="module")
 def cases() -> dict[str, dict]:
-    if not os.path.exists(PTXAS):
-        pytest.skip(f"Triton's ptxas is not installed at {PTXAS}")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip(f"Triton's ptxas is not installed in {bin_dir}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, os.path.join(HERE, "codegen.py")], env=env,
                           capture_output=True, text=True, timeout=600)
