@@ -64,7 +64,7 @@ def main() -> None:
     if not args.no_compile:
         variants.append(("torch.compile", "torch", True))
     if cuda:
-        variants += [("triton kernels", "triton", False)]
+        variants += [("triton kernels", "triton", False), ("auto (the faster per op)", "auto", False)]
         if not args.no_compile:
             variants.append(("triton kernels + compile", "triton", True))
     peak = peak_flops(device, args.dtype)

@@ -1,7 +1,9 @@
 """The one place that decides which implementation of each op runs.
 
 mode (GPTConfig.kernels):
-  "auto"   Triton kernels for CUDA tensors, the pure-torch reference otherwise
+  "auto"   for CUDA tensors, whichever measured faster on the GPU (our Triton kernels for
+           LayerNorm and attention; torch's cuBLAS FFN while AUTO_TRITON_FFN is off), the
+           pure-torch reference otherwise
   "triton" always the Triton kernels (on CPU this needs TRITON_INTERPRET=1)
   "torch"  always the reference
 """
@@ -16,6 +18,11 @@ from torch import Tensor
 from kernels import reference
 
 
+# "auto" runs the Triton FFN only once it beats cuBLAS: on an H200 (bench/RESULTS.md, run 3,
+# bf16, GPT-2 widths) it gives 0.74-0.82x torch eager forward+backward, while the Triton
+# LayerNorm (1.77-2.76x eager) and attention (1.09-1.28x SDPA's default FlashAttention-2
+# backend) win, so those run on Triton and the FFN on cuBLAS. kernels="triton" forces it.
+AUTO_TRITON_FFN = False
 # Below this many rows (tokens) "auto" runs the FFN on cuBLAS: faster for decode, on an
 # H200, than the Triton FFN's 128-row tiles (run 1) and its 16-row tiles for at most 64
 # rows (1,888 against 1,937 tokens/s at batch 1; level at 32: bench/RESULTS.md).
@@ -70,7 +77,7 @@ def ffn(
     mode: str = "auto",
 ) -> Tensor:
     impl = backend(x, mode)
-    if mode == "auto" and x.numel() < FFN_MIN_ROWS * x.shape[-1]:
+    if mode == "auto" and (not AUTO_TRITON_FFN or x.numel() < FFN_MIN_ROWS * x.shape[-1]):
         # cuBLAS's GEMV-like kernels stream the weights at full bandwidth (see FFN_MIN_ROWS).
         if GELU_EPILOGUE and x.is_cuda and fc_bias is not None and not torch.is_grad_enabled():
             h = torch._addmm_activation(fc_bias, x.reshape(-1, x.shape[-1]), fc_weight.t(), use_gelu=True)

@@ -365,3 +365,24 @@ def test_decode_sized_ffn_on_cublas_gpu(monkeypatch, epilogue):
         got = ops.ffn(*args)
     want = reference.ffn(*(t.double() for t in args))
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("auto_triton", [False, True])
+@pytest.mark.parametrize("rows", [8, 512])
+def test_auto_picks_the_ffn_by_policy(monkeypatch, auto_triton, rows):
+    """kernels="auto" on a GPU (the Triton module standing in for CUDA here) runs the Triton
+    FFN only when AUTO_TRITON_FFN is on and the call has FFN_MIN_ROWS rows or more; the
+    other calls take the reference (cuBLAS). Either way the result is the reference's."""
+    import kernels
+    from gpt import ops
+
+    monkeypatch.setattr(ops, "AUTO_TRITON_FFN", auto_triton)
+    monkeypatch.setattr(ops, "backend", lambda x, mode: kernels)
+    calls = []
+    monkeypatch.setattr(kernels, "ffn", lambda *a: calls.append(1) or reference.ffn(*a))
+    C = 16
+    x = torch.randn(rows, C, dtype=torch.float64)
+    w = [torch.randn(4 * C, C), torch.randn(4 * C), torch.randn(C, 4 * C), torch.randn(C)]
+    w = [t.double() for t in w]
+    torch.testing.assert_close(ops.ffn(x, *w), reference.ffn(x, *w))
+    assert len(calls) == int(auto_triton and rows >= ops.FFN_MIN_ROWS)
