@@ -76,6 +76,9 @@ step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
+# A small model, where launch cost rather than the kernels may decide what "auto" should run.
+step bench-train-small 40 python3 -m bench.bench_train --preset shakespeare-char --batch-size 64 --no-compile \
+    --steps 20 --burn-in 5
 step bench-sample 150 python3 -m bench.bench_sample
 step bench-sample-fast 60 python3 -m bench.bench_sample --skip fast-ffn compile cached uncached hf
 step bench-sampling 90 python3 -m bench.bench_sampling
