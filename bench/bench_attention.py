@@ -214,18 +214,22 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
     unit = 1e12 if device == "cuda" else 1e6
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     rows = []
+    cases = {}
+    for D in head_dims:
+        H, B = hidden // D, max(1, tokens // T)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, T, D, device=device, dtype=dtype)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        cases[D] = (B, H, q, k, v, do, [ref.detach(), *torch.autograd.grad(ref, (q, k, v), do)])
+    # Kernel by kernel, each launch at every head dim: a step cut short has timed the
+    # forward launches (the D = 64 forward is the gap to FlexAttention) at both.
     try:
-        for D in head_dims:
-            H, B = hidden // D, max(1, tokens // T)
-            torch.manual_seed(0)
-            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            do = torch.randn(B, H, T, D, device=device, dtype=dtype)
-            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            expected = [ref.detach(), *torch.autograd.grad(ref, (q, k, v), do)]
-            for kernel, launches in sweep_table.items():
-                for launch in launches:
-                    if not warp_specialized and len(launch) > 5 and launch[5]:
-                        continue
+        for kernel, launches in sweep_table.items():
+            for launch in launches:
+                if not warp_specialized and len(launch) > 5 and launch[5]:
+                    continue
+                for D, (B, H, q, k, v, do, expected) in cases.items():
                     base = original(D, dtype, module.device_capability(q.device.index or 0))
                     settings = base._replace(**{kernel: module._Launch(*launch)})
                     module._settings = lambda *a, s=settings: s
@@ -236,7 +240,8 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
                             torch.testing.assert_close(g, e, **tol)
                         fwd = flops_per_s(B, H, T, D, bench(lambda: triton_causal(q, k, v)), 1.0, unit)
                         ms = bench(lambda: triton_causal(q, k, v).backward(do), grad_to_none=[q, k, v])
-                        rows.append([D, kernel, str(launch), fwd, flops_per_s(B, H, T, D, ms, 3.5, unit)])
+                        label = str(launch) + (" (default)" if settings == base else "")
+                        rows.append([D, kernel, label, fwd, flops_per_s(B, H, T, D, ms, 3.5, unit)])
                         print("row:", *rows[-1], flush=True)  # survives a step killed before the table
                     except Exception as e:  # out of shared memory or registers, or wrong
                         print(f"D={D} {kernel} {launch}: failed ({str(e).splitlines()[0][:120]})")
@@ -245,6 +250,7 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
                         module._settings = original
     finally:
         module._settings = original
+    rows.sort(key=lambda r: r[0])  # stable: by head dim, kernel and launch order within
     dt = str(dtype).removeprefix("torch.")
     print_table(
         f"attention launch sweep, {'TFLOP/s' if device == 'cuda' else 'MFLOP/s'} ({dt}, T={T}, B*T={tokens}, H*D={hidden})",

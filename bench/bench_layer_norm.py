@@ -158,13 +158,16 @@ SWEEP_STAGES = (1, 2, 3)
 SWEEP_FWD = ((2, 2), (3, 2), (2, 4))
 
 
-def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> None:
+def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forward_only: bool = False) -> None:
     """Times layer_norm under each candidate _Settings per N, for re-tuning
-    kernels/layer_norm.py's _settings; every candidate is checked before it is timed."""
+    kernels/layer_norm.py's _settings; every candidate is checked before it is timed.
+    forward_only: the default and the persistent forward alone (the tiles and backward
+    stages were tuned in earlier runs)."""
     module = importlib.import_module("kernels.layer_norm")
     original = module._settings
     esize = torch.tensor([], dtype=dtype).element_size()
     tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    liger = peers(use_compile=False, cuda=device == "cuda")[0]["liger"]
     rows = []
     try:
         for N in sizes:
@@ -174,10 +177,22 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str) -> N
             w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
             dy = torch.randn(M, N, device=device, dtype=dtype)
             expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
+            # The peers first, timed in the same run: the forward's targets are a share of copy
+            # and a ratio to Liger.
+            copy = gbps(2 * M * N, esize, bench_graph(lambda: x.clone())) if device == "cuda" else None
+            rows.append([N, "copy", "", "", "", "", copy, None])
+            if liger is not None:
+                fwd = gbps(2 * M * N, esize, bench_graph(lambda: liger(x, w, b, EPS)))
+                ms = bench_graph(lambda: liger(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
+                rows.append([N, "liger", "", "", "", "", fwd, gbps(5 * M * N, esize, ms)])
+            for row in rows[-2 if liger is not None else -1:]:
+                print("row:", *row, flush=True)
             default = original(N, esize)
-            candidates = [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
-            candidates += [default._replace(fwd_stages=s, fwd_programs_per_sm=p) for s, p in SWEEP_FWD]
-            for tile in SWEEP_TILES:
+            # The default, then the persistent forward (the candidate for N = 8192's forward), so
+            # that a step cut short has timed those first.
+            candidates = [default] + [default._replace(fwd_stages=s, fwd_programs_per_sm=p) for s, p in SWEEP_FWD]
+            candidates += [] if forward_only else [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
+            for tile in () if forward_only else SWEEP_TILES:
                 for per_thread in SWEEP_PER_THREAD:
                     block_m = max(1, tile // default.block_n)
                     warps = min(32, max(1, block_m * default.block_n // (32 * per_thread)))
@@ -212,12 +227,14 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=2**25, help="M*N held fixed across the sweep (default 2^25)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--sweep", action="store_true", help="time candidate launch settings instead (with --smoke: on CPU)")
+    parser.add_argument("--forward-only", action="store_true", help="--sweep: the default and the persistent forward candidates alone")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024, 2048, 4096, 8192], help="--sweep: the N to time, in this order (default 768 1024 2048 4096 8192)")
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
             sweep([64, 96], 64 * 96, torch.float32, "cpu")
         elif torch.cuda.is_available():
-            sweep([768, 1024, 2048, 4096, 8192], args.elements, DTYPES[args.dtype], "cuda")
+            sweep(args.sizes, args.elements, DTYPES[args.dtype], "cuda", args.forward_only)
         else:
             parser.exit(1, "bench_layer_norm: no CUDA GPU; use --smoke --sweep to check the script on CPU\n")
         return

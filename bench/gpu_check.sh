@@ -17,8 +17,10 @@
 # first: the gpu tests and the three sweeps (every candidate is checked before it is
 # timed; the sweeps print each row as measured, so a step cut short still leaves its rows
 # in all.log), then the kernel tests with the candidates forced on, in two calls:
-#   bash bench/gpu_check.sh "$OUT" 540 ws-check gpu-tests ffn-sweep ln-sweep
-#   bash bench/gpu_check.sh "$OUT" 270 ws-check attention-sweep candidate-tests
+#   bash bench/gpu_check.sh "$OUT" 585 ws-check ffn-sweep ln-sweep attention-sweep candidate-tests
+#   bash bench/gpu_check.sh "$OUT" 150 candidate-tests bench-train-small   # if still warm
+# (the sm90 defaults have not changed since run 3 passed gpu-tests; the sweeps check
+# every candidate's output and gradients before timing it).
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
@@ -90,8 +92,10 @@ for k in triton torch; do
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
-step ln-sweep 150 python3 -m bench.bench_layer_norm --sweep
-step attention-sweep 240 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
+# The forward candidates alone (the tiles and backward stages were tuned in run 3), N = 8192 first: its
+# forward is the one under target.
+step ln-sweep 80 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 8192 4096 2048 1024 768
+step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 # The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
     tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
