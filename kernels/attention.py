@@ -534,11 +534,15 @@ class _Settings(NamedTuple):
 
 # Per (capability major, head dim), 16-bit inputs. Starting points from the Triton
 # fused-attention tutorial and FlashAttention-2, checked offline with ptxas (every entry
-# compiles for its target within its shared memory and without register spills), to be
-# re-tuned with bench_attention on the GPU:
+# compiles for its target within its shared memory and without register spills), then
+# re-tuned with bench_attention --sweep on the GPU:
 # - Hopper (sm90, H100/H200; 227 KiB shared memory): 128-row query tiles split over two
-#   warpgroups (8 warps, 64 rows each for wgmma), three K/V stages in flight; D=128 halves
-#   the key tile so that the 128x128 fp32 accumulator and the scores share the registers.
+#   warpgroups (8 warps, 64 rows each for wgmma), three K/V stages in flight. D=64 and 128
+#   by run 5's sweep (H200, T=4096): the D=64 forward on 64-key tiles (378 TFLOP/s against
+#   311 on 128), the D=128 one on 128 (434 against 399); dQ on 64-key tiles, 8 warps
+#   (+7% fwd+bwd at D=64, +6% at 128); the D=64 dK/dV on 64-key programs stepping through
+#   32 queries, 4 warps (+11%; (32, 128, 4, 5) measured 1% faster but spills 4 bytes under
+#   Triton 3.7). D=16 and 32 are untimed.
 # - sm8x (A100, and the fallback for anything else): mma.sync over 4 warps (8 at D=128)
 #   with fewer stages, as sm86/sm89 have only ~100 KiB of shared memory.
 # Backward: dK/dV programs own 128 keys and step through 32 queries, dQ programs the
@@ -551,8 +555,8 @@ class _Settings(NamedTuple):
 _CONFIGS: dict[tuple[int, int], _Settings] = {
     (9, 16): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
     (9, 32): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
-    (9, 64): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 8, 5), _Launch(128, 32, 4, 5)),
-    (9, 128): _Settings(_Launch(128, 64, 8, 3), _Launch(32, 128, 8, 3), _Launch(128, 64, 8, 2)),
+    (9, 64): _Settings(_Launch(128, 64, 8, 3), _Launch(32, 64, 4, 4), _Launch(128, 64, 8, 3)),
+    (9, 128): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 8, 3), _Launch(128, 64, 8, 3)),
     (8, 16): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
     (8, 32): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
     (8, 64): _Settings(_Launch(128, 64, 8, 3), _Launch(16, 128, 8, 3), _Launch(128, 32, 8, 3)),

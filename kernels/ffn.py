@@ -21,11 +21,12 @@ epilogue (dbfc) or from torch (dbproj), never from extra work inside the loop, w
 earlier versions made the weight-gradient kernels' first column of programs the slowest.
 
 On Hopper a second kernel, _matmul_tma_kernel, moves every tile with TMA descriptors on a
-persistent schedule and cuts the K of weight gradients whose output tiles are too few to
-fill the SMs; it is the candidate (_TMA_TILES) that bench_ffn --sweep times against the
-pointer kernel's table, the default until a GPU run says otherwise. _matmul_ws_kernel, a
-second candidate (_WS_TILES), runs the same work warp-specialised: a producer warp group
-loads while two consumer groups multiply and run the epilogue.
+persistent schedule and cuts the K of products whose output tiles are too few to fill the
+SMs; with its tiles (_TMA_TILES) it is Hopper's default for 16-bit inputs since run 5
+(H200: 0.89-0.95x cuBLAS forward against the pointer kernel's 0.69-0.73x, fwd+bwd
+0.83-0.86x against 0.74-0.77x). _matmul_ws_kernel, a candidate (_WS_TILES), runs the same
+work warp-specialised: a producer warp group loads while two consumer groups multiply and
+run the epilogue.
 
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
@@ -401,22 +402,26 @@ _TILES: dict[tuple[int, str], _Tiles] = {
     (8, _EPILOGUE): _Tiles(128, 128, 32, 8, 8, 3),
     (8, _WEIGHT_GRAD): _Tiles(128, 128, 32, 8, 4, 4),
 }
-# Hopper with TMA, the candidate that bench_ffn --sweep times against the table above (not
-# yet measured, so not the default): descriptors instead of per-thread address arithmetic,
-# and the persistent schedule for every product, since TMA reads transposed operands as
-# well as K-contiguous ones. 128 x 128 tiles keep four 32 KiB stages in shared memory
-# beside the epilogue's staging, 128 x 256 three stages of 48 KiB.
+# Hopper with TMA, the default for 16-bit inputs there (_tiles; the table above is the
+# pointer kernel's, for products whose strides a descriptor cannot take): descriptors
+# instead of per-thread address arithmetic, and the persistent schedule for every product,
+# since TMA reads transposed operands as well as K-contiguous ones. 128 x 128 tiles keep
+# four 32 KiB stages in shared memory beside the epilogue's staging, 128 x 256 three
+# stages of 48 KiB. Run 5's sweep (H200, C = 768 and 1024): each alternative was slower
+# somewhere (128 x 256 weight gradients: +5% fwd+bwd at 1024, -5% at 768).
 _TMA_TILES: dict[str, _Tiles] = {
     _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True, split_k=True),
     _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
     _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),
 }
-# The TMA kernel warp-specialised (_matmul_ws_kernel), also a sweep candidate: 4 warps make
-# one consumer warp group, to which Triton adds a second and a producer (384 threads);
-# 128 x 256 tiles with a full-width epilogue fit three stages (213 KiB of shared memory),
-# weight gradients (fp32 partial tiles when split) 128 x 128 four.
+# The TMA kernel warp-specialised (_matmul_ws_kernel), a sweep candidate: 4 warps make
+# one consumer warp group, to which Triton adds a second and a producer (384 threads).
+# The GELU epilogue's 128 x 256 tiles with a full-width epilogue fit three stages (213 KiB
+# of shared memory); products that may be split along K (plain, weight gradients) stage
+# fp32 partial tiles and take 128 x 128 with four (at 128 x 256 a split dx asked for
+# 279000 bytes on an H200, run 5).
 _WS_TILES: dict[str, _Tiles] = {
-    _PLAIN: _Tiles(128, 256, 64, 8, 4, 3, tma=True, split_k=True, warp_specialize=True),
+    _PLAIN: _Tiles(128, 128, 64, 8, 4, 4, tma=True, split_k=True, warp_specialize=True),
     _EPILOGUE: _Tiles(128, 256, 64, 8, 4, 3, tma=True, split_k=True, warp_specialize=True),
     _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 4, 4, tma=True, split_k=True, warp_specialize=True),
 }
@@ -432,8 +437,9 @@ def _tiles(t: Tensor, kind: str) -> _Tiles:
         return _INTERPRETER
     if t.dtype == torch.float32:
         return _FP32
-    major = 9 if capability[0] == 9 else 8
-    return _TILES[(major, kind)]
+    if capability[0] == 9 and kind != _FEW_ROWS:
+        return _TMA_TILES[kind]
+    return _TILES[(9 if capability[0] == 9 else 8, kind)]
 
 
 def _specialised(t: _Tiles, epilogue: int, col_sums: bool) -> _Tiles:

@@ -412,6 +412,8 @@ def test_ws_forward_fused_qkv_and_fallback(monkeypatch, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="non-finite outputs on an H200 under Triton 3.6 (run 5, 2026-11-26), though "
+                   "right in the interpreter: the candidate stays out of the sweep until this passes")
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES[1:])
 @pytest.mark.parametrize("D", [16, 64, 128])
 def test_ws_forward_gpu(D, dtype, atol, rtol, monkeypatch):
