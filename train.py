@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--pos-embedding", choices=("learned", "sinusoidal"), default=None)
     g.add_argument("--no-bias", action="store_true", help="no biases in Linear and LayerNorm layers")
-    g.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="auto: on CUDA the faster of Triton and torch per op (gpt/ops.py), torch elsewhere; triton: Triton everywhere")
+    g.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="auto: on CUDA the faster of Triton and torch per op, torch for models narrower than 768 (gpt/ops.py), torch elsewhere; triton: Triton everywhere")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

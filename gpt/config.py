@@ -14,7 +14,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_embedding: str = "learned"  # "learned" | "sinusoidal"
-    kernels: str = "auto"  # "auto" (on CUDA, the faster per op: gpt/ops.py) | "triton" | "torch"
+    kernels: str = "auto"  # "auto" (on CUDA, the faster per op; torch below 768 wide: gpt/ops.py) | "triton" | "torch"
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:

@@ -1,9 +1,9 @@
 """The one place that decides which implementation of each op runs.
 
 mode (GPTConfig.kernels):
-  "auto"   for CUDA tensors, whichever measured faster on the GPU (our Triton kernels for
-           LayerNorm and attention; torch's cuBLAS FFN while AUTO_TRITON_FFN is off), the
-           pure-torch reference otherwise
+  "auto"   for CUDA tensors of models at least AUTO_MIN_WIDTH wide, whichever measured
+           faster on the GPU (our Triton kernels for LayerNorm and attention; torch's
+           cuBLAS FFN while AUTO_TRITON_FFN is off), the pure-torch reference otherwise
   "triton" always the Triton kernels (on CPU this needs TRITON_INTERPRET=1)
   "torch"  always the reference
 """
@@ -18,11 +18,17 @@ from torch import Tensor
 from kernels import reference
 
 
-# "auto" runs the Triton FFN only once it beats cuBLAS: on an H200 (bench/RESULTS.md, run 3,
-# bf16, GPT-2 widths) it gives 0.74-0.82x torch eager forward+backward, while the Triton
-# LayerNorm (1.77-2.76x eager) and attention (1.09-1.28x SDPA's default FlashAttention-2
-# backend) win, so those run on Triton and the FFN on cuBLAS. kernels="triton" forces it.
+# "auto" runs the Triton FFN only once it beats cuBLAS: on an H200 (bench/RESULTS.md, run 5,
+# bf16, GPT-2 widths) it gives 0.73-0.95x torch eager forward+backward, while the Triton
+# LayerNorm (1.77-2.75x eager) and attention (1.24-1.49x SDPA's default FlashAttention-2
+# backend) win, so those run on Triton and the FFN on cuBLAS: a GPT-2 124M training step at
+# 1.07x eager (all on Triton: 0.97x). kernels="triton" forces the Triton FFN.
 AUTO_TRITON_FFN = False
+# Narrower models run on torch under "auto": their steps are bound by the host's launches,
+# not by the GPU, and a Triton launch costs the host more than a torch op. Run 5 (H200):
+# shakespeare-char (384 wide, batch 64 x 256) at 0.64x eager with Triton LayerNorm and
+# attention, GPT-2 124M (768 wide) at 1.07x.
+AUTO_MIN_WIDTH = 768
 # Below this many rows (tokens) "auto" runs the FFN on cuBLAS: faster for decode, on an
 # H200, than the Triton FFN's 128-row tiles (run 1) and its 16-row tiles for at most 64
 # rows (1,888 against 1,937 tokens/s at batch 1; level at 32: bench/RESULTS.md).
@@ -48,18 +54,25 @@ def backend(x: Tensor, mode: str = "auto") -> ModuleType:
     raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
 
 
+def step_backend(x: Tensor, mode: str, width: int) -> ModuleType:
+    """backend() for the ops of a training or prefill step of a model `width` wide: the
+    reference under "auto" below AUTO_MIN_WIDTH. Decode steps keep backend(): they replay
+    as CUDA graphs (gpt.generate.Decoder), where launches cost the host nothing."""
+    return reference if mode == "auto" and width < AUTO_MIN_WIDTH else backend(x, mode)
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto") -> Tensor:
-    return backend(x, mode).layer_norm(x, weight, bias, eps)
+    return step_backend(x, mode, x.shape[-1]).layer_norm(x, weight, bias, eps)
 
 
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    return backend(x, mode).add_layer_norm(x, residual, weight, bias, eps)
+    return step_backend(x, mode, x.shape[-1]).add_layer_norm(x, residual, weight, bias, eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto") -> Tensor:
-    return backend(q, mode).attention(q, k, v, causal=causal)
+    return step_backend(q, mode, q.shape[1] * q.shape[3]).attention(q, k, v, causal=causal)
 
 
 def decode_attention(
@@ -76,7 +89,7 @@ def ffn(
     proj_bias: Tensor | None,
     mode: str = "auto",
 ) -> Tensor:
-    impl = backend(x, mode)
+    impl = step_backend(x, mode, x.shape[-1])
     if mode == "auto" and (not AUTO_TRITON_FFN or x.numel() < FFN_MIN_ROWS * x.shape[-1]):
         # cuBLAS's GEMV-like kernels stream the weights at full bandwidth (see FFN_MIN_ROWS).
         if GELU_EPILOGUE and x.is_cuda and fc_bias is not None and not torch.is_grad_enabled():

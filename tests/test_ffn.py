@@ -377,7 +377,7 @@ def test_auto_picks_the_ffn_by_policy(monkeypatch, auto_triton, rows):
     from gpt import ops
 
     monkeypatch.setattr(ops, "AUTO_TRITON_FFN", auto_triton)
-    monkeypatch.setattr(ops, "backend", lambda x, mode: kernels)
+    monkeypatch.setattr(ops, "step_backend", lambda x, mode, width: kernels)
     calls = []
     monkeypatch.setattr(kernels, "ffn", lambda *a: calls.append(1) or reference.ffn(*a))
     C = 16

@@ -57,6 +57,25 @@ def test_triton_path_matches_reference_path(device, cfg, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("min_width, expected", [(64, set()), (32, {"add_layer_norm", "layer_norm", "attention"})])
+def test_auto_runs_narrow_models_on_torch(min_width, expected, monkeypatch):
+    """kernels="auto" on a GPU (the Triton module standing in for CUDA here): a model
+    narrower than AUTO_MIN_WIDTH trains on the reference, a wide enough one on the Triton
+    LayerNorm and attention; the FFN stays on cuBLAS while AUTO_TRITON_FFN is off."""
+    from gpt import ops
+
+    calls = Counter()
+    for op in ("add_layer_norm", "layer_norm", "attention", "ffn"):
+        monkeypatch.setattr(kernels, op, _counted(getattr(kernels, op), op, calls))
+    monkeypatch.setattr(ops, "backend", lambda x, mode="auto": kernels if mode != "torch" else ops.reference)
+    monkeypatch.setattr(ops, "AUTO_MIN_WIDTH", min_width)
+    monkeypatch.setattr(ops, "AUTO_TRITON_FFN", False)
+    auto, _ = train_losses("auto", "cpu", steps=1)
+    assert set(calls) == expected, calls
+    ref, _ = train_losses("torch", "cpu", steps=1)
+    torch.testing.assert_close(auto, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_triton_path_matches_reference_path_bf16_gpt2_width():
     """20 AdamW steps on real text (a stdlib module's source, as bytes), bf16 autocast:
