@@ -82,6 +82,14 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
     return text
 
 
+def _provider(series_name: str) -> str:
+    """'flex fwd+bwd' -> 'flex': the provider a plotted series belongs to."""
+    for suffix in (" fwd+bwd", " fwd"):
+        if series_name.endswith(suffix):
+            return series_name[: -len(suffix)]
+    return series_name
+
+
 def plot(path: str, title: str, x_label: str, y_label: str, x: Sequence[float], series: dict[str, Sequence[float | None]]) -> None:
     """Line plot of several providers over one swept size, written as PNG under bench/plots/."""
     import matplotlib
@@ -89,15 +97,21 @@ def plot(path: str, title: str, x_label: str, y_label: str, x: Sequence[float], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # One colour per provider, its forward solid and its forward+backward dashed, so that
+    # a dozen series stay tellable apart; the legend beside the axes, not over the lines.
+    providers = list(dict.fromkeys(_provider(name) for name in series))
+    colours = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for name, ys in series.items():
         pts = [(a, b) for a, b in zip(x, ys) if b is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
+            colour = colours[providers.index(_provider(name)) % len(colours)]
+            style = "--" if name.endswith("fwd+bwd") else "-"
+            ax.plot(*zip(*pts), marker="o", linestyle=style, color=colour, label=name)
     ax.set(title=title, xlabel=x_label, ylabel=y_label)
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
