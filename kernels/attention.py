@@ -540,9 +540,12 @@ class _Settings(NamedTuple):
 #   warpgroups (8 warps, 64 rows each for wgmma), three K/V stages in flight. D=64 and 128
 #   by run 5's sweep (H200, T=4096): the D=64 forward on 64-key tiles (378 TFLOP/s against
 #   311 on 128), the D=128 one on 128 (434 against 399); dQ on 64-key tiles, 8 warps
-#   (+7% fwd+bwd at D=64, +6% at 128); the D=64 dK/dV on 64-key programs stepping through
-#   32 queries, 4 warps (+11%; (32, 128, 4, 5) measured 1% faster but spills 4 bytes under
-#   Triton 3.7). D=16 and 32 are untimed.
+#   (+7% fwd+bwd at D=64, +6% at 128), at D=128 with K and V by TMA, which beat pointers
+#   by 1.9%, 1.1% and 2.7% fwd+bwd at T = 1024, 4096 and 8192 (the only TMA setting ahead
+#   at more than one T; it falls back to pointers where a stride is not 16-byte aligned);
+#   the D=64 dK/dV on 64-key programs stepping through 32 queries, 4 warps (+11%;
+#   (32, 128, 4, 5) measured 1% faster but spills 4 bytes under Triton 3.7). D=16 and 32
+#   are untimed.
 # - sm8x (A100, and the fallback for anything else): mma.sync over 4 warps (8 at D=128)
 #   with fewer stages, as sm86/sm89 have only ~100 KiB of shared memory.
 # Backward: dK/dV programs own 128 keys and step through 32 queries, dQ programs the
@@ -556,7 +559,7 @@ _CONFIGS: dict[tuple[int, int], _Settings] = {
     (9, 16): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
     (9, 32): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 4, 5), _Launch(128, 32, 4, 5)),
     (9, 64): _Settings(_Launch(128, 64, 8, 3), _Launch(32, 64, 4, 4), _Launch(128, 64, 8, 3)),
-    (9, 128): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 8, 3), _Launch(128, 64, 8, 3)),
+    (9, 128): _Settings(_Launch(128, 128, 8, 3), _Launch(32, 128, 8, 3), _Launch(128, 64, 8, 3, tma=True)),
     (8, 16): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
     (8, 32): _Settings(_Launch(128, 64, 4, 3), _Launch(32, 128, 4, 3), _Launch(128, 32, 4, 3)),
     (8, 64): _Settings(_Launch(128, 64, 8, 3), _Launch(16, 128, 8, 3), _Launch(128, 32, 8, 3)),
