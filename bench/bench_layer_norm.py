@@ -148,21 +148,28 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
     plot(os.path.join(PLOTS, f"add_layer_norm{plot_suffix}.png"), f"add + LayerNorm, {dt}, M*N = {elements}", "N (hidden size)", "GB/s", sizes, series)
 
 
-# Candidate launch settings for --sweep: elements per program step, elements per thread,
-# and (at the default tile) backward pipeline stages and the persistent forward's (stages,
-# programs per SM). The non-persistent forward at N = 8192 holds 2 programs per SM (53-60
-# registers x 16 warps, sm90): 32 KiB in flight; persistent with 2 stages, 2 x 2 tiles.
+# Candidate launch settings for --sweep: elements per program step and per thread (for the
+# forward's tile and the backward's apart), backward pipeline stages and the persistent
+# forward's (stages, programs per SM). The non-persistent forward at N = 8192 holds 2
+# programs per SM (53-60 registers x 16 warps, sm90): 32 KiB in flight; persistent with 2
+# stages, 2 x 2 tiles. A tile of one row at 8 elements a thread is Liger's forward.
 SWEEP_TILES = (1024, 2048, 4096, 8192)
 SWEEP_PER_THREAD = (8, 16, 32)
 SWEEP_STAGES = (1, 2, 3)
 SWEEP_FWD = ((2, 2), (3, 2), (2, 4))
 
 
+def _tile(block_n: int, tile: int, per_thread: int) -> tuple[int, int]:
+    """(rows, warps) of a program step of `tile` elements (at least one row), per_thread each."""
+    block_m = max(1, tile // block_n)
+    return block_m, min(32, max(1, block_m * block_n // (32 * per_thread)))
+
+
 def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forward_only: bool = False) -> None:
     """Times layer_norm under each candidate _Settings per N, for re-tuning
     kernels/layer_norm.py's _settings; every candidate is checked before it is timed.
-    forward_only: the default and the persistent forward alone (the tiles and backward
-    stages were tuned in earlier runs)."""
+    Forward candidates (the forward's tile, the persistent forward) are timed forward
+    only: the backward they run is the default's. forward_only: those alone."""
     module = importlib.import_module("kernels.layer_norm")
     original = module._settings
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -179,28 +186,36 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
             expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
             # The peers first, timed in the same run: the forward's targets are a share of copy
             # and a ratio to Liger.
+            blank = [""] * 6
             copy = gbps(2 * M * N, esize, bench_graph(lambda: x.clone())) if device == "cuda" else None
-            rows.append([N, "copy", "", "", "", "", copy, None])
+            rows.append([N, "copy", *blank, copy, None])
             if liger is not None:
                 fwd = gbps(2 * M * N, esize, bench_graph(lambda: liger(x, w, b, EPS)))
                 ms = bench_graph(lambda: liger(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
-                rows.append([N, "liger", "", "", "", "", fwd, gbps(5 * M * N, esize, ms)])
+                rows.append([N, "liger", *blank, fwd, gbps(5 * M * N, esize, ms)])
             for row in rows[-2 if liger is not None else -1:]:
                 print("row:", *row, flush=True)
             default = original(N, esize)
-            # The default, then the persistent forward (the candidate for N = 8192's forward), so
-            # that a step cut short has timed those first.
-            candidates = [default] + [default._replace(fwd_stages=s, fwd_programs_per_sm=p) for s, p in SWEEP_FWD]
-            candidates += [] if forward_only else [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
+            # The default, then the forward candidates, so that a step cut short has timed those first.
+            forward = [default._replace(fwd_stages=s, fwd_programs_per_sm=p) for s, p in SWEEP_FWD]
+            for tile in SWEEP_TILES:
+                for per_thread in SWEEP_PER_THREAD:
+                    block_m, warps = _tile(default.block_n, tile, per_thread)
+                    forward.append(default._replace(fwd_block_m=block_m, fwd_warps=warps, fwd_stages=0))
+            backward = [] if forward_only else [default._replace(bwd_stages=s) for s in SWEEP_STAGES]
             for tile in () if forward_only else SWEEP_TILES:
                 for per_thread in SWEEP_PER_THREAD:
-                    block_m = max(1, tile // default.block_n)
-                    warps = min(32, max(1, block_m * default.block_n // (32 * per_thread)))
-                    candidates.append(default._replace(block_m=block_m, num_warps=warps))
-            for cfg in dict.fromkeys(candidates):  # unique, in order
+                    block_m, warps = _tile(default.block_n, tile, per_thread)
+                    backward.append(default._replace(bwd_block_m=block_m, bwd_warps=warps))
+            timed = set()
+            for cfg in [default, *forward, *backward]:
+                if cfg in timed:
+                    continue
+                timed.add(cfg)
                 module._settings = lambda n, e, s=cfg: s
                 persistent = f"{cfg.fwd_stages}, {cfg.fwd_programs_per_sm}/SM" if cfg.fwd_stages else "-"
-                label = [N, cfg.block_m, cfg.num_warps, cfg.bwd_stages, persistent, "default" if cfg == default else ""]
+                label = [N, cfg.fwd_block_m, cfg.fwd_warps, persistent, cfg.bwd_block_m, cfg.bwd_warps, cfg.bwd_stages,
+                         "default" if cfg == default else ""]
                 try:
                     got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
                 except Exception as e:  # e.g. more shared memory than the device has
@@ -210,13 +225,17 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
                 for g, e in zip(got, expected):
                     torch.testing.assert_close(g.float(), e.float(), **tol)
                 fwd = gbps(2 * M * N, esize, bench_graph(lambda: layer_norm(x, w, b, EPS)))
-                ms = bench_graph(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
-                rows.append([*label, fwd, gbps(5 * M * N, esize, ms)])
+                both = None
+                if cfg == default or cfg in backward:
+                    ms = bench_graph(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
+                    both = gbps(5 * M * N, esize, ms)
+                rows.append([*label, fwd, both])
                 print("row:", *rows[-1], flush=True)  # survives a step killed before the table
     finally:
         module._settings = original
     dt = str(dtype).removeprefix("torch.")
-    headers = ["N", "BLOCK_M", "warps", "bwd stages", "persistent fwd stages", "", "forward", "forward+backward"]
+    headers = ["N", "fwd BLOCK_M", "fwd warps", "persistent fwd", "bwd BLOCK_M", "bwd warps", "bwd stages", "",
+               "forward", "forward+backward"]
     print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", headers, rows)
 
 
@@ -227,7 +246,7 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=2**25, help="M*N held fixed across the sweep (default 2^25)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--sweep", action="store_true", help="time candidate launch settings instead (with --smoke: on CPU)")
-    parser.add_argument("--forward-only", action="store_true", help="--sweep: the default and the persistent forward candidates alone")
+    parser.add_argument("--forward-only", action="store_true", help="--sweep: the forward candidates alone (its tiles, the persistent forward)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024, 2048, 4096, 8192], help="--sweep: the N to time, in this order (default 768 1024 2048 4096 8192)")
     args = parser.parse_args()
     if args.sweep:

@@ -15,9 +15,11 @@
 #       bench-train train-triton train-torch
 # With one session's 15 minutes (the machine's start, ~40 s, included), run 5 fitted the
 # sweeps in one call (~210 s) and the tests and benchmarks on the new defaults in a second
-# (~350 s). What is open after it: the warp-specialised FFN (its tests pass now), forward
-# tiles for LayerNorm at N = 768/1024, and the training steps again (auto at 384 wide is torch now):
-#   bash bench/gpu_check.sh "$OUT" 300 ws-check ffn-sweep ln-sweep bench-train bench-train-small
+# (~350 s). What is open after it: the warp-specialised FFN (its tests pass now), the
+# LayerNorm forward's own tile (Liger's one row a program led at N = 768/1024), the
+# D = 128 attention's TMA dQ beside FlexAttention, and the training steps again (auto at
+# 384 wide is torch now):
+#   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention bench-train bench-train-small
 #   bash bench/gpu_check.sh "$OUT" 300 gpu-tests bench-ffn bench-layer-norm   # after re-tuning
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
@@ -90,9 +92,9 @@ for k in triton torch; do
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
-# Every candidate at the widths whose forward trails Liger's (run 5: 0.94x at 1024, 0.96x at 768);
-# --forward-only --sizes 8192 ... times the persistent forward alone (run 5's call).
-step ln-sweep 80 python3 -m bench.bench_layer_norm --sweep --sizes 1024 768
+# The forward's candidates (its own tiles, the persistent forward) at every width, those whose
+# forward trails Liger's first (run 5: 0.94x at 1024, 0.96x at 768); the backward's are tuned.
+step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 1024 768 2048 4096 8192
 step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 # The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \

@@ -185,9 +185,11 @@ _SHARED_PER_SM, _SHARED_PER_PROGRAM = 192 * 1024, 160 * 1024
 
 
 class _Settings(NamedTuple):
-    block_m: int  # rows per program step
     block_n: int  # the whole row, rounded up to a power of two
-    num_warps: int
+    fwd_block_m: int  # rows per forward program step
+    fwd_warps: int
+    bwd_block_m: int  # rows per backward program step
+    bwd_warps: int
     bwd_stages: int  # tiles of x and dy the backward's row loop keeps in flight
     fwd_stages: int = 0  # 0: a forward program per tile; else persistent, its row loop this deep
     fwd_programs_per_sm: int = 1  # persistent forward programs launched per SM
@@ -202,6 +204,9 @@ def _settings(N: int, element_size: int) -> _Settings:
     the tile: 8 warps up to 4096, 16 at 8192, 32 from 16384 -- several 16-byte loads in
     flight per thread without spilling in the backward, which keeps ~6 fp32 values per
     element live (compiled for sm90: 117-128 registers, two 8-warp programs per SM).
+    The forward has its own tile (fwd_block_m, fwd_warps), the same as the backward's until
+    a sweep says otherwise: it keeps ~2 fp32 values per element live, and Liger's one-row,
+    4-warp forward was 4-6% faster than the stacked rows at N = 768 and 1024 (run 5).
     16-bit rows of 8192 (one 16-warp program a tile, two resident per SM) take the
     persistent forward instead: two programs per SM walk the tiles with three rows of x
     (and residual) in flight, 96 KiB of shared memory each, which only Hopper's 228 KiB per
@@ -217,9 +222,10 @@ def _settings(N: int, element_size: int) -> _Settings:
     stage_bytes = 3 * block_m * block_n * element_size
     budget = min(_SHARED_PER_PROGRAM, _SHARED_PER_SM // _programs_per_sm(num_warps))
     bwd_stages = max(1, min(3, budget // stage_bytes))
+    cfg = _Settings(block_n, block_m, num_warps, block_m, num_warps, bwd_stages)
     if element_size == 2 and block_n == _PERSISTENT_FWD_N:
-        return _Settings(block_m, block_n, num_warps, bwd_stages, fwd_stages=3, fwd_programs_per_sm=2)
-    return _Settings(block_m, block_n, num_warps, bwd_stages)
+        return cfg._replace(fwd_stages=3, fwd_programs_per_sm=2)
+    return cfg
 
 
 def _programs_per_sm(num_warps: int) -> int:
@@ -295,7 +301,7 @@ def _layer_norm_fwd(
     cfg = _settings(N, x2.element_size())
     if cfg.fwd_stages and x2.is_cuda and not is_hopper(x2):
         cfg = cfg._replace(fwd_stages=0)  # two programs' stages fit only Hopper's shared memory
-    programs = cdiv(M, cfg.block_m)
+    programs = cdiv(M, cfg.fwd_block_m)
     if cfg.fwd_stages:
         slots = _sm_count(x2.device.index or 0) * cfg.fwd_programs_per_sm if x2.is_cuda else _INTERPRET_PROGRAMS
         programs = min(programs, slots)
@@ -304,9 +310,9 @@ def _layer_norm_fwd(
             x2, r2, s2, y, weight, weight if bias is None else bias, mean, rstd,
             x2.stride(0), r2.stride(0), N, N,
             M, N, eps,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STAGES=cfg.fwd_stages,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.fwd_warps,
         )
     return y, s, mean, rstd, x2, weight
 
@@ -327,15 +333,15 @@ def _layer_norm_bwd(
         dweight.zero_()
         return dx, dweight, None if dbias is None else dbias.zero_()
     cfg = _settings(N, x2.element_size())
-    tiles = cdiv(M, cfg.block_m)
+    tiles = cdiv(M, cfg.bwd_block_m)
     if interpreting() or not x2.is_cuda:
         programs = _INTERPRET_PROGRAMS
     else:
         # Enough programs to fill every SM, few enough that the partial rows stay a small
         # share of the traffic.
-        programs = _sm_count(x2.device.index or 0) * _programs_per_sm(cfg.num_warps)
+        programs = _sm_count(x2.device.index or 0) * _programs_per_sm(cfg.bwd_warps)
     # Whole tiles per program, so that only the last tile of the last chunk is ragged.
-    rows_per_program = max(1, cdiv(tiles, min(tiles, programs))) * cfg.block_m
+    rows_per_program = max(1, cdiv(tiles, min(tiles, programs))) * cfg.bwd_block_m
     P = cdiv(M, rows_per_program)  # every program gets rows
     dw = torch.empty((P, N), dtype=torch.float32, device=x2.device)
     db = dw if dbias is None else torch.empty((P, N), dtype=torch.float32, device=x2.device)
@@ -343,9 +349,9 @@ def _layer_norm_bwd(
         x2, weight, mean, rstd, dy2, ds2, dx, dw, db,
         x2.stride(0), dy2.stride(0), ds2.stride(0), N,
         M, N, rows_per_program,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.block_n,
         HAS_DSUM=dsum is not None, HAS_BIAS=dbias is not None, STAGES=cfg.bwd_stages,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.bwd_warps,
     )
     _sum_partials_kernel[(cdiv(N, _SUM_COLUMNS),)](
         dw, db, dweight, dweight if dbias is None else dbias, P, N,

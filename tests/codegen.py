@@ -90,18 +90,23 @@ def layer_norm_cases(arch: int) -> dict[str, dict]:
         cfg = layer_norm._settings(N, 2)
         ptrs = {n: "bf16" for n in ("X", "R", "S", "Y", "W", "B", "DY", "DS", "DX")} | {
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
-        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True)
+        fwd = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_RESIDUAL=True)
         cases[f"layer_norm fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True, STAGES=cfg.fwd_stages),
-            floats=("eps",), unaligned=("M",), num_warps=cfg.num_warps)
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=cfg.fwd_stages),
+            floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
         # The persistent forward, a sweep candidate (bench_layer_norm --sweep), 2 stages.
         cases[f"layer_norm persistent fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, blocks | dict(HAS_RESIDUAL=True, STAGES=2),
-            floats=("eps",), unaligned=("M",), num_warps=cfg.num_warps)
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=2),
+            floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
+        # Liger's forward tile, a sweep candidate: one row a program, 8 elements a thread.
+        cases[f"layer_norm fwd one-row N={N}"] = compile_case(
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(BLOCK_M=1, STAGES=0),
+            floats=("eps",), unaligned=("M",), num_warps=max(1, min(32, cfg.block_n // 256)))
         for dsum in (False, True):
             cases[f"layer_norm bwd N={N} dsum={dsum}"] = compile_case(
-                arch, layer_norm._layer_norm_bwd_kernel, ptrs, blocks | dict(HAS_DSUM=dsum, STAGES=cfg.bwd_stages),
-                unaligned=("M", "rows_per_program"), num_warps=cfg.num_warps)
+                arch, layer_norm._layer_norm_bwd_kernel, ptrs,
+                dict(BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_DSUM=dsum, STAGES=cfg.bwd_stages),
+                unaligned=("M", "rows_per_program"), num_warps=cfg.bwd_warps)
     return cases
 
 

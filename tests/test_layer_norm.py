@@ -130,12 +130,12 @@ def test_many_partial_rows(monkeypatch, device):
     monkeypatch.setattr(module, "_INTERPRET_PROGRAMS", 66)
     torch.manual_seed(0)
     N = 512
-    M = 131 * module._settings(N, 4).block_m  # 131 tiles over 66 programs: 66 partial rows
+    M = 131 * module._settings(N, 4).bwd_block_m  # 131 tiles over 66 programs: 66 partial rows
     assert cdiv(131, cdiv(131, 66)) > module._SUM_ROWS
     x = torch.randn(M, N, device=device)
     w, b = _params(N, torch.float32, device)
     if device == "cuda":  # as many programs on a GPU, whatever its SM count
-        monkeypatch.setattr(module, "_sm_count", lambda index: 66 // module._programs_per_sm(module._settings(N, 4).num_warps))
+        monkeypatch.setattr(module, "_sm_count", lambda index: 66 // module._programs_per_sm(module._settings(N, 4).bwd_warps))
     _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-5, 1e-5)
 
 
@@ -151,7 +151,7 @@ def test_persistent_forward(N, dtype, residual, monkeypatch, device):
     if device == "cuda":
         monkeypatch.setattr(module, "_sm_count", lambda index: module._INTERPRET_PROGRAMS)
     torch.manual_seed(0)
-    M = 9 * original(N, torch.tensor([], dtype=dtype).element_size()).block_m + 1
+    M = 9 * original(N, torch.tensor([], dtype=dtype).element_size()).fwd_block_m + 1
     x, r = (torch.randn(M, N, device=device).to(dtype) for _ in range(2))
     w, b = _params(N, dtype, device)
     atol = rtol = 1e-5 if dtype == torch.float32 else 1e-3
@@ -168,6 +168,34 @@ def test_persistent_forward(N, dtype, residual, monkeypatch, device):
     else:
         _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], atol, rtol)
     assert grids and all(g == (module._INTERPRET_PROGRAMS,) for g in grids)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_forward_tile_differs_from_backward(residual, monkeypatch, device):
+    """A forward tile of its own (a sweep candidate: Liger's one row a program) beside the
+    backward's stacked rows: the statistics the forward saves are per row, whatever tile
+    wrote them, and the backward reads them with its own."""
+    module = importlib.import_module("kernels.layer_norm")
+    original = module._settings
+    N = 40
+    assert original(N, 4).bwd_block_m > 1
+    monkeypatch.setattr(module, "_settings", lambda n, e: original(n, e)._replace(fwd_block_m=1, fwd_warps=1))
+    kernel, rows = module._layer_norm_fwd_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+            return lambda *args, **kw: (rows.append(kw["BLOCK_M"]), launch(*args, **kw))
+
+    monkeypatch.setattr(module, "_layer_norm_fwd_kernel", Recorder())
+    torch.manual_seed(0)
+    x, r = (torch.randn(3 * original(N, 4).bwd_block_m + 1, N, device=device) for _ in range(2))
+    w, b = _params(N, torch.float32, device)
+    if residual:
+        _compare(add_layer_norm, reference.add_layer_norm, [x, r, w, b], [torch.randn_like(x)] * 2, 1e-5, 1e-5)
+    else:
+        _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-5, 1e-5)
+    assert rows and set(rows) == {1}
 
 
 @pytest.mark.parametrize("used", ["sum", "normalised"])
