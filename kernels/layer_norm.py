@@ -211,7 +211,9 @@ def _settings(N: int, element_size: int) -> _Settings:
     persistent forward instead: two programs per SM walk the tiles with three rows of x
     (and residual) in flight, 96 KiB of shared memory each, which only Hopper's 228 KiB per
     SM holds twice (run 5, H200: 3373 GB/s against 2819 one program a tile, 2827 Liger;
-    at 4096 and below, and with two stages, the persistent forward was slower).
+    at 4096 and below, and with two stages, the persistent forward was slower). With a
+    residual its stages take 128 KiB and one program fits an SM, so add_layer_norm's
+    programs run in two waves there (untimed against two stages, 64 KiB).
     The backward keeps up to three stages of x, dy (and dsum) in shared memory, as many as
     fit in _SHARED_PER_SM split among the programs an SM holds: three for bf16 up to
     N = 8192, two for fp32 up to 4096, none (a plain loop) where two would not fit.

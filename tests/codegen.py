@@ -86,18 +86,25 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
 
 def layer_norm_cases(arch: int) -> dict[str, dict]:
     cases = {}
-    for N in (768, 4096, 8192):
+    for N in (768, 2048, 4096, 8192):
         cfg = layer_norm._settings(N, 2)
         ptrs = {n: "bf16" for n in ("X", "R", "S", "Y", "W", "B", "DY", "DS", "DX")} | {
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
         fwd = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_RESIDUAL=True)
+        # The launcher keeps the persistent forward for Hopper.
         cases[f"layer_norm fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=cfg.fwd_stages),
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=cfg.fwd_stages if arch == 90 else 0),
             floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
-        # The persistent forward, a sweep candidate (bench_layer_norm --sweep), 2 stages.
-        cases[f"layer_norm persistent fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=2),
-            floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
+        if arch == 90 and cfg.fwd_stages:  # layer_norm's own persistent forward (no residual)
+            cases[f"layer_norm fwd N={N} no residual"] = compile_case(
+                arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(HAS_RESIDUAL=False, STAGES=cfg.fwd_stages),
+                floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
+        # The persistent forward, a sweep candidate (bench_layer_norm --sweep), 2 stages;
+        # Hopper only, as in the launcher.
+        if arch == 90:
+            cases[f"layer_norm persistent fwd N={N}"] = compile_case(
+                arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=2),
+                floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
         # Liger's forward tile, a sweep candidate: one row a program, 8 elements a thread.
         cases[f"layer_norm fwd one-row N={N}"] = compile_case(
             arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(BLOCK_M=1, STAGES=0),

@@ -85,6 +85,22 @@ def test_layer_norm_backward_occupancy(cases):
             assert c["shared"] * wanted <= SHARED_PER_SM[c["arch"]], (name, c)
 
 
+def test_layer_norm_persistent_forward_occupancy(cases):
+    """Where layer_norm's forward is persistent (16-bit rows of 8192 on Hopper), the
+    programs per SM it launches fit an SM together, registers and shared memory."""
+    import importlib
+
+    layer_norm = importlib.import_module("kernels.layer_norm")
+    checked = 0
+    for name, c in cases.items():
+        if name.endswith("no residual"):
+            N = int(name.split("N=")[1].split()[0])
+            wanted = layer_norm._settings(N, 2).fwd_programs_per_sm
+            assert _programs_per_sm(c) >= wanted and c["shared"] * wanted <= SHARED_PER_SM[90], (name, c)
+            checked += 1
+    assert checked
+
+
 def test_ffn_weight_gradients_fit_two_programs_per_sm(cases):
     """Without bias sums in their main loop Hopper's weight-gradient kernels fit two programs
     per SM, one's epilogue overlapping the other's main loop (kernels/ffn.py)."""
