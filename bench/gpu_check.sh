@@ -16,11 +16,11 @@
 # With one session's 15 minutes (the machine's start, ~40 s, included), run 5 fitted the
 # sweeps in one call (~210 s) and the tests and benchmarks on the new defaults in a second
 # (~350 s). What is open after it: the warp-specialised FFN (its tests pass now), the
-# LayerNorm forward's own tile (Liger's one row a program led at N = 768/1024), the
-# D = 128 attention's TMA dQ beside FlexAttention, and the training steps again (auto at
-# 384 wide is torch now):
-#   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention bench-train bench-train-small
-#   bash bench/gpu_check.sh "$OUT" 300 gpu-tests bench-ffn bench-layer-norm   # after re-tuning
+# LayerNorm forward's own tile (Liger's one row a program led at N = 768/1024) and the
+# D = 128 attention's TMA dQ beside FlexAttention; then, on what the sweeps chose, the
+# tests, the benchmarks they change and the GPT-2 124M training step (N = 768):
+#   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention
+#   bash bench/gpu_check.sh "$OUT" 330 gpu-tests bench-layer-norm bench-ffn bench-train
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
