@@ -172,7 +172,8 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
     """Times layer_norm under each candidate _Settings per N, for re-tuning
     kernels/layer_norm.py's _settings; every candidate is checked before it is timed.
     Forward candidates (the forward's tile, the persistent forward) are timed forward
-    only: the backward they run is the default's. forward_only: those alone."""
+    only: the backward they run is the default's; add_layer_norm's forward beside each
+    (its residual doubles the persistent forward's stages). forward_only: those alone."""
     module = importlib.import_module("kernels.layer_norm")
     original = module._settings
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -186,16 +187,18 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
             x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
             w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
             dy = torch.randn(M, N, device=device, dtype=dtype)
+            r = torch.randn(M, N, device=device, dtype=dtype)
             expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
+            expected_add = torch_add_layer_norm(x.detach(), r, w.detach(), b.detach(), EPS)
             # The peers first, timed in the same run: the forward's targets are a share of copy
             # and a ratio to Liger.
             blank = [""] * 6
             copy = gbps(2 * M * N, esize, bench_graph(lambda: x.clone())) if device == "cuda" else None
-            rows.append([N, "copy", *blank, copy, None])
+            rows.append([N, "copy", *blank, copy, None, None])
             if liger is not None:
                 fwd = gbps(2 * M * N, esize, bench_graph(lambda: liger(x, w, b, EPS)))
                 ms = bench_graph(lambda: liger(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
-                rows.append([N, "liger", *blank, fwd, gbps(5 * M * N, esize, ms)])
+                rows.append([N, "liger", *blank, fwd, gbps(5 * M * N, esize, ms), None])
             for row in rows[-2 if liger is not None else -1:]:
                 print("row:", *row, flush=True)
             default = original(N, esize)
@@ -222,23 +225,28 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
                 try:
                     got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
                 except Exception as e:  # e.g. more shared memory than the device has
-                    rows.append([*label, None, None])
+                    rows.append([*label, None, None, None])
                     print(f"N={N} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                     continue
                 for g, e in zip(got, expected):
                     torch.testing.assert_close(g.float(), e.float(), **tol)
+                add = None
+                if cfg == default or cfg in forward:
+                    with torch.no_grad():
+                        torch.testing.assert_close(add_layer_norm(x, r, w, b, EPS), expected_add, **tol)
+                        add = gbps(4 * M * N, esize, bench_graph(lambda: add_layer_norm(x, r, w, b, EPS)))
                 fwd = gbps(2 * M * N, esize, bench_graph(lambda: layer_norm(x, w, b, EPS)))
                 both = None
                 if cfg == default or cfg in backward:
                     ms = bench_graph(lambda: layer_norm(x, w, b, EPS).backward(dy), grad_to_none=[x, w, b])
                     both = gbps(5 * M * N, esize, ms)
-                rows.append([*label, fwd, both])
+                rows.append([*label, fwd, both, add])
                 print("row:", *rows[-1], flush=True)  # survives a step killed before the table
     finally:
         module._settings = original
     dt = str(dtype).removeprefix("torch.")
     headers = ["N", "fwd BLOCK_M", "fwd warps", "persistent fwd", "bwd BLOCK_M", "bwd warps", "bwd stages", "",
-               "forward", "forward+backward"]
+               "forward", "forward+backward", "add_layer_norm forward"]
     print_table(f"layer_norm settings sweep, GB/s ({dt}, M*N = {elements})", headers, rows)
 
 
