@@ -16,6 +16,10 @@ what eager PyTorch runs as separate passes over the M x 4C hidden tensor:
             dx   = dpre @ Wfc
             dbproj = sum dy                     torch, in fp32: one read of dy
 
+The residual add stays out of y's epilogue: the model (gpt/model.py) hands y to the next
+add_layer_norm, which adds it to the residual stream in the pass that normalises the sum,
+so the stream is read once per block boundary; adding it here too would read it twice.
+
 The main loop is the same plain loop in every kernel: bias gradients come from the
 epilogue (dbfc) or from torch (dbproj), never from extra work inside the loop, which in
 earlier versions made the weight-gradient kernels' first column of programs the slowest.
