@@ -550,7 +550,9 @@ class _Settings(NamedTuple):
 #   with fewer stages, as sm86/sm89 have only ~100 KiB of shared memory.
 # Backward: dK/dV programs own 128 keys and step through 32 queries, dQ programs the
 # transpose (the tutorial's shapes); dK and dV (2 x 128 x D fp32) are what must fit in
-# registers, hence 8 warps wherever 4 would spill. At D=64 on sm8x, 4 warps sit at the 255
+# registers, hence 8 warps wherever 4 would spill; 16 warps (FlexAttention's Hopper D=128
+# backward tiles in recent torch) cap a thread at 128 registers, and our D=128 dK/dV then
+# spills 60 bytes at (32, 128) and 312 at (64, 128) (sm90 build, Triton 3.7). At D=64 on sm8x, 4 warps sit at the 255
 # register ceiling: the forward and dQ spill 52 and 20 bytes under Triton 3.8 and 3.9 (none
 # under 3.6 and 3.7), so they take 8 warps, which spill under none; Triton 3.6 spills 8-52
 # bytes in every pipelined dK/dV setting that steps through 32 queries, so that one steps
