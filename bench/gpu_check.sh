@@ -21,6 +21,8 @@
 # tests, the benchmarks they change and the GPT-2 124M training step (N = 768):
 #   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention
 #   bash bench/gpu_check.sh "$OUT" 330 gpu-tests bench-layer-norm bench-ffn bench-train
+# Steps run in this file's order, whatever the order named: the LayerNorm sweep
+# goes before the FFN's, whose warp-specialised candidates are untimed and may take its whole limit.
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
@@ -91,10 +93,10 @@ for k in triton torch; do
         --lr 1e-3 --warmup 50 --eval-interval 150 --eval-iters 20 --log-interval 50 --seed 1 \
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
-step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
 # The forward's candidates (its own tiles, the persistent forward) at every width, those whose
 # forward trails Liger's first (run 5: 0.94x at 1024, 0.96x at 768); the backward's are tuned.
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 1024 768 2048 4096 8192
+step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
 step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 # The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
