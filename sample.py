@@ -11,6 +11,8 @@ on CUDA the decode step is also captured in a CUDA graph.
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import sys
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from gpt import checkpoint
 from gpt.generate import Decoder, generate
 from gpt.hf import HFError, is_model_dir, load_any
+from gpt.tokenizer import TokenizerError
 from train import DTYPES, UsageError, pick_device
 
 
@@ -28,16 +31,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-file", default=None, help="read one prompt from a file, or - for stdin")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated in parallel")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 (or below 1e-5) picks the most likely token (greedy)")
     p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of tokens with this much probability")
-    p.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable); <|endoftext|> always ends it")
+    p.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable; escapes such as \\n are read); <|endoftext|> always ends it")
     p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, else fp32")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch every kernel of every step instead of replaying a graph")
     p.add_argument("--compile", action="store_true", help="decode step via torch.compile(mode='reduce-overhead') on the torch reference ops, instead of our kernels in a CUDA graph")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # "\n\n" from a shell arrives as backslash-n text: read the escapes, as a user means them.
+    args.stop = [codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape") for s in args.stop]
+    return args
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -112,8 +118,10 @@ def sample(args: argparse.Namespace) -> None:
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
-        raise UsageError("--top-p must be in (0, 1] and --temperature non-negative")
+    if not 0.0 < args.top_p <= 1.0 or not 0 <= args.temperature < math.inf:
+        raise UsageError("--top-p must be in (0, 1] and --temperature non-negative and finite")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be 0 (all tokens) or positive, got {args.top_k}")
     device = pick_device(args.device)
     path = args.checkpoint if is_model_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     model, tokenizer = load_any(path)
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sample(args)
-    except (UsageError, checkpoint.CheckpointError, HFError) as e:
+    except (UsageError, checkpoint.CheckpointError, HFError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

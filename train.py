@@ -27,7 +27,8 @@ from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
 from gpt.hf import HFError, load_any
 from gpt.metrics import Metrics
-from gpt.tokenizer import TOKENIZERS
+from gpt.tokenizer import TOKENIZERS, TokenizerError
+from kernels._utils import interpreting
 
 # Dense peak throughput (FLOP/s) per GPU for MFU, by device-name fragment and dtype.
 PEAK_FLOPS = {
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="text file or folder of text files (default: the Python stdlib's source)")
-    g.add_argument("--tokenizer", default="char", choices=TOKENIZERS, help="char: vocabulary from the corpus; byte: 256 bytes; gpt2: GPT-2 BPE")
+    g.add_argument("--tokenizer", default=None, choices=TOKENIZERS, help="char (the default): vocabulary from the corpus; byte: 256 bytes; gpt2: GPT-2 BPE. "
+                   "With --resume or --init-from the weights' own")
     g.add_argument("--out-dir", default="out", help="where ckpt.pt, best.pt, metrics.csv and loss.png go")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
@@ -102,6 +104,8 @@ def pick_device(name: str) -> str:
         return "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but this torch build has no usable MPS device; use --device cpu")
     return name
 
 
@@ -115,10 +119,20 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("warmup", "max_time", "grad_clip", "weight_decay", "save_interval"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.lr <= 0 or (args.min_lr is not None and not 0 <= args.min_lr <= args.lr):
+    if not 0 < args.lr < math.inf or (args.min_lr is not None and not 0 <= args.min_lr <= args.lr):
         raise UsageError("--lr must be positive and --min-lr between 0 and --lr")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.beta2 < 1:
+        raise UsageError(f"--beta2 must be in [0, 1), got {args.beta2}")
+    if args.data is not None and not args.data.strip():
+        raise UsageError("--data is empty; pass a text file or a folder, or leave it out for the default corpus")
+    for flag, path in (("--out-dir", args.out_dir), ("--cache-dir", args.cache_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a file, not a folder; pass a folder path")
+    if args.fsdp and "RANK" not in os.environ:
+        raise UsageError("--fsdp shards the model across torchrun's processes; launch with "
+                         "torchrun --nproc-per-node N train.py ... or drop --fsdp")
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts one from other weights; pass one of them")
 
@@ -202,14 +216,20 @@ def learning_rate(step: int, elapsed: float, args: argparse.Namespace) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
-def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: distributed.World, block_size: int):
+def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: distributed.World, block_size: int,
+                  retry: int = 0):
     """This rank's micro-batches for one step.
 
     The global batch is drawn from a generator seeded by (seed, step), so the data
     depends only on the step: resume is exact at any world size, and N processes
-    see the same global batch as one process with N times the batch.
+    see the same global batch as one process with N times the batch. A step retried
+    after a non-finite one draws a fresh batch (retry > 0): the same batch would most
+    likely fail the same way.
     """
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    seed = args.seed * 1_000_003 + step
+    if retry:
+        seed = hash((seed, retry)) & (1 << 63) - 1  # ints hash the same in every process
+    gen = torch.Generator().manual_seed(seed)
     per_rank = args.batch_size * args.grad_accum
     x, y = data.batch("train", per_rank * world.size, block_size, gen)
     mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
@@ -272,7 +292,11 @@ class StopSignal:
 def train(args: argparse.Namespace) -> dict:
     """Runs training; returns the final state (step, losses, skipped steps) for callers and tests."""
     check_args(args)
-    world, device = distributed.init(pick_device(args.device))
+    device = pick_device(args.device)
+    if args.kernels == "triton" and not device.startswith("cuda") and not interpreting():
+        raise UsageError(f"--kernels triton needs a CUDA GPU, and the device is {device}; use --kernels torch "
+                         f"(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
+    world, device = distributed.init(device)
     log = print if world.main else (lambda *a, **k: None)
     lock = checkpoint.OutDirLock(args.out_dir)
     try:
@@ -299,15 +323,18 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     source = resumed["tokenizer"] if resumed else init_tokenizer
 
     # Rank 0 tokenizes (and caches) first so ranks never race on the cache.
-    tokenizer_name = source["name"] if source else args.tokenizer
+    if source and args.tokenizer and args.tokenizer != source["name"]:
+        raise UsageError(f"{ckpt_path if resumed else args.init_from} uses the {source['name']} tokenizer; "
+                         f"drop --tokenizer {args.tokenizer} (it is fixed by the weights)")
+    tokenizer_name = source["name"] if source else (args.tokenizer or "char")
     if not world.main:
         distributed.barrier(world)
-    data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log)
+    data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log, exclude=(args.out_dir, args.cache_dir))
     if world.main:
         distributed.barrier(world)
     if source and data.tokenizer.state_dict() != source:
         raise UsageError(f"the corpus gives a different char vocabulary than {ckpt_path if resumed else args.init_from} "
-                         f"was trained on; use the same --data or a byte/gpt2 tokenizer")
+                         f"was trained on; use the same --data (the tokenizer is fixed by those weights)")
     if init_model is not None:
         config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
@@ -347,6 +374,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     log(f"training: {({k: v for k, v in vars(args).items() if k != 'argv'})}")
     if resumed:
         log(f"resuming from {ckpt_path} at step {step}")
+        if step >= args.max_steps:
+            log(f"note: step {step} already reaches --max-steps {args.max_steps}; nothing to train (raise --max-steps)")
 
     def save(path: str, with_optimizer: bool = True) -> None:
         model_state = _full_state(model, args.fsdp)
@@ -380,7 +409,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             lr = learning_rate(step, elapsed, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = train_batches(data, step, args, world, config.block_size)
+            batches = train_batches(data, step, args, world, config.block_size, retry=in_a_row)
             step_loss = torch.zeros((), device=device)
             for i, (x, y) in enumerate(batches):
                 last = i == len(batches) - 1
@@ -401,9 +430,10 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 in_a_row += 1
                 log(f"step {step + 1}: non-finite loss or gradient, update skipped ({in_a_row} in a row, {skipped_total} in all)")
                 if in_a_row >= args.max_skips:
-                    save(ckpt_path)
+                    # Not saved now: the weights that keep giving non-finite losses are not a good state.
+                    last = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
                     raise TrainingError(
-                        f"{in_a_row} non-finite steps in a row at step {step}; the last good state is in {ckpt_path}. "
+                        f"{in_a_row} non-finite steps in a row at step {step}; {last}. "
                         f"Lower --lr, raise --warmup or use --dtype fp32/bf16, then --resume"
                     )
                 continue
@@ -488,14 +518,16 @@ def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        train(args)
-    except (UsageError, CorpusError, checkpoint.CheckpointError, HFError, TrainingError) as e:
+        result = train(args)
+    except (UsageError, CorpusError, TokenizerError, checkpoint.CheckpointError, HFError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
     except KeyboardInterrupt:
-        print("\nquit at once on a second signal; the last checkpoint written is intact", file=sys.stderr)
+        print("\ninterrupted; any checkpoint already written is intact", file=sys.stderr)
         return 130
-    return 0
+    # Stopped by a signal (checkpoint saved): 128 + its number, as the shell reports a killed
+    # job, so that `train.py && sample.py` or a scheduler does not take it for a finished run.
+    return 128 + signal.Signals[result["stopped"]] if result["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def resolve(path: str | os.PathLike) -> Path:
     return p
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask: what open() or mkdir() would give, unlike mkstemp's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def save(state: dict, path: str | os.PathLike) -> None:
     """Writes to a temporary file in the same folder, fsyncs, then renames over `path`.
 
@@ -45,6 +52,7 @@ def save(state: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode(0o666))  # readable as a plain torch.save file would be
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -63,6 +71,8 @@ def save(state: dict, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     p = resolve(path)
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(f"{p} is not a tritongpt checkpoint (not a torch.save archive)")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

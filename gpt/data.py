@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt.checkpoint import umask_mode
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
 
 VAL_FRACTION = 0.1
@@ -43,7 +44,7 @@ def _decode(raw: bytes, path: Path) -> str:
     if b"\x00" in raw:
         raise CorpusError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise CorpusError(
             f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
@@ -51,8 +52,12 @@ def _decode(raw: bytes, path: Path) -> str:
         ) from None
 
 
-def read_corpus(data: str | None) -> tuple[str, str]:
-    """Returns (text, description). data: a file, a folder, or None for the default corpus."""
+def read_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Returns (text, description). data: a file, a folder, or None for the default corpus.
+
+    A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
+    --data . they would otherwise feed the run's own lock, metrics and checkpoints back in.
+    """
     if data is None or data == "default":
         files, what = default_corpus_files(), "the Python standard library's source"
         if not files:
@@ -67,12 +72,14 @@ def read_corpus(data: str | None) -> tuple[str, str]:
     path = Path(data).expanduser()
     if not path.exists():
         raise CorpusError(f"data path {path} does not exist; pass a text file or a folder of text files")
-    if path.is_file():
+    if not path.is_dir():  # a file, FIFO or /dev/fd/N (process substitution)
         text, what = _decode(path.read_bytes(), path), str(path)
     else:
+        skip = [Path(x).expanduser().resolve() for x in exclude]
         files = sorted(
             f for f in path.rglob("*")
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            and not any(f.resolve().is_relative_to(s) for s in skip)
         )
         texts, skipped = [], 0
         for f in files:
@@ -118,10 +125,10 @@ class Dataset:
 
 
 def load_dataset(
-    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print
+    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = ()
 ) -> Dataset:
     """Tokenizes a corpus once, caching by content hash and tokenizer name."""
-    text, description = read_corpus(data)
+    text, description = read_corpus(data, exclude)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
     folder = Path(cache_dir) / f"{digest}-{tokenizer}"
     if not (folder / "meta.json").exists():
@@ -145,6 +152,7 @@ def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
     # Build in a temporary folder and rename it into place: a crash never leaves half a cache.
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
+        tmp.chmod(umask_mode(0o777))  # a shared cache stays readable by others, as mkdir would leave it
         ids[: len(ids) - n_val].astype(dtype).tofile(tmp / "train.bin")
         ids[len(ids) - n_val :].astype(dtype).tofile(tmp / "val.bin")
         meta = {"tokenizer": tok.state_dict(), "dtype": np.dtype(dtype).name, "tokens": int(len(ids))}

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
         if args.format == "hf":
+            if tokenizer.name != "gpt2":
+                raise HFError(f"{args.checkpoint} uses the {tokenizer.name} tokenizer, which a Hugging Face GPT-2 "
+                              f"directory cannot hold; use --format safetensors")
             save_hf(model, args.out_dir)
         else:
             save_safetensors(model, tokenizer, args.out_dir)

@@ -34,6 +34,11 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
+# Temperatures below this draw the argmax: logits / temperature would overflow fp32, and
+# the softmax is one-hot to within rounding well before that.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 1.0,
@@ -42,7 +47,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One token id per row of logits (B, V) as (B, 1), on the logits' device; temperature 0 is greedy."""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
@@ -173,7 +178,7 @@ class Decoder:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Samples the next token (B, 1) from the latest logits (see sample_next) into self.token."""
-        if temperature <= 0:
+        if temperature < GREEDY_BELOW:
             draw = lambda: torch.argmax(self.logits, dim=-1, keepdim=True, out=self.token)
         elif self.kernels is not reference and (top_p is None or top_p >= 1):
             draw = lambda: self.kernels.sample(self.logits, self.seed, self.offsets, temperature, top_k, out=self.token)

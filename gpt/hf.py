@@ -163,7 +163,12 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
     if is_model_dir(folder):
         meta = json.loads((folder / "config.json").read_text())
         if EXPORT_MARKER not in meta:
-            return load_hf(folder, kernels), get_tokenizer("gpt2")
+            tokenizer = get_tokenizer("gpt2")
+            if meta.get("vocab_size", 0) < tokenizer.vocab_size:
+                raise HFError(f"{folder} has vocab_size={meta.get('vocab_size')}, fewer than the GPT-2 tokenizer's "
+                              f"{tokenizer.vocab_size} tokens it is read with; export its checkpoint with "
+                              f"python -m gpt.export CKPT DIR --format safetensors, which keeps its own tokenizer")
+            return load_hf(folder, kernels), tokenizer
         from safetensors.torch import load_file
 
         model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))

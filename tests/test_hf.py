@@ -112,6 +112,18 @@ def test_export_cli_round_trip(tmp_path, fmt):
     assert not list((tmp_path / "exp").glob("*.pt")) and not list((tmp_path / "exp").glob("*.bin"))
 
 
+def test_a_char_model_is_not_exported_as_gpt2(tmp_path, capsys):
+    """A Hugging Face GPT-2 directory is read with GPT-2's tokenizer: a char model's vocabulary would be lost."""
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    model = GPT(cfg)
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "exp")]) == 2
+    assert "uses the byte tokenizer" in capsys.readouterr().err and not (tmp_path / "exp").exists()
+    save_hf(model, tmp_path / "hf")  # one written by hand is refused on loading
+    with pytest.raises(HFError, match="vocab_size=65, fewer than the GPT-2 tokenizer's 50257"):
+        load_any(tmp_path / "hf")
+
+
 def test_train_and_sample_from_a_hf_directory(tmp_path):
     """The README's fine-tuning recipe: train.py --init-from DIR, then sample.py from DIR and from the result."""
     import sample

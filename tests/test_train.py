@@ -101,6 +101,55 @@ def test_train_bad_flags_are_one_line(tmp_path, corpus):
     assert_one_line_error(proc, "divisible by n_head")
 
 
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--data", ""], "--data is empty"),
+        (["--lr", "nan"], "--lr must be positive"),
+        (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+        (["--fsdp"], "launch with torchrun"),
+        (["--out-dir", "FILE"], "is a file, not a folder"),
+        (["--kernels", "triton"], "--kernels triton needs a CUDA GPU, and the device is cpu"),
+    ],
+    ids=["empty-data", "nan-lr", "beta2", "fsdp-alone", "out-dir-file", "triton-on-cpu"],
+)
+def test_train_flag_errors_are_one_line(tmp_path, corpus, capsys, monkeypatch, extra, phrase):
+    monkeypatch.setattr(train, "interpreting", lambda: False)  # conftest sets TRITON_INTERPRET for the kernel tests
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "FILE").write_text("not a folder")
+    extra = [str(tmp_path / "FILE") if a == "FILE" else a for a in extra]
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *TINY, *extra]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0], err
+
+
+def test_resume_keeps_the_checkpoints_tokenizer(tmp_path, corpus, capsys):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    capsys.readouterr()
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY, "--resume"]
+    assert train.main([*args, "--tokenizer", "byte"]) == 2
+    assert "uses the char tokenizer; drop --tokenizer byte" in capsys.readouterr().err
+    # Resuming a run that already reached --max-steps says so instead of exiting silently.
+    assert train.main([*args, "--max-steps", "2"]) == 0
+    assert "already reaches --max-steps 2; nothing to train" in capsys.readouterr().out
+
+
+def test_sample_flags(tmp_path, corpus, capsys):
+    assert sample.parse_args(["--stop", r"\n\n", "--stop", "é"]).stop == ["\n\n", "é"]  # shell escapes are read
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--top-k", "-3", "--device", "cpu"]) == 2
+    assert "--top-k must be 0 (all tokens) or positive" in capsys.readouterr().err
+    # A temperature whose reciprocal overflows is greedy, like 0, not a crash.
+    common = ["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "8", "--device", "cpu"]
+    outputs = []
+    for t in ("1e-45", "0"):
+        assert sample.main([*common, "--temperature", t]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
 def test_sample_errors_are_one_line(tmp_path, corpus):
     assert_one_line_error(run_cli("sample.py", "--checkpoint", str(tmp_path / "none")), "no checkpoint")
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
