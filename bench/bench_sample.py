@@ -95,6 +95,9 @@ def run_hf(cfg, prompts, new_tokens, device, dtype) -> tuple[float, float]:
         return timed(lambda: go(1), device), timed(lambda: go(new_tokens), device)
 
 
+PROFILE_STEPS = 20
+
+
 @torch.no_grad()  # as generate(): the decode FFN's GELU epilogue applies at inference only
 def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -> None:
     """Per-kernel device time of a decode step plus its sampling (eager, so that every kernel
@@ -158,8 +161,11 @@ def main() -> None:
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.profile:
+        if args.prompt_tokens + PROFILE_STEPS + 3 > cfg.block_size:  # 3 warm-up steps
+            p.error(f"--profile decodes {PROFILE_STEPS + 3} tokens after the prompt: --prompt-tokens must be at most "
+                    f"{cfg.block_size - PROFILE_STEPS - 3} for the {args.preset} preset's block size {cfg.block_size}")
         for B in args.batch_sizes:
-            profile_decode(model, B, args.prompt_tokens, 20, device)
+            profile_decode(model, B, args.prompt_tokens, PROFILE_STEPS, device)
         return
 
     rows = []

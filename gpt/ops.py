@@ -72,13 +72,22 @@ def add_layer_norm(
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto") -> Tensor:
-    return step_backend(q, mode, q.shape[1] * q.shape[3]).attention(q, k, v, causal=causal)
+    impl = step_backend(q, mode, q.shape[1] * q.shape[3])
+    if mode == "auto" and impl is not reference and q.shape[-1] not in impl.HEAD_DIMS:
+        impl = reference  # e.g. n_embd 768 over 16 heads (D = 48): the kernel takes 16-128, powers of two
+    return impl.attention(q, k, v, causal=causal)
 
 
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, k_new: Tensor, v_new: Tensor, mode: str = "auto"
 ) -> Tensor:
-    return backend(q, mode).decode_attention(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new)
+    impl = backend(q, mode)
+    # The decode kernel is forward-only: a cached forward that autograd records runs on torch.
+    if mode == "auto" and impl is not reference and (
+        q.shape[-1] not in impl.HEAD_DIMS or (torch.is_grad_enabled() and q.requires_grad)
+    ):
+        impl = reference
+    return impl.decode_attention(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new)
 
 
 def ffn(

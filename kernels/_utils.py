@@ -11,11 +11,22 @@ import triton
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head dims the attention kernels (training and decode) take.
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# @triton.jit reads the variable when the kernels are decorated (at import): set later,
+# the kernels stay compiled ones, which cannot take CPU tensors.
+_INTERPRET_AT_IMPORT = _interpret_env()
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1, set before import)."""
+    return _INTERPRET_AT_IMPORT and _interpret_env()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -50,6 +61,20 @@ def check_inputs(op: str, reference: str, **tensors: Tensor | None) -> None:
             f"{op}: the Triton kernel needs CUDA tensors, got {device}; on CPU use "
             f"{reference} (or set TRITON_INTERPRET=1 before importing triton)"
         )
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)
+        # and truncates fp32 -> bf16 casts: wrong numbers, no error.
+        raise ValueError(
+            f"{op}: bfloat16 is not supported under the Triton interpreter (its results are wrong); "
+            f"use float16 or float32 on CPU, or {reference}"
+        )
+
+
+def refuse_double_backward(op: str) -> None:
+    """Called first in each backward: under create_graph=True autograd would differentiate
+    the kernels' gradients, which carry no graph, and silently drop the second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported; use kernels.reference.{op}")
 
 
 def _raise_mismatch(op: str, given: dict[str, Tensor]) -> None:

@@ -36,7 +36,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._utils import cdiv, check_inputs, device_capability, with_device_scratch
+from kernels._utils import (
+    HEAD_DIMS, cdiv, check_inputs, device_capability, refuse_double_backward, with_device_scratch,
+)
 
 
 @triton.jit
@@ -510,7 +512,6 @@ def _attn_bwd_dq_kernel(
 
 _OP = "attention"
 _REFERENCE = "kernels.reference.attention"
-_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 # Elements of O (and dO) per delta program: 32 per thread at 4 warps, a few 16-byte loads
 # each, so the memory-bound preprocess keeps loads in flight without spilling.
@@ -603,7 +604,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
             f"{_OP}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
         )
     D, Tq, Tk = q.shape[3], q.shape[2], k.shape[2]
-    if D not in _HEAD_DIMS:
+    if D not in HEAD_DIMS:
         raise ValueError(
             f"{_OP}: head dim {D} is not supported; the kernel takes 16, 32, 64 or 128 (else use {_REFERENCE})"
         )
@@ -724,6 +725,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do: Tensor):
+        refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None

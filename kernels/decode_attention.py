@@ -34,9 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
+from kernels._utils import HEAD_DIMS, cdiv, check_inputs, interpreting, next_power_of_2
 
-HEAD_DIMS = (16, 32, 64, 128)
 MAX_SPLITS = 64
 # K and V tiles in flight per program (shared memory: 2 x BLOCK_N x D x 2 bytes = 16 KiB a stage).
 _STAGES = 3
@@ -214,6 +213,9 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
         raise ValueError(f"{op}: seq_lens must be ({B},), got shape {tuple(seq_lens.shape)}")
     if seq_lens.device != q.device:
         raise ValueError(f"{op}: seq_lens is on {seq_lens.device} but q on {q.device}; keep it on the device")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
+        raise ValueError(f"{op}: the kernel is forward-only (no autograd); call it under torch.no_grad(), "
+                         f"or use kernels.reference.{op} for gradients")
 
 
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None,

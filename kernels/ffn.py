@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._utils import cdiv, check_inputs, device_capability, with_device_scratch
+from kernels._utils import cdiv, check_inputs, device_capability, refuse_double_backward, with_device_scratch
 
 _OP = "ffn"
 _REFERENCE = "kernels.reference.ffn"
@@ -613,6 +613,10 @@ def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Te
     hidden, C = fc_weight.shape
     if x.dim() == 0 or x.shape[-1] != C:
         raise ValueError(f"{_OP}: x's last dim must be fc_weight's in-features {C}, got x of shape {tuple(x.shape)}")
+    if 0 in (C, hidden, proj_weight.shape[0]):
+        raise ValueError(
+            f"{_OP}: zero-width weights {tuple(fc_weight.shape)} and {tuple(proj_weight.shape)}; use {_REFERENCE}"
+        )
     if proj_weight.shape[1] != hidden:
         raise ValueError(
             f"{_OP}: proj_weight's in-features must be fc_weight's out-features {hidden}, "
@@ -626,10 +630,12 @@ def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Te
 class FFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor,
-                proj_bias: Tensor | None, recompute_pre: bool) -> Tensor:
+                proj_bias: Tensor | None, recompute_pre: bool, grad_enabled: bool) -> Tensor:
         _check(x, fc_weight, fc_bias, proj_weight, proj_bias)
         x2 = x.reshape(-1, x.shape[-1])  # a view whenever one exists; the kernel takes any strides
-        training = any(ctx.needs_input_grad[:5])
+        # needs_input_grad is set under no_grad too (an eval model's weights require grad):
+        # only the caller's grad mode says whether a backward can come.
+        training = grad_enabled and any(ctx.needs_input_grad[:5])
         hidden = fc_weight.shape[0]
         pre = None
         if training and not recompute_pre:
@@ -644,10 +650,11 @@ class FFNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
+        refuse_double_backward("ffn")
         if dy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x2, fc_weight, fc_bias, proj_weight, pre, h = ctx.saved_tensors
-        need_x, need_wfc, need_bfc, need_wproj, need_bproj, _ = ctx.needs_input_grad
+        need_x, need_wfc, need_bfc, need_wproj, need_bproj, _, _ = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         if pre is None:  # recompute_pre: one more matmul instead of the stored tensor
             pre, _ = _matmul(x2, fc_weight.t(), fc_bias)
@@ -665,7 +672,7 @@ class FFNFunction(torch.autograd.Function):
                 dx = dx.view(*dy.shape[:-1], x2.shape[1])
         if dbfc is not None:
             dbfc = dbfc.to(fc_bias.dtype)
-        return dx, dwfc, dbfc, dwproj, dbproj, None
+        return dx, dwfc, dbfc, dwproj, dbproj, None, None
 
 
 @torch.compiler.disable  # see kernels/__init__.py
@@ -684,4 +691,4 @@ def ffn(
     tensors or CPU tensors under TRITON_INTERPRET=1. Differentiable in all five inputs.
     recompute_pre trades the saved M x H pre-activation for one more matmul in backward.
     """
-    return FFNFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre)
+    return FFNFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre, torch.is_grad_enabled())

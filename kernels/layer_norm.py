@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import cdiv, check_inputs, interpreting, is_hopper, next_power_of_2
+from kernels._utils import cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, refuse_double_backward
 
 
 @triton.jit
@@ -247,6 +247,8 @@ def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts:
     fp32 residual stream beside bf16 branch outputs), so check_inputs, which wants one
     dtype per call, sees each tensor alone and devices are compared here first.
     """
+    if weight is None:
+        raise ValueError(f"{op}: weight is required (the kernel always scales); use {reference} without one")
     tensors = {**acts, "weight": weight, "bias": bias}
     devices = {t.device for t in tensors.values() if isinstance(t, Tensor)}
     if len(devices) > 1:
@@ -258,6 +260,8 @@ def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts:
     x = acts["x"]
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x's last dimension is 0, there is nothing to normalise; use {reference}")
     for name, t in acts.items():
         if t.shape != x.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
@@ -374,6 +378,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
+        refuse_double_backward("layer_norm")
         if dy is None:
             return None, None, None, None
         x2, weight, mean, rstd = ctx.saved_tensors
@@ -392,6 +397,7 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dsum: Tensor | None, dy: Tensor | None):
+        refuse_double_backward("add_layer_norm")
         x_dtype, r_dtype, bias_dtype = ctx.dtypes
         if dy is None:  # only the sum was used downstream
             if dsum is None:

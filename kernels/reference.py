@@ -42,7 +42,7 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not causal:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if t_q == t_k:
+    if t_q == t_k and scale > 0:  # is_causal scales q and k by sqrt(scale): NaN for scale <= 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     mask = causal_mask(t_q, t_k, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

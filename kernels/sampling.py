@@ -31,6 +31,8 @@ every replay draws fresh noise. The draws differ from torch.multinomial's, not t
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -252,8 +254,8 @@ def _check(logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float, to
         raise ValueError(f"{op}: offsets must be contiguous (the kernel advances it in place)")
     if not temperature > 0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}; take the argmax for greedy decoding")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"{op}: top_k must be >= 1 or None, got {top_k}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"{op}: top_k must be an int >= 1 or None, got {top_k!r}")
 
 
 @torch.compiler.disable  # see kernels/__init__.py

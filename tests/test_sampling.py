@@ -126,7 +126,8 @@ def test_same_state_same_tokens_and_offsets_advance(device):
     "kwargs, message",
     [
         (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_k=0), "top_k must be an int >= 1"),
+        (dict(top_k=2.5), "top_k must be an int >= 1"),
         (dict(logits=torch.zeros(2, 5, dtype=torch.long)), "dtype torch.int64"),
         (dict(logits=torch.zeros(2, 3, 5)), "logits must be (B, V)"),
         (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed must be an int64 tensor"),

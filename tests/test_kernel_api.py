@@ -1,0 +1,130 @@
+"""What the kernels refuse, and where the model steps around them, for callers who reuse them.
+
+Each case here once gave silently wrong numbers or a traceback from deep inside.
+"""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from gpt import ops
+from kernels import _utils, reference
+
+ffn_module = importlib.import_module("kernels.ffn")  # the module, not the function of that name
+
+
+def _layer_norm(x):
+    return kernels.layer_norm(x, torch.randn(x.shape[-1], device=x.device, requires_grad=True), None)
+
+
+def _add_layer_norm(x):
+    return kernels.add_layer_norm(x, torch.randn_like(x), torch.ones(x.shape[-1], device=x.device), None)[1]
+
+
+def _attention(x):
+    q = x.view(1, 2, 4, 16)
+    return kernels.attention(q, q, q)
+
+
+def _ffn(x):
+    w = torch.randn(64, 16, device=x.device) / 4
+    return kernels.ffn(x, w, None, w.t().contiguous(), None)
+
+
+@pytest.mark.parametrize("op", [_layer_norm, _add_layer_norm, _attention, _ffn], ids=lambda f: f.__name__[1:])
+def test_double_backward_is_refused(op, device):
+    """create_graph=True would differentiate gradients that carry no graph: the second-order
+    terms (a gradient penalty, say) would be dropped without a word."""
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(op(x).pow(3).sum(), x)  # first order is fine
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(op(x).pow(3).sum(), x, create_graph=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limits")
+def test_bfloat16_is_refused_in_the_interpreter():
+    # The interpreter multiplies bf16 bit patterns in tl.dot (outputs ~1e8 for inputs ~1).
+    q = torch.randn(1, 1, 20, 16).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16 is not supported under the Triton interpreter"):
+        kernels.attention(q, q, q)
+
+
+def test_interpreting_is_decided_at_import(monkeypatch):
+    # @triton.jit read TRITON_INTERPRET at import: setting it later cannot make CPU tensors work.
+    monkeypatch.setattr(_utils, "_INTERPRET_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _utils.interpreting()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.layer_norm(torch.randn(2, 8), torch.ones(8), None)
+
+
+def test_decode_attention_refuses_autograd(device):
+    q = torch.randn(1, 2, 16, device=device, requires_grad=True)
+    cache = torch.randn(1, 2, 8, 16, device=device)
+    lens = torch.tensor([8], device=device)
+    with pytest.raises(ValueError, match="forward-only"):
+        kernels.decode_attention(q, cache, cache, lens)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.decode_attention(q, cache, cache, lens),
+                                   reference.decode_attention(q, cache, cache, lens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: kernels.layer_norm(torch.randn(3, 8, device=d), None, torch.zeros(8, device=d)), "weight is required"),
+        (lambda d: kernels.layer_norm(torch.randn(3, 0, device=d), torch.ones(0, device=d), None), "last dimension is 0"),
+        (lambda d: kernels.ffn(torch.randn(3, 0, device=d), torch.randn(4, 0, device=d), None,
+                               torch.randn(0, 4, device=d), None), "zero-width weights"),
+    ],
+    ids=["no-weight", "zero-width-rows", "zero-width-ffn"],
+)
+def test_degenerate_inputs_are_value_errors(call, match, device):
+    with pytest.raises(ValueError, match=match):
+        call(device)
+
+
+def test_ffn_under_no_grad_saves_nothing(device, monkeypatch):
+    """An eval model's weights require grad; under no_grad the forward must still not
+    write the M x 4C pre-activation that only a backward reads."""
+    auxes = []
+    matmul = ffn_module._matmul
+    monkeypatch.setattr(ffn_module, "_matmul", lambda *a, **k: auxes.append(k.get("aux")) or matmul(*a, **k))
+    x = torch.randn(5, 16, device=device)
+    w = torch.randn(64, 16, device=device, requires_grad=True)
+    with torch.no_grad():
+        kernels.ffn(x, w, None, w.t().contiguous(), None)
+    assert auxes == [None, None]
+    kernels.ffn(x, w, None, w.t().contiguous(), None)
+    assert auxes[2] is not None  # with grad on, the backward's input is saved
+
+
+@pytest.fixture
+def auto_runs_kernels(monkeypatch):
+    """"auto" as on CUDA: the Triton kernels for models at least AUTO_MIN_WIDTH wide."""
+    monkeypatch.setattr(ops, "backend", lambda x, mode="auto": reference if mode == "torch" else kernels)
+
+
+@pytest.mark.parametrize("heads, head_dim, runs", [(16, 48, "reference"), (48, 16, "kernels")])
+def test_auto_attention_takes_the_reference_for_other_head_dims(auto_runs_kernels, monkeypatch, heads, head_dim, runs):
+    used = []
+    for name, module in (("reference", reference), ("kernels", kernels)):
+        fn = module.attention
+        monkeypatch.setattr(module, "attention", lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
+    q = torch.randn(1, heads, 2, head_dim)
+    ops.attention(q, q, q, mode="auto")
+    assert used == [runs]
+    if runs == "reference":  # "triton" asks for the kernel, and hears why it cannot run
+        with pytest.raises(ValueError, match="head dim 48 is not supported"):
+            ops.attention(q, q, q, mode="triton")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_auto_decode_attention_takes_the_reference_under_autograd(auto_runs_kernels, grad):
+    q = torch.randn(1, 2, 16, requires_grad=grad)
+    cache = torch.randn(1, 2, 8, 16)
+    new = torch.randn(1, 2, 16)
+    out = ops.decode_attention(q, cache, cache.clone(), torch.tensor([8]), new, new, mode="auto")
+    assert out.requires_grad == grad  # the kernel's output has no graph; the reference's has
