@@ -28,7 +28,7 @@ demo: setup
 		--max-new-tokens 300 --temperature 0.7 --seed 0
 
 # pytest exits 5 when it collects no test; that is not a failure of the code.
-# The second run repeats the kernel tests with the untimed Hopper candidates forced on.
+# The second run repeats the kernel tests with the Hopper variants forced on everywhere.
 test: setup
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 	$(BIN)/python -m pytest -q --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py; \
@@ -40,7 +40,8 @@ test: setup
 # fails under 2.4.
 TRITON_VERSIONS ?= 3.6.0 3.8.0 3.9.0
 KERNEL_TESTS := tests/test_layer_norm.py tests/test_attention.py tests/test_ffn.py \
-	tests/test_decode_attention.py tests/test_sampling.py tests/test_model_kernels.py tests/test_codegen.py
+	tests/test_decode_attention.py tests/test_sampling.py tests/test_model_kernels.py tests/test_kernel_api.py \
+	tests/test_codegen.py
 triton-versions:
 	set -e; for v in $(TRITON_VERSIONS); do \
 	  d=$(VENV)-triton-$$v; \

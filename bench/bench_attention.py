@@ -190,7 +190,7 @@ def run(
 SWEEP = {
     # Run 5 (H200, T = 4096) chose the table's settings from these lists (the output marks
     # them "default"): D = 64 forward 311 -> 378 TFLOP/s, D = 128 forward 399 -> 434; dK/dV
-    # at D = 64 and dQ at both head dims 5-12% faster fwd+bwd; the TMA rows came within
+    # at D = 64 and dQ at both head dims 4.5-11% faster fwd+bwd; the TMA rows came within
     # 1-3% of the pointer ones (ahead only for dQ, taken at D = 128).
     # (128, 128, 4, 3) is what FlexAttention's Hopper table gives 16-bit D = 64 -- it spills
     # 40 bytes with pointers and fits with TMA (254 registers). The warp-specialised forward

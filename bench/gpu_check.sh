@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS] [STEP...]
 #
 # With STEP names given, only those steps run (names as printed in the log). The step
-# limits add up to ~25 minutes and a device command may run 10: a session splits them, e.g.
+# limits add up to ~31 minutes and a device command may run 10: a session splits them, e.g.
 #   bash bench/gpu_check.sh "$OUT" 560 gpu-tests kernel-tests-on-cuda bench-ffn ffn-few-rows \
 #       bench-attention bench-layer-norm
 #   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
@@ -98,7 +98,7 @@ done
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 1024 768 2048 4096 8192
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
 step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
-# The kernel tests with the untimed Hopper candidates forced on (tests/candidates.py).
+# The kernel tests with the Hopper variants forced on everywhere (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
     tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 

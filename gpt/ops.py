@@ -3,7 +3,8 @@
 mode (GPTConfig.kernels):
   "auto"   for CUDA tensors of models at least AUTO_MIN_WIDTH wide, whichever measured
            faster on the GPU (our Triton kernels for LayerNorm and attention; torch's
-           cuBLAS FFN while AUTO_TRITON_FFN is off), the pure-torch reference otherwise
+           cuBLAS FFN while AUTO_TRITON_FFN is off), the pure-torch reference otherwise;
+           decode attention and sampling (CUDA-graph replays) stay on Triton at any width
   "triton" always the Triton kernels (on CPU this needs TRITON_INTERPRET=1)
   "torch"  always the reference
 """
@@ -36,7 +37,9 @@ FFN_MIN_ROWS = 256
 # On that cuBLAS path, at inference, fold the bias and GELU into the first matmul's epilogue
 # (torch._addmm_activation, cuBLASLt's GELU_BIAS: the tanh approximation, as here) instead
 # of a separate GELU kernel: one launch fewer per layer in every decode step. Measured on an
-# H200 (124M, bf16): 1,981 against 1,967 tokens/s at batch 1, 38,804 against 38,550 at 32.
+# H200 (124M, bf16) it is level: 1,981 against 1,967 tokens/s at batch 1 and 38,804 against
+# 38,550 at 32 in a call of run 4 not tabled, 1,937 against 1,935 and 35,836 against 35,895
+# in call 4.4 (bench/RESULTS.md).
 GELU_EPILOGUE = True
 
 

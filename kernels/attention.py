@@ -541,7 +541,7 @@ class _Settings(NamedTuple):
 #   warpgroups (8 warps, 64 rows each for wgmma), three K/V stages in flight. D=64 and 128
 #   by run 5's sweep (H200, T=4096): the D=64 forward on 64-key tiles (378 TFLOP/s against
 #   311 on 128), the D=128 one on 128 (434 against 399); dQ on 64-key tiles, 8 warps
-#   (+7% fwd+bwd at D=64, +6% at 128), at D=128 with K and V by TMA, which beat pointers
+#   (+4.5% fwd+bwd at D=64, +7% at 128), at D=128 with K and V by TMA, which beat pointers
 #   by 1.9%, 1.1% and 2.7% fwd+bwd at T = 1024, 4096 and 8192 (the only TMA setting ahead
 #   at more than one T; it falls back to pointers where a stride is not 16-byte aligned);
 #   the D=64 dK/dV on 64-key programs stepping through 32 queries, 4 warps (+11%;

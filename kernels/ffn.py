@@ -412,7 +412,7 @@ _TILES: dict[tuple[int, str], _Tiles] = {
 # since TMA reads transposed operands as well as K-contiguous ones. 128 x 128 tiles keep
 # four 32 KiB stages in shared memory beside the epilogue's staging, 128 x 256 three
 # stages of 48 KiB. Run 5's sweep (H200, C = 768 and 1024): each alternative was slower
-# somewhere (128 x 256 weight gradients: +5% fwd+bwd at 1024, -5% at 768).
+# somewhere (128 x 256 weight gradients: +6% fwd+bwd at 1024, -5% at 768).
 _TMA_TILES: dict[str, _Tiles] = {
     _PLAIN: _Tiles(128, 256, 64, 8, 8, 3, tma=True, split_k=True),
     _EPILOGUE: _Tiles(128, 128, 64, 8, 8, 4, tma=True, split_k=True),

@@ -1,4 +1,5 @@
-"""The kernel launchers' untimed Hopper candidates forced on, for `pytest --candidates`:
+"""The kernel launchers' Hopper variants forced on everywhere, for `pytest --candidates`
+(the tables use each only where it measured faster, and some not yet at all):
 every kernel test then runs them (in the interpreter, or on a Hopper GPU) over all its
 shapes and edge cases, not only the few the candidates' own tests pick.
 
