@@ -107,3 +107,13 @@ def test_corpus_shorter_than_a_block(tmp_path):
     d = load_dataset(str(corpus), "char", str(tmp_path / "cache"))
     with pytest.raises(CorpusError, match="corpus too short.*--block-size"):
         d.check_block_size(64)
+
+
+def test_a_split_exactly_one_window_long(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(chr(ord("a") + i % 26) for i in range(2000)))
+    d = load_dataset(str(corpus), "char", str(tmp_path / "cache"))
+    T = len(d.val) - 1  # the only window: all of val
+    x, y = d.batch("val", 64, T, torch.Generator().manual_seed(0))
+    val = torch.from_numpy(np.asarray(d.val, dtype=np.int64))
+    assert (x == val[:-1]).all() and (y == val[1:]).all()

@@ -167,3 +167,33 @@ def test_set_kernels_switches_every_op():
     model = GPT(GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="triton"))
     assert model.set_kernels("torch") is model and model.config.kernels == "torch"
     assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"torch"}
+
+
+def test_sample_next_top_k_draws_only_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 0.0, 2.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=2, generator=gen).item() for _ in range(300)}
+    assert draws == {1, 2}
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sample_next_draws_from_softmax_of_logits_over_temperature(temperature):
+    logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(0))
+    ours = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1))
+    expected = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours, expected)
+
+
+def test_window_slides_only_when_full_and_keeps_the_last_half(monkeypatch):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels="torch")
+    model = GPT(cfg).eval()
+    seen = []
+    real = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, seqs: seen.append([list(s) for s in seqs]) or real(self, seqs))
+    prompt = list(range(20))
+    out = generate(model, [prompt], 10, temperature=0)[0]
+    # First prefill: the prompt. The slide comes when prompt + new tokens fill all 24 positions:
+    # after 5 draws (20 prompt + 4 stepped = 24 in the cache), and keeps the last 12 tokens.
+    assert len(seen) == 2 and seen[0] == [prompt]
+    assert seen[1] == [(prompt + out[:5])[-12:]]

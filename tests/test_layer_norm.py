@@ -283,3 +283,18 @@ def test_widest_half_row_gpu():
     x = torch.randn(64, 32768, device="cuda", dtype=torch.bfloat16)
     w, b = _params(32768, torch.bfloat16, "cuda")
     _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-2, 1e-2)
+
+
+def test_add_layer_norm_residual_with_its_own_row_stride(device):
+    """x contiguous, residual rows of a wider tensor (and the other way round)."""
+    torch.manual_seed(0)
+    M, N = 9, 40
+    x = torch.randn(M, N, device=device)
+    r_wide = torch.randn(M, N + 7, device=device)
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    ds, dy = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
+    for fx, fr, xx, rr in [(lambda t: t, lambda t: t[:, :N], x, r_wide),
+                           (lambda t: t[:, :N], lambda t: t, r_wide, x)]:
+        _compare(lambda a, c, w, b: add_layer_norm(fx(a), fr(c), w, b, 1e-5),
+                 lambda a, c, w, b: reference.add_layer_norm(fx(a), fr(c), w, b, 1e-5),
+                 [xx, rr, w, b], [ds, dy], 1e-5, 1e-5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, preset
+from gpt.model import SinusoidalPositions
 
 
 def tiny(**kw) -> GPTConfig:
@@ -119,3 +120,13 @@ def test_logits_at_chosen_positions():
     at = torch.tensor([9, 0, 4])
     full = model(idx)
     torch.testing.assert_close(model(idx, at=at)[:, 0], full[torch.arange(3), at])
+
+
+def test_sinusoidal_table_is_vaswanis():
+    n_embd, T = 10, 7
+    table = SinusoidalPositions(T, n_embd).table
+    for p in range(T):
+        for i in range(n_embd // 2):
+            angle = p / 10000 ** (2 * i / n_embd)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)

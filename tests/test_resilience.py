@@ -258,3 +258,12 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpu
     # A sharded run's checkpoint resumes in one process (any world size).
     resumed = run_train(tmp_path, corpus, "fsdp", "--max-steps", "6", "--eval-interval", "6", "--warmup", "1", "--resume")
     assert resumed["step"] == 6
+
+
+def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+    assert events[:2] == ["fsync", "replace"]

@@ -8,7 +8,7 @@ import torch
 
 import sample
 import train
-from gpt import checkpoint
+from gpt import GPT, GPTConfig, checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
@@ -155,3 +155,36 @@ def test_sample_errors_are_one_line(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
     proc = run_cli("sample.py", "--checkpoint", str(tmp_path / "out"), "--prompt-file", "-", stdin="Ω unknown")
     assert_one_line_error(proc, "'Ω' is not in this char model's vocabulary")
+
+
+def test_learning_rate_schedule():
+    args = train.parse_args(["--lr", "1.0", "--min-lr", "0.2", "--warmup", "4", "--max-steps", "14"])
+    lr = lambda s: train.learning_rate(s, 0.0, args)
+    assert [lr(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # (step+1)/(warmup+1), never 0
+    assert lr(4) == pytest.approx(1.0)  # peak right after warm-up
+    assert lr(9) == pytest.approx(0.6)  # halfway through the cosine from the end of warm-up
+    assert lr(14) == pytest.approx(0.2) and lr(100) == pytest.approx(0.2)  # floor is --min-lr
+    default = train.parse_args(["--lr", "1.0", "--warmup", "0", "--max-steps", "10"])
+    assert train.learning_rate(10, 0.0, default) == pytest.approx(0.1)
+
+
+def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: (lambda n: norms.append(n.item()) or n)(real(ps, m)))
+    base = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "32", "--block-size", "16", "--eval-iters", "1", "--max-steps", "1", "--eval-interval", "1",
+            "--device", "cpu", "--kernels", "torch", "--dropout", "0"]
+    train.train(train.parse_args(base + ["--out-dir", str(tmp_path / "a"), "--batch-size", "8", "--grad-accum", "1"]))
+    train.train(train.parse_args(base + ["--out-dir", str(tmp_path / "b"), "--batch-size", "4", "--grad-accum", "2"]))
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    opt, _ = train.make_optimizer(model, train.parse_args(["--weight-decay", "0.1"]), fused=False)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), tuple(p.shape)
