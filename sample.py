@@ -18,7 +18,7 @@ import sys
 import torch
 
 from gpt import checkpoint
-from gpt.generate import Decoder, generate
+from gpt.generate import Decoder, GenerationError, generate
 from gpt.hf import HFError, is_model_dir, load_any
 from gpt.tokenizer import TokenizerError
 from train import DTYPES, UsageError, pick_device
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, checkpoint.CheckpointError, HFError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -150,11 +150,13 @@ class OutDirLock:
     def __init__(self, out_dir: str | os.PathLike):
         self.path = Path(out_dir) / "train.lock"
         self.owned = False
+        self.made_dir = False  # removed again on release if the run wrote nothing into it
 
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when a stale lock was replaced. Raises CheckpointError if held."""
         import socket
 
+        self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()}"
         note = None
@@ -181,6 +183,11 @@ class OutDirLock:
         if self.owned:
             self.path.unlink(missing_ok=True)
             self.owned = False
+            if self.made_dir:  # a run that failed early leaves no empty out dir behind
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass  # not empty: the run wrote checkpoints or metrics
 
 
 def _alive(pid: int) -> bool:

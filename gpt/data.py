@@ -58,6 +58,9 @@ def read_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> tuple[str, s
     A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
     --data . they would otherwise feed the run's own lock, metrics and checkpoints back in.
     """
+    if data == "default" and Path(data).exists():
+        raise CorpusError("--data default names the built-in corpus, but ./default also exists; "
+                          "pass ./default for that path, or leave --data out for the built-in corpus")
     if data is None or data == "default":
         files, what = default_corpus_files(), "the Python standard library's source"
         if not files:

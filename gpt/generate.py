@@ -34,6 +34,10 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
+class GenerationError(ValueError):
+    """Generation that cannot go on; the message names the problem and the fix."""
+
+
 # Temperatures below this draw the argmax: logits / temperature would overflow fp32, and
 # the softmax is one-hot to within rounding well before that.
 GREEDY_BELOW = 1e-5
@@ -109,6 +113,7 @@ class Decoder:
         # kernels.sample's Philox key and per-sequence draw counters (see reseed).
         self.seed = torch.zeros(1, dtype=torch.long, device=p.device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        self.filled = 0  # host mirror of max(cache.lengths): a full cache is refused without a sync
         self.graph = None
         self.draw_graphs: dict[tuple[float, int | None], torch.cuda.CUDAGraph] = {}
         self.step_fn = torch.compile(self._step, mode="reduce-overhead") if compile else self._step
@@ -143,15 +148,21 @@ class Decoder:
 
     def prefill(self, sequences: list[list[int]]) -> Tensor:
         """Runs right-padded prompts through the model; returns each one's last logits (B, V)."""
+        S = self.model.config.block_size
+        if len(sequences) != self.token.size(0) or not all(sequences) or max(map(len, sequences)) > S:
+            raise GenerationError(f"prefill takes {self.token.size(0)} sequences of 1 to {S} tokens (the context length); "
+                                  f"got lengths {[len(s) for s in sequences]}: keep the last {S} tokens of each")
         lengths = torch.tensor([len(s) for s in sequences], device=self.token.device)
         idx = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=self.token.device)
         for b, s in enumerate(sequences):
             idx[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         if idx.size(1) == 1:  # a one-token prompt is a decode step at position 0
             self.cache.lengths.zero_()
+            self.filled = 0
             return self.step(idx)
         logits = self.model(idx, cache=self.cache, at=lengths - 1)[:, 0]
         self.cache.lengths.copy_(lengths)
+        self.filled = idx.size(1)
         if self.graph is not None:  # where the captured draws read them
             self.logits = self.graph_logits.copy_(logits)
         else:
@@ -161,6 +172,11 @@ class Decoder:
     def step(self, token: Tensor | None = None) -> Tensor:
         """Feeds token (B, 1) -- by default the last draw() -- at each sequence's position;
         returns the next logits (B, V)."""
+        S = self.model.config.block_size
+        if self.filled >= S:  # the kernel would write past the cache
+            raise GenerationError(f"the KV cache is full ({S} positions, the context length); prefill the last "
+                                  f"tokens again to go on (generate slides the window this way)")
+        self.filled += 1
         if token is not None:
             self.token.copy_(token)
         if self.graph is not None:
@@ -231,7 +247,7 @@ def generate(
     device = decoder.token.device
     history = [list(p[-S:]) for p in prompts]
     lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
-    decoder.prefill(history)
+    _check_finite(decoder.prefill(history))
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     every = 1 if on_token is not None else check_every
@@ -255,7 +271,7 @@ def generate(
             new = out[:, :n].tolist()
             history = [(list(p) + new[b])[-(S // 2):] for b, p in enumerate(prompts)]
             lengths = [len(h) for h in history]
-            decoder.prefill(history)
+            _check_finite(decoder.prefill(history))
         else:
             decoder.step()
             lengths = [x + 1 for x in lengths]
@@ -265,3 +281,11 @@ def generate(
             row = row[: row.index(eot_token)]
         result.append(row)
     return result
+
+
+def _check_finite(logits: Tensor) -> None:
+    # Once per prefill (one sync): NaN weights or an overflowing dtype show there, and a draw
+    # from NaN logits would return some token as if nothing were wrong.
+    if not bool(torch.isfinite(logits).all()):
+        raise GenerationError("the model's logits are not finite (NaN or inf): its weights have diverged, or overflow "
+                              "in this dtype; use an earlier checkpoint, or sample with --dtype fp32")

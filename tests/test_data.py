@@ -117,3 +117,11 @@ def test_a_split_exactly_one_window_long(tmp_path):
     x, y = d.batch("val", 64, T, torch.Generator().manual_seed(0))
     val = torch.from_numpy(np.asarray(d.val, dtype=np.int64))
     assert (x == val[:-1]).all() and (y == val[1:]).all()
+
+
+def test_default_is_refused_when_a_path_named_default_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").write_text("my own corpus")
+    with pytest.raises(CorpusError, match="pass ./default for that path"):
+        read_corpus("default")
+    assert read_corpus("./default")[0] == "my own corpus"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig
-from gpt.generate import Decoder, filter_logits, generate, generate_uncached, sample_next
+from gpt.generate import Decoder, GenerationError, filter_logits, generate, generate_uncached, sample_next
 from gpt.model import KVCache
 
 
@@ -94,6 +94,30 @@ def test_decoder_is_reusable(model):
     a = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)
     b = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)
     assert a == b
+
+
+def test_decoder_refuses_to_write_past_its_cache(model):
+    S = model.config.block_size
+    decoder = Decoder(model, 2)
+    with pytest.raises(GenerationError, match="1 to 24 tokens"):
+        decoder.prefill([[1] * (S + 1), [2]])
+    with pytest.raises(GenerationError, match="takes 2 sequences"):
+        decoder.prefill([[1]])
+    decoder.prefill([[1] * (S - 2), [2, 3]])
+    decoder.step()
+    decoder.step()  # the longest sequence now fills the cache
+    with pytest.raises(GenerationError, match="the KV cache is full"):
+        decoder.step()
+    decoder.prefill([[5], [6]])  # a new prefill starts again
+    decoder.step()
+
+
+def test_non_finite_logits_are_an_error_not_a_token(model):
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(GenerationError, match="logits are not finite"):
+            generate(model, [[1, 2]], 4, temperature=temperature)
 
 
 def test_triton_kernels_generate_like_the_reference(device):

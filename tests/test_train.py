@@ -96,6 +96,16 @@ def test_train_bad_data_is_one_line(tmp_path, content, phrase):
     assert_one_line_error(proc, phrase, str(path))
 
 
+def test_an_early_failure_leaves_no_empty_out_dir(tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    args = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(out), "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert train.main(args) == 2
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is theirs: kept
+    assert train.main(args) == 2
+    assert out.is_dir()
+
+
 def test_train_bad_flags_are_one_line(tmp_path, corpus):
     proc = run_cli("train.py", "--data", corpus, "--n-embd", "30", "--n-head", "4", "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"))
     assert_one_line_error(proc, "divisible by n_head")
@@ -155,6 +165,18 @@ def test_sample_errors_are_one_line(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
     proc = run_cli("sample.py", "--checkpoint", str(tmp_path / "out"), "--prompt-file", "-", stdin="Ω unknown")
     assert_one_line_error(proc, "'Ω' is not in this char model's vocabulary")
+
+
+def test_sample_on_diverged_weights_is_a_one_line_error(tmp_path, corpus, capsys):
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    path = tmp_path / "out" / checkpoint.CKPT_NAME
+    state = torch.load(path, weights_only=False)
+    state["model"]["lm_head.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--max-new-tokens", "4", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "logits are not finite" in err[0], err
 
 
 def test_learning_rate_schedule():
