@@ -42,6 +42,13 @@ from kernels._utils import (
 
 
 @triton.jit
+def _batch_head():
+    """This program's (batch, head) as b * H + h. The grid is (tiles, H, B), not (tiles, B * H):
+    CUDA caps grid axes 1 and 2 at 65535 programs, which B * H passes at short T (4096 x 16)."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
     stride_kt, stride_vt, b, h,
@@ -131,7 +138,7 @@ def _attn_fwd_kernel(
         # The last query tiles see the most keys: launch them first so that the short
         # ones fill the tail of the schedule (FlashAttention-2 does the same).
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+    bh = _batch_head()
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     O += b * stride_ob + h * stride_oh
@@ -213,7 +220,7 @@ def _attn_fwd_ws_kernel(
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest tiles first, as _attn_fwd_kernel
-    bh = tl.program_id(1)
+    bh = _batch_head()
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_tiles = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Tq, HEAD_DIM], [stride_qt, 1],
@@ -272,7 +279,7 @@ def _attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh = _batch_head()
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -354,7 +361,7 @@ def _attn_bwd_dkdv_kernel(
     # Programs in launch order hold keys 0, BLOCK_N, ...: under a causal mask the first
     # ones see the most queries, which already puts the long programs first.
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _batch_head()
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if not TMA:
@@ -467,7 +474,7 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
-    bh = tl.program_id(1)
+    bh = _batch_head()
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -592,6 +599,9 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+_MAX_GRID_AXIS = 65535
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -614,6 +624,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         )
     if Tk == 0 and Tq > 0:
         raise ValueError(f"{_OP}: k and v have no positions (Tk = 0) for {Tq} queries")
+    if q.shape[0] > _MAX_GRID_AXIS or q.shape[1] > _MAX_GRID_AXIS:
+        raise ValueError(f"{_OP}: batch {q.shape[0]} and heads {q.shape[1]} must each be at most {_MAX_GRID_AXIS} "
+                         f"(CUDA's grid limit); split the batch")
 
 
 def _unit_stride(t: Tensor) -> Tensor:
@@ -654,7 +667,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     if o.numel() == 0:
         return o, lse, q, k, v, scale
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
-    grid = (cdiv(Tq, cfg.BLOCK_M), B * H)
+    grid = (cdiv(Tq, cfg.BLOCK_M), H, B)
     if cfg.warp_specialize and _tma_addressable(q) and _tma_addressable(k) and _tma_addressable(v):
         with_device_scratch(q.device, lambda: _attn_fwd_ws_kernel[grid](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -690,13 +703,13 @@ def _attention_bwd(
     precision = _precision(q.dtype)
     delta = torch.empty_like(lse)
     pre_rows = _PRE_ELEMENTS // D
-    _attn_bwd_preprocess_kernel[(cdiv(Tq, pre_rows), B * H)](
+    _attn_bwd_preprocess_kernel[(cdiv(Tq, pre_rows), H, B)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq,
         HEAD_DIM=D, BLOCK_M=pre_rows, num_warps=4,
     )
     cfg = settings.dkdv
     q_tiles, do_tiles = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (do, cfg.BLOCK_M))
-    _attn_bwd_dkdv_kernel[(cdiv(Tk, cfg.BLOCK_N), B * H)](
+    _attn_bwd_dkdv_kernel[(cdiv(Tk, cfg.BLOCK_N), H, B)](
         q_tiles or q, k, v, do_tiles or do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Tq, Tk, scale, scale * _LOG2E,
@@ -705,7 +718,7 @@ def _attention_bwd(
     )
     cfg = settings.dq
     k_tiles, v_tiles = _descriptors(cfg.tma, (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
-    _attn_bwd_dq_kernel[(cdiv(Tq, cfg.BLOCK_M), B * H)](
+    _attn_bwd_dq_kernel[(cdiv(Tq, cfg.BLOCK_M), H, B)](
         q, k_tiles or k, v_tiles or v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, scale, scale * _LOG2E,

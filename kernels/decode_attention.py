@@ -143,17 +143,18 @@ def _decode_attention_kernel(
         tl.store(out, o.to(O.dtype.element_ty))
 
 
-_COUNTERS: dict[torch.device, Tensor] = {}
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
 
 
 def _counters(device: torch.device, n: int) -> Tensor:
     """n zeroed int32 split counters on device, kept between calls: each call leaves them
     at zero. Allocated outside any CUDA-graph capture when the caller warms up first (as
-    the docstring asks); two streams must not decode at once on one device."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counters
+    the docstring asks); two streams must not decode at once on one device. Outgrown
+    buffers are kept, never freed: a captured graph still holds their address."""
+    kept = _COUNTERS.setdefault(device, [])
+    if not kept or kept[-1].numel() < n:
+        kept.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -119,6 +119,9 @@ def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid
         # (tl.range flatten) wants no loop-carried pointers between tiles.
         kk = k * BLOCK_K + rk
         k_ok = kk < K
+        # int64: in the weight gradients K is the token count and stride_ak/bk a row of the
+        # M x 4C hidden, so kk * stride passes 2^31 past ~700k tokens at C = 768.
+        kk = kk.to(tl.int64)
         a = tl.load(A + am[:, None] * stride_am + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
         b = tl.load(B + kk[:, None] * stride_bk + bn[None, :] * stride_bn, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -590,11 +593,11 @@ def _tma_view(x: Tensor) -> tuple[Tensor, bool] | None:
     """The 2-D operand x as a row-major view TMA can describe, and True if that is x as
     stored, False if x^T (x a transposed view: the kernel reads tiles reversed and
     transposes them). None where TMA cannot address x: start or row stride not 16-byte
-    aligned, or neither dimension contiguous."""
+    aligned, a row stride of 0 (a broadcast), or neither dimension contiguous."""
     if x.data_ptr() % 16:
         return None
     for as_stored, view in ((True, x), (False, x.t())):
-        if view.stride(1) == 1 and view.stride(0) * x.element_size() % 16 == 0:
+        if view.stride(1) == 1 and view.stride(0) > 0 and view.stride(0) * x.element_size() % 16 == 0:
             return view, as_stored
     return None
 

@@ -75,6 +75,8 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared": compiled.metadata.shared,
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        # Index tensors multiplied in int32 (a stride times an index can pass 2^31).
+        "i32_index_muls": len(re.findall(r"arith\.muli .* : tensor<[0-9x]+xi32>", compiled.asm["ttir"])),
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         # Warp specialisation adds warp groups and moves registers between them.
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),

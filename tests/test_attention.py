@@ -439,3 +439,25 @@ def test_backward_is_deterministic():
     second = _run(lambda *t: attention(*t), inputs, do)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 programs; 4096 short sequences x 16 heads make
+    B * H = 65536, which must still launch (and a B past the cap is a clear error)."""
+    grids = []
+
+    class Recorder:  # a kernel that records its grid instead of running
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(attention_module, name, Recorder())
+    q = torch.zeros(4096, 16, 1, 16)
+    o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None)
+    attention_module._attention_bwd(torch.zeros_like(o), q, q, q, o, lse, True, 0.25)
+    assert len(grids) == 4
+    for grid in grids:
+        assert max(grid[1:]) <= 65535 and grid[1] * grid[2] == 4096 * 16, grid
+    with pytest.raises(ValueError, match="at most 65535"):
+        attention(torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16))

@@ -107,3 +107,12 @@ def test_ffn_weight_gradients_fit_two_programs_per_sm(cases):
     for name in ("sm90 ffn bwd dWproj", "sm90 ffn bwd dWfc"):
         c = cases[name]
         assert _programs_per_sm(c) >= 2 and 2 * c["shared"] <= SHARED_PER_SM[90], (name, c)
+
+
+def test_index_arithmetic_is_int64(cases):
+    """No kernel multiplies an int32 index tensor (a stride times an index passes 2^31 in big
+    products: the FFN weight gradients' token index times a 4C row stride did past ~700k
+    tokens at C = 768). Sampling's multiplies are Philox's 32-bit rounds, by design."""
+    narrow = {name: c["i32_index_muls"] for name, c in cases.items()
+              if c["i32_index_muls"] and not any(k in name for k in ("sample draw", "sample gumbel"))}
+    assert not narrow, f"int32 index multiplies: {narrow}"

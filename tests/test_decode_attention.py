@@ -233,4 +233,16 @@ def test_split_counters_are_left_at_zero(device):
         _compare(q, k, v, lens, 1e-5, 1e-5)
         lens += 7 * step
         lens.clamp_(max=64)
-    assert not _COUNTERS[q.device].any()
+    assert not any(c.any() for c in _COUNTERS[q.device])
+
+
+def test_outgrown_split_counters_are_kept_for_graphs_that_hold_them():
+    from kernels.decode_attention import _COUNTERS, _counters
+
+    device = torch.device("cpu")
+    small = _counters(device, 1)
+    address = small.data_ptr()
+    del small
+    bigger = _counters(device, _COUNTERS[device][-1].numel() + 1)
+    assert bigger.data_ptr() != address
+    assert any(c.data_ptr() == address for c in _COUNTERS[device])
