@@ -30,9 +30,12 @@ from gpt.metrics import Metrics
 from gpt.tokenizer import TOKENIZERS, TokenizerError
 from kernels._utils import interpreting
 
-# Dense peak throughput (FLOP/s) per GPU for MFU, by device-name fragment and dtype.
+# Dense peak throughput (FLOP/s) per GPU for MFU (fp32 as TF32), by device-name fragment and
+# dtype; the first fragment found in the name wins, so the PCIe and NVL H100s precede SXM's.
 PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
     "4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82e12},

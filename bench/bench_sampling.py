@@ -35,6 +35,12 @@ def run(batch_sizes: list[int], V: int, top_ks: list[int | None], dtype: torch.d
         offsets = torch.zeros(B, dtype=torch.long, device=device)
         out = torch.empty(B, 1, dtype=torch.long, device=device)
         for k in top_ks:
+            # Never time a wrong draw: each row's token among its k largest logits (by value,
+            # as bf16 logits tie), a valid id without top-k.
+            sample(logits, seed, offsets, 1.0, k, out=out)
+            floor = torch.topk(logits, k, dim=-1).values[:, -1:] if k else logits.new_full((B, 1), float("-inf"))
+            assert bool(((out >= 0) & (out < V)).all()) and bool((logits.gather(-1, out) >= floor).all()), (
+                f"kernels.sample at B={B}, top_k={k}: drew a token outside the top k")
             times = {}
             candidates = {
                 "kernels.sample": lambda: bench_graph(lambda: sample(logits, seed, offsets, 1.0, k, out=out)),

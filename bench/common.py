@@ -5,7 +5,7 @@ import datetime
 import os
 import platform
 import time
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -67,6 +67,36 @@ def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None 
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def outputs_and_grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                      cotangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A provider's outputs, then the gradients of inputs given the outputs' cotangents:
+    everything a forward+backward row times, to check before it is timed."""
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, cotangents))
+
+
+def check_close(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], what: str, **tol: float) -> None:
+    """Never time a provider that gives wrong answers: raises naming `what` and the tensor."""
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(g.float(), e.float(), **tol, msg=lambda m: f"{what}, tensor {i}: {m}")
+
+
+T = TypeVar("T")
+
+
+def unless_failing(name: str, where: str, measure: Callable[[], T]) -> T | None:
+    """measure() for a peer; a peer that fails (a version mismatch, a shape it refuses, out of
+    memory, wrong numbers) is reported and left out of the table rather than ending the run.
+    Ours is measured directly, so that its failure does end it."""
+    try:
+        return measure()
+    except Exception as e:
+        print(f"{name}: skipped at {where} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what an out-of-memory peer left
+        return None
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

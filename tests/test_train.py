@@ -210,3 +210,10 @@ def test_weight_decay_only_on_matrices():
     for group in opt.param_groups:
         for p in group["params"]:
             assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), tuple(p.shape)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GeForce GTX 1080", None)])
+def test_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert train.peak_flops("cuda", "bf16") == peak
