@@ -64,19 +64,28 @@ def step_backend(x: Tensor, mode: str, width: int) -> ModuleType:
     return reference if mode == "auto" and width < AUTO_MIN_WIDTH else backend(x, mode)
 
 
+def _layer_norm_backend(x: Tensor, mode: str) -> ModuleType:
+    impl = step_backend(x, mode, x.shape[-1])
+    if mode == "auto" and impl is not reference and (
+        x.dtype not in impl.FLOAT_DTYPES or x.shape[-1] * x.element_size() > impl.LAYER_NORM_MAX_ROW_BYTES
+    ):
+        return reference  # float64, or a row wider than the kernel holds in registers
+    return impl
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto") -> Tensor:
-    return step_backend(x, mode, x.shape[-1]).layer_norm(x, weight, bias, eps)
+    return _layer_norm_backend(x, mode).layer_norm(x, weight, bias, eps)
 
 
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    return step_backend(x, mode, x.shape[-1]).add_layer_norm(x, residual, weight, bias, eps)
+    return _layer_norm_backend(x, mode).add_layer_norm(x, residual, weight, bias, eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto") -> Tensor:
     impl = step_backend(q, mode, q.shape[1] * q.shape[3])
-    if mode == "auto" and impl is not reference and q.shape[-1] not in impl.HEAD_DIMS:
+    if mode == "auto" and impl is not reference and (q.shape[-1] not in impl.HEAD_DIMS or q.dtype not in impl.FLOAT_DTYPES):
         impl = reference  # e.g. n_embd 768 over 16 heads (D = 48): the kernel takes 16-128, powers of two
     return impl.attention(q, k, v, causal=causal)
 
@@ -87,7 +96,7 @@ def decode_attention(
     impl = backend(q, mode)
     # The decode kernel is forward-only: a cached forward that autograd records runs on torch.
     if mode == "auto" and impl is not reference and (
-        q.shape[-1] not in impl.HEAD_DIMS or (torch.is_grad_enabled() and q.requires_grad)
+        q.shape[-1] not in impl.HEAD_DIMS or q.dtype not in impl.FLOAT_DTYPES or (torch.is_grad_enabled() and q.requires_grad)
     ):
         impl = reference
     return impl.decode_attention(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new)

@@ -13,6 +13,9 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head dims the attention kernels (training and decode) take.
 HEAD_DIMS = (16, 32, 64, 128)
+# A LayerNorm row lives in registers: at most 64 KiB of it (16384 fp32 or 32768 fp16/bf16
+# elements).
+LAYER_NORM_MAX_ROW_BYTES = 65536
 
 
 def _interpret_env() -> bool:

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, refuse_double_backward
+from kernels._utils import (
+    LAYER_NORM_MAX_ROW_BYTES, cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, refuse_double_backward,
+)
 
 
 @triton.jit
@@ -168,8 +170,6 @@ def _sum_partials_kernel(DW, DB, OutW, OutB, P, N, BLOCK_P: tl.constexpr, BLOCK_
         tl.store(OutB + cols, tl.sum(db, axis=0).to(OutB.dtype.element_ty), mask=col_ok)
 
 
-# A row lives in registers: at most 64 KiB of it (16384 fp32 or 32768 fp16/bf16 elements).
-_MAX_ROW_BYTES = 65536
 # Elements one program covers per step; short rows are stacked to reach it.
 _TILE = 4096
 # 16-bit rows of this block width run the persistent forward on Hopper (_settings).
@@ -269,7 +269,7 @@ def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (N,):
             raise ValueError(f"{op}: {name} must have shape ({N},) to match x's last dim, got {tuple(t.shape)}")
-    limit = _MAX_ROW_BYTES // max(t.element_size() for t in acts.values())
+    limit = LAYER_NORM_MAX_ROW_BYTES // max(t.element_size() for t in acts.values())
     if N > limit:
         raise ValueError(
             f"{op}: rows of {N} elements exceed the kernel's limit of {limit} for {x.dtype} "

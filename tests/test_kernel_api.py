@@ -128,3 +128,28 @@ def test_auto_decode_attention_takes_the_reference_under_autograd(auto_runs_kern
     new = torch.randn(1, 2, 16)
     out = ops.decode_attention(q, cache, cache.clone(), torch.tensor([8]), new, new, mode="auto")
     assert out.requires_grad == grad  # the kernel's output has no graph; the reference's has
+
+
+@pytest.mark.parametrize("dtype, width, runs", [
+    (torch.float64, 768, "reference"),  # the kernels take 16- and 32-bit floats
+    (torch.float32, 16384 + 64, "reference"),  # wider than a row the kernel holds in registers
+    (torch.float32, 768, "kernels"),
+])
+def test_auto_layer_norm_takes_the_reference_for_what_the_kernel_refuses(auto_runs_kernels, monkeypatch, dtype, width, runs):
+    used = []
+    for name, module in (("reference", reference), ("kernels", kernels)):
+        for op in ("layer_norm", "add_layer_norm"):
+            fn = getattr(module, op)
+            monkeypatch.setattr(module, op, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
+    x = torch.randn(1, width, dtype=dtype)
+    w = torch.ones(width, dtype=dtype)
+    ops.layer_norm(x, w, w, 1e-5, mode="auto")
+    ops.add_layer_norm(x, x, w, w, 1e-5, mode="auto")
+    assert set(used) == {runs}
+
+
+def test_auto_attention_takes_the_reference_for_float64(auto_runs_kernels):
+    q = torch.randn(1, 12, 2, 64, dtype=torch.float64)
+    ops.attention(q, q, q, mode="auto")  # the kernel would raise on float64
+    with pytest.raises(ValueError, match="float64"):
+        ops.attention(q, q, q, mode="triton")
