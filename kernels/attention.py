@@ -42,10 +42,18 @@ from kernels._utils import (
 
 
 @triton.jit
-def _batch_head():
-    """This program's (batch, head) as b * H + h. The grid is (tiles, H, B), not (tiles, B * H):
-    CUDA caps grid axes 1 and 2 at 65535 programs, which B * H passes at short T (4096 x 16)."""
-    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+def _batch_head(H, SPLIT_GRID: tl.constexpr):
+    """This program's batch, head and b * H + h: the grid is (tiles, B * H), or (tiles, H, B)
+    where B * H passes the programs CUDA allows on axis 1 (SPLIT_GRID; see _grid)."""
+    if SPLIT_GRID:
+        pid_b = tl.program_id(2)
+        pid_h = tl.program_id(1)
+        bh = pid_b * H + pid_h
+    else:
+        bh = tl.program_id(1)
+        pid_b = bh // H
+        pid_h = bh % H
+    return pid_b, pid_h, bh
 
 
 @triton.jit
@@ -129,6 +137,7 @@ def _attn_fwd_kernel(
     NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head). TMA: Q, K and V are (B, H, T, D)
     tensor descriptors, tiles moved by the TMA engine (no per-thread addresses; zero fill
@@ -138,9 +147,9 @@ def _attn_fwd_kernel(
         # The last query tiles see the most keys: launch them first so that the short
         # ones fill the tail of the schedule (FlashAttention-2 does the same).
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = _batch_head()
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    b = pid_b.to(tl.int64)
+    h = pid_h.to(tl.int64)
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * Tq
 
@@ -149,7 +158,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
     if TMA:
-        q = Q.load([bh // H, bh % H, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        q = Q.load([pid_b, pid_h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
     else:
         Q += b * stride_qb + h * stride_qh
         K += b * stride_kb + h * stride_kh
@@ -171,12 +180,12 @@ def _attn_fwd_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, 0, mid, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, 0, mid, Tk, offset,
         qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
         PRECISION=PRECISION, TMA=TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, mid, hi, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, mid, hi, Tk, offset,
         qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
         PRECISION=PRECISION, TMA=TMA,
     )
@@ -201,6 +210,7 @@ def _attn_fwd_ws_kernel(
     CAUSAL: tl.constexpr,
     SCALE_FIRST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
     """_attn_fwd_kernel warp-specialised (Triton's automatic warp specialisation, Hopper):
     a producer warp group streams K and V tiles by TMA while two consumer warp groups,
@@ -220,9 +230,9 @@ def _attn_fwd_ws_kernel(
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest tiles first, as _attn_fwd_kernel
-    bh = _batch_head()
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    b = pid_b.to(tl.int64)
+    h = pid_h.to(tl.int64)
     q_tiles = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Tq, HEAD_DIM], [stride_qt, 1],
                                         [BLOCK_M, HEAD_DIM])
     k_tiles = tl.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, [Tk, HEAD_DIM], [stride_kt, 1],
@@ -278,10 +288,11 @@ def _attn_bwd_preprocess_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
-    bh = _batch_head()
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    b = pid_b.to(tl.int64)
+    h = pid_h.to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
@@ -355,15 +366,16 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
     """One BLOCK_N tile of keys of one (batch, head) against the queries that see it.
     TMA: Q and DO (the tiles of the loop) are (B, H, T, D) descriptors."""
     # Programs in launch order hold keys 0, BLOCK_N, ...: under a causal mask the first
     # ones see the most queries, which already puts the long programs first.
     pid_n = tl.program_id(0)
-    bh = _batch_head()
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    b = pid_b.to(tl.int64)
+    h = pid_h.to(tl.int64)
     if not TMA:
         Q += b * stride_qb + h * stride_qh
         DO += b * stride_dob + h * stride_doh
@@ -393,7 +405,7 @@ def _attn_bwd_dkdv_kernel(
         full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, bh // H, bh % H,
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h,
             offs_n, offs_d, lo, mid, Tq, offset, qk_scale,
             BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA,
         )
@@ -401,7 +413,7 @@ def _attn_bwd_dkdv_kernel(
         offset = 0
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, bh // H, bh % H,
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h,
         offs_n, offs_d, mid, Tq, Tq, offset, qk_scale,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA,
     )
@@ -468,15 +480,16 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head) against the keys it sees.
     TMA: K and V (the tiles of the loop) are (B, H, T, D) descriptors."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
-    bh = _batch_head()
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    b = pid_b.to(tl.int64)
+    h = pid_h.to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     if not TMA:
         K += b * stride_kb + h * stride_kh
@@ -506,11 +519,11 @@ def _attn_bwd_dq_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, 0, mid, Tk, offset,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, 0, mid, Tk, offset,
         qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, bh // H, bh % H, offs_m, offs_d, mid, hi, Tk, offset,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, mid, hi, Tk, offset,
         qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
     )
     dq = dq * scale
@@ -599,7 +612,15 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+# CUDA caps grid axes 1 and 2 at 65535 programs, which B * H passes at short T (4096
+# sequences x 16 heads): the grid is then (tiles, H, B), not (tiles, B * H). Only then, as
+# dividing by H is what the sm80 dQ at D = 64 fits in 128 registers with (2 programs per
+# SM; with the split grid everywhere it took 140, one program).
 _MAX_GRID_AXIS = 65535
+
+
+def _grid(tiles: int, B: int, H: int) -> tuple[int, ...]:
+    return (tiles, H, B) if B * H > _MAX_GRID_AXIS else (tiles, B * H)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
@@ -667,12 +688,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     if o.numel() == 0:
         return o, lse, q, k, v, scale
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
-    grid = (cdiv(Tq, cfg.BLOCK_M), H, B)
+    grid = _grid(cdiv(Tq, cfg.BLOCK_M), B, H)
+    split = len(grid) == 3
     if cfg.warp_specialize and _tma_addressable(q) and _tma_addressable(k) and _tma_addressable(v):
         with_device_scratch(q.device, lambda: _attn_fwd_ws_kernel[grid](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, Tq, Tk, scale * _LOG2E, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal,
-            SCALE_FIRST=scale <= 0, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+            SCALE_FIRST=scale <= 0, SPLIT_GRID=split, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages))
         return o, lse, q, k, v, scale
     descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
@@ -681,7 +703,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         *(descriptors if tma else (q, k, v)), o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, Tk, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0, SPLIT_GRID=split,
         PRECISION=_precision(q.dtype), TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
@@ -701,28 +723,29 @@ def _attention_bwd(
         return dq, dk.zero_(), dv.zero_()
     settings = _settings(D, q.dtype, device_capability(q.device.index or 0))
     precision = _precision(q.dtype)
+    split = B * H > _MAX_GRID_AXIS
     delta = torch.empty_like(lse)
     pre_rows = _PRE_ELEMENTS // D
-    _attn_bwd_preprocess_kernel[(cdiv(Tq, pre_rows), H, B)](
+    _attn_bwd_preprocess_kernel[_grid(cdiv(Tq, pre_rows), B, H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq,
-        HEAD_DIM=D, BLOCK_M=pre_rows, num_warps=4,
+        HEAD_DIM=D, BLOCK_M=pre_rows, SPLIT_GRID=split, num_warps=4,
     )
     cfg = settings.dkdv
     q_tiles, do_tiles = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (do, cfg.BLOCK_M))
-    _attn_bwd_dkdv_kernel[(cdiv(Tk, cfg.BLOCK_N), H, B)](
+    _attn_bwd_dkdv_kernel[_grid(cdiv(Tk, cfg.BLOCK_N), B, H)](
         q_tiles or q, k, v, do_tiles or do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Tq, Tk, scale, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
         TMA=q_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = settings.dq
     k_tiles, v_tiles = _descriptors(cfg.tma, (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
-    _attn_bwd_dq_kernel[(cdiv(Tq, cfg.BLOCK_M), H, B)](
+    _attn_bwd_dq_kernel[_grid(cdiv(Tq, cfg.BLOCK_M), B, H)](
         q, k_tiles or k, v_tiles or v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, scale, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
         TMA=k_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv

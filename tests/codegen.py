@@ -125,7 +125,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
     unaligned = ("H", "Tq", "Tk")
     for D in (16, 32, 64, 128):
         cfg = attention._CONFIGS[(arch // 10, D)]
-        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None)
+        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
             ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False)),
@@ -133,6 +133,11 @@ def attention_cases(arch: int) -> dict[str, dict]:
         ):
             cases[f"attention {name} D={D}"] = compile_case(
                 arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
+                floats=("scale", "qk_scale"), unaligned=unaligned,
+                num_warps=launch.num_warps, num_stages=launch.num_stages)
+            # The grid for B * H past CUDA's 65535 programs on axis 1.
+            cases[f"attention {name} D={D} split grid"] = compile_case(
+                arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N, SPLIT_GRID=True),
                 floats=("scale", "qk_scale"), unaligned=unaligned,
                 num_warps=launch.num_warps, num_stages=launch.num_stages)
         if arch == 90 and D >= 64:  # the TMA candidates, Hopper's (bench_attention --sweep)
