@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   set up .venv, train a tiny GPT on the Python stdlib's source (~2 min on 2 CPU cores), print samples
+#   make demo   set up .venv, train a tiny GPT on the Python stdlib's source (2 min), print samples
 #   make test   set up .venv, run the test suite
 # make triton-versions reruns the kernel tests under the other Triton releases we support.
 # Override the pinned versions, e.g. make demo TORCH=torch==2.11.0 TRITON=triton==3.6.0
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python train.py --out-dir out/demo --max-time $(DEMO_TIME) --max-steps 100000 \
+	$(BIN)/python train.py --out-dir out/demo --overwrite --max-time $(DEMO_TIME) --max-steps 100000 \
 		--lr 2e-3 --warmup 50 --eval-interval 200 --eval-iters 10 --log-interval 50
 	$(BIN)/python sample.py --checkpoint out/demo --prompt "def " --num-samples 3 \
 		--max-new-tokens 300 --temperature 0.7 --seed 0

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from gpt import checkpoint
+from gpt.cli import ArgumentParser
 from gpt.generate import Decoder, GenerationError, generate
 from gpt.hf import HFError, is_model_dir, load_any
 from gpt.tokenizer import TokenizerError
@@ -25,7 +26,7 @@ from train import DTYPES, UsageError, pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt, a Hugging Face GPT-2 directory or a safetensors export")
     p.add_argument("--prompt", action="append", default=None, help="text to continue; repeat for several prompts in one batch (default: start of text)")
     p.add_argument("--prompt-file", default=None, help="read one prompt from a file, or - for stdin")
@@ -122,6 +123,10 @@ def sample(args: argparse.Namespace) -> None:
         raise UsageError("--top-p must be in (0, 1] and --temperature non-negative and finite")
     if args.top_k < 0:
         raise UsageError(f"--top-k must be 0 (all tokens) or positive, got {args.top_k}")
+    if "" in args.stop:
+        raise UsageError("--stop \"\" would end every sample before its first token; pass the text to stop at")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
     device = pick_device(args.device)
     path = args.checkpoint if is_model_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     model, tokenizer = load_any(path)

@@ -23,6 +23,7 @@ import time
 import torch
 
 from gpt import GPT, GPTConfig, checkpoint, distributed
+from gpt.cli import ArgumentParser
 from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
 from gpt.hf import HFError, load_any
@@ -45,14 +46,15 @@ ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "pos_embedding")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="text file or folder of text files (default: the Python stdlib's source)")
     g.add_argument("--tokenizer", default=None, choices=TOKENIZERS, help="char (the default): vocabulary from the corpus; byte: 256 bytes; gpt2: GPT-2 BPE. "
                    "With --resume or --init-from the weights' own")
     g.add_argument("--out-dir", default="out", help="where ckpt.pt, best.pt, metrics.csv and loss.png go")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
-    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt (on the --data it was trained on, unless given)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a checkpoint, replacing it")
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="fine-tune from a Hugging Face GPT-2 directory, a safetensors export or one of our checkpoints")
     g = p.add_argument_group("model (a preset, optionally overridden)")
@@ -120,8 +122,10 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name in ("warmup", "max_time", "grad_clip", "weight_decay", "save_interval"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UsageError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 0 < args.lr < math.inf or (args.min_lr is not None and not 0 <= args.min_lr <= args.lr):
         raise UsageError("--lr must be positive and --min-lr between 0 and --lr")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -138,6 +142,8 @@ def check_args(args: argparse.Namespace) -> None:
                          "torchrun --nproc-per-node N train.py ... or drop --fsdp")
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts one from other weights; pass one of them")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the checkpoint in --out-dir and --overwrite replaces it; pass one of them")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
@@ -307,6 +313,9 @@ def train(args: argparse.Namespace) -> dict:
             note = lock.acquire()
             if note:
                 log(note)
+            for name in (checkpoint.CKPT_NAME, "best.pt"):
+                if checkpoint.remove_partial_saves(os.path.join(args.out_dir, name)):
+                    log(f"removed the partial file(s) of a {name} save that was killed mid-write")
         return _train(args, world, device, log)
     finally:
         lock.release()
@@ -320,7 +329,17 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
     ckpt_path = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
     best_path = os.path.join(args.out_dir, "best.pt")
+    if not args.resume and not args.overwrite and os.path.exists(ckpt_path):
+        raise UsageError(f"{args.out_dir} already holds a checkpoint ({ckpt_path}); pass --resume to continue it, "
+                         f"--overwrite to start afresh and replace it, or another --out-dir")
     resumed = checkpoint.load(ckpt_path) if args.resume else None
+    if resumed:
+        saved = resumed.get("args", {}).get("data")
+        if args.data is None and saved is not None:
+            args.data = saved  # the corpus the run was on, not the default one
+            log(f"resuming on --data {saved}, the corpus {ckpt_path} was trained on")
+        elif args.data != saved:
+            log(f"note: resuming on --data {args.data or 'default'}; {ckpt_path} was trained on {saved or 'the default corpus'}")
     config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
     init_model, init_tokenizer = pretrained(args) if args.init_from else (None, None)
     source = resumed["tokenizer"] if resumed else init_tokenizer
@@ -374,7 +393,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     log(f"data: {data.description}: {len(data.train):,} train / {len(data.val):,} val tokens, "
         f"{data.tokenizer.name} tokenizer, vocab {config.vocab_size}")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}")
-    log(f"training: {({k: v for k, v in vars(args).items() if k != 'argv'})}")
+    log("training: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "argv"))
     if resumed:
         log(f"resuming from {ckpt_path} at step {step}")
         if step >= args.max_steps:
@@ -434,11 +453,10 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 log(f"step {step + 1}: non-finite loss or gradient, update skipped ({in_a_row} in a row, {skipped_total} in all)")
                 if in_a_row >= args.max_skips:
                     # Not saved now: the weights that keep giving non-finite losses are not a good state.
-                    last = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"{in_a_row} non-finite steps in a row at step {step}; {last}. "
-                        f"Lower --lr, raise --warmup or use --dtype fp32/bf16, then --resume"
-                    )
+                    fix = "lower --lr or raise --warmup" + ("" if dtype == "fp32" else ", or use --dtype fp32")
+                    then = (f"then --resume from the last checkpoint, {ckpt_path}" if os.path.exists(ckpt_path)
+                            else "then start again (no checkpoint was written yet)")
+                    raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step + 1}; {fix}, {then}")
                 continue
             in_a_row = 0
             scaler.step(optimizer)
@@ -485,9 +503,19 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 save(ckpt_path)
         if stop.requested:
             save(ckpt_path)
-            resume = shlex.join(["python", "train.py", *[a for a in args.argv if a != "--resume"], "--resume"])
+            resume = shlex.join([_python(), "train.py", *[a for a in args.argv if a not in ("--resume", "--overwrite")], "--resume"])
             log(f"stopped at step {step} ({stop.requested}); checkpoint saved to {ckpt_path}. Resume with: {resume}")
+        elif os.path.exists(ckpt_path):
+            best = f", best val loss {best_val:.4f}" if best_val < math.inf else ""
+            log(f"done: step {step} in {fmt_time(elapsed)}{best}. Sample with: "
+                f"{shlex.join([_python(), 'sample.py', '--checkpoint', args.out_dir])}")
     return {"step": step, "best_val_loss": best_val, "skipped": skipped_total, "stopped": stop.requested, "model": model, **losses}
+
+
+def _python() -> str:
+    """The interpreter running this, as the user would type it (.venv/bin/python, not python)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
 
 
 def _full_state(model: GPT, fsdp: bool) -> dict:

@@ -1,7 +1,7 @@
 """Generation throughput: tokens/s and time to first token, like gpt-fast's generate.py.
 
     python -m bench.bench_sample                          # 124M, batch 1 and 32 on CUDA
-    python -m bench.bench_sample --preset tiny --batch-sizes 1 --new-tokens 512   # a CPU run
+    python -m bench.bench_sample --preset tiny --batch-sizes 1 --prompt-tokens 32 --new-tokens 96   # a CPU run
     python -m bench.bench_sample --profile                # where a decode step's time goes
 
 Random weights (throughput barely depends on them: only the top-k draw's candidate count
@@ -84,6 +84,9 @@ def run_uncached(model, prompts, new_tokens, device) -> tuple[float, float]:
 
 
 def run_hf(cfg, prompts, new_tokens, device, dtype) -> tuple[float, float]:
+    if len(prompts[0]) + new_tokens > cfg.block_size:
+        raise ValueError(f"generate has no sliding window: the {len(prompts[0])}-token prompt and {new_tokens} new tokens "
+                         f"pass the context of {cfg.block_size}")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,

@@ -5,6 +5,7 @@ tokenizer and RNG states included), so loading one can never run code.
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -30,6 +31,10 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or an out dir holding ckpt.pt."""
     p = Path(path).expanduser()
     if p.is_dir():
+        held = sorted(f.name for f in p.glob("*") if f.suffix in (".pt", ".safetensors", ".bin"))
+        if not (p / CKPT_NAME).is_file() and held:
+            raise CheckpointError(f"{p} holds no {CKPT_NAME} but {', '.join(held)}: pass {p / held[0]}"
+                                  + ("" if held[0].endswith(".pt") else ", with its config.json beside it"))
         p = p / CKPT_NAME
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}; train one with train.py --out-dir or pass its path")
@@ -67,6 +72,16 @@ def save(state: dict, path: str | os.PathLike) -> None:
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def remove_partial_saves(path: str | os.PathLike) -> int:
+    """Deletes the temporary files that saves of `path` killed mid-write (SIGKILL, power loss)
+    left beside it; returns how many. Only for a folder whose writer holds its lock."""
+    path = Path(path)
+    partial = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for f in partial:
+        f.unlink(missing_ok=True)
+    return len(partial)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -11,11 +11,12 @@ import argparse
 import sys
 
 from gpt import checkpoint
+from gpt.cli import ArgumentParser
 from gpt.hf import HFError, save_hf, save_safetensors
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint file or out dir")
     p.add_argument("out_dir", help="directory to write")
     p.add_argument("--format", choices=("hf", "safetensors"), default="hf")
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             save_safetensors(model, tokenizer, args.out_dir)
     except (checkpoint.CheckpointError, HFError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.out_dir}: {e.strerror or e}; pass a folder path that is not a file", file=sys.stderr)
         return 2
     print(f"wrote {args.out_dir}")
     return 0

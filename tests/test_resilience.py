@@ -2,6 +2,7 @@
 import csv
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -53,8 +54,8 @@ def test_resume_is_bit_identical(tmp_path, corpus):
     assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
 
 
-def start_training(tmp_path, corpus, out):
-    cmd = [sys.executable, "train.py", *flags(tmp_path, corpus, out, "--max-steps", "100000", "--eval-interval", "100000")]
+def start_training(tmp_path, corpus, out, *extra):
+    cmd = [sys.executable, "train.py", *flags(tmp_path, corpus, out, "--max-steps", "100000", "--eval-interval", "100000", *extra)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     for line in proc.stdout:  # wait until training is under way
@@ -69,18 +70,20 @@ def test_sigint_saves_and_exits_as_interrupted(tmp_path, corpus):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err  # not 0: `train.py && sample.py` must not take it for a finished run
-    assert "Resume with: python train.py" in out and "--resume" in out
     state = checkpoint.load(tmp_path / "out")
     assert state["step"] >= 2
     assert not (tmp_path / "out" / "train.lock").exists()
-    # And the run goes on from there.
-    result = run_train(tmp_path, corpus, "out", "--max-steps", str(state["step"] + 2), "--eval-interval", "1000", "--resume")
-    assert result["step"] == state["step"] + 2
+    # The printed command, with the interpreter that ran (not a bare "python"), goes on from there.
+    resume = shlex.split(out.split("Resume with: ")[1].strip())
+    assert os.path.samefile(os.path.join(ROOT, resume[0]), sys.executable) and resume[-1] == "--resume"
+    done = subprocess.run([*resume, "--max-steps", str(state["step"] + 2)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.load(tmp_path / "out")["step"] == state["step"] + 2
 
 
 def test_sigterm_twice_quits_at_once_leaving_a_loadable_checkpoint(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
-    proc = start_training(tmp_path, corpus, "out")
+    proc = start_training(tmp_path, corpus, "out", "--overwrite")
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
@@ -179,7 +182,7 @@ def test_a_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch):
 def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(train, "GPT", NaNAfter)
     NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(4, 100))
-    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row at step 3; the last checkpoint is"):
+    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row at step 4; lower --lr or raise --warmup, then --resume from the last checkpoint"):
         run_train(tmp_path, corpus, "out", "--max-steps", "50", "--eval-interval", "2", "--max-skips", "3")
     # Not overwritten by the state that kept failing (diverged weights, when the lr is to blame).
     state = checkpoint.load(tmp_path / "out")
@@ -267,3 +270,14 @@ def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
     checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
     assert events[:2] == ["fsync", "replace"]
+
+
+def test_partial_saves_of_a_killed_writer_are_removed(tmp_path, corpus, capsys):
+    (tmp_path / "out").mkdir()
+    partial = tmp_path / "out" / ".ckpt.pt.abc123.tmp"
+    partial.write_bytes(b"PK half a zip")
+    keep = tmp_path / "out" / "notes.tmp"
+    keep.write_text("not ours")
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    assert not partial.exists() and keep.exists()
+    assert "removed the partial file(s) of a ckpt.pt save" in capsys.readouterr().out

@@ -120,8 +120,13 @@ def test_train_bad_flags_are_one_line(tmp_path, corpus):
         (["--fsdp"], "launch with torchrun"),
         (["--out-dir", "FILE"], "is a file, not a folder"),
         (["--kernels", "triton"], "--kernels triton needs a CUDA GPU, and the device is cpu"),
+        (["--weight-decay", "nan"], "--weight-decay must be a non-negative number, got nan"),
+        (["--grad-clip", "inf"], "--grad-clip must be a non-negative number, got inf"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+        (["--resume", "--overwrite"], "pass one of them"),
     ],
-    ids=["empty-data", "nan-lr", "beta2", "fsdp-alone", "out-dir-file", "triton-on-cpu"],
+    ids=["empty-data", "nan-lr", "beta2", "fsdp-alone", "out-dir-file", "triton-on-cpu", "nan-decay", "inf-clip", "seed",
+         "resume-overwrite"],
 )
 def test_train_flag_errors_are_one_line(tmp_path, corpus, capsys, monkeypatch, extra, phrase):
     monkeypatch.setattr(train, "interpreting", lambda: False)  # conftest sets TRITON_INTERPRET for the kernel tests
@@ -217,3 +222,49 @@ def test_weight_decay_only_on_matrices():
 def test_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert train.peak_flops("cuda", "bf16") == peak
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path, corpus, capsys):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    before = checkpoint.load(tmp_path / "out")
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY, "--max-steps", "1"]
+    assert train.main(args) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert torch.equal(checkpoint.load(tmp_path / "out")["model"]["lm_head.weight"], before["model"]["lm_head.weight"])
+    assert train.main([*args, "--overwrite", "--eval-interval", "1"]) == 0  # asked for: replaced
+    assert checkpoint.load(tmp_path / "out")["step"] == 1
+    assert "done: step 1" in capsys.readouterr().out
+
+
+def test_resume_stays_on_the_runs_corpus(tmp_path, corpus, capsys):
+    """A byte or gpt2 model trains on any corpus; without --data, --resume means the run's own."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2", "--tokenizer", "byte")
+    capsys.readouterr()
+    args = ["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY, "--resume", "--max-steps", "3"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"resuming on --data {corpus}" in out and f"data: {corpus}:" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, corpus, capsys):
+    for main, argv in ((train.main, ["--max-stesp", "3"]), (sample.main, ["--topk", "3"])):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "unrecognized arguments" in err[0] and "(see --help)" in err[0], err
+    for argv, phrase in ((["--stop", ""], 'pass the text to stop at'), (["--seed", str(10**23)], "--seed must be in")):
+        assert sample.main(argv) == 2
+        assert phrase in capsys.readouterr().err
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    (tmp_path / "file").write_text("x")
+    from gpt import export
+
+    assert export.main([str(tmp_path / "out"), str(tmp_path / "file"), "--format", "safetensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0], err
+    only_best = tmp_path / "only_best"
+    only_best.mkdir()
+    (tmp_path / "out" / "best.pt").rename(only_best / "best.pt")
+    assert sample.main(["--checkpoint", str(only_best)]) == 2
+    assert f"holds no ckpt.pt but best.pt: pass {only_best / 'best.pt'}" in capsys.readouterr().err
