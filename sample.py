@@ -14,6 +14,7 @@ import argparse
 import codecs
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,12 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompt_file == "-":
-        prompts.append(sys.stdin.read())
-    elif args.prompt_file is not None:
+    if args.prompt_file is not None:
+        # Bytes as they are, as the corpus was read: text mode would turn \r\n into \n.
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts.append(f.read())
+            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+            prompts.append(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read prompt file {args.prompt_file}: {e}") from None
     return prompts or [""]
@@ -62,10 +62,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
     if not text:
-        # Start of text: GPT-2's end-of-text token, else a newline.
+        # Start of text: GPT-2's end-of-text token, else a newline, else (a char vocabulary
+        # without one) its first character.
         if tokenizer.eot_token is not None:
             return [tokenizer.eot_token]
-        text = "\n"
+        try:
+            return tokenizer.encode("\n")
+        except ValueError:
+            return [0]
     try:
         ids = tokenizer.encode(text)
     except ValueError as e:

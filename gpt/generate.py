@@ -235,7 +235,8 @@ def generate(
     A sequence ends at eot_token (not included in its output) or when stop(b, new_tokens)
     says so; both are checked every `check_every` tokens so the GPU never waits on the
     host in between (every token when on_token streams). When a sequence fills the
-    context, the window slides: the cache is refilled from the last half of the context.
+    context, its window slides: the cache is refilled from the last half of its context
+    (and the other sequences' from all of theirs, so no sample depends on its batch).
     Returns the new tokens of each sequence.
     """
     B, S = len(prompts), model.config.block_size
@@ -267,9 +268,10 @@ def generate(
                 break
         if n == max_new_tokens:
             break
-        if max(lengths) == S:  # no room for this token: slide the window
+        if max(lengths) == S:  # no room for this token: slide the full sequences' windows
             new = out[:, :n].tolist()
-            history = [(list(p) + new[b])[-(S // 2):] for b, p in enumerate(prompts)]
+            keep = [max(1, S // 2) if length == S else length + 1 for length in lengths]
+            history = [(list(p) + new[b])[-keep[b]:] for b, p in enumerate(prompts)]
             lengths = [len(h) for h in history]
             _check_finite(decoder.prefill(history))
         else:

@@ -38,13 +38,22 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """The weights of a single file or of the shards an index names (save_pretrained shards
+    past 5 GB, e.g. gpt2-xl in fp32)."""
+    from safetensors.torch import load_file
 
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise HFError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    read_bin = lambda f: torch.load(f, map_location="cpu", weights_only=True)
+    for name, read in (("model.safetensors", load_file), ("pytorch_model.bin", read_bin)):
+        if (folder / name).is_file():
+            return read(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise HFError(f"{folder} is missing the shard(s) {', '.join(missing)} that {index.name} names")
+            return {k: t for shard in shards for k, t in read(folder / shard).items()}
+    raise HFError(f"{folder} has no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
 
 
 def config_from_hf(hf: dict, kernels: str = "auto") -> GPTConfig:
@@ -132,7 +141,7 @@ def save_hf(model: GPT, path: str | os.PathLike) -> None:
         "layer_norm_epsilon": c.layer_norm_eps,
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
-        "attn_pdrop": c.dropout,
+        "attn_pdrop": 0.0,  # ours drops no attention probabilities (the flash kernels have no dropout)
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
@@ -156,7 +165,8 @@ def save_safetensors(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike) 
 
 
 def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Tokenizer]:
-    """(model, tokenizer) from a Hugging Face GPT-2 directory, our safetensors export, or our checkpoint."""
+    """(model in eval mode on `kernels`, tokenizer) from a Hugging Face GPT-2 directory, our
+    safetensors export, or our checkpoint (whatever `kernels` it was trained with)."""
     from gpt import checkpoint
 
     folder = Path(path).expanduser()
@@ -168,13 +178,14 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
                 raise HFError(f"{folder} has vocab_size={meta.get('vocab_size')}, fewer than the GPT-2 tokenizer's "
                               f"{tokenizer.vocab_size} tokens it is read with; export its checkpoint with "
                               f"python -m gpt.export CKPT DIR --format safetensors, which keeps its own tokenizer")
-            return load_hf(folder, kernels), tokenizer
+            return load_hf(folder, kernels).eval(), tokenizer
         from safetensors.torch import load_file
 
         model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
         state = load_file(folder / "model.safetensors")
         state["lm_head.weight"] = state["transformer.wte.weight"]
         model.load_state_dict(state)
-        return model, tokenizer_from_state(meta["tokenizer"])
+        return model.eval(), tokenizer_from_state(meta["tokenizer"])
     model, tokenizer, _ = checkpoint.load_model(folder)
-    return model, tokenizer
+    # A run on --kernels triton saved that mode; on another device it must not stay.
+    return model.set_kernels(kernels), tokenizer

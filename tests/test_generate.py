@@ -96,6 +96,23 @@ def test_decoder_is_reusable(model):
     assert a == b
 
 
+def test_a_full_sequence_slides_alone(model, monkeypatch):
+    """When one sequence fills the context, the others keep theirs: no sample depends on its batch."""
+    full, short = list(range(24)), [5, 7] * 10  # block_size 24; short has 20 tokens and room
+    prefills = []
+    prefill = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, seqs: prefills.append([len(s) for s in seqs]) or prefill(self, seqs))
+    together = generate(model, [full, short], 10, temperature=0)
+    assert prefills[:2] == [[24, 20], [12, 21]]  # the full one slides to half; the short one keeps all it had
+    assert together[1] == generate(model, [short], 10, temperature=0)[0]
+    assert together[0] == generate(model, [full], 10, temperature=0)[0]
+
+
+def test_a_context_of_one_token_generates():
+    m = GPT(GPTConfig(vocab_size=10, block_size=1, n_layer=1, n_head=1, n_embd=8, kernels="torch")).eval()
+    assert len(generate(m, [[3]], 3, temperature=0)[0]) == 3
+
+
 def test_decoder_refuses_to_write_past_its_cache(model):
     S = model.config.block_size
     decoder = Decoder(model, 2)

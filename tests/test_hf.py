@@ -141,3 +141,22 @@ def test_train_and_sample_from_a_hf_directory(tmp_path):
     assert result["model"].config.block_size == 32 and result["val"] < 9.8  # from ln(50257) = 10.8 at random init
     assert sample.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "The quick", "--max-new-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
     assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "The quick", "--max-new-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_sharded_checkpoints_load(hf_model, tmp_path, safe):
+    """save_pretrained shards past max_shard_size (5 GB by default: gpt2-xl in fp32)."""
+    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=safe, max_shard_size="20KB")
+    assert len(list((tmp_path / "hf").glob("*.index.json"))) == 1
+    ours = load_hf(tmp_path / "hf", kernels="torch").eval()
+    idx = torch.randint(0, 100, (1, 20))
+    torch.testing.assert_close(ours(idx), hf_logits(hf_model, idx), rtol=1e-5, atol=1e-5)
+    next((tmp_path / "hf").glob("model-00002-*")).unlink()
+    with pytest.raises(HFError, match="missing the shard"):
+        load_hf(tmp_path / "hf", kernels="torch")
+
+
+def test_export_drops_no_attention_probabilities(tmp_path):
+    GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=16, dropout=0.2)).save_hf(tmp_path / "o")
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["attn_pdrop"] == 0.0 and config["resid_pdrop"] == 0.2  # as our model trains

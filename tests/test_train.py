@@ -268,3 +268,25 @@ def test_cli_errors_are_one_line(tmp_path, corpus, capsys):
     (tmp_path / "out" / "best.pt").rename(only_best / "best.pt")
     assert sample.main(["--checkpoint", str(only_best)]) == 2
     assert f"holds no ckpt.pt but best.pt: pass {only_best / 'best.pt'}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_loads_on_the_kernels_asked_for_in_eval_mode(tmp_path):
+    """A run on --kernels triton (a GPU) saved that mode; sample.py on a CPU must not keep it."""
+    from gpt.hf import load_any, save_safetensors
+    from gpt.tokenizer import get_tokenizer
+
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.3, kernels="triton"))
+    state = {"model": model.state_dict(), "config": model.config.to_dict(), "tokenizer": {"name": "byte"}}
+    checkpoint.save(state, tmp_path / "ckpt.pt")
+    save_safetensors(model, get_tokenizer("byte"), tmp_path / "export")
+    for path in (tmp_path / "ckpt.pt", tmp_path / "export"):
+        loaded, _ = load_any(path)
+        assert loaded.config.kernels == "auto" and not loaded.training
+
+
+def test_sample_reads_prompts_as_bytes_and_starts_a_newline_free_vocabulary(tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes(b"a\r\nb")
+    assert sample.read_prompts(sample.parse_args(["--prompt-file", str(tmp_path / "p.txt")])) == ["a\r\nb"]
+    from gpt.tokenizer import CharTokenizer
+
+    assert sample.encode_prompt("", CharTokenizer("xyz"), 8) == [0]  # no "\n" in the vocabulary
