@@ -235,7 +235,7 @@ def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: dis
     after a non-finite one draws a fresh batch (retry > 0): the same batch would most
     likely fail the same way.
     """
-    seed = args.seed * 1_000_003 + step
+    seed = (args.seed * 1_000_003 + step) % 2**64  # manual_seed takes 64 bits
     if retry:
         seed = hash((seed, retry)) & (1 << 63) - 1  # ints hash the same in every process
     gen = torch.Generator().manual_seed(seed)

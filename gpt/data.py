@@ -134,10 +134,16 @@ def load_dataset(
     text, description = read_corpus(data, exclude)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
     folder = Path(cache_dir) / f"{digest}-{tokenizer}"
-    if not (folder / "meta.json").exists():
+    meta = _read_meta(folder)
+    if meta is None:
+        if folder.exists():  # truncated, or left half-written by hand: never trained on
+            log(f"rebuilding the damaged cache {folder}")
+            shutil.rmtree(folder, ignore_errors=True)
         log(f"tokenizing {description} with the {tokenizer} tokenizer (cached in {folder})")
         _write_cache(folder, text, get_tokenizer(tokenizer, text))
-    meta = json.loads((folder / "meta.json").read_text())
+        meta = _read_meta(folder)
+        if meta is None:
+            raise CorpusError(f"the token cache {folder} could not be written whole; pass another --cache-dir")
     dtype = np.dtype(meta["dtype"])
     return Dataset(
         train=np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
@@ -147,13 +153,31 @@ def load_dataset(
     )
 
 
+def _read_meta(folder: Path) -> dict | None:
+    """The cache entry's metadata, or None unless its token files hold the tokens it counts."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        stored = sum((folder / name).stat().st_size for name in ("train.bin", "val.bin"))
+        return meta if stored == meta["tokens"] * size and (folder / "val.bin").stat().st_size > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
     ids = tok.encode_array(text)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     n_val = int(len(ids) * VAL_FRACTION)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if n_val == 0:
+        raise CorpusError(f"corpus too short: {len(ids)} tokens, too few to hold out a validation split; "
+                          f"pass more text")
     # Build in a temporary folder and rename it into place: a crash never leaves half a cache.
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    except OSError as e:
+        raise CorpusError(f"cannot write the token cache in {folder.parent} ({e.strerror}); "
+                          f"pass --cache-dir a writable folder") from None
     try:
         tmp.chmod(umask_mode(0o777))  # a shared cache stays readable by others, as mkdir would leave it
         ids[: len(ids) - n_val].astype(dtype).tofile(tmp / "train.bin")

@@ -136,11 +136,13 @@ class GPT2Tokenizer:
     def encode_array(self, text: str, chunk_chars: int = 1 << 20) -> np.ndarray:
         """Whole-corpus encoding in parallel chunks (tiktoken releases the GIL).
 
-        Chunks end at a lone newline between two non-space characters: GPT-2's
-        pre-tokenizer always cuts there, so the result equals encoding the whole text.
+        Chunks end at a lone newline between two non-space characters, or at the \r of a
+        lone \r\n (not after its \n: at a chunk's end "\r\n" would be one pre-token, in the
+        text two): GPT-2's pre-tokenizer always cuts there, so the result equals encoding
+        the whole text, and CRLF files are parallel too.
         """
         chunks, start = [], 0
-        boundary = re.compile(r"\S\n(?=\S)")
+        boundary = re.compile(r"\S\n(?=\S)|\S\r(?=\n\S)")
         while start < len(text):
             m = boundary.search(text, start + chunk_chars)
             end = m.end() if m else len(text)

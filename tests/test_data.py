@@ -125,3 +125,35 @@ def test_default_is_refused_when_a_path_named_default_exists(tmp_path, monkeypat
     with pytest.raises(CorpusError, match="pass ./default for that path"):
         read_corpus("default")
     assert read_corpus("./default")[0] == "my own corpus"
+
+
+def test_a_corpus_too_short_for_a_validation_split_is_a_clear_error(tmp_path):
+    (tmp_path / "c.txt").write_text("hello wor")
+    with pytest.raises(CorpusError, match="corpus too short: 9 tokens"):
+        load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    assert not [p for p in (tmp_path / "cache").glob("*") if not p.name.startswith(".")]  # no entry left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no meta"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghij" * 50)
+    whole = load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    train_ids, val_ids = np.array(whole.train), np.array(whole.val)  # copies: the memmaps see the damage
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    if damage == "truncated":
+        with open(entry / "train.bin", "r+b") as f:
+            f.truncate(100)
+    else:
+        (entry / "meta.json").unlink()
+    logs = []
+    again = load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=logs.append)
+    assert any("rebuilding the damaged cache" in line for line in logs)
+    assert np.array_equal(again.train, train_ids) and np.array_equal(again.val, val_ids)
+
+
+def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "c.txt").write_text("abcdefghij" * 50)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CorpusError, match="cannot write the token cache .* pass --cache-dir a writable folder"):
+        load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "file" / "cache"), log=lambda *a: None)

@@ -197,6 +197,12 @@ def test_a_retried_step_draws_a_fresh_batch(tmp_path, corpus):
     assert torch.equal(first, again) and not torch.equal(first, retried)
 
 
+def test_any_seed_draws_batches(tmp_path, corpus):
+    args = train.parse_args(flags(tmp_path, corpus, "out", "--seed", str(2**63 - 1)))
+    data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
+    train.train_batches(data, 5, args, train.distributed.World(), 32)  # (seed * 1_000_003 + step) past 2^64
+
+
 def test_one_trainer_per_out_dir(tmp_path, corpus):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -36,6 +36,20 @@ def test_gpt2_matches_independent_encoder(shakespeare):
     assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
 
 
+def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding(shakespeare):
+    """CRLF files are cut into chunks too (at the \r of a lone \r\n), and the ids do not change."""
+    tok = get_tokenizer("gpt2")
+    text = shakespeare[:20000].replace("\n", "\r\n")
+    boundaries = []
+    encode_batch = tok._enc.encode_batch
+    tok._enc.encode_batch = lambda chunks, **kw: boundaries.append(len(chunks)) or encode_batch(chunks, **kw)
+    try:
+        assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
+    finally:
+        del tok._enc.encode_batch
+    assert boundaries[0] > 10
+
+
 def test_char_unknown_character_is_a_clear_error():
     tok = get_tokenizer("char", "abc")
     with pytest.raises(ValueError, match="'z' is not in this char model's vocabulary"):
