@@ -166,7 +166,8 @@ def _read_meta(folder: Path) -> dict | None:
 
 def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
     ids = tok.encode_array(text)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    # The narrowest that holds every id: a byte corpus caches at its own size, not twice it.
+    dtype = np.uint8 if tok.vocab_size <= 1 << 8 else np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     n_val = int(len(ids) * VAL_FRACTION)
     if n_val == 0:
         raise CorpusError(f"corpus too short: {len(ids)} tokens, too few to hold out a validation split; "

@@ -157,3 +157,11 @@ def test_an_unwritable_cache_dir_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(CorpusError, match="cannot write the token cache .* pass --cache-dir a writable folder"):
         load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "file" / "cache"), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("tokenizer, itemsize", [("byte", 1), ("char", 1), ("gpt2", 2)])
+def test_the_cache_takes_the_narrowest_id_type(tmp_path, tokenizer, itemsize):
+    (tmp_path / "c.txt").write_text("abcdefghij" * 50 + "é")
+    d = load_dataset(str(tmp_path / "c.txt"), tokenizer, str(tmp_path / "cache"), log=lambda *a: None)
+    assert d.train.dtype.itemsize == itemsize
+    assert d.tokenizer.decode(np.concatenate([d.train, d.val]).tolist()).endswith("abcdefghijé")
