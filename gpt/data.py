@@ -6,12 +6,17 @@ has, so training works with no data supplied and no network.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from gpt.checkpoint import umask_mode
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
 
 VAL_FRACTION = 0.1
+# Corpora are read and tokenized this much at a time, so tokenizing memory stays flat
+# (a few hundred MB) whatever the corpus size.
+READ_BYTES = 1 << 23
 DEFAULT_CACHE = os.environ.get(
     "TRITONGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tritongpt")
 )
@@ -40,20 +48,71 @@ def default_corpus_files() -> list[Path]:
     return sorted(files)
 
 
-def _decode(raw: bytes, path: Path) -> str:
-    if b"\x00" in raw:
-        raise CorpusError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
-    try:
-        return raw.decode("utf-8-sig")  # a byte-order mark is not text
-    except UnicodeDecodeError as e:
-        raise CorpusError(
-            f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+@dataclass(frozen=True)
+class _Source:
+    path: Path
+    held: bytes | None = None  # a pipe's bytes: it can be read only once
 
 
-def read_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> tuple[str, str]:
-    """Returns (text, description). data: a file, a folder, or None for the default corpus.
+def _blocks(source: _Source) -> Iterator[str]:
+    """A file's text, decoded a block at a time; CorpusError if it is not UTF-8 text."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with io.BytesIO(source.held) if source.held is not None else open(source.path, "rb") as f:
+        while True:
+            raw = f.read(READ_BYTES)
+            if b"\x00" in raw:
+                raise CorpusError(f"{source.path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{source.path} is not UTF-8 text (invalid byte at offset {offset - pending + e.start}); "
+                    f"convert it first, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            if offset == 0 and text.startswith("\ufeff"):
+                text = text[1:]  # a byte-order mark is not text
+            offset += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+@dataclass
+class Corpus:
+    """The text files of a corpus, in order; their texts joined by newlines are the corpus.
+
+    Files are read a block at a time, so no pass over a corpus holds all of it in memory.
+    """
+
+    sources: list[_Source]
+    digest: str  # of the corpus's UTF-8 bytes: the cache key
+    size: int  # UTF-8 bytes
+    description: str = ""
+
+    def blocks(self) -> Iterator[str]:
+        """The corpus text, a block at a time; CorpusError if a file changed since it was scanned."""
+        digest = hashlib.sha256()
+        for i, source in enumerate(self.sources):
+            if i:
+                digest.update(b"\n")
+                yield "\n"
+            try:
+                for text in _blocks(source):
+                    digest.update(text.encode("utf-8"))
+                    yield text
+            except OSError:
+                break  # deleted or moved since the scan: the digest check below says so
+        if digest.hexdigest()[:20] != self.digest:
+            raise CorpusError(f"{self.description} changed while it was being read; run again once it is written")
+
+    def text(self) -> str:
+        return "".join(self.blocks())
+
+
+def scan_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> Corpus:
+    """Finds and checks a corpus: a file, a folder, or None for the default corpus.
 
     A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
     --data . they would otherwise feed the run's own lock, metrics and checkpoints back in.
@@ -62,41 +121,71 @@ def read_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> tuple[str, s
         raise CorpusError("--data default names the built-in corpus, but ./default also exists; "
                           "pass ./default for that path, or leave --data out for the built-in corpus")
     if data is None or data == "default":
-        files, what = default_corpus_files(), "the Python standard library's source"
-        if not files:
-            raise CorpusError("found no standard-library .py files; pass --data PATH")
-        texts = []
-        for f in files:
-            try:
-                texts.append(_decode(f.read_bytes(), f))
-            except (CorpusError, OSError):
-                continue
-        return "\n".join(texts), f"{what} ({len(texts)} files)"
+        files = default_corpus_files()
+        corpus = _scan([_Source(f) for f in files], "the standard library", skip_non_text=True, skip_unreadable=True)
+        if not corpus.sources:
+            raise CorpusError("found no readable standard-library .py files; pass --data PATH")
+        corpus.description = f"the Python standard library's source ({len(corpus.sources)} files)"
+        return corpus
     path = Path(data).expanduser()
     if not path.exists():
         raise CorpusError(f"data path {path} does not exist; pass a text file or a folder of text files")
     if not path.is_dir():  # a file, FIFO or /dev/fd/N (process substitution)
-        text, what = _decode(path.read_bytes(), path), str(path)
-    else:
-        skip = [Path(x).expanduser().resolve() for x in exclude]
-        files = sorted(
-            f for f in path.rglob("*")
-            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
-            and not any(f.resolve().is_relative_to(s) for s in skip)
-        )
-        texts, skipped = [], 0
-        for f in files:
-            try:
-                texts.append(_decode(f.read_bytes(), f))
-            except CorpusError:
-                skipped += 1  # a folder may hold images and the like; use its text files only
-        if not texts:
-            raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
-        text = "\n".join(texts)
-        what = f"{path} ({len(texts)} text files" + (f", {skipped} non-text skipped)" if skipped else ")")
-    if not text.strip():
-        raise CorpusError(f"corpus {path} is empty; pass a file with some text in it")
-    return text, what
+        held = None if path.is_file() else _read(path)
+        corpus = _scan([_Source(path, held)], str(path), skip_non_text=False)
+        corpus.description = str(path)
+        return corpus
+    skip = [Path(x).expanduser().resolve() for x in exclude]
+    files = sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        and not any(f.resolve().is_relative_to(s) for s in skip)
+    )
+    # A folder may hold images and the like; use its text files only.
+    corpus = _scan([_Source(f) for f in files], str(path), skip_non_text=True)
+    skipped = len(files) - len(corpus.sources)
+    if not corpus.sources:
+        raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
+    corpus.description = f"{path} ({len(corpus.sources)} text files" + (f", {skipped} non-text skipped)" if skipped else ")")
+    return corpus
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+
+
+def _scan(sources: list[_Source], name: str, skip_non_text: bool, skip_unreadable: bool = False) -> Corpus:
+    """Reads every source once: checks it is text, and takes the digest and size of the whole."""
+    digest, size, blank, kept = hashlib.sha256(), 0, True, []
+    for source in sources:
+        before, file_size, file_blank = digest.copy(), 0, True  # a file found bad halfway leaves no trace
+        if kept:
+            digest.update(b"\n")  # the files are joined by newlines
+        try:
+            for text in _blocks(source):
+                raw = text.encode("utf-8")
+                digest.update(raw)
+                file_size += len(raw)
+                file_blank = file_blank and text.isspace()
+        except CorpusError:
+            if not skip_non_text:
+                raise
+            digest = before
+            continue
+        except OSError as e:
+            if not skip_unreadable:
+                raise CorpusError(f"cannot read {source.path} ({e.strerror}); check its permissions") from None
+            digest = before
+            continue
+        size += file_size + bool(kept)
+        blank = blank and file_blank
+        kept.append(source)
+    if kept and blank:
+        raise CorpusError(f"corpus {name} is empty; pass a file with some text in it")
+    return Corpus(kept, digest.hexdigest()[:20], size)
 
 
 @dataclass
@@ -131,16 +220,16 @@ def load_dataset(
     data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = ()
 ) -> Dataset:
     """Tokenizes a corpus once, caching by content hash and tokenizer name."""
-    text, description = read_corpus(data, exclude)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-    folder = Path(cache_dir) / f"{digest}-{tokenizer}"
+    corpus = scan_corpus(data, exclude)
+    folder = Path(cache_dir) / f"{corpus.digest}-{tokenizer}"
     meta = _read_meta(folder)
     if meta is None:
         if folder.exists():  # truncated, or left half-written by hand: never trained on
             log(f"rebuilding the damaged cache {folder}")
             shutil.rmtree(folder, ignore_errors=True)
-        log(f"tokenizing {description} with the {tokenizer} tokenizer (cached in {folder})")
-        _write_cache(folder, text, get_tokenizer(tokenizer, text))
+        log(f"tokenizing {corpus.description} with the {tokenizer} tokenizer (cached in {folder})")
+        vocabulary = "".join(set().union(*map(set, corpus.blocks()))) if tokenizer == "char" else None
+        _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
         meta = _read_meta(folder)
         if meta is None:
             raise CorpusError(f"the token cache {folder} could not be written whole; pass another --cache-dir")
@@ -149,7 +238,7 @@ def load_dataset(
         train=np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
         val=np.memmap(folder / "val.bin", dtype=dtype, mode="r"),
         tokenizer=tokenizer_from_state(meta["tokenizer"]),
-        description=description,
+        description=corpus.description,
     )
 
 
@@ -164,14 +253,9 @@ def _read_meta(folder: Path) -> dict | None:
         return None
 
 
-def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
-    ids = tok.encode_array(text)
+def _write_cache(folder: Path, corpus: Corpus, tok: Tokenizer, log) -> None:
     # The narrowest that holds every id: a byte corpus caches at its own size, not twice it.
-    dtype = np.uint8 if tok.vocab_size <= 1 << 8 else np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    n_val = int(len(ids) * VAL_FRACTION)
-    if n_val == 0:
-        raise CorpusError(f"corpus too short: {len(ids)} tokens, too few to hold out a validation split; "
-                          f"pass more text")
+    dtype = np.dtype(np.uint8 if tok.vocab_size <= 1 << 8 else np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     # Build in a temporary folder and rename it into place: a crash never leaves half a cache.
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -181,13 +265,58 @@ def _write_cache(folder: Path, text: str, tok: Tokenizer) -> None:
                           f"pass --cache-dir a writable folder") from None
     try:
         tmp.chmod(umask_mode(0o777))  # a shared cache stays readable by others, as mkdir would leave it
-        ids[: len(ids) - n_val].astype(dtype).tofile(tmp / "train.bin")
-        ids[len(ids) - n_val :].astype(dtype).tofile(tmp / "val.bin")
-        meta = {"tokenizer": tok.state_dict(), "dtype": np.dtype(dtype).name, "tokens": int(len(ids))}
+        n = _write_tokens(tmp / "train.bin", corpus, tok, dtype, log)
+        n_val = int(n * VAL_FRACTION)
+        if n_val == 0:
+            raise CorpusError(f"corpus too short: {n} tokens, too few to hold out a validation split; "
+                              f"pass more text")
+        with open(tmp / "train.bin", "r+b") as train, open(tmp / "val.bin", "wb") as val:
+            train.seek(-n_val * dtype.itemsize, os.SEEK_END)  # the last tenth is the validation split
+            shutil.copyfileobj(train, val, READ_BYTES)
+            train.truncate((n - n_val) * dtype.itemsize)
+        meta = {"tokenizer": tok.state_dict(), "dtype": dtype.name, "tokens": n}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its cache is identical
             pass
+    except OSError as e:
+        raise CorpusError(f"cannot write the token cache in {folder.parent} ({e.strerror}); "
+                          f"free some space or pass --cache-dir another folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokens(path: Path, corpus: Corpus, tok: Tokenizer, dtype: np.dtype, log) -> int:
+    """Encodes the corpus piece by piece into `path`; returns the token count."""
+    count, done, started = 0, 0, time.monotonic()
+    last_log = started
+    with open(path, "wb") as out:
+        for piece in _pieces(corpus.blocks(), tok.cut, READ_BYTES):
+            ids = tok.encode_array(piece)
+            ids.astype(dtype).tofile(out)
+            count += len(ids)
+            done += len(piece.encode("utf-8"))
+            if time.monotonic() - last_log > 15:  # only a large corpus takes this long: say how far it is
+                last_log = time.monotonic()
+                log(f"  tokenized {done / corpus.size:.0%} ({count:,} tokens, {last_log - started:.0f}s)")
+    return count
+
+
+def _pieces(blocks: Iterator[str], cut: re.Pattern | None, size: int) -> Iterator[str]:
+    """Regroups text into pieces of at least `size` characters (but the last), each ending
+    where `cut` matches (anywhere if None): there encoding piece by piece equals encoding
+    the whole text."""
+    text, search_from = "", size
+    for block in blocks:
+        text += block
+        while len(text) >= size:
+            match = cut.search(text, search_from) if cut else None
+            if cut and not match:
+                search_from = max(size, len(text) - 4)  # a match needs up to 4 characters
+                break
+            end = match.end() if match else len(text)
+            yield text[:end]
+            text, search_from = text[end:], size
+    if text:
+        yield text

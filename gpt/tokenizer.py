@@ -23,6 +23,7 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eot_token: int | None  # end-of-text id, when the tokenizer has one
+    cut: re.Pattern | None  # where text can be split and encoded in pieces with the same ids; None: anywhere
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
@@ -34,6 +35,7 @@ class CharTokenizer:
 
     name = "char"
     eot_token = None
+    cut = None
 
     def __init__(self, chars: str):
         if not chars:
@@ -41,6 +43,8 @@ class CharTokenizer:
         self.chars = "".join(sorted(set(chars)))
         self.vocab_size = len(self.chars)
         self._ids = {c: i for i, c in enumerate(self.chars)}
+        self._table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int32)  # code point -> id
+        self._table[[ord(c) for c in self.chars]] = np.arange(self.vocab_size)
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -58,11 +62,9 @@ class CharTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """Fast path for whole corpora: maps code points through a lookup table."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
-        table[[ord(c) for c in self.chars]] = np.arange(self.vocab_size)
-        if codes.size and codes.max() >= table.size or (codes.size and (table[codes] < 0).any()):
+        if codes.size and codes.max() >= self._table.size or (codes.size and (self._table[codes] < 0).any()):
             self.encode(text)  # raises naming the first unknown character
-        return table[codes]
+        return self._table[codes]
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -77,12 +79,13 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     eot_token = None
+    cut = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
@@ -126,6 +129,10 @@ class GPT2Tokenizer:
     name = "gpt2"
     vocab_size = 50257
     eot_token = 50256
+    # A lone newline between two non-space characters, or the \r of a lone \r\n (not after
+    # its \n: at a piece's end "\r\n" would be one pre-token, in the text two). GPT-2's
+    # pre-tokenizer always splits there, so pieces encode to the ids of the whole text.
+    cut = re.compile(r"\S\n(?=\S)|\S\r(?=\n\S)")
 
     def __init__(self):
         self._enc = _gpt2_encoding()
@@ -134,17 +141,10 @@ class GPT2Tokenizer:
         return self._enc.encode(text, allowed_special="all")
 
     def encode_array(self, text: str, chunk_chars: int = 1 << 20) -> np.ndarray:
-        """Whole-corpus encoding in parallel chunks (tiktoken releases the GIL).
-
-        Chunks end at a lone newline between two non-space characters, or at the \r of a
-        lone \r\n (not after its \n: at a chunk's end "\r\n" would be one pre-token, in the
-        text two): GPT-2's pre-tokenizer always cuts there, so the result equals encoding
-        the whole text, and CRLF files are parallel too.
-        """
+        """Long text encoded in parallel chunks cut at `cut` (tiktoken releases the GIL)."""
         chunks, start = [], 0
-        boundary = re.compile(r"\S\n(?=\S)|\S\r(?=\n\S)")
         while start < len(text):
-            m = boundary.search(text, start + chunk_chars)
+            m = self.cut.search(text, start + chunk_chars)
             end = m.end() if m else len(text)
             chunks.append(text[start:end])
             start = end

@@ -1,11 +1,13 @@
 import os
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from gpt.data import CorpusError, default_corpus_files, load_dataset, read_corpus
+from gpt import data
+from gpt.data import CorpusError, default_corpus_files, load_dataset, scan_corpus
 
 
 def test_default_corpus_is_the_stdlib_source():
@@ -35,7 +37,8 @@ def test_folder_uses_text_files_and_skips_binary(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("world")
     (tmp_path / "img.png").write_bytes(b"\x89PNG\x00\x01\xff")
     (tmp_path / ".hidden").write_text("secret")
-    text, what = read_corpus(str(tmp_path))
+    corpus = scan_corpus(str(tmp_path))
+    text, what = corpus.text(), corpus.description
     assert text == "hello \nworld"
     assert "2 text files" in what and "1 non-text skipped" in what
 
@@ -45,13 +48,14 @@ def test_folder_leaves_out_the_trainers_own_folders(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.csv").write_text("step,loss\n")
-    text, what = read_corpus(str(tmp_path), exclude=(str(tmp_path / "out"),))
+    corpus = scan_corpus(str(tmp_path), exclude=(str(tmp_path / "out"),))
+    text, what = corpus.text(), corpus.description
     assert text == "hello" and "1 text files" in what
 
 
 def test_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfabc")
-    assert read_corpus(str(tmp_path / "bom.txt"))[0] == "abc"
+    assert scan_corpus(str(tmp_path / "bom.txt")).text() == "abc"
 
 
 def test_fifo_is_read_as_a_file(tmp_path):
@@ -60,7 +64,7 @@ def test_fifo_is_read_as_a_file(tmp_path):
     os.mkfifo(fifo)
     writer = threading.Thread(target=lambda: fifo.write_text("from a pipe"))
     writer.start()
-    text, _ = read_corpus(str(fifo))
+    text = scan_corpus(str(fifo)).text()
     writer.join()
     assert text == "from a pipe"
 
@@ -95,10 +99,10 @@ def test_bad_corpus_files(tmp_path, content, message):
 
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
-        read_corpus(str(tmp_path / "nope.txt"))
+        scan_corpus(str(tmp_path / "nope.txt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no UTF-8 text files"):
-        read_corpus(str(tmp_path / "empty"))
+        scan_corpus(str(tmp_path / "empty"))
 
 
 def test_corpus_shorter_than_a_block(tmp_path):
@@ -123,8 +127,8 @@ def test_default_is_refused_when_a_path_named_default_exists(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").write_text("my own corpus")
     with pytest.raises(CorpusError, match="pass ./default for that path"):
-        read_corpus("default")
-    assert read_corpus("./default")[0] == "my own corpus"
+        scan_corpus("default")
+    assert scan_corpus("./default").text() == "my own corpus"
 
 
 def test_a_corpus_too_short_for_a_validation_split_is_a_clear_error(tmp_path):
@@ -165,3 +169,65 @@ def test_the_cache_takes_the_narrowest_id_type(tmp_path, tokenizer, itemsize):
     d = load_dataset(str(tmp_path / "c.txt"), tokenizer, str(tmp_path / "cache"), log=lambda *a: None)
     assert d.train.dtype.itemsize == itemsize
     assert d.tokenizer.decode(np.concatenate([d.train, d.val]).tolist()).endswith("abcdefghijé")
+
+
+@pytest.fixture
+def small_reads(monkeypatch):
+    """Blocks of 61 bytes: multi-byte characters, CRLFs and files all straddle block edges."""
+    monkeypatch.setattr(data, "READ_BYTES", 61)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char", "gpt2"])
+def test_a_corpus_tokenized_a_block_at_a_time_has_the_ids_of_the_whole_text(tmp_path, small_reads, tokenizer):
+    texts = [
+        "\ufeffFirst Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 3,
+        "caf\u00e9 \u00fcber na\u00efve \u2014 \U0001f600 emoji\r\nand CRLF\r\nlines\r\n" * 4,
+        "x = 1\n    indented\n\tdone<|endoftext|>next\n",
+    ]
+    for i, text in enumerate(texts):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"{i}.txt").write_bytes(text.encode("utf-8"))
+    d = load_dataset(str(tmp_path / "corpus"), tokenizer, str(tmp_path / "cache"), log=lambda *a: None)
+    whole = "\n".join(t.removeprefix("\ufeff") for t in texts)
+    assert np.concatenate([d.train, d.val]).tolist() == d.tokenizer.encode(whole)
+
+
+def test_tokenizing_holds_a_block_not_the_corpus(tmp_path, monkeypatch):
+    """A corpus far larger than memory tokenizes: what is held does not grow with the corpus."""
+    monkeypatch.setattr(data, "READ_BYTES", 1 << 16)
+    (tmp_path / "c.txt").write_text("to be or not to be, that is the question\n" * 200_000)  # 8 MB
+    for tokenizer in ("byte", "char"):
+        tracemalloc.start()
+        load_dataset(str(tmp_path / "c.txt"), tokenizer, str(tmp_path / "cache"), log=lambda *a: None)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 << 20, f"{tokenizer}: {peak / 2**20:.1f} MB held while tokenizing 8 MB"
+
+
+def test_an_invalid_byte_past_the_first_block_is_named_by_its_offset(tmp_path, small_reads):
+    (tmp_path / "c.txt").write_bytes("\u00e9".encode() * 100 + b"\xff" + b"tail")
+    with pytest.raises(CorpusError, match=r"not UTF-8 text \(invalid byte at offset 200\)"):
+        scan_corpus(str(tmp_path / "c.txt"))
+
+
+def test_a_file_changed_after_the_scan_is_a_clear_error(tmp_path):
+    (tmp_path / "c.txt").write_text("abcdefghij" * 50)
+    corpus = scan_corpus(str(tmp_path / "c.txt"))
+    (tmp_path / "c.txt").write_text("abcdefghij" * 51)
+    with pytest.raises(CorpusError, match="changed while it was being read; run again"):
+        corpus.text()
+
+
+def test_an_unreadable_file_in_a_folder_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("world")
+    blocks = data._blocks
+
+    def denied(source):
+        if source.path.name == "b.txt":
+            raise PermissionError(13, "Permission denied")
+        return blocks(source)
+
+    monkeypatch.setattr(data, "_blocks", denied)
+    with pytest.raises(CorpusError, match=r"cannot read .*b.txt \(Permission denied\); check its permissions"):
+        scan_corpus(str(tmp_path))
