@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt import checkpoint
-from gpt.cli import ArgumentParser
+from gpt.cli import ArgumentParser, out_of_memory
 from gpt.generate import Decoder, GenerationError, generate
 from gpt.hf import HFError, is_model_dir, load_any
 from gpt.tokenizer import TokenizerError
@@ -177,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except (RuntimeError, MemoryError) as e:
+        where = out_of_memory(e)
+        if where is None:
+            raise
+        print(f"error: out of {where} memory generating (the KV cache holds every sample of every prompt at "
+              f"once); lower --num-samples or pass fewer prompts", file=sys.stderr)
+        return 1
     return 0
 
 

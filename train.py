@@ -23,7 +23,7 @@ import time
 import torch
 
 from gpt import GPT, GPTConfig, checkpoint, distributed
-from gpt.cli import ArgumentParser
+from gpt.cli import ArgumentParser, out_of_memory
 from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
 from gpt.hf import HFError, load_any
@@ -556,6 +556,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; any checkpoint already written is intact", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:
+        where = out_of_memory(e)
+        if where is None:
+            raise
+        ckpt = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
+        then = f"then --resume from {ckpt}" if os.path.exists(ckpt) else "then start again (no checkpoint was written yet)"
+        print(f"error: out of {where} memory at --batch-size {args.batch_size}; lower --batch-size (raise --grad-accum "
+              f"to keep the tokens per step) or --block-size, {then}", file=sys.stderr)
+        return 1
     # Stopped by a signal (checkpoint saved): 128 + its number, as the shell reports a killed
     # job, so that `train.py && sample.py` or a scheduler does not take it for a finished run.
     return 128 + signal.Signals[result["stopped"]] if result["stopped"] else 0

@@ -4,9 +4,24 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+import torch
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with its errors on one line: the usage block is what --help is for."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """'GPU' or 'host' when `error` is an allocation failure, else None.
+
+    CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError, or Python a
+    MemoryError. (When Linux's OOM killer ends the process instead, nothing can report it.)
+    """
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "GPU"
+    if isinstance(error, MemoryError) or isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+        return "host"
+    return None

@@ -287,3 +287,37 @@ def test_partial_saves_of_a_killed_writer_are_removed(tmp_path, corpus, capsys):
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
     assert not partial.exists() and keep.exists()
     assert "removed the partial file(s) of a ckpt.pt save" in capsys.readouterr().out
+
+
+class OutOfMemoryAt(GPT):
+    """A model whose training forward fails to allocate on a chosen call."""
+
+    error: Exception = RuntimeError()
+    at = 0
+    calls = 0
+
+    def forward(self, idx, targets=None):
+        if targets is not None and self.training:
+            OutOfMemoryAt.calls += 1
+            if OutOfMemoryAt.calls == OutOfMemoryAt.at:
+                raise OutOfMemoryAt.error
+        return super().forward(idx, targets)
+
+
+@pytest.mark.parametrize("error, where", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "host"),
+])
+def test_running_out_of_memory_is_a_one_line_error_naming_the_fix(tmp_path, corpus, monkeypatch, capsys, error, where):
+    monkeypatch.setattr(train, "GPT", OutOfMemoryAt)
+    OutOfMemoryAt.error, OutOfMemoryAt.calls, OutOfMemoryAt.at = error, 0, 1
+    assert train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: out of {where} memory at --batch-size 4; lower --batch-size (raise --grad-accum to keep the tokens "
+        f"per step) or --block-size, then start again (no checkpoint was written yet)")
+    OutOfMemoryAt.calls, OutOfMemoryAt.at = 0, 3  # after the step-2 checkpoint: resume from it
+    assert train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")) == 1
+    assert capsys.readouterr().err.strip().endswith(f"then --resume from {tmp_path / 'out' / 'ckpt.pt'}")
+    OutOfMemoryAt.error, OutOfMemoryAt.calls, OutOfMemoryAt.at = RuntimeError("some other fault"), 0, 1  # not hidden
+    with pytest.raises(RuntimeError, match="some other fault"):
+        train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--resume"))

@@ -184,6 +184,20 @@ def test_sample_on_diverged_weights_is_a_one_line_error(tmp_path, corpus, capsys
     assert len(err) == 1 and "logits are not finite" in err[0], err
 
 
+def test_sample_out_of_memory_is_a_one_line_error(tmp_path, corpus, capsys, monkeypatch):
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(sample, "Decoder", no_room)
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--num-samples", "64", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: out of GPU memory generating (the KV cache holds every sample of every prompt at once); "
+        "lower --num-samples or pass fewer prompts")
+
+
 def test_learning_rate_schedule():
     args = train.parse_args(["--lr", "1.0", "--min-lr", "0.2", "--warmup", "4", "--max-steps", "14"])
     lr = lambda s: train.learning_rate(s, 0.0, args)
