@@ -141,7 +141,7 @@ def save_hf(model: GPT, path: str | os.PathLike) -> None:
         "layer_norm_epsilon": c.layer_norm_eps,
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
-        "attn_pdrop": 0.0,  # ours drops no attention probabilities (the flash kernels have no dropout)
+        "attn_pdrop": c.dropout,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,

@@ -87,7 +87,9 @@ class CausalSelfAttention(nn.Module):
         # (B, T, 3, H, D) -> three (B, H, T, D) views; the kernels take strided inputs.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
-            y = ops.attention(q, k, v, causal=True, mode=self.kernels)
+            # As nanoGPT and GPT-2: config.dropout also drops attention probabilities.
+            dropout = self.resid_dropout.p if self.training else 0.0
+            y = ops.attention(q, k, v, causal=True, mode=self.kernels, dropout_p=dropout)
         else:
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, T, C)

@@ -83,11 +83,11 @@ def add_layer_norm(
     return _layer_norm_backend(x, mode).add_layer_norm(x, residual, weight, bias, eps)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto", dropout_p: float = 0.0) -> Tensor:
     impl = step_backend(q, mode, q.shape[1] * q.shape[3])
     if mode == "auto" and impl is not reference and (q.shape[-1] not in impl.HEAD_DIMS or q.dtype not in impl.FLOAT_DTYPES):
         impl = reference  # e.g. n_embd 768 over 16 heads (D = 48): the kernel takes 16-128, powers of two
-    return impl.attention(q, k, v, causal=causal)
+    return impl.attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
 
 def decode_attention(

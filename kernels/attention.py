@@ -21,6 +21,10 @@ Backward, three launches, no atomics, so gradients are bit-for-bit reproducible:
 QK^T and dO V^T are recomputed in both 2 and 3 (7 matmuls where 5 would do with atomic dQ
 updates), the price of determinism, as in the Triton fused-attention tutorial.
 
+Dropout (training): each kernel redraws the keep mask from Philox at the score's position
+(_dropout_keep), so it is never stored; O is P∘mask V / (1 - p), and delta = rowsum(dO O)
+stays the softmax's correction term as in FlashAttention-2.
+
 Hopper candidates, timed by bench_attention --sweep and not yet defaults: TMA descriptors
 for the tiles each kernel loops over (_Launch.tma), and a warp-specialised forward
 (_attn_fwd_ws_kernel, _Launch.warp_specialize).
@@ -57,10 +61,21 @@ def _batch_head(H, SPLIT_GRID: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, dropout_p, bh, queries, keys, Tk):
+    """Which probabilities dropout keeps, for broadcastable query and key indices: one
+    Philox draw per score, keyed by (seed, bh) at counter query * Tk + key, that the
+    forward and both backward kernels recompute alike (FlashAttention's scheme: no mask in
+    memory). The 32-bit counter keeps Philox's state small (it wraps past 2^32 scores
+    per head, T = 65536)."""
+    key = seed.to(tl.int64) + (bh.to(tl.int64) << 31)
+    return tl.rand(key, (queries * Tk + keys).to(tl.uint32)) >= dropout_p
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
-    stride_kt, stride_vt, b, h,
-    offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
+    stride_kt, stride_vt, b, h, bh,
+    offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
@@ -68,12 +83,14 @@ def _attn_fwd_inner(
     NEGATIVE_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Folds key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile.
 
     Without MASK every tile must be in bounds and wholly visible to every query row.
     TMA: K and V are (B, H, T, D) descriptors, read at head (b, h), zero-filled past Tk;
-    else pointers already at the head.
+    else pointers already at the head. DROPOUT zeroes the dropped probabilities after
+    they entered the row sums (the caller scales by 1 / (1 - dropout_p)).
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -116,6 +133,8 @@ def _attn_fwd_inner(
             v = tl.load(V + rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
             v = tl.load(V + rows * stride_vt + offs_d[None, :])
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, dropout_p, bh, offs_m[:, None], offs_n[None, :], Tk), p, 0.0)
         # P goes into the second matmul in the input dtype, as in FlashAttention.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
@@ -129,7 +148,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    H, Tq, Tk, qk_scale,
+    H, Tq, Tk, qk_scale, seed, dropout_p,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -138,6 +157,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head). TMA: Q, K and V are (B, H, T, D)
     tensor descriptors, tiles moved by the TMA engine (no per-thread addresses; zero fill
@@ -180,17 +200,19 @@ def _attn_fwd_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, 0, mid, Tk, offset,
-        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
-        PRECISION=PRECISION, TMA=TMA,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk, offset,
+        qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
+        NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, mid, hi, Tk, offset,
-        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE,
-        PRECISION=PRECISION, TMA=TMA,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk, offset,
+        qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
+        NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
 
     o = acc / l_i[:, None]
+    if DROPOUT:
+        o = o / (1.0 - dropout_p)
     o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None])
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
@@ -310,20 +332,23 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA,
-    stride_qt, stride_dot, b, h,
-    offs_n, offs_d, lo, hi, Tq, offset, qk_scale,
+    stride_qt, stride_dot, b, h, bh,
+    offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Adds the query tiles [lo, hi) to one key tile's dK (unscaled) and dV.
 
     Works on transposed scores (keys x queries) so that P^T and dS^T feed the matmuls
     directly. Query rows past Tq load zeros and a log-sum-exp of +inf: P = 0 there, so
     they add nothing; MASK applies the causal mask. TMA: Q and DO are (B, H, T, D)
-    descriptors read at head (b, h), else pointers already at the head.
+    descriptors read at head (b, h), else pointers already at the head. DROPOUT: dV takes
+    the kept probabilities, dP the kept entries scaled by 1 / (1 - dropout_p) (the caller
+    scales dV by it).
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -342,9 +367,15 @@ def _attn_bwd_dkdv_inner(
             do = DO.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
             do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        if DROPOUT:
+            keepT = _dropout_keep(seed, dropout_p, bh, offs_m[None, :], offs_n[:, None], Tk)
+            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
@@ -359,7 +390,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    H, Tq, Tk, scale, qk_scale,
+    H, Tq, Tk, scale, qk_scale, seed, dropout_p,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -367,6 +398,7 @@ def _attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One BLOCK_N tile of keys of one (batch, head) against the queries that see it.
     TMA: Q and DO (the tiles of the loop) are (B, H, T, D) descriptors."""
@@ -405,19 +437,21 @@ def _attn_bwd_dkdv_kernel(
         full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h,
-            offs_n, offs_d, lo, mid, Tq, offset, qk_scale,
-            BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA,
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
+            offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p,
+            BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
         )
     else:
         offset = 0
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h,
-        offs_n, offs_d, mid, Tq, Tq, offset, qk_scale,
-        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA,
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
+        offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p,
+        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
 
+    if DROPOUT:
+        dv = dv / (1.0 - dropout_p)
     tl.store(DV + rows * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
     # dS = P (dP - delta) is the gradient of the scaled scores; the scale enters once here.
     dk = dk * scale
@@ -427,16 +461,18 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K, V,
-    stride_kt, stride_vt, b, h,
-    offs_m, offs_d, lo, hi, Tk, offset, qk_scale,
+    stride_kt, stride_vt, b, h, bh,
+    offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds and TMA as in the forward."""
+    """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds, TMA and
+    dropout as in the forward and _attn_bwd_dkdv_inner."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -460,6 +496,9 @@ def _attn_bwd_dq_inner(
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, dropout_p, bh, offs_m[:, None], offs_n[None, :], Tk)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
@@ -473,7 +512,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    H, Tq, Tk, scale, qk_scale,
+    H, Tq, Tk, scale, qk_scale, seed, dropout_p,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -481,6 +520,7 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head) against the keys it sees.
     TMA: K and V (the tiles of the loop) are (B, H, T, D) descriptors."""
@@ -519,12 +559,14 @@ def _attn_bwd_dq_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, 0, mid, Tk, offset,
-        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk,
+        offset, qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
+        PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, offs_m, offs_d, mid, hi, Tk, offset,
-        qk_scale, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk,
+        offset, qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
+        PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = dq * scale
     tl.store(DQ + rows * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -597,14 +639,23 @@ _FP32 = _Settings(_Launch(32, 32, 8, 2), _Launch(16, 32, 8, 2), _Launch(32, 32, 
 _INTERPRETER = _Settings(_Launch(32, 16, 4, 1), _Launch(16, 32, 4, 1), _Launch(32, 16, 4, 1))
 
 
-def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int]) -> _Settings:
+def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dropout: bool = False) -> _Settings:
     """Tiles and launch parameters for one call; capability (0, 0) means the interpreter."""
     if capability == (0, 0):
         return _INTERPRETER
     if dtype == torch.float32:
         return _FP32
     major = 9 if capability[0] == 9 else 8
-    return _CONFIGS[(major, head_dim)]
+    settings = _CONFIGS[(major, head_dim)]
+    return _dropout_settings(settings) if dropout else settings
+
+
+def _dropout_settings(s: _Settings) -> _Settings:
+    """Dropout's Philox draws hold registers per score: the loop's tiles halve (16 at
+    least) so that no setting spills (tests/codegen.py, sm80 and sm90). Untimed."""
+    half = lambda n: max(16, n // 2)
+    return _Settings(s.fwd._replace(BLOCK_N=half(s.fwd.BLOCK_N)), s.dkdv._replace(BLOCK_M=half(s.dkdv.BLOCK_M)),
+                     s.dq._replace(BLOCK_N=half(s.dq.BLOCK_N)))
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -617,14 +668,21 @@ def _precision(dtype: torch.dtype) -> str | None:
 # dividing by H is what the sm80 dQ at D = 64 fits in 128 registers with (2 programs per
 # SM; with the split grid everywhere it took 140, one program).
 _MAX_GRID_AXIS = 65535
+# Dropout seeds stay below 2^31 so that the kernels see one integer type (Triton
+# specialises an int argument as 32- or 64-bit by its value).
+_MAX_SEED = 1 << 31
 
 
 def _grid(tiles: int, B: int, H: int) -> tuple[int, ...]:
     return (tiles, H, B) if B * H > _MAX_GRID_AXIS else (tiles, B * H)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int) -> None:
     check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"{_OP}: seed must be an int in [0, 2^31), got {seed}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{_OP}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
@@ -674,9 +732,9 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None):
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int):
     """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
-    _check(q, k, v, causal)
+    _check(q, k, v, causal, dropout_p, seed)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -687,10 +745,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse, q, k, v, scale
-    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0)).fwd
+    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0).fwd
     grid = _grid(cdiv(Tq, cfg.BLOCK_M), B, H)
     split = len(grid) == 3
-    if cfg.warp_specialize and _tma_addressable(q) and _tma_addressable(k) and _tma_addressable(v):
+    if cfg.warp_specialize and not dropout_p and _tma_addressable(q) and _tma_addressable(k) and _tma_addressable(v):
         with_device_scratch(q.device, lambda: _attn_fwd_ws_kernel[grid](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, Tq, Tk, scale * _LOG2E, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal,
@@ -702,15 +760,17 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     _attn_fwd_kernel[grid](
         *(descriptors if tma else (q, k, v)), o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, Tq, Tk, scale * _LOG2E,
+        H, Tq, Tk, scale * _LOG2E, seed, dropout_p,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0, SPLIT_GRID=split,
-        PRECISION=_precision(q.dtype), TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), TMA=tma, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
 
 
 def _attention_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v."""
     B, H, Tq, D = q.shape
@@ -721,7 +781,7 @@ def _attention_bwd(
         return dq, dk, dv
     if q.numel() == 0:  # no queries: nothing flows back to the keys
         return dq, dk.zero_(), dv.zero_()
-    settings = _settings(D, q.dtype, device_capability(q.device.index or 0))
+    settings = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0)
     precision = _precision(q.dtype)
     split = B * H > _MAX_GRID_AXIS
     delta = torch.empty_like(lse)
@@ -735,46 +795,58 @@ def _attention_bwd(
     _attn_bwd_dkdv_kernel[_grid(cdiv(Tk, cfg.BLOCK_N), B, H)](
         q_tiles or q, k, v, do_tiles or do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, Tq, Tk, scale, scale * _LOG2E,
+        H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
-        TMA=q_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=q_tiles is not None, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = settings.dq
     k_tiles, v_tiles = _descriptors(cfg.tma, (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
     _attn_bwd_dq_kernel[_grid(cdiv(Tq, cfg.BLOCK_M), B, H)](
         q, k_tiles or k, v_tiles or v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Tq, Tk, scale, scale * _LOG2E,
+        H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
-        TMA=k_tiles is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=k_tiles is not None, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
-        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
+    ) -> Tensor:
+        if seed is None:  # from torch's CPU generator: torch.manual_seed repeats it, and no GPU sync
+            seed = int(torch.randint(_MAX_SEED, (), dtype=torch.int64)) if dropout_p else 0
+        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
         refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None, None
 
 
 @torch.compiler.disable  # see kernels/__init__.py
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int | None = None,
+) -> Tensor:
     """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
 
-    Same result as F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale),
-    except that a causal mask with Tq < Tk is aligned to the end (query i is position
-    Tk - Tq + i), as kernels.reference.attention; causal needs Tq <= Tk. scale defaults to
-    1/sqrt(D). D must be 16, 32, 64 or 128; any T >= 1.
+    Same result as F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+    dropout_p=dropout_p), except that a causal mask with Tq < Tk is aligned to the end
+    (query i is position Tk - Tq + i), as kernels.reference.attention; causal needs
+    Tq <= Tk. scale defaults to 1/sqrt(D). D must be 16, 32, 64 or 128; any T >= 1.
+
+    dropout_p in [0, 1) zeroes each attention probability with that chance and scales the
+    kept ones by 1 / (1 - dropout_p). The mask is never stored: the backward redraws it
+    from `seed` (an int in [0, 2^31); default: drawn from torch's CPU generator, so
+    torch.manual_seed makes runs repeat). Pass 0.0 outside training, as with SDPA.
 
     fp16 or bf16 on CUDA (fp32 works too, as exact but slow fp32 matmuls); CPU tensors only
     under TRITON_INTERPRET=1. Inputs may be strided views (the model passes slices of one
@@ -782,4 +854,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
     is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
     Differentiable in q, k and v.
     """
-    return AttentionFunction.apply(q, k, v, bool(causal), scale)
+    return AttentionFunction.apply(q, k, v, bool(causal), scale, float(dropout_p), seed)

@@ -35,17 +35,21 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tenso
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0
 ) -> Tensor:
-    """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)."""
+    """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
+
+    dropout_p: the chance that each attention probability is zeroed (the rest scaled by
+    1 / (1 - dropout_p)), drawn from torch's generator.
+    """
     t_q, t_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not causal:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
     if t_q == t_k and scale > 0:  # is_causal scales q and k by sqrt(scale): NaN for scale <= 0
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
     mask = causal_mask(t_q, t_k, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def gelu(x: Tensor) -> Tensor:

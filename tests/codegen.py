@@ -125,21 +125,22 @@ def attention_cases(arch: int) -> dict[str, dict]:
     unaligned = ("H", "Tq", "Tk")
     for D in (16, 32, 64, 128):
         cfg = attention._CONFIGS[(arch // 10, D)]
-        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False)
+        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, DROPOUT=False)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
             ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False)),
             ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, dict(TMA=False)),
         ):
-            cases[f"attention {name} D={D}"] = compile_case(
-                arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N),
-                floats=("scale", "qk_scale"), unaligned=unaligned,
-                num_warps=launch.num_warps, num_stages=launch.num_stages)
-            # The grid for B * H past CUDA's 65535 programs on axis 1.
-            cases[f"attention {name} D={D} split grid"] = compile_case(
-                arch, kernel, ptrs, common | extra | dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N, SPLIT_GRID=True),
-                floats=("scale", "qk_scale"), unaligned=unaligned,
-                num_warps=launch.num_warps, num_stages=launch.num_stages)
+            # As launched; with the grid for B * H past CUDA's 65535 programs on axis 1;
+            # with attention dropout (training with --dropout), on its own tiles.
+            dropped = getattr(attention._dropout_settings(cfg), name.split()[-1])
+            for variant, tiles, changed in (
+                ("", launch, {}), (" split grid", launch, dict(SPLIT_GRID=True)), (" dropout", dropped, dict(DROPOUT=True)),
+            ):
+                cases[f"attention {name} D={D}{variant}"] = compile_case(
+                    arch, kernel, ptrs, common | extra | dict(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N) | changed,
+                    floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned,
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         if arch == 90 and D >= 64:  # the TMA candidates, Hopper's (bench_attention --sweep)
             for name, kernel, launch, loop_tiles in (
                 ("fwd", attention._attn_fwd_kernel, cfg.fwd, {"Q": "M", "K": "N", "V": "N"}),
@@ -150,13 +151,14 @@ def attention_cases(arch: int) -> dict[str, dict]:
                 extra = dict(NEGATIVE_SCALE=False) if name == "fwd" else {}
                 cases[f"attention {name} tma D={D}"] = compile_case(
                     arch, kernel, ptrs, common | extra | blocks | dict(TMA=True),
-                    floats=("scale", "qk_scale"), unaligned=unaligned, num_warps=launch.num_warps,
+                    floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned, num_warps=launch.num_warps,
                     num_stages=launch.num_stages,
                     descriptors={n: f"tensordesc<bf16[1, 1, {blocks['BLOCK_' + b]}, {D}]>" for n, b in loop_tiles.items()})
             # The warp-specialised forward candidate, with its sweep tiles.
             cases[f"attention fwd ws D={D}"] = compile_case(
                 arch, attention._attn_fwd_ws_kernel, ptrs,
-                common | dict(BLOCK_M=128, BLOCK_N=64 if D == 128 else 128, SCALE_FIRST=False),
+                dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, BLOCK_M=128,
+                     BLOCK_N=64 if D == 128 else 128, SCALE_FIRST=False),
                 floats=("qk_scale",), unaligned=unaligned, num_warps=4, num_stages=3)
     return cases
 

@@ -8,6 +8,7 @@ On CPU the kernels run in the Triton interpreter, which pays per program and per
 shapes are tiny and each edge is covered once rather than in a full cross product.
 """
 import importlib
+import math
 
 import pytest
 import torch
@@ -50,15 +51,16 @@ def _run(fn, inputs, upstream):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def _compare(fn, inputs, upstream, atol, rtol, causal=True, scale=None, exact=None):
-    """Output and every gradient of attention(fn(inputs)) within the FlashAttention bound.
+def _compare(fn, inputs, upstream, atol, rtol, causal=True, scale=None, exact=None, peer=None, **options):
+    """Output and every gradient of attention(fn(inputs), **options) within the FlashAttention bound.
 
     fn maps the leaves to (q, k, v) (a view, a slice of a fused tensor, ...). The torch
-    peer is reference.attention in the inputs' dtype; the exact one the same in float64,
-    or `exact` (a function of (q, k, v)) where float64 would not fit in memory.
+    peer is reference.attention (or `peer`, a function of (q, k, v)) in the inputs' dtype;
+    the exact one the same in float64, or `exact` where float64 would not fit in memory.
     """
-    ours = _run(lambda *t: attention(*fn(*t), causal=causal, scale=scale), inputs, upstream)
-    ref = lambda *t: reference.attention(*fn(*t), causal=causal, scale=scale)
+    ours = _run(lambda *t: attention(*fn(*t), causal=causal, scale=scale, **options), inputs, upstream)
+    peer = peer or (lambda q, k, v: reference.attention(q, k, v, causal=causal, scale=scale))
+    ref = lambda *t: peer(*fn(*t))
     torch_ = _run(ref, inputs, upstream)
     f64 = _run(exact or ref, [t.double() for t in inputs], upstream.double())
     names = ["output", "grad 0", "grad 1", "grad 2"]
@@ -454,8 +456,8 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
     for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         monkeypatch.setattr(attention_module, name, Recorder())
     q = torch.zeros(4096, 16, 1, 16)
-    o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None)
-    attention_module._attention_bwd(torch.zeros_like(o), q, q, q, o, lse, True, 0.25)
+    o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None, 0.0, 0)
+    attention_module._attention_bwd(torch.zeros_like(o), q, q, q, o, lse, True, 0.25, 0.0, 0)
     assert len(grids) == 4
     for grid in grids:
         assert max(grid[1:]) <= 65535 and grid[1] * grid[2] == 4096 * 16, grid
@@ -472,3 +474,101 @@ def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
     inputs = _qkv(2, 3, 17, 17, 16, torch.float32, device)
     do = torch.randn(2, 3, 17, 16, device=device)
     _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal)
+
+
+def _kept(B, H, Tq, Tk, causal, dropout_p, seed, device):
+    """The keep mask (B, H, Tq, Tk) the kernel draws, read back through the kernel: with q = k = 0
+    every key a query sees has one probability, and with v the identity (D >= Tk) output
+    entry (i, j) is that probability over 1 - dropout_p where kept, 0 where dropped."""
+    D = next(d for d in (16, 32, 64) if d >= Tk)
+    zeros = torch.zeros(B, H, Tq, D, device=device), torch.zeros(B, H, Tk, D, device=device)
+    eye = torch.eye(Tk, D, device=device).expand(B, H, Tk, D)
+    out = attention(zeros[0], zeros[1], eye, causal=causal, dropout_p=dropout_p, seed=seed)
+    return out[..., :Tk] > 0
+
+
+def _with_dropout(keep, dropout_p, causal):
+    """Attention in the inputs' dtype with the given keep mask (the kernel's), as
+    F.scaled_dot_product_attention defines dropout: after the softmax, kept / (1 - p)."""
+    def attend(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if causal:
+            scores = scores.masked_fill(~reference.causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        return (scores.softmax(-1) * keep.to(q.dtype) / (1 - dropout_p)) @ v
+    return attend
+
+
+@pytest.mark.parametrize("B, H, Tq, Tk, D, causal", [
+    pytest.param(1, 3, 17, 17, 64, True, id="T17-H3"),
+    pytest.param(2, 1, 5, 37, 32, True, id="Tq5-Tk37"),
+    pytest.param(2, 2, 40, 21, 16, False, id="Tq40-Tk21-full"),
+])
+def test_dropout_against_float64_with_the_kernels_mask(B, H, Tq, Tk, D, causal, device):
+    """Output and dq, dk, dv with dropout: the forward and both backward kernels draw the
+    same mask, and the gradients are those of the dropped-out attention."""
+    torch.manual_seed(0)
+    p, seed = 0.3, 1234
+    keep = _kept(B, H, Tq, Tk, causal, p, seed, device)
+    inputs = _qkv(B, H, Tq, Tk, D, torch.float32, device)
+    do = torch.randn(B, H, Tq, D, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal, peer=_with_dropout(keep, p, causal),
+             dropout_p=p, seed=seed)
+
+
+def test_dropout_mask_statistics_and_seeding(device):
+    """Each probability is kept with chance 1 - p, independently across heads, batches and
+    seeds; one seed repeats its mask, and torch.manual_seed repeats the default seed."""
+    B, H, T, p = 2, 2, 64, 0.25
+    keep = _kept(B, H, T, T, False, p, 7, device)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.02  # 16384 draws: 0.02 is 6 sigma
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, _kept(B, H, T, T, False, p, 7, device))
+    assert not torch.equal(keep, _kept(B, H, T, T, False, p, 8, device))
+    q, k, v = _qkv(1, 1, 20, 20, 16, torch.float32, device)
+    torch.manual_seed(5)
+    first = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(first, attention(q, k, v, dropout_p=0.5))
+    assert not torch.equal(first, attention(q, k, v, dropout_p=0.5))
+    assert torch.equal(attention(q, k, v, dropout_p=0.0), attention(q, k, v))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1.0"),
+    (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1, seed=2**31), r"seed must be an int in \[0, 2\^31\)"),
+])
+def test_invalid_dropout(options, match, device):
+    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **options)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_dropout_with_gpu_tile_shapes_in_interpreter(capability, D, monkeypatch, device):
+    """Dropout's own GPU tiles (halved loop tiles) draw the same mask as any other tiling
+    (it depends on the seed, head and position only) and give the right gradients."""
+    if device == "cuda":
+        pytest.skip("the GPU runs its own table in the other tests")
+    p, seed = 0.2, 99
+    keep = {(Tq, Tk): _kept(1, 2, Tq, Tk, True, p, seed, device) for Tq, Tk in [(64, 64), (40, 64)]}
+    monkeypatch.setattr(attention_module, "device_capability", lambda index=0: capability)
+    torch.manual_seed(0)
+    for (Tq, Tk), kept in keep.items():
+        inputs = _qkv(1, 2, Tq, Tk, D, torch.float16, device)
+        do = torch.randn(1, 2, Tq, D, device=device).to(torch.float16)
+        _compare(_separate, inputs, do, 1e-3, 1e-3, peer=_with_dropout(kept, p, True), dropout_p=p, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_dropout_gpu(D, dtype, atol, rtol):
+    """The GPU's dropout tiles in 16-bit, against the mask read back through the kernel."""
+    p, seed = 0.1, 5
+    keep = _kept(2, 4, 64, 64, True, p, seed, "cuda")
+    torch.manual_seed(0)
+    inputs = _qkv(2, 4, 64, 64, D, dtype, "cuda")
+    do = torch.randn(2, 4, 64, D, device="cuda").to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, peer=_with_dropout(keep, p, True), dropout_p=p, seed=seed)

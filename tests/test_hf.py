@@ -156,7 +156,7 @@ def test_sharded_checkpoints_load(hf_model, tmp_path, safe):
         load_hf(tmp_path / "hf", kernels="torch")
 
 
-def test_export_drops_no_attention_probabilities(tmp_path):
+def test_export_names_the_dropout_the_model_trains_with(tmp_path):
     GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=16, dropout=0.2)).save_hf(tmp_path / "o")
     config = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert config["attn_pdrop"] == 0.0 and config["resid_pdrop"] == 0.2  # as our model trains
+    assert config["attn_pdrop"] == config["resid_pdrop"] == config["embd_pdrop"] == 0.2  # as nanoGPT and GPT-2

@@ -130,3 +130,21 @@ def test_sinusoidal_table_is_vaswanis():
             angle = p / 10000 ** (2 * i / n_embd)
             assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_dropout_also_drops_attention_probabilities(monkeypatch):
+    """As nanoGPT and GPT-2: config.dropout applies to the attention probabilities too,
+    in training only; and it changes the attention output, on either backend."""
+    from gpt import ops
+
+    seen = []
+    attention = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **kw: seen.append(kw.get("dropout_p")) or attention(*a, **kw))
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.25, kernels="torch"))
+    idx = torch.randint(0, 50, (2, 16))
+    model.train()(idx, idx)
+    model.eval()(idx, idx)
+    assert seen == [0.25, 0.25, 0.0, 0.0]
+    q = k = v = torch.randn(1, 2, 8, 16)
+    torch.manual_seed(0)
+    assert not torch.equal(ops.attention(q, k, v, mode="torch", dropout_p=0.5), ops.attention(q, k, v, mode="torch"))
