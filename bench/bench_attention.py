@@ -2,6 +2,7 @@
 
     python -m bench.bench_attention            # bf16 on the GPU, B*T = 16384 tokens, hidden 2048
     python -m bench.bench_attention --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
+    python -m bench.bench_attention --dropout 0.1 --no-flex   # training with attention dropout
 
 Peers: F.scaled_dot_product_attention with each backend forced (FlashAttention-2, cuDNN,
 memory-efficient; a backend that refuses a shape is skipped and the reason printed),
@@ -11,7 +12,8 @@ FlexAttention (a causal block mask, compiled with torch.compile), and naive torc
 B*T and the hidden size H*D are held fixed, so every T does the same projection work and
 attention FLOPs grow linearly with T. TFLOP/s count as the Triton fused-attention
 tutorial does: forward 4*B*H*T^2*D, halved for causal; backward 2.5x the forward, so
-forward+backward is 3.5x. Every provider is checked against SDPA before it is timed.
+forward+backward is 3.5x. Every provider is checked against SDPA before it is timed (with
+--dropout, without dropout: the masks are random; the tests check ours with its own).
 """
 from __future__ import annotations
 
@@ -32,28 +34,28 @@ from bench.common import PLOTS, bench, check_close, outputs_and_grads, plot, pri
 from kernels.attention import attention  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Attn = Callable[..., torch.Tensor]  # (q, k, v, dropout_p=0.0) -> output
 # A (T, device) -> attention function factory; returns None (and prints why) to skip.
 Maker = Callable[[int, int, int, str], "Attn | None"]
 
 
-def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    return F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout_p) @ v
 
 
-def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return attention(q, k, v, causal=True)
+def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    return attention(q, k, v, causal=True, dropout_p=dropout_p)
 
 
 def sdpa_with(backend) -> Maker:
     from torch.nn.attention import sdpa_kernel
 
-    def fn(q, k, v):
+    def fn(q, k, v, dropout_p=0.0):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
     return lambda B, H, T, device: fn
 
@@ -93,7 +95,7 @@ def naive_maker(budget_bytes: int | None, dtype: torch.dtype) -> Maker:
     return make
 
 
-def peers(cuda: bool, use_flex: bool, dtype: torch.dtype) -> dict[str, Maker]:
+def peers(cuda: bool, use_flex: bool, dtype: torch.dtype, dropout: bool = False) -> dict[str, Maker]:
     makers: dict[str, Maker] = {"triton": lambda B, H, T, device: triton_causal}
     if cuda:
         from torch.nn.attention import SDPBackend
@@ -101,7 +103,9 @@ def peers(cuda: bool, use_flex: bool, dtype: torch.dtype) -> dict[str, Maker]:
         makers["sdpa-flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
         makers["sdpa-cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
         makers["sdpa-efficient"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION)
-        if use_flex:
+        if dropout:
+            print("flex: skipped (FlexAttention has no dropout)")
+        elif use_flex:
             try:
                 makers["flex"] = flex_maker()
             except ImportError as e:
@@ -123,13 +127,13 @@ def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float,
 
 def run(
     seq_lens: list[int], tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype,
-    device: str, use_flex: bool, plot_suffix: str,
+    device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0,
 ) -> None:
-    makers = peers(device == "cuda", use_flex, dtype)
+    makers = peers(device == "cuda", use_flex, dtype, dropout_p > 0)
     # The interpreter runs at MFLOP/s, not TFLOP/s.
     unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
-    dt = str(dtype).removeprefix("torch.")
+    dt = str(dtype).removeprefix("torch.") + (f", dropout {dropout_p}" if dropout_p else "")
     for D in head_dims:
         H = hidden // D
         fwd: dict[str, list] = {name: [] for name in makers}
@@ -150,8 +154,9 @@ def run(
                 if fn is None:  # e.g. the naive reference where it would not fit
                     return None
                 check_close(outputs_and_grads(fn(q, k, v), (q, k, v), [do]), expected, f"{name} at T={T}, D={D}", **tol)
-                forward = flops_per_s(B, H, T, D, bench(lambda: fn(q, k, v)), 1.0, unit)
-                ms = bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v])
+                timed = (lambda: fn(q, k, v, dropout_p)) if dropout_p else (lambda: fn(q, k, v))
+                forward = flops_per_s(B, H, T, D, bench(timed), 1.0, unit)
+                ms = bench(lambda: timed().backward(do), grad_to_none=[q, k, v])
                 return forward, flops_per_s(B, H, T, D, ms, 3.5, unit)
 
             for name, make in makers.items():
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
     parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
     parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised launches")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for every provider (default 0)")
     args = parser.parse_args()
     if args.sweep:
         if args.smoke:
@@ -281,7 +287,7 @@ def main() -> None:
     if args.smoke:
         run(
             seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,
-            device="cpu", use_flex=False, plot_suffix="_smoke",
+            device="cpu", use_flex=False, plot_suffix="_smoke", dropout_p=args.dropout,
         )
         return
     if not torch.cuda.is_available():
@@ -289,7 +295,7 @@ def main() -> None:
     run(
         seq_lens=[1024, 2048, 4096, 8192, 16384], tokens=args.tokens, hidden=args.hidden,
         head_dims=args.head_dims, dtype=DTYPES[args.dtype], device="cuda",
-        use_flex=not args.no_flex, plot_suffix="",
+        use_flex=not args.no_flex, plot_suffix="_dropout" if args.dropout else "", dropout_p=args.dropout,
     )
 
 

@@ -228,7 +228,7 @@ def load_dataset(
             log(f"rebuilding the damaged cache {folder}")
             shutil.rmtree(folder, ignore_errors=True)
         log(f"tokenizing {corpus.description} with the {tokenizer} tokenizer (cached in {folder})")
-        vocabulary = "".join(set().union(*map(set, corpus.blocks()))) if tokenizer == "char" else None
+        vocabulary = _characters(corpus) if tokenizer == "char" else None
         _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
         meta = _read_meta(folder)
         if meta is None:
@@ -240,6 +240,14 @@ def load_dataset(
         tokenizer=tokenizer_from_state(meta["tokenizer"]),
         description=corpus.description,
     )
+
+
+def _characters(corpus: Corpus) -> str:
+    """Every character of the corpus once: the char tokenizer's vocabulary."""
+    chars: set[str] = set()
+    for block in corpus.blocks():
+        chars.update(block)
+    return "".join(chars)
 
 
 def _read_meta(folder: Path) -> dict | None:
