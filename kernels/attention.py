@@ -67,8 +67,10 @@ def _dropout_keep(seed, dropout_p, bh, queries, keys, Tk):
     forward and both backward kernels recompute alike (FlashAttention's scheme: no mask in
     memory). The 32-bit counter keeps Philox's state small (it wraps past 2^32 scores
     per head, T = 65536)."""
-    key = seed.to(tl.int64) + (bh.to(tl.int64) << 31)
-    return tl.rand(key, (queries * Tk + keys).to(tl.uint32)) >= dropout_p
+    # No .to() on seed and Tk: Triton turns an int argument equal to 1 into a constant.
+    key = bh.to(tl.int64) * 2147483648 + seed
+    counter = queries.to(tl.uint32) * Tk + keys.to(tl.uint32)  # unsigned: wraps, never overflows
+    return tl.rand(key, counter) >= dropout_p
 
 
 @triton.jit
