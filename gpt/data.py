@@ -111,18 +111,19 @@ class Corpus:
         return "".join(self.blocks())
 
 
-def scan_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> Corpus:
+def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None) -> Corpus:
     """Finds and checks a corpus: a file, a folder, or None for the default corpus.
 
     A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
     --data . they would otherwise feed the run's own lock, metrics and checkpoints back in.
+    `log`, if given, hears how far a long read has got.
     """
     if data == "default" and Path(data).exists():
         raise CorpusError("--data default names the built-in corpus, but ./default also exists; "
                           "pass ./default for that path, or leave --data out for the built-in corpus")
     if data is None or data == "default":
         files = default_corpus_files()
-        corpus = _scan([_Source(f) for f in files], "the standard library", skip_non_text=True, skip_unreadable=True)
+        corpus = _scan([_Source(f) for f in files], "the standard library", log, skip_non_text=True, skip_unreadable=True)
         if not corpus.sources:
             raise CorpusError("found no readable standard-library .py files; pass --data PATH")
         corpus.description = f"the Python standard library's source ({len(corpus.sources)} files)"
@@ -132,7 +133,7 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> Corpus:
         raise CorpusError(f"data path {path} does not exist; pass a text file or a folder of text files")
     if not path.is_dir():  # a file, FIFO or /dev/fd/N (process substitution)
         held = None if path.is_file() else _read(path)
-        corpus = _scan([_Source(path, held)], str(path), skip_non_text=False)
+        corpus = _scan([_Source(path, held)], str(path), log, skip_non_text=False)
         corpus.description = str(path)
         return corpus
     skip = [Path(x).expanduser().resolve() for x in exclude]
@@ -142,7 +143,7 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = ()) -> Corpus:
         and not any(f.resolve().is_relative_to(s) for s in skip)
     )
     # A folder may hold images and the like; use its text files only.
-    corpus = _scan([_Source(f) for f in files], str(path), skip_non_text=True)
+    corpus = _scan([_Source(f) for f in files], str(path), log, skip_non_text=True)
     skipped = len(files) - len(corpus.sources)
     if not corpus.sources:
         raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
@@ -157,9 +158,10 @@ def _read(path: Path) -> bytes:
         raise CorpusError(f"cannot read {path} ({e.strerror}); check its permissions") from None
 
 
-def _scan(sources: list[_Source], name: str, skip_non_text: bool, skip_unreadable: bool = False) -> Corpus:
+def _scan(sources: list[_Source], name: str, log, skip_non_text: bool, skip_unreadable: bool = False) -> Corpus:
     """Reads every source once: checks it is text, and takes the digest and size of the whole."""
     digest, size, blank, kept = hashlib.sha256(), 0, True, []
+    progress = _Progress(log, "read", sum(_stat_size(s) for s in sources))
     for source in sources:
         before, file_size, file_blank = digest.copy(), 0, True  # a file found bad halfway leaves no trace
         if kept:
@@ -170,6 +172,7 @@ def _scan(sources: list[_Source], name: str, skip_non_text: bool, skip_unreadabl
                 digest.update(raw)
                 file_size += len(raw)
                 file_blank = file_blank and text.isspace()
+                progress.advance(len(raw))
         except CorpusError:
             if not skip_non_text:
                 raise
@@ -186,6 +189,28 @@ def _scan(sources: list[_Source], name: str, skip_non_text: bool, skip_unreadabl
     if kept and blank:
         raise CorpusError(f"corpus {name} is empty; pass a file with some text in it")
     return Corpus(kept, digest.hexdigest()[:20], size)
+
+
+def _stat_size(source: _Source) -> int:
+    try:
+        return len(source.held) if source.held is not None else source.path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Progress:
+    """A line every 15 s of a pass over the corpus: only a large one takes that long."""
+
+    def __init__(self, log, verb: str, total: int):
+        self.log, self.verb, self.total, self.done = log, verb, max(total, 1), 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, nbytes: int, note: str = "") -> None:
+        self.done += nbytes
+        if self.log and time.monotonic() - self.last > 15:
+            self.last = time.monotonic()
+            self.log(f"  {self.verb} {min(self.done / self.total, 1):.0%} of {self.total / 1e9:.2f} GB"
+                     f"{note} ({self.last - self.started:.0f}s)")
 
 
 @dataclass
@@ -220,7 +245,7 @@ def load_dataset(
     data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = ()
 ) -> Dataset:
     """Tokenizes a corpus once, caching by content hash and tokenizer name."""
-    corpus = scan_corpus(data, exclude)
+    corpus = scan_corpus(data, exclude, log)
     folder = Path(cache_dir) / f"{corpus.digest}-{tokenizer}"
     meta = _read_meta(folder)
     if meta is None:
@@ -297,17 +322,13 @@ def _write_cache(folder: Path, corpus: Corpus, tok: Tokenizer, log) -> None:
 
 def _write_tokens(path: Path, corpus: Corpus, tok: Tokenizer, dtype: np.dtype, log) -> int:
     """Encodes the corpus piece by piece into `path`; returns the token count."""
-    count, done, started = 0, 0, time.monotonic()
-    last_log = started
+    count, progress = 0, _Progress(log, "tokenized", corpus.size)
     with open(path, "wb") as out:
         for piece in _pieces(corpus.blocks(), tok.cut, READ_BYTES):
             ids = tok.encode_array(piece)
             ids.astype(dtype).tofile(out)
             count += len(ids)
-            done += len(piece.encode("utf-8"))
-            if time.monotonic() - last_log > 15:  # only a large corpus takes this long: say how far it is
-                last_log = time.monotonic()
-                log(f"  tokenized {done / corpus.size:.0%} ({count:,} tokens, {last_log - started:.0f}s)")
+            progress.advance(len(piece.encode("utf-8")), f", {count:,} tokens")
     return count
 
 

@@ -231,3 +231,15 @@ def test_an_unreadable_file_in_a_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_blocks", denied)
     with pytest.raises(CorpusError, match=r"cannot read .*b.txt \(Permission denied\); check its permissions"):
         scan_corpus(str(tmp_path))
+
+
+def test_long_passes_over_a_corpus_say_how_far_they_are(tmp_path, monkeypatch):
+    """Reading (every start hashes the corpus) and tokenizing report progress when slow."""
+    clock = iter(range(0, 10_000, 10))  # every look at the clock is 10 s later
+    monkeypatch.setattr(data.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(data, "READ_BYTES", 1000)
+    (tmp_path / "c.txt").write_text("abcdefghij\n" * 1000)
+    logs = []
+    load_dataset(str(tmp_path / "c.txt"), "byte", str(tmp_path / "cache"), log=logs.append)
+    assert any(line.startswith("  read ") and "of 0.00 GB" in line for line in logs), logs
+    assert any(line.startswith("  tokenized ") and " tokens" in line for line in logs), logs
