@@ -521,6 +521,10 @@ def test_dropout_mask_statistics_and_seeding(device):
     B, H, T, p = 2, 2, 64, 0.25
     keep = _kept(B, H, T, T, False, p, 7, device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.02  # 16384 draws: 0.02 is 6 sigma
+    # Independent along queries and along keys: neighbours agree as often as chance says.
+    agree = p * p + (1 - p) ** 2
+    assert abs((keep[..., 1:, :] == keep[..., :-1, :]).float().mean().item() - agree) < 0.03
+    assert abs((keep[..., 1:] == keep[..., :-1]).float().mean().item() - agree) < 0.03
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert torch.equal(keep, _kept(B, H, T, T, False, p, 7, device))
     assert not torch.equal(keep, _kept(B, H, T, T, False, p, 8, device))

@@ -8,6 +8,7 @@ import torch
 
 from gpt import data
 from gpt.data import CorpusError, default_corpus_files, load_dataset, scan_corpus
+from gpt.tokenizer import GPT2Tokenizer
 
 
 def test_default_corpus_is_the_stdlib_source():
@@ -243,3 +244,35 @@ def test_long_passes_over_a_corpus_say_how_far_they_are(tmp_path, monkeypatch):
     load_dataset(str(tmp_path / "c.txt"), "byte", str(tmp_path / "cache"), log=logs.append)
     assert any(line.startswith("  read ") and "of 0.00 GB" in line for line in logs), logs
     assert any(line.startswith("  tokenized ") and " tokens" in line for line in logs), logs
+
+
+def test_a_validation_split_shorter_than_a_window_is_refused(tmp_path):
+    (tmp_path / "c.txt").write_text("".join(chr(97 + i % 26) for i in range(600)))
+    d = load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    assert len(d.train) >= 65 > len(d.val)
+    with pytest.raises(CorpusError, match="corpus too short: 540 train / 60 val tokens"):
+        d.check_block_size(64)
+
+
+def test_gpt2_pieces_end_at_its_cuts_and_stay_bounded():
+    """Tokenizing a gpt2 corpus holds one piece at a time: pieces are cut, each (but the
+    last) at least the piece size and ending where GPT-2's pre-tokenizer splits."""
+    text = "ab\ncd\n" * 100
+    pieces = list(data._pieces((text[i:i + 61] for i in range(0, len(text), 61)), GPT2Tokenizer.cut, 61))
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert all(len(p) >= 61 and p.endswith("\n") for p in pieces[:-1])
+
+
+def test_the_default_corpus_leaves_out_files_it_cannot_read(monkeypatch):
+    blocks, denied = data._blocks, []
+
+    def some_denied(source):
+        if len(denied) < 3:
+            denied.append(source.path)
+            raise PermissionError(13, "Permission denied")
+        return blocks(source)
+
+    monkeypatch.setattr(data, "_blocks", some_denied)
+    corpus = scan_corpus(None)
+    assert len(corpus.sources) == len(default_corpus_files()) - 3
+    assert not set(denied) & {s.path for s in corpus.sources}

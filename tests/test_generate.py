@@ -24,6 +24,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {1, 3}
 
 
+def test_top_p_applies_on_top_of_top_k():
+    """sample.py's defaults filter by both (top-k 200): neither may be dropped."""
+    logits = torch.tensor([[0.6, 0.3, 0.05, 0.05]]).log()
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=3, top_p=0.5, generator=gen).item() for _ in range(200)}
+    assert draws == {0}
+    assert {sample_next(logits, 1.0, top_k=1, top_p=1.0, generator=gen).item() for _ in range(50)} == {0}
+
+
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     assert sample_next(logits, temperature=0).flatten().tolist() == [1, 0]

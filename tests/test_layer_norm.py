@@ -106,9 +106,11 @@ def test_eps_and_empty_input(device):
     for eps in (1e-5, 1e-2):
         torch.testing.assert_close(layer_norm(x, w, b, eps), reference.layer_norm(x, w, b, eps))
     empty = torch.randn(0, 16, device=device, requires_grad=True)
+    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
     y = layer_norm(empty, w, b)
     y.sum().backward()
     assert y.shape == (0, 16) and empty.grad.shape == (0, 16)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))  # no rows, no gradient
 
 
 def test_broadcast_upstream_gradient_and_strided_weight(device):

@@ -123,3 +123,15 @@ def test_torch_compile_runs_around_the_kernels(device):
     torch.testing.assert_close(tri_loss, ref_loss, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_dropout_reaches_the_triton_attention(device, monkeypatch):
+    """config.dropout drops attention probabilities on the Triton path too (training only)."""
+    seen, attention = [], kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: seen.append(kw.get("dropout_p")) or attention(*a, **kw))
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.25, kernels="triton"))
+    model = model.to(device)
+    idx = torch.randint(0, 50, (2, 16), device=device)
+    model.train()(idx, idx)[1].backward()
+    model.eval()(idx, idx)
+    assert seen == [0.25, 0.0]

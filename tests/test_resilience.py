@@ -173,10 +173,15 @@ class NaNAfter(GPT):
 
 def test_a_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(train, "GPT", NaNAfter)
+    retries, batches = [], train.train_batches
+    monkeypatch.setattr(train, "train_batches", lambda *a, retry=0: retries.append(retry) or batches(*a, retry=retry))
     NaNAfter.calls, NaNAfter.bad_calls = 0, {3}
     result = run_train(tmp_path, corpus, "out", "--max-steps", "5", "--eval-interval", "5")
     assert result["step"] == 5 and result["skipped"] == 1
+    assert retries == [0, 0, 0, 1, 0, 0]  # the retried step 3 draws a fresh batch
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    # The count of skipped steps survives a resume.
+    assert run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "5", "--resume")["skipped"] == 1
 
 
 def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, corpus, monkeypatch):
@@ -307,6 +312,7 @@ class OutOfMemoryAt(GPT):
 @pytest.mark.parametrize("error, where", [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "host"),
+    (MemoryError(), "host"),
 ])
 def test_running_out_of_memory_is_a_one_line_error_naming_the_fix(tmp_path, corpus, monkeypatch, capsys, error, where):
     monkeypatch.setattr(train, "GPT", OutOfMemoryAt)

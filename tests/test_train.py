@@ -68,6 +68,40 @@ def test_sampling_is_reproducible(tmp_path, corpus, capsys):
         assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3", "--device", "cpu"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out != outputs[0]  # the seed is what repeats them
+
+
+def test_streamed_text_ends_before_a_stop_string_and_at_end_of_text(capsys):
+    from gpt.tokenizer import ByteTokenizer
+
+    for stops, eot, text, shown in [(["STOP"], None, b"hello STOP world", "hello \n"),
+                                    ([], ord("|"), b"one|two", "one\n"),
+                                    (["ST"], None, "caf\u00e9 S and ST".encode(), "caf\u00e9 S and \n")]:
+        stream = sample.Streamer(ByteTokenizer(), stops, eot)
+        for b in text:
+            stream(torch.tensor([[b]]))
+        stream.finish()
+        assert capsys.readouterr().out == shown
+
+
+def test_a_long_prompt_keeps_its_end(capsys):
+    from gpt.tokenizer import CharTokenizer
+
+    assert sample.encode_prompt("abcdefghij", CharTokenizer("abcdefghij"), 4) == [6, 7, 8, 9]
+    assert "keeping the last 4" in capsys.readouterr().err
+
+
+def test_batched_samples_start_with_their_prompt_and_end_before_the_stop(tmp_path, corpus, capsys):
+    run_train(tmp_path, corpus, "out", "--max-steps", "30", "--eval-interval", "30", "--lr", "3e-3", "--warmup", "5")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--prompt", "ret", "--num-samples", "2",
+                        "--max-new-tokens", "40", "--stop", "(", "--seed", "1", "--device", "cpu"]) == 0
+    blocks = capsys.readouterr().out.split("--- sample ")[1:]
+    assert len(blocks) == 4
+    for n, block in enumerate(blocks):
+        text = block.split("---\n", 1)[1]
+        assert text.startswith("def " if n < 2 else "ret") and "(" not in text, block
 
 
 def run_cli(*args, stdin=None):
@@ -207,6 +241,39 @@ def test_learning_rate_schedule():
     assert lr(14) == pytest.approx(0.2) and lr(100) == pytest.approx(0.2)  # floor is --min-lr
     default = train.parse_args(["--lr", "1.0", "--warmup", "0", "--max-steps", "10"])
     assert train.learning_rate(10, 0.0, default) == pytest.approx(0.1)
+    # With --max-time the cosine follows the clock when it runs out first.
+    timed = train.parse_args(["--lr", "1.0", "--min-lr", "0.2", "--warmup", "0", "--max-steps", "1000", "--max-time", "60"])
+    assert train.learning_rate(1, 30.0, timed) == pytest.approx(0.6) and train.learning_rate(1, 60.0, timed) == pytest.approx(0.2)
+
+
+def test_best_pt_holds_the_step_with_the_lowest_val_loss(tmp_path, corpus, monkeypatch):
+    vals = iter([1.0, 2.0, 1.5])
+    monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})
+    run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "2")
+    assert checkpoint.load(tmp_path / "out" / "best.pt")["step"] == 2
+    assert checkpoint.load(tmp_path / "out")["step"] == 6
+
+
+def test_save_interval_saves_between_evals(tmp_path, corpus, monkeypatch):
+    saved, save = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda state, path: saved.append((state["step"], os.path.basename(path))) or save(state, path))
+    run_train(tmp_path, corpus, "out", "--max-steps", "5", "--eval-interval", "100", "--save-interval", "2")
+    assert [s for s in saved if s[1] == "ckpt.pt"] == [(2, "ckpt.pt"), (4, "ckpt.pt"), (5, "ckpt.pt")]
+
+
+def test_max_time_ends_the_run(tmp_path, corpus):
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "50", "--max-time", "1e-9")
+    assert result["step"] == 1 and checkpoint.load(tmp_path / "out")["step"] == 1
+
+
+def test_a_resumed_run_does_not_repeat_logged_steps(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "3")
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    state["step"] = 3  # as if the run had died after its step-3 checkpoint, its log reaching step 6
+    torch.save(state, tmp_path / "out" / "ckpt.pt")
+    run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "3", "--resume")
+    rows = [r.split(",") for r in (tmp_path / "out" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows if r[2] == ""] == list(range(1, 7)), rows  # train rows: steps 1-6 once each
 
 
 def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkeypatch):
