@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import platform
@@ -140,6 +141,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp shards the model across torchrun's processes; launch with "
                          "torchrun --nproc-per-node N train.py ... or drop --fsdp")
+    if args.decay_steps is not None and args.decay_steps <= args.warmup:
+        raise UsageError(f"--decay-steps {args.decay_steps} must be past --warmup {args.warmup:g}: the cosine "
+                         f"decays from the end of warm-up to step --decay-steps")
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts one from other weights; pass one of them")
     if args.resume and args.overwrite:
@@ -180,6 +184,8 @@ def resumed_config(args: argparse.Namespace, saved: dict, path: str) -> GPTConfi
 
 def pretrained(args: argparse.Namespace) -> tuple[GPT, dict]:
     """The --init-from model (block_size cropped if asked) and its tokenizer state."""
+    if args.preset:
+        raise UsageError(f"--init-from {args.init_from} fixes the architecture; drop --preset {args.preset}")
     model, tokenizer = load_any(args.init_from, kernels=args.kernels)
     config = model.config
     for key in ("n_layer", "n_head", "n_embd", "pos_embedding"):
@@ -308,6 +314,7 @@ def train(args: argparse.Namespace) -> dict:
     world, device = distributed.init(device)
     log = print if world.main else (lambda *a, **k: None)
     lock = checkpoint.OutDirLock(args.out_dir)
+    finished = False
     try:
         if world.main:
             note = lock.acquire()
@@ -316,10 +323,14 @@ def train(args: argparse.Namespace) -> dict:
             for name in (checkpoint.CKPT_NAME, "best.pt"):
                 if checkpoint.remove_partial_saves(os.path.join(args.out_dir, name)):
                     log(f"removed the partial file(s) of a {name} save that was killed mid-write")
-        return _train(args, world, device, log)
+        result = _train(args, world, device, log)
+        finished = True
+        return result
     finally:
         lock.release()
-        distributed.shutdown(world)
+        # After a failure, no goodbye barrier: the other ranks may be in another collective,
+        # which tearing down the group ends (they then exit with one line, see main).
+        distributed.shutdown(world, clean=finished)
 
 
 def _train(args: argparse.Namespace, world: distributed.World, device: str, log) -> dict:
@@ -333,12 +344,15 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         raise UsageError(f"{args.out_dir} already holds a checkpoint ({ckpt_path}); pass --resume to continue it, "
                          f"--overwrite to start afresh and replace it, or another --out-dir")
     resumed = checkpoint.load(ckpt_path) if args.resume else None
+    if resumed and not {"optimizer", "rng"} <= resumed.keys():
+        raise UsageError(f"{ckpt_path} holds weights only (no optimizer state), as best.pt does; start from it "
+                         f"with --init-from {ckpt_path} and a new --out-dir, or --resume a ckpt.pt")
     if resumed:
         saved = resumed.get("args", {}).get("data")
         if args.data is None and saved is not None:
             args.data = saved  # the corpus the run was on, not the default one
             log(f"resuming on --data {saved}, the corpus {ckpt_path} was trained on")
-        elif args.data != saved:
+        elif _data_path(args.data) != _data_path(saved):
             log(f"note: resuming on --data {args.data or 'default'}; {ckpt_path} was trained on {saved or 'the default corpus'}")
     config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
     init_model, init_tokenizer = pretrained(args) if args.init_from else (None, None)
@@ -375,9 +389,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         _load_optimizer(optimizer, model, resumed["optimizer"], param_names, args.fsdp, ckpt_path)
         if world.main:
             checkpoint.set_rng_state(resumed["rng"])
-    if world.rank:  # different dropout masks per rank
-        torch.manual_seed(args.seed + 7919 * world.rank + step)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
+    if resumed and resumed.get("scaler") and dtype == "fp16":
+        scaler.load_state_dict(resumed["scaler"])  # the loss scale it had found, not 65536 again
     autocast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
     fwd = torch.compile(wrapped) if args.compile else wrapped
 
@@ -385,6 +399,10 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if world.main:
         os.makedirs(args.out_dir, exist_ok=True)
         metrics.truncate_after(step)
+        if not resumed:  # --overwrite: nothing of the old run may pass for this one's (sample.py reads best.pt)
+            for name in ("best.pt", "loss.png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out_dir, name))
     tokens_per_step = args.batch_size * args.grad_accum * world.size * config.block_size
     peak = peak_flops(device, dtype)
     log(f"python {platform.python_version()} | torch {torch.__version__} | device {device}"
@@ -412,10 +430,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             "best_val_loss": best_val,
             "elapsed": elapsed,
             "skipped": skipped_total,
-            "args": {k: v for k, v in vars(args).items() if k != "argv"},
+            # --data absolute, so that --resume from another folder finds the same corpus.
+            "args": {k: v for k, v in vars(args).items() if k != "argv"} | {"data": _data_path(args.data)},
         }
         if with_optimizer:
-            state |= {"optimizer": opt_state, "rng": checkpoint.rng_state()}
+            state |= {"optimizer": opt_state, "rng": checkpoint.rng_state(), "scaler": scaler.state_dict()}
         checkpoint.save(state, path)
 
     model.train()
@@ -432,6 +451,10 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = train_batches(data, step, args, world, config.block_size, retry=in_a_row)
+            if world.distributed:
+                # Each rank's dropout masks from (seed, rank, step): different per rank, and the
+                # same after a resume, which restores rank 0's random state only.
+                torch.manual_seed(_rank_seed(args.seed, world.rank, step, in_a_row))
             step_loss = torch.zeros((), device=device)
             for i, (x, y) in enumerate(batches):
                 last = i == len(batches) - 1
@@ -464,6 +487,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.time() - t_start
+            if args.max_time:  # it decides the lr and when to stop: rank 0's clock for every rank
+                elapsed = distributed.from_main(elapsed, world, device)
             loss_sum += step_loss
             loss_count += 1
             log_steps += 1
@@ -503,13 +528,43 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 save(ckpt_path)
         if stop.requested:
             save(ckpt_path)
-            resume = shlex.join([_python(), "train.py", *[a for a in args.argv if a not in ("--resume", "--overwrite")], "--resume"])
-            log(f"stopped at step {step} ({stop.requested}); checkpoint saved to {ckpt_path}. Resume with: {resume}")
+            log(f"stopped at step {step} ({stop.requested}); checkpoint saved to {ckpt_path}. "
+                f"Resume with: {_resume_command(args.argv, world.size)}")
         elif os.path.exists(ckpt_path):
             best = f", best val loss {best_val:.4f}" if best_val < math.inf else ""
             log(f"done: step {step} in {fmt_time(elapsed)}{best}. Sample with: "
-                f"{shlex.join([_python(), 'sample.py', '--checkpoint', args.out_dir])}")
+                f"{shlex.join([_python(), _script('sample.py'), '--checkpoint', args.out_dir])}")
     return {"step": step, "best_val_loss": best_val, "skipped": skipped_total, "stopped": stop.requested, "model": model, **losses}
+
+
+def _rank_seed(seed: int, rank: int, step: int, retry: int) -> int:
+    digest = hashlib.blake2b(f"{seed} {rank} {step} {retry}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.manual_seed takes [0, 2^63)
+
+
+def _resume_command(argv: list[str], world_size: int) -> str:
+    """This run's command line, continuing from its checkpoint: --resume in place of the
+    flags that start a run (--overwrite, --init-from), under torchrun if it ran there."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg in ("--resume", "--overwrite") or arg.startswith("--init-from="):
+            skip = False
+            continue
+        if arg == "--init-from":
+            skip = True  # and its value
+            continue
+        kept.append(arg)
+    launcher = ["torchrun", "--standalone", f"--nproc-per-node={world_size}"] if world_size > 1 else [_python()]
+    return shlex.join([*launcher, _script("train.py"), *kept, "--resume"])
+
+
+def _script(name: str) -> str:
+    """A script beside this one, as a path from the current folder."""
+    return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
+
+
+def _data_path(data: str | None) -> str | None:
+    return data if data in (None, "default") else os.path.abspath(os.path.expanduser(data))
 
 
 def _python() -> str:
@@ -558,6 +613,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)
+        rank = os.environ.get("RANK", "0")
+        if where is None and rank != "0":
+            # Most often a collective cut short because another rank failed and left the group.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error on rank {rank}: {first[:300]}; if rank 0 failed first, its message names the cause",
+                  file=sys.stderr)
+            return 1
         if where is None:
             raise
         ckpt = os.path.join(args.out_dir, checkpoint.CKPT_NAME)

@@ -37,7 +37,8 @@ def resolve(path: str | os.PathLike) -> Path:
                                   + ("" if held[0].endswith(".pt") else ", with its config.json beside it"))
         p = p / CKPT_NAME
     if not p.is_file():
-        raise CheckpointError(f"no checkpoint at {p}; train one with train.py --out-dir or pass its path")
+        raise CheckpointError(f"no checkpoint at {p}; pass the out dir or .pt file of a training run "
+                              f"(train.py --out-dir DIR writes DIR/{CKPT_NAME})")
     return p
 
 
@@ -54,8 +55,11 @@ def save(state: dict, path: str | os.PathLike) -> None:
     A crash or a full disk mid-write leaves the previous checkpoint intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write in {path.parent} ({e.strerror}); pass a writable --out-dir") from None
     try:
         os.chmod(tmp, umask_mode(0o666))  # readable as a plain torch.save file would be
         with os.fdopen(fd, "wb") as f:
@@ -63,6 +67,11 @@ def save(state: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise CheckpointError(f"could not write {path} ({reason}); any earlier checkpoint is intact: free some "
+                              f"space or use another --out-dir, then --resume") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -172,7 +181,10 @@ class OutDirLock:
         import socket
 
         self.made_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create --out-dir {self.path.parent} ({e.strerror}); pass a writable folder") from None
         me = f"{socket.gethostname()} {os.getpid()}"
         note = None
         for _ in range(2):

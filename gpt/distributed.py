@@ -61,12 +61,22 @@ def any_rank(flag: bool, world: World, device: str) -> bool:
     return bool(t.item())
 
 
+def from_main(value: float, world: World, device: str) -> float:
+    """Rank 0's value on every rank (e.g. its clock, so all ranks decide alike)."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.item()
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, clean: bool = True) -> None:
     if world.distributed and dist.is_initialized():
-        dist.barrier()  # no rank tears down while another still talks to it
+        if clean:
+            dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()

@@ -102,11 +102,18 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    message = r"could not write .*ckpt.pt \(No space left on device\); any earlier checkpoint is intact: free some space"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.save({**good, "model": {"w": torch.zeros(3)}}, path)
+    # torch.save's own report of a full disk: a RuntimeError from its zip writer.
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("unexpected pos 64")))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(unexpected pos 64\)"):
+        checkpoint.save(good, path)
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write in .*; pass a writable --out-dir"):
+        checkpoint.save(good, path / "inside-a-file.pt")
 
 
 class RunsCode:
@@ -259,6 +266,35 @@ def test_torchrun_ddp_matches_one_process(tmp_path, corpus):
     assert abs(ddp["best_val_loss"] - single["best_val_loss"]) < 1e-4
 
 
+def torchrun(tmp_path, *args, script="tests/ddp_worker.py"):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+           *([str(tmp_path)] if script.endswith("ddp_worker.py") else []), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_resume_with_dropout_is_bit_identical(tmp_path, corpus):
+    """Every rank's dropout masks come back on resume (only rank 0's random state is saved),
+    and --max-time runs on rank 0's clock."""
+    common = ["--warmup", "1", "--eval-interval", "2", "--dropout", "0.2", "--max-time", "1000"]
+    for out, steps in (("full", "4"), ("split", "2")):
+        proc = torchrun(tmp_path, *flags(tmp_path, corpus, out, *common, "--max-steps", steps))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "split", *common, "--max-steps", "4", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, split = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("full", "split"))
+    assert split["step"] == 4
+    for name in full["model"]:
+        assert torch.equal(full["model"][name], split["model"][name]), name
+
+
+def test_torchrun_failure_on_rank_0_is_one_line_on_every_rank(tmp_path, corpus):
+    """Rank 0 fails alone (here on a missing corpus, which it reads first): each rank exits
+    with one line, no traceback from our code (torchrun's own report of failed workers stays)."""
+    proc = torchrun(tmp_path, *flags(tmp_path, str(tmp_path / "missing.txt"), "out", "--max-steps", "2"), script="train.py")
+    assert proc.returncode != 0 and 'train.py", line' not in proc.stderr, proc.stderr[-3000:]
+    assert "error: data path" in proc.stderr and "error on rank 1: " in proc.stderr
+
+
 def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpus):
     common = ["--max-steps", "4", "--eval-interval", "4", "--warmup", "1"]
     single = run_train(tmp_path, corpus, "single", *common, "--grad-accum", "2")
@@ -327,3 +363,63 @@ def test_running_out_of_memory_is_a_one_line_error_naming_the_fix(tmp_path, corp
     OutOfMemoryAt.error, OutOfMemoryAt.calls, OutOfMemoryAt.at = RuntimeError("some other fault"), 0, 1  # not hidden
     with pytest.raises(RuntimeError, match="some other fault"):
         train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--resume"))
+
+
+def test_fp16_resume_keeps_the_loss_scale(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2", "--dtype", "fp16")
+    path = tmp_path / "out" / "ckpt.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["scaler"]["scale"] > 0
+    state["scaler"]["scale"] = 128.0  # as if overflows had brought it down from 65536
+    torch.save(state, path)
+    run_train(tmp_path, corpus, "out", "--max-steps", "3", "--eval-interval", "3", "--dtype", "fp16", "--resume")
+    assert torch.load(path, weights_only=True)["scaler"]["scale"] <= 128.0
+
+
+def test_resuming_weights_only_is_refused_naming_init_from(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    (tmp_path / "out" / "ckpt.pt").write_bytes((tmp_path / "out" / "best.pt").read_bytes())
+    with pytest.raises(train.UsageError, match="holds weights only .* --init-from"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "4", "--resume")
+
+
+def test_overwrite_removes_the_old_runs_best_checkpoint_at_once(tmp_path, corpus, monkeypatch):
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    monkeypatch.setattr(train, "GPT", NaNAfter)
+    NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(1, 100))  # the new run ends before its first eval
+    with pytest.raises(train.TrainingError):
+        run_train(tmp_path, corpus, "out", "--max-steps", "4", "--overwrite", "--max-skips", "2")
+    assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "out" / "loss.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--warmup", "10", "--decay-steps", "5"], "--decay-steps 5 must be past --warmup 10"),
+    (["--init-from", "INIT", "--preset", "gpt2"], "fixes the architecture; drop --preset gpt2"),
+])
+def test_contradictory_schedule_and_init_flags(tmp_path, corpus, extra, message):
+    run_train(tmp_path, corpus, "init", "--max-steps", "1", "--eval-interval", "1")
+    extra = [str(tmp_path / "init") if a == "INIT" else a for a in extra]
+    with pytest.raises(train.UsageError, match=message):
+        run_train(tmp_path, corpus, "out", "--max-steps", "2", *extra)
+
+
+def test_an_out_dir_that_cannot_be_made_is_a_clear_error(tmp_path, corpus):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot create --out-dir .*file/out \(Not a directory\)"):
+        run_train(tmp_path, corpus, "file/out", "--max-steps", "1")
+
+
+def test_the_corpus_path_is_saved_absolute_so_resume_works_from_anywhere(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, os.path.basename(corpus), "out", "--max-steps", "2", "--eval-interval", "2")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["args"]["data"] == corpus
+    monkeypatch.chdir(ROOT)
+    args = train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY,
+                             "--max-steps", "3", "--resume"])  # no --data: the saved corpus
+    assert train.train(args)["step"] == 3
+
+
+def test_the_resume_command_drops_the_flags_that_start_a_run():
+    argv = ["--init-from", "gpt2", "--out-dir", "o", "--overwrite", "--init-from=x", "--lr", "1e-3"]
+    assert train._resume_command(argv, 1).endswith("train.py --out-dir o --lr 1e-3 --resume")
+    assert train._resume_command(["--fsdp"], 4).startswith("torchrun --standalone --nproc-per-node=4 ")
