@@ -395,7 +395,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     autocast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
     fwd = torch.compile(wrapped) if args.compile else wrapped
 
-    metrics = Metrics(args.out_dir)
+    metrics = Metrics(args.out_dir, warn=log)
     if world.main:
         os.makedirs(args.out_dir, exist_ok=True)
         metrics.truncate_after(step)

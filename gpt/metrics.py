@@ -8,16 +8,28 @@ FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "
 
 
 class Metrics:
-    def __init__(self, out_dir: str):
+    """The log and plot are for reading along: a failed write (a full disk) warns once and
+    training goes on, as the checkpoints, written separately, are what must not be lost."""
+
+    def __init__(self, out_dir: str, warn=print):
         self.path = os.path.join(out_dir, "metrics.csv")
+        self.warn, self.warned = warn, False
+
+    def _failed(self, what: str, e: OSError) -> None:
+        if not self.warned:
+            self.warned = True
+            self.warn(f"warning: could not write {what} ({e.strerror}); training goes on, checkpoints are saved apart")
 
     def append(self, **row) -> None:
         new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow({k: row.get(k, "") for k in FIELDS})
+        try:
+            with open(self.path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                if new:
+                    w.writeheader()
+                w.writerow({k: row.get(k, "") for k in FIELDS})
+        except OSError as e:
+            self._failed(self.path, e)
 
     def truncate_after(self, step: int) -> None:
         """Drops rows past `step`, so a resumed run's log does not repeat steps."""
@@ -31,6 +43,12 @@ class Metrics:
             w.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
 
     def plot(self) -> None:
+        try:
+            self._plot()
+        except OSError as e:
+            self._failed(os.path.join(os.path.dirname(self.path), "loss.png"), e)
+
+    def _plot(self) -> None:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -423,3 +423,17 @@ def test_the_resume_command_drops_the_flags_that_start_a_run():
     argv = ["--init-from", "gpt2", "--out-dir", "o", "--overwrite", "--init-from=x", "--lr", "1e-3"]
     assert train._resume_command(argv, 1).endswith("train.py --out-dir o --lr 1e-3 --resume")
     assert train._resume_command(["--fsdp"], 4).startswith("torchrun --standalone --nproc-per-node=4 ")
+
+
+def test_a_full_disk_for_the_log_and_plot_warns_once_and_training_goes_on(tmp_path, corpus, monkeypatch, capsys):
+    from gpt import metrics
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics, "open", full, raising=False)
+    monkeypatch.setattr(metrics.Metrics, "_plot", full)
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")
+    assert result["step"] == 4 and checkpoint.load(tmp_path / "out")["step"] == 4
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: could not write")]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
