@@ -340,8 +340,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
     ckpt_path = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
     best_path = os.path.join(args.out_dir, "best.pt")
-    if not args.resume and not args.overwrite and os.path.exists(ckpt_path):
-        raise UsageError(f"{args.out_dir} already holds a checkpoint ({ckpt_path}); pass --resume to continue it, "
+    held = [p for p in (ckpt_path, best_path) if os.path.exists(p)]
+    if not args.resume and not args.overwrite and held:
+        raise UsageError(f"{args.out_dir} already holds a checkpoint ({held[0]}); pass --resume to continue its run, "
                          f"--overwrite to start afresh and replace it, or another --out-dir")
     resumed = checkpoint.load(ckpt_path) if args.resume else None
     if resumed and not {"optimizer", "rng"} <= resumed.keys():
@@ -399,7 +400,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if world.main:
         os.makedirs(args.out_dir, exist_ok=True)
         metrics.truncate_after(step)
-        if not resumed:  # --overwrite: nothing of the old run may pass for this one's (sample.py reads best.pt)
+        if args.overwrite:  # nothing of the old run may pass for this one's (sample.py reads best.pt)
             for name in ("best.pt", "loss.png"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.out_dir, name))

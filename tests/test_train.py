@@ -315,6 +315,10 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path, corpus, capsys):
     assert train.main([*args, "--overwrite", "--eval-interval", "1"]) == 0  # asked for: replaced
     assert checkpoint.load(tmp_path / "out")["step"] == 1
     assert "done: step 1" in capsys.readouterr().out
+    # best.pt alone (ckpt.pt deleted to save space) is a checkpoint too.
+    (tmp_path / "out" / "ckpt.pt").unlink()
+    assert train.main(args) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err and (tmp_path / "out" / "best.pt").exists()
 
 
 def test_resume_stays_on_the_runs_corpus(tmp_path, corpus, capsys):
