@@ -22,8 +22,8 @@ QK^T and dO V^T are recomputed in both 2 and 3 (7 matmuls where 5 would do with 
 updates), the price of determinism, as in the Triton fused-attention tutorial.
 
 Dropout (training): each kernel redraws the keep mask from Philox at the score's position
-(_dropout_keep), so it is never stored; O is P∘mask V / (1 - p), and delta = rowsum(dO O)
-stays the softmax's correction term as in FlashAttention-2.
+(_dropout_keep, one call for 8 scores), so it is never stored; O is P∘mask V / (1 - p), and
+delta = rowsum(dO O) stays the softmax's correction term as in FlashAttention-2.
 
 Hopper candidates, timed by bench_attention --sweep and not yet defaults: TMA descriptors
 for the tiles each kernel loops over (_Launch.tma), and a warp-specialised forward
@@ -61,16 +61,34 @@ def _batch_head(H, SPLIT_GRID: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, bh, queries, keys, Tk):
-    """Which probabilities dropout keeps, for broadcastable query and key indices: one
-    Philox draw per score, keyed by (seed, bh) at counter query * Tk + key, that the
-    forward and both backward kernels recompute alike (FlashAttention's scheme: no mask in
-    memory). The 32-bit counter keeps Philox's state small (it wraps past 2^32 scores
-    per head, T = 65536)."""
-    # No .to() on seed and Tk: Triton turns an int argument equal to 1 into a constant.
-    key = bh.to(tl.int64) * 2147483648 + seed
-    counter = queries.to(tl.uint32) * Tk + keys.to(tl.uint32)  # unsigned: wraps, never overflows
-    return tl.rand(key, counter) >= dropout_p
+def _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TRANSPOSED: tl.constexpr = False):
+    """Which probabilities of the (queries offs_m) x (keys start_n + [0, BLOCK_N)) tile
+    dropout keeps: (BLOCK_M, BLOCK_N), or its transpose. start_n is a multiple of 32.
+
+    FlashAttention's scheme: the forward and both backward kernels redraw the mask from
+    Philox at each score's position, so it is never stored. A 10-round Philox call costs
+    ~50 integer instructions for 128 bits, so each call serves 8 scores, 16 bits each (kept
+    where they reach dropout_p * 2^16; the launcher rounds p to a multiple of 2^-16). Key
+    start_n + 32 b + 8 i + 2 c + e takes half e of word i of the call at counter
+    (4 (key // 32) + c, query, bh, 0) under the seed. Those 8 keys are the ones a thread
+    holds of a row of an mma result (columns 2 c + e + 8 i), so in the forward and dQ each
+    thread draws its own calls and the mask needs no layout conversion: ~13 instructions a
+    score, against ~57 with a call per score (sm90 SASS). dK/dV's transposed tile has keys on
+    its rows, where up to 4 threads share a call and each computes it (~40 a score)."""
+    calls = (start_n // 32 + tl.arange(0, BLOCK_N // 32))[:, None] * 4 + tl.arange(0, 4)[None, :]
+    threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
+    if TRANSPOSED:  # (key // 32, i, c, e, query)
+        r0, r1, r2, r3 = tl.philox(seed, calls[:, None, :, None, None], offs_m[None, None, None, None, :], bh, 0)
+        i = tl.arange(0, 4)[None, :, None, None, None]
+        e = tl.arange(0, 2)[None, None, None, :, None]
+    else:  # (query, key // 32, i, c, e)
+        r0, r1, r2, r3 = tl.philox(seed, calls[None, :, None, :, None], offs_m[:, None, None, None, None], bh, 0)
+        i = tl.arange(0, 4)[None, None, :, None, None]
+        e = tl.arange(0, 2)[None, None, None, None, :]
+    word = tl.where(i < 2, tl.where(i < 1, r0, r1), tl.where(i < 3, r2, r3))
+    keep = ((word >> (e * 16)) & 0xFFFF) >= threshold
+    return tl.reshape(keep, (BLOCK_N, BLOCK_M) if TRANSPOSED else (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -78,6 +96,7 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
     stride_kt, stride_vt, b, h, bh,
     offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
@@ -136,7 +155,7 @@ def _attn_fwd_inner(
         else:
             v = tl.load(V + rows * stride_vt + offs_d[None, :])
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, dropout_p, bh, offs_m[:, None], offs_n[None, :], Tk), p, 0.0)
+            p = tl.where(_dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N), p, 0.0)
         # P goes into the second matmul in the input dtype, as in FlashAttention.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
@@ -203,12 +222,12 @@ def _attn_fwd_kernel(
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk, offset,
-        qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
+        qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk, offset,
-        qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
+        qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
 
@@ -335,8 +354,9 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA,
     stride_qt, stride_dot, b, h, bh,
-    offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_n, offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -370,7 +390,7 @@ def _attn_bwd_dkdv_inner(
         else:
             do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         if DROPOUT:
-            keepT = _dropout_keep(seed, dropout_p, bh, offs_m[None, :], offs_n[:, None], Tk)
+            keepT = _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N, TRANSPOSED=True)
             dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -440,16 +460,16 @@ def _attn_bwd_dkdv_kernel(
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
-            offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p,
-            BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            start_n, offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
         )
     else:
         offset = 0
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
-        offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p,
-        BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        start_n, offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
 
     if DROPOUT:
@@ -465,6 +485,7 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K, V,
     stride_kt, stride_vt, b, h, bh,
     offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
@@ -499,7 +520,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, bh, offs_m[:, None], offs_n[None, :], Tk)
+            keep = _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -562,12 +583,12 @@ def _attn_bwd_dq_kernel(
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk,
-        offset, qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
+        offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk,
-        offset, qk_scale, seed, dropout_p, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
+        offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = dq * scale
@@ -644,20 +665,25 @@ _INTERPRETER = _Settings(_Launch(32, 16, 4, 1), _Launch(16, 32, 4, 1), _Launch(3
 def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dropout: bool = False) -> _Settings:
     """Tiles and launch parameters for one call; capability (0, 0) means the interpreter."""
     if capability == (0, 0):
-        return _INTERPRETER
-    if dtype == torch.float32:
-        return _FP32
-    major = 9 if capability[0] == 9 else 8
-    settings = _CONFIGS[(major, head_dim)]
-    return _dropout_settings(settings) if dropout else settings
+        settings = _INTERPRETER
+    elif dtype == torch.float32:
+        settings = _FP32
+    else:
+        settings = _CONFIGS[(9 if capability[0] == 9 else 8, head_dim)]
+    return _dropout_settings(settings, head_dim, capability[0] == 9) if dropout else settings
 
 
-def _dropout_settings(s: _Settings) -> _Settings:
-    """Dropout's Philox draws hold registers per score: the loop's tiles halve (16 at
-    least) so that no setting spills (tests/codegen.py, sm80 and sm90). Untimed."""
-    half = lambda n: max(16, n // 2)
-    return _Settings(s.fwd._replace(BLOCK_N=half(s.fwd.BLOCK_N)), s.dkdv._replace(BLOCK_M=half(s.dkdv.BLOCK_M)),
-                     s.dq._replace(BLOCK_N=half(s.dq.BLOCK_N)))
+def _dropout_settings(s: _Settings, head_dim: int, hopper: bool) -> _Settings:
+    """Dropout draws for 32 keys at a time (_dropout_keep), so key tiles take 32 keys at
+    least; and its draws hold registers: the D = 128 forward takes half as many keys, and
+    Hopper's dK/dV steps through half as many queries, as those settings spill otherwise
+    (4-20 bytes under Triton 3.6 or 3.7; tests/codegen.py). Ampere's dK/dV keeps its
+    steps: halved, the D = 128 one spills 124 bytes under Triton 3.8 and 3.9. Untimed."""
+    fwd_keys = s.fwd.BLOCK_N // 2 if head_dim == 128 else s.fwd.BLOCK_N
+    dkdv_queries = max(16, s.dkdv.BLOCK_M // 2) if hopper else s.dkdv.BLOCK_M
+    return _Settings(s.fwd._replace(BLOCK_N=max(32, fwd_keys)),
+                     s.dkdv._replace(BLOCK_M=dkdv_queries, BLOCK_N=max(32, s.dkdv.BLOCK_N)),
+                     s.dq._replace(BLOCK_N=max(32, s.dq.BLOCK_N)))
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -673,6 +699,13 @@ _MAX_GRID_AXIS = 65535
 # Dropout seeds stay below 2^31 so that the kernels see one integer type (Triton
 # specialises an int argument as 32- or 64-bit by its value).
 _MAX_SEED = 1 << 31
+
+
+def _dropout_step(dropout_p: float) -> float:
+    """dropout_p to the nearest multiple of 2^-16 below 1, the steps the kernels' 16-bit
+    draws resolve (_dropout_keep); the kept scores are scaled by this p's 1 / (1 - p), so
+    the output's expectation stays exact."""
+    return min(round(dropout_p * 65536), 65535) / 65536
 
 
 def _grid(tiles: int, B: int, H: int) -> tuple[int, ...]:
@@ -737,6 +770,7 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int):
     """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
     _check(q, k, v, causal, dropout_p, seed)
+    dropout_p = _dropout_step(dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -778,6 +812,7 @@ def _attention_bwd(
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     do = _unit_stride(do.to(o.dtype))
+    dropout_p = _dropout_step(dropout_p)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if dk.numel() == 0:
         return dq, dk, dv
@@ -846,7 +881,7 @@ def attention(
     Tq <= Tk. scale defaults to 1/sqrt(D). D must be 16, 32, 64 or 128; any T >= 1.
 
     dropout_p in [0, 1) zeroes each attention probability with that chance and scales the
-    kept ones by 1 / (1 - dropout_p). The mask is never stored: the backward redraws it
+    kept ones by 1 / (1 - dropout_p); p is rounded to a multiple of 2^-16. The mask is never stored: the backward redraws it
     from `seed` (an int in [0, 2^31); default: drawn from torch's CPU generator, so
     torch.manual_seed makes runs repeat). Pass 0.0 outside training, as with SDPA.
 

@@ -2,7 +2,8 @@
 machine, GPU or not, and reports what the GPU would run: registers, spills, shared memory,
 pipelined copies.
 
-    python tests/codegen.py            # JSON, one entry per case (tests/test_codegen.py reads it)
+    python tests/codegen.py                  # JSON, one entry per case (tests/test_codegen.py reads it)
+    python tests/codegen.py --dropout-cost   # instructions a score that attention dropout adds
 
 Run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions with Python).
 Uses triton.compile with an explicit target and the ptxas that ships with Triton, so the
@@ -42,10 +43,11 @@ def ptxas(arch: int) -> str:
 
 def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
                  unaligned: tuple[str, ...] = (), num_warps: int = 4, num_stages: int = 3,
-                 descriptors: dict[str, str] | None = None) -> dict:
+                 descriptors: dict[str, str] | None = None, sass: bool = False) -> dict:
     """Compiles `kernel` with every pointer and integer 16-aligned except `unaligned`;
     integer arguments given in `constexprs` (strides of 1) are specialised like Triton does;
-    `descriptors` maps TMA descriptor arguments to their types, e.g. "tensordesc<bf16[128, 64]>"."""
+    `descriptors` maps TMA descriptor arguments to their types, e.g. "tensordesc<bf16[128, 64]>".
+    sass: also count the machine instructions (Triton's nvdisasm)."""
     names = kernel.arg_names
     descriptors = descriptors or {}
     signature, attrs = {}, {}
@@ -63,14 +65,17 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        info = subprocess.run([ptxas(arch), f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(ptx)
+        cubin = os.path.join(tmp, "k.cubin") if sass else os.devnull
+        info = subprocess.run([ptxas(arch), f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", cubin],
                               capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(f.name)
-    return {
+        if sass:
+            nvdisasm = os.path.join(os.path.dirname(ptxas(arch)), "nvdisasm")
+            listing = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    extra = {"instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/ ", listing, re.M))} if sass else {}
+    return extra | {
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared": compiled.metadata.shared,
@@ -78,6 +83,8 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
         # Index tensors multiplied in int32 (a stride times an index can pass 2^31).
         "i32_index_muls": len(re.findall(r"arith\.muli .* : tensor<[0-9x]+xi32>", compiled.asm["ttir"])),
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        # Philox's rounds (attention dropout, sampling): two 32-bit mul.hi each, ten a call.
+        "mul_hi": len(re.findall(r"mul\.hi\.u32", ptx)),
         # Warp specialisation adds warp groups and moves registers between them.
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
         "setmaxnreg": len(re.findall(r"setmaxnreg", ptx)),
@@ -133,7 +140,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
         ):
             # As launched; with the grid for B * H past CUDA's 65535 programs on axis 1;
             # with attention dropout (training with --dropout), on its own tiles.
-            dropped = getattr(attention._dropout_settings(cfg), name.split()[-1])
+            dropped = getattr(attention._dropout_settings(cfg, D, arch == 90), name.split()[-1])
             for variant, tiles, changed in (
                 ("", launch, {}), (" split grid", launch, dict(SPLIT_GRID=True)), (" dropout", dropped, dict(DROPOUT=True)),
             ):
@@ -275,7 +282,32 @@ def sampling_cases(arch: int) -> dict[str, dict]:
     }
 
 
+def dropout_cost(arch: int) -> None:
+    """Prints the machine instructions a score that attention dropout adds to each kernel:
+    built with and without it on the table's tiles, the difference over the scores a
+    thread holds in one iteration of each of the kernel's two loops (masked, unmasked)."""
+    ptrs = {n: "bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
+    for D in (16, 32, 64, 128):
+        cfg = attention._CONFIGS[(arch // 10, D)]
+        for name, kernel, t, extra in (
+            ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False)),
+            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {}),
+            ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {}),
+        ):
+            count = {dropout: compile_case(
+                arch, kernel, ptrs, dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, TMA=False,
+                                         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout) | extra,
+                floats=("scale", "qk_scale", "dropout_p"), unaligned=("H", "Tq", "Tk"), num_warps=t.num_warps,
+                num_stages=t.num_stages, sass=True)["instructions"] for dropout in (False, True)}
+            scores = t.BLOCK_M * t.BLOCK_N / (32 * t.num_warps)
+            print(f"sm{arch} attention {name} D={D}: {(count[True] - count[False]) / 2 / scores:.1f} instructions a score")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--dropout-cost"]:
+        for arch in ARCHS:
+            dropout_cost(arch)
+        return
     cases = {}
     for arch in ARCHS:
         for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases, sampling_cases):

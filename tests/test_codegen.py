@@ -3,6 +3,7 @@ launch on Hopper and Ampere is compiled for sm90 and sm80 (tests/codegen.py, wit
 own ptxas) and must not spill, must keep its loops pipelined, must fit the device's shared
 memory and the occupancy the launchers assume. These catch, without a GPU, the
 regressions that the interpreter cannot see."""
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import sys
 
 import pytest
 import triton
+
+attention = importlib.import_module("kernels.attention")  # the module, not kernels.attention the function
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REGISTERS_PER_SM = 65536
@@ -109,12 +112,29 @@ def test_ffn_weight_gradients_fit_two_programs_per_sm(cases):
         assert _programs_per_sm(c) >= 2 and 2 * c["shared"] <= SHARED_PER_SM[90], (name, c)
 
 
+def test_attention_dropout_shares_each_philox_call(cases):
+    """A Philox call (ten rounds, 20 mul.hi in the PTX) serves 8 of the scores a thread
+    holds in the forward and dQ, with no layout conversion of the mask; dK/dV, on the
+    transposed tile, recomputes each call for up to 4 threads (_dropout_keep). A call per
+    score, the first version, took 8x more. Each kernel has two loops (masked, unmasked)."""
+    for arch in (90, 80):
+        for D in (16, 32, 64, 128):
+            tiles = attention._dropout_settings(attention._CONFIGS[(arch // 10, D)], D, arch == 90)
+            for name, shared_by in (("fwd", 1), ("bwd dq", 1), ("bwd dkdv", 4)):
+                t = getattr(tiles, name.split()[-1])
+                extra = cases[f"sm{arch} attention {name} D={D} dropout"]["mul_hi"] - cases[
+                    f"sm{arch} attention {name} D={D}"]["mul_hi"]
+                calls = extra / 2 / 20  # per thread and loop iteration
+                scores = t.BLOCK_M * t.BLOCK_N / (t.num_warps * 32)
+                assert calls <= shared_by * scores / 8, (arch, D, name, calls, scores)
+
+
 def test_index_arithmetic_is_int64(cases):
     """No kernel multiplies an int32 index tensor (a stride times an index passes 2^31 in big
     products: the FFN weight gradients' token index times a 4C row stride did past ~700k
     tokens at C = 768). Sampling's and attention dropout's multiplies are Philox's 32-bit
-    rounds (and dropout's wrapping counter), by design; the same attention kernels without
-    dropout are checked."""
+    rounds (and dropout's call index, a key tile's number), by design; the same attention
+    kernels without dropout are checked."""
     narrow = {name: c["i32_index_muls"] for name, c in cases.items()
               if c["i32_index_muls"] and not any(k in name for k in ("sample draw", "sample gumbel", "dropout"))}
     assert not narrow, f"int32 index multiplies: {narrow}"
