@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt import checkpoint
-from gpt.cli import ArgumentParser, out_of_memory
+from gpt.cli import ArgumentParser, drop_stdout, out_of_memory
 from gpt.generate import Decoder, GenerationError, generate
 from gpt.hf import HFError, is_model_dir, load_any
 from gpt.tokenizer import TokenizerError
@@ -44,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="decode step via torch.compile(mode='reduce-overhead') on the torch reference ops, instead of our kernels in a CUDA graph")
     args = p.parse_args(argv)
     # "\n\n" from a shell arrives as backslash-n text: read the escapes, as a user means them.
-    args.stop = [codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape") for s in args.stop]
+    stops = []
+    for text in args.stop:
+        try:
+            stops.append(codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape"))
+        except UnicodeDecodeError as e:
+            p.error(f"--stop {text}: {e.reason}; write a literal backslash as \\\\")
+    args.stop = stops
     return args
 
 
@@ -177,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout's reader has gone (sample.py | head): what it read is all it wanted
+        drop_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)
         if where is None:

@@ -5,8 +5,9 @@
     python train.py --out-dir out --resume            # continue from out/ckpt.pt
     torchrun --nproc_per_node 8 train.py --preset gpt2 --tokenizer gpt2 --data corpus/
 
-Ctrl-C (or SIGTERM) finishes the current step, saves <out-dir>/ckpt.pt and exits;
-a second signal quits at once. Checkpoints are written atomically.
+Ctrl-C (or SIGTERM, or the reader of stdout going away) finishes the current step, saves
+<out-dir>/ckpt.pt and exits; a second signal quits at once. Checkpoints are written
+atomically. --resume goes on with the run's own settings unless given others.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 import torch
 
 from gpt import GPT, GPTConfig, checkpoint, distributed
-from gpt.cli import ArgumentParser, out_of_memory
+from gpt.cli import ArgumentParser, Console, out_of_memory
 from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
 from gpt.hf import HFError, load_any
@@ -44,6 +45,11 @@ PEAK_FLOPS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "pos_embedding")
+# What --resume takes from the checkpoint unless given: the schedule, batches and numerics
+# of the run, so that it goes on as it started (the architecture comes with the weights).
+RUN_FLAGS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup", "max_steps", "decay_steps", "max_time",
+             "weight_decay", "beta2", "grad_clip", "max_skips", "eval_interval", "eval_iters", "save_interval",
+             "log_interval", "dtype", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "With --resume or --init-from the weights' own")
     g.add_argument("--out-dir", default="out", help="where ckpt.pt, best.pt, metrics.csv and loss.png go")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
-    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt (on the --data it was trained on, unless given)")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt with the run's own --data, schedule, batch size, dtype and seed, unless given")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a checkpoint, replacing it")
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="fine-tune from a Hugging Face GPT-2 directory, a safetensors export or one of our checkpoints")
@@ -92,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # The flags given, as --resume takes the others from the run's checkpoint.
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
     return args
 
 
@@ -312,7 +322,7 @@ def train(args: argparse.Namespace) -> dict:
         raise UsageError(f"--kernels triton needs a CUDA GPU, and the device is {device}; use --kernels torch "
                          f"(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
     world, device = distributed.init(device)
-    log = print if world.main else (lambda *a, **k: None)
+    log = Console() if world.main else (lambda *a, **k: None)
     lock = checkpoint.OutDirLock(args.out_dir)
     finished = False
     try:
@@ -335,9 +345,6 @@ def train(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, world: distributed.World, device: str, log) -> dict:
     device_type = device.split(":")[0]
-    dtype = args.dtype or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    if dtype != "fp32" and device_type == "cpu":
-        log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
     ckpt_path = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
     best_path = os.path.join(args.out_dir, "best.pt")
     held = [p for p in (ckpt_path, best_path) if os.path.exists(p)]
@@ -349,6 +356,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         raise UsageError(f"{ckpt_path} holds weights only (no optimizer state), as best.pt does; start from it "
                          f"with --init-from {ckpt_path} and a new --out-dir, or --resume a ckpt.pt")
     if resumed:
+        _run_settings(args, resumed.get("args", {}), log)
         saved = resumed.get("args", {}).get("data")
         if args.data is None and saved is not None:
             args.data = saved  # the corpus the run was on, not the default one
@@ -356,6 +364,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         elif _data_path(args.data) != _data_path(saved):
             log(f"note: resuming on --data {args.data or 'default'}; {ckpt_path} was trained on {saved or 'the default corpus'}")
     config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
+    dtype = args.dtype or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if dtype != "fp32" and device_type == "cpu":
+        log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
     init_model, init_tokenizer = pretrained(args) if args.init_from else (None, None)
     source = resumed["tokenizer"] if resumed else init_tokenizer
 
@@ -412,7 +423,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     log(f"data: {data.description}: {len(data.train):,} train / {len(data.val):,} val tokens, "
         f"{data.tokenizer.name} tokenizer, vocab {config.vocab_size}")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}")
-    log("training: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "argv"))
+    log("training: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("argv", "given")))
     if resumed:
         log(f"resuming from {ckpt_path} at step {step}")
         if step >= args.max_steps:
@@ -432,7 +443,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             "elapsed": elapsed,
             "skipped": skipped_total,
             # --data absolute, so that --resume from another folder finds the same corpus.
-            "args": {k: v for k, v in vars(args).items() if k != "argv"} | {"data": _data_path(args.data)},
+            "args": {k: v for k, v in vars(args).items() if k not in ("argv", "given")} | {"data": _data_path(args.data)},
         }
         if with_optimizer:
             state |= {"optimizer": opt_state, "rng": checkpoint.rng_state(), "scaler": scaler.state_dict()}
@@ -445,6 +456,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     t_start, t_log, log_steps = time.time() - elapsed, time.time(), 0
     with StopSignal(log) as stop:
         while True:
+            if getattr(log, "closed", False) and not stop.requested:
+                stop.requested = "SIGPIPE"  # stdout's reader has gone (| head): save and stop, as on Ctrl-C
             done = step >= args.max_steps or bool(args.max_time and elapsed >= args.max_time)
             if distributed.any_rank(stop.requested is not None or done, world, device):
                 break
@@ -536,6 +549,19 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             log(f"done: step {step} in {fmt_time(elapsed)}{best}. Sample with: "
                 f"{shlex.join([_python(), _script('sample.py'), '--checkpoint', args.out_dir])}")
     return {"step": step, "best_val_loss": best_val, "skipped": skipped_total, "stopped": stop.requested, "model": model, **losses}
+
+
+def _run_settings(args: argparse.Namespace, saved: dict, log) -> None:
+    """--resume: the RUN_FLAGS not given take the run's values; given ones that differ are noted."""
+    given = getattr(args, "given", set(vars(args)))
+    for name in RUN_FLAGS:
+        if name not in saved:
+            continue
+        if name not in given:
+            setattr(args, name, saved[name])
+        elif getattr(args, name) != saved[name]:
+            log(f"note: --{name.replace('_', '-')} {getattr(args, name)} in place of the run's {saved[name]}")
+    check_args(args)
 
 
 def _rank_seed(seed: int, rank: int, step: int, retry: int) -> int:

@@ -283,8 +283,9 @@ def test_torchrun_resume_with_dropout_is_bit_identical(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, split = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("full", "split"))
     assert split["step"] == 4
-    for name in full["model"]:
-        assert torch.equal(full["model"][name], split["model"][name]), name
+    # Not bit for bit: two gloo processes on CPU, even two whole runs, differ in the last
+    # bits now and then (1e-7 here); another rank's dropout masks move the weights by ~1e-3.
+    torch.testing.assert_close(split["model"], full["model"], atol=1e-6, rtol=0)
 
 
 def test_torchrun_failure_on_rank_0_is_one_line_on_every_rank(tmp_path, corpus):
@@ -437,3 +438,22 @@ def test_a_full_disk_for_the_log_and_plot_warns_once_and_training_goes_on(tmp_pa
     assert result["step"] == 4 and checkpoint.load(tmp_path / "out")["step"] == 4
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: could not write")]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
+
+
+def test_resume_with_no_other_flags_continues_the_run_as_it_was_set_up(tmp_path, corpus, capsys):
+    """`train.py --out-dir out --resume` goes on with the run's schedule, batch and seed, not
+    the defaults (the architecture comes with the weights, the corpus with its path)."""
+    common = ["--warmup", "2", "--decay-steps", "8", "--dropout", "0.1", "--eval-interval", "4", "--grad-accum", "2",
+              "--seed", "5", "--lr", "2e-3", "--beta2", "0.95"]
+    run_train(tmp_path, corpus, "full", *common, "--max-steps", "8")
+    run_train(tmp_path, corpus, "split", *common, "--max-steps", "4")
+    capsys.readouterr()
+    train.train(train.parse_args(["--out-dir", str(tmp_path / "split"), "--cache-dir", str(tmp_path / "cache"),
+                                  "--resume", "--max-steps", "8"]))
+    assert "note: --max-steps 8 in place of the run's 4" in capsys.readouterr().out
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], split["model"][k]), k
+    assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
+    assert split["args"]["batch_size"] == 4 and split["args"]["seed"] == 5

@@ -375,3 +375,29 @@ def test_sample_reads_prompts_as_bytes_and_starts_a_newline_free_vocabulary(tmp_
     from gpt.tokenizer import CharTokenizer
 
     assert sample.encode_prompt("", CharTokenizer("xyz"), 8) == [0]  # no "\n" in the vocabulary
+
+
+def test_a_reader_that_goes_away_stops_train_and_sample_cleanly(tmp_path, corpus):
+    """`train.py | head` saves and stops as on Ctrl-C; `sample.py | head` just ends. Both
+    exit with 141 (128 + SIGPIPE), no traceback."""
+    flags = ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY,
+             "--max-steps", "100000", "--eval-interval", "100000"]
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not proc.stdout.readline().startswith(b"step 2/"):
+        pass
+    proc.stdout.close()  # as head does after its lines
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert checkpoint.load(tmp_path / "out")["step"] >= 2
+    proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "out"), "--device", "cpu",
+                             "--max-new-tokens", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read().decode() == ""
+
+
+def test_a_stop_string_with_a_broken_escape_is_a_one_line_error():
+    proc = run_cli("sample.py", "--stop", r"\usepackage")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert r"--stop \usepackage: truncated \uXXXX escape; write a literal backslash as \\" in proc.stderr
