@@ -358,6 +358,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if resumed:
         _run_settings(args, resumed.get("args", {}), log)
         saved = resumed.get("args", {}).get("data")
+        if args.data is None and saved not in (None, "default") and not os.path.exists(saved):
+            raise UsageError(f"{ckpt_path} was trained on --data {saved}, which is gone (a pipe, or moved); "
+                             f"pass --data again")
         if args.data is None and saved is not None:
             args.data = saved  # the corpus the run was on, not the default one
             log(f"resuming on --data {saved}, the corpus {ckpt_path} was trained on")
@@ -377,12 +380,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     tokenizer_name = source["name"] if source else (args.tokenizer or "char")
     if not world.main:
         distributed.barrier(world)
-    data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log, exclude=(args.out_dir, args.cache_dir))
+    chars = source.get("chars") if source else None  # a char model reads any corpus within its vocabulary
+    data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log, exclude=(args.out_dir, args.cache_dir),
+                        chars=chars)
     if world.main:
         distributed.barrier(world)
-    if source and data.tokenizer.state_dict() != source:
-        raise UsageError(f"the corpus gives a different char vocabulary than {ckpt_path if resumed else args.init_from} "
-                         f"was trained on; use the same --data (the tokenizer is fixed by those weights)")
     if init_model is not None:
         config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
@@ -392,7 +394,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     model = (init_model or GPT(config)).to(device)
     step, best_val, elapsed, skipped_total = 0, float("inf"), 0.0, 0
     if resumed:
-        model.load_state_dict(resumed["model"])
+        checkpoint.load_weights(model, resumed["model"], ckpt_path)
         step, best_val, elapsed = resumed["step"], resumed["best_val_loss"], resumed["elapsed"]
         skipped_total = resumed.get("skipped", 0)
     wrapped = distributed.wrap(model, world, device, args.fsdp)

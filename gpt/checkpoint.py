@@ -33,8 +33,10 @@ def resolve(path: str | os.PathLike) -> Path:
     if p.is_dir():
         held = sorted(f.name for f in p.glob("*") if f.suffix in (".pt", ".safetensors", ".bin"))
         if not (p / CKPT_NAME).is_file() and held:
-            raise CheckpointError(f"{p} holds no {CKPT_NAME} but {', '.join(held)}: pass {p / held[0]}"
-                                  + ("" if held[0].endswith(".pt") else ", with its config.json beside it"))
+            if held[0].endswith(".pt"):
+                raise CheckpointError(f"{p} holds no {CKPT_NAME} but {', '.join(held)}: pass {p / held[0]}")
+            raise CheckpointError(f"{p} holds {', '.join(held)} but no config.json: a model folder needs the "
+                                  f"config.json its exporter wrote (gpt.export, save_pretrained) beside the weights")
         p = p / CKPT_NAME
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}; pass the out dir or .pt file of a training run "
@@ -104,18 +106,32 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
             f"{p} holds objects other than tensors and plain data, refused for safety "
             f"({str(e).splitlines()[0][:120]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is truncated or not a tritongpt checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "tokenizer"} <= state.keys():
         raise CheckpointError(f"{p} is not a tritongpt checkpoint (missing model, config or tokenizer)")
+    try:  # what every user of a checkpoint rebuilds, checked once here
+        GPTConfig.from_dict(state["config"])
+        tokenizer_from_state(state["tokenizer"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{p} holds a config or tokenizer this version cannot read ({e})") from None
     return state
+
+
+def load_weights(model: GPT, weights: dict, path: str | os.PathLike) -> None:
+    """model.load_state_dict, with a mismatch (another version's names or shapes) as one line."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: the weights do not match its config ({' '.join(first[:2])[:200]})") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """(model in eval mode, tokenizer, raw checkpoint) from a checkpoint file or out dir."""
     state = load(path)
     model = GPT(GPTConfig.from_dict(state["config"]))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], resolve(path))
     return model.to(device).eval(), tokenizer_from_state(state["tokenizer"]), state
 
 
@@ -200,6 +216,9 @@ class OutDirLock:
                     f"{self.path.parent} is in use by another trainer ({host} pid {pid}); stop it, "
                     f"use another --out-dir, or delete {self.path} if that process is gone"
                 ) from None
+            except OSError as e:
+                raise CheckpointError(f"cannot write in --out-dir {self.path.parent} ({e.strerror}); "
+                                      f"pass a writable folder") from None
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             self.owned = True

@@ -242,19 +242,31 @@ class Dataset:
 
 
 def load_dataset(
-    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = ()
+    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = (),
+    chars: str | None = None,
 ) -> Dataset:
-    """Tokenizes a corpus once, caching by content hash and tokenizer name."""
+    """Tokenizes a corpus once, caching by content hash and tokenizer name. chars: the char
+    vocabulary to encode with (the one weights were trained with), not the corpus's own;
+    a corpus may then use fewer characters, but no others."""
     corpus = scan_corpus(data, exclude, log)
     folder = Path(cache_dir) / f"{corpus.digest}-{tokenizer}"
     meta = _read_meta(folder)
+    if chars is not None and (meta is None or meta["tokenizer"].get("chars") != "".join(sorted(set(chars)))):
+        # Not the corpus's own vocabulary (or not cached yet): a cache entry of its own.
+        folder = Path(cache_dir) / f"{corpus.digest}-char-{hashlib.sha256(chars.encode()).hexdigest()[:12]}"
+        meta = _read_meta(folder)
     if meta is None:
         if folder.exists():  # truncated, or left half-written by hand: never trained on
             log(f"rebuilding the damaged cache {folder}")
             shutil.rmtree(folder, ignore_errors=True)
         log(f"tokenizing {corpus.description} with the {tokenizer} tokenizer (cached in {folder})")
-        vocabulary = _characters(corpus) if tokenizer == "char" else None
-        _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
+        vocabulary = (chars or _characters(corpus)) if tokenizer == "char" else None
+        try:
+            _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
+        except ValueError as e:  # a character outside the weights' vocabulary
+            if chars is None or isinstance(e, CorpusError):
+                raise
+            raise CorpusError(f"{corpus.description} cannot be encoded with the weights' char vocabulary: {e}") from None
         meta = _read_meta(folder)
         if meta is None:
             raise CorpusError(f"the token cache {folder} could not be written whole; pass another --cache-dir")

@@ -10,19 +10,25 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 from gpt import checkpoint
 from gpt.cli import ArgumentParser
-from gpt.hf import HFError, save_hf, save_safetensors
+from gpt.hf import HFError, load_any, save_hf, save_safetensors
 
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint file or out dir")
-    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("checkpoint", help="checkpoint file or out dir (or an exported folder, to convert it)")
+    p.add_argument("out_dir", help="directory to write, not a training run's out dir")
     p.add_argument("--format", choices=("hf", "safetensors"), default="hf")
     args = p.parse_args(argv)
     try:
-        model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
+        held = [n for n in (checkpoint.CKPT_NAME, "best.pt") if (Path(args.out_dir) / n).is_file()]
+        if held:
+            raise HFError(f"{args.out_dir} holds a training run ({held[0]}); export into a folder of its own, as "
+                          f"sample.py and --init-from would not know which model of the folder to read")
+        model, tokenizer = load_any(args.checkpoint)
         if args.format == "hf":
             if tokenizer.name != "gpt2":
                 raise HFError(f"{args.checkpoint} uses the {tokenizer.name} tokenizer, which a Hugging Face GPT-2 "

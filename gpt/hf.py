@@ -37,22 +37,39 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); re-copy or re-export the folder") from None
+
+
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     """The weights of a single file or of the shards an index names (save_pretrained shards
     past 5 GB, e.g. gpt2-xl in fp32)."""
     from safetensors.torch import load_file
 
-    read_bin = lambda f: torch.load(f, map_location="cpu", weights_only=True)
-    for name, read in (("model.safetensors", load_file), ("pytorch_model.bin", read_bin)):
+    def read_bin(path: Path) -> dict[str, Tensor]:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def read(reader, path: Path) -> dict[str, Tensor]:
+        try:
+            return reader(path)
+        except Exception as e:  # safetensors and torch.load raise their own types for a damaged file
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise HFError(f"cannot read {path} ({first}); re-copy or re-export the folder (an interrupted "
+                          f"copy leaves a file like this)") from None
+
+    for name, reader in (("model.safetensors", load_file), ("pytorch_model.bin", read_bin)):
         if (folder / name).is_file():
-            return read(folder / name)
+            return read(reader, folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise HFError(f"{folder} is missing the shard(s) {', '.join(missing)} that {index.name} names")
-            return {k: t for shard in shards for k, t in read(folder / shard).items()}
+            return {k: t for shard in shards for k, t in read(reader, folder / shard).items()}
     raise HFError(f"{folder} has no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
 
 
@@ -87,7 +104,11 @@ def load_hf(path: str | os.PathLike, kernels: str = "auto") -> GPT:
     folder = Path(path).expanduser()
     if not is_model_dir(folder):
         raise HFError(f"{folder} is not a model directory (no config.json there)")
-    model = GPT(config_from_hf(json.loads((folder / "config.json").read_text()), kernels))
+    try:
+        config = config_from_hf(_read_json(folder / "config.json"), kernels)
+    except KeyError as e:
+        raise HFError(f"{folder / 'config.json'} lacks {e}, which a GPT-2 config has") from None
+    model = GPT(config)
     state = {}
     for name, t in _read_weights(folder).items():
         name = name.removeprefix("transformer.")
@@ -170,8 +191,12 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
     from gpt import checkpoint
 
     folder = Path(path).expanduser()
+    if is_model_dir(folder) and (folder / checkpoint.CKPT_NAME).is_file():
+        raise HFError(f"{folder} holds both an exported model (config.json) and a training checkpoint "
+                      f"({checkpoint.CKPT_NAME}), which may differ; pass {folder / checkpoint.CKPT_NAME}, or "
+                      f"export into a folder of its own")
     if is_model_dir(folder):
-        meta = json.loads((folder / "config.json").read_text())
+        meta = _read_json(folder / "config.json")
         if EXPORT_MARKER not in meta:
             tokenizer = get_tokenizer("gpt2")
             if meta.get("vocab_size", 0) < tokenizer.vocab_size:
@@ -179,13 +204,18 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
                               f"{tokenizer.vocab_size} tokens it is read with; export its checkpoint with "
                               f"python -m gpt.export CKPT DIR --format safetensors, which keeps its own tokenizer")
             return load_hf(folder, kernels).eval(), tokenizer
-        from safetensors.torch import load_file
-
-        model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
-        state = load_file(folder / "model.safetensors")
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-        model.load_state_dict(state)
-        return model.eval(), tokenizer_from_state(meta["tokenizer"])
+        try:
+            model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
+            tokenizer = tokenizer_from_state(meta["tokenizer"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise HFError(f"{folder / 'config.json'} holds a config or tokenizer this version cannot read ({e})") from None
+        state = _read_weights(folder)
+        state["lm_head.weight"] = state.get("transformer.wte.weight")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError) as e:
+            raise HFError(f"{folder}: the weights do not match its config.json ({str(e).splitlines()[0][:160]})") from None
+        return model.eval(), tokenizer
     model, tokenizer, _ = checkpoint.load_model(folder)
     # A run on --kernels triton saved that mode; on another device it must not stay.
     return model.set_kernels(kernels), tokenizer

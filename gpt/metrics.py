@@ -15,10 +15,16 @@ class Metrics:
         self.path = os.path.join(out_dir, "metrics.csv")
         self.warn, self.warned = warn, False
 
-    def _failed(self, what: str, e: OSError) -> None:
+    def _failed(self, what: str, e: Exception) -> None:
         if not self.warned:
             self.warned = True
-            self.warn(f"warning: could not write {what} ({e.strerror}); training goes on, checkpoints are saved apart")
+            reason = getattr(e, "strerror", None) or e
+            self.warn(f"warning: could not write {what} ({reason}); training goes on, checkpoints are saved apart")
+
+    def _rows(self) -> list[dict]:
+        """The rows that parse: a damaged line (the NUL-filled tail a power loss can leave) is dropped."""
+        with open(self.path, newline="") as f:
+            return [r for r in csv.DictReader(f) if _parses(r)]
 
     def append(self, **row) -> None:
         new = not os.path.exists(self.path)
@@ -35,17 +41,19 @@ class Metrics:
         """Drops rows past `step`, so a resumed run's log does not repeat steps."""
         if not os.path.exists(self.path):
             return
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+        try:
+            rows = [r for r in self._rows() if int(r["step"]) <= step]
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                w.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+        except (OSError, csv.Error) as e:
+            self._failed(self.path, e)
 
     def plot(self) -> None:
         try:
             self._plot()
-        except OSError as e:
+        except (OSError, csv.Error) as e:
             self._failed(os.path.join(os.path.dirname(self.path), "loss.png"), e)
 
     def _plot(self) -> None:
@@ -54,8 +62,7 @@ class Metrics:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = self._rows()
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, style in (("train_loss", "-"), ("val_loss", "o-")):
             pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
@@ -67,3 +74,14 @@ class Metrics:
         fig.tight_layout()
         fig.savefig(os.path.join(os.path.dirname(self.path), "loss.png"), dpi=100)
         plt.close(fig)
+
+
+def _parses(row: dict) -> bool:
+    try:
+        int(row["step"])
+        for key in ("train_loss", "val_loss"):
+            if row.get(key):
+                float(row[key])
+        return True
+    except (KeyError, TypeError, ValueError):
+        return False

@@ -160,3 +160,65 @@ def test_export_names_the_dropout_the_model_trains_with(tmp_path):
     GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=16, dropout=0.2)).save_hf(tmp_path / "o")
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["attn_pdrop"] == config["resid_pdrop"] == config["embd_pdrop"] == 0.2  # as nanoGPT and GPT-2
+
+
+def _small_checkpoint(path, tokenizer="byte"):
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    model = GPT(cfg).eval()
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": tokenizer}}, path)
+    return model
+
+
+def test_damaged_model_folders_are_one_line_errors(tmp_path):
+    """What an interrupted copy or a hand edit leaves: each a plain HFError naming the file."""
+    _small_checkpoint(tmp_path / "ckpt.pt")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "exp"), "--format", "safetensors"]) == 0
+    good = (tmp_path / "exp" / "model.safetensors").read_bytes()
+    (tmp_path / "exp" / "model.safetensors").write_bytes(good[:1000])
+    with pytest.raises(HFError, match="cannot read .*model.safetensors .*re-copy"):
+        load_any(tmp_path / "exp")
+    (tmp_path / "exp" / "model.safetensors").unlink()
+    with pytest.raises(HFError, match="no model.safetensors"):
+        load_any(tmp_path / "exp")
+    (tmp_path / "exp" / "config.json").write_text("{bad json")
+    with pytest.raises(HFError, match="cannot read .*config.json"):
+        load_any(tmp_path / "exp")
+    (tmp_path / "exp" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    with pytest.raises(HFError, match="lacks 'n_embd'"):
+        load_any(tmp_path / "exp")
+
+
+def test_checkpoints_from_another_version_are_one_line_errors(tmp_path):
+    model = _small_checkpoint(tmp_path / "a.pt", tokenizer="bogus")
+    with pytest.raises(checkpoint.CheckpointError, match="a.pt holds a config or tokenizer this version cannot read"):
+        checkpoint.load(tmp_path / "a.pt")
+    cfg = model.config.to_dict() | {"n_embd": 32}
+    checkpoint.save({"model": model.state_dict(), "config": cfg, "tokenizer": {"name": "byte"}}, tmp_path / "b.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="b.pt: the weights do not match its config"):
+        checkpoint.load_model(tmp_path / "b.pt")
+
+
+def test_an_export_and_a_training_run_do_not_share_a_folder(tmp_path, capsys):
+    """sample.py would not know which of the two models to read: export refuses a run's out
+    dir, and a folder holding both is refused with the way out."""
+    _small_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "run"), "--format", "safetensors"]) == 2
+    assert "holds a training run (ckpt.pt); export into a folder of its own" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "exp"), "--format", "safetensors"]) == 0
+    (tmp_path / "exp" / "ckpt.pt").write_bytes((tmp_path / "run" / "ckpt.pt").read_bytes())
+    with pytest.raises(HFError, match="holds both an exported model .* pass .*ckpt.pt"):
+        load_any(tmp_path / "exp")
+
+
+def test_export_converts_an_export_and_names_a_missing_config(tmp_path):
+    torch.manual_seed(2)
+    cfg = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    model = GPT(cfg).eval()
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "gpt2"}}, tmp_path / "ckpt.pt")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "ours"), "--format", "safetensors"]) == 0
+    assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0  # our export, converted to GPT-2's
+    idx = torch.randint(0, 50257, (1, 10))
+    torch.testing.assert_close(load_any(tmp_path / "hf", kernels="torch")[0](idx), model(idx))
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="holds model.safetensors but no config.json"):
+        checkpoint.resolve(tmp_path / "hf")

@@ -457,3 +457,37 @@ def test_resume_with_no_other_flags_continues_the_run_as_it_was_set_up(tmp_path,
         assert torch.equal(full["model"][k], split["model"][k]), k
     assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
     assert split["args"]["batch_size"] == 4 and split["args"]["seed"] == 5
+
+
+def test_an_out_dir_that_cannot_be_written_is_a_clear_error(tmp_path, corpus, monkeypatch):
+    """An existing --out-dir without write permission (root ignores chmod, so the lock's open
+    is refused here as the kernel would refuse it)."""
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("train.lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write in --out-dir .*out \\(Permission denied\\)"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "1")
+
+
+def test_a_damaged_metrics_log_does_not_block_a_resume(tmp_path, corpus):
+    """The NUL-filled tail a power loss can leave in metrics.csv: its rows are dropped."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    with open(tmp_path / "out" / "metrics.csv", "a") as f:
+        f.write("13,3.1\x00\x00\x00\n\x00\x00\x00\nstep,oops\n")
+    assert run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--resume")["step"] == 4
+    assert sorted(logged_losses(tmp_path / "out")) == [1, 2, 3, 4]
+    assert (tmp_path / "out" / "loss.png").exists()
+
+
+def test_resuming_a_run_whose_corpus_is_gone_says_to_pass_data(tmp_path, corpus):
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    os.remove(corpus)
+    args = train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    with pytest.raises(train.UsageError, match="was trained on --data .*corpus.txt, which is gone .*pass --data again"):
+        train.train(args)

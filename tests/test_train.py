@@ -401,3 +401,23 @@ def test_a_stop_string_with_a_broken_escape_is_a_one_line_error():
     proc = run_cli("sample.py", "--stop", r"\usepackage")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert r"--stop \usepackage: truncated \uXXXX escape; write a literal backslash as \\" in proc.stderr
+
+
+def test_a_char_model_fine_tunes_on_a_corpus_within_its_vocabulary(tmp_path, corpus, capsys):
+    """--init-from or --resume of a char model encode the new corpus with the weights' own
+    vocabulary: fewer characters are fine, one outside it is a one-line error naming it."""
+    run_train(tmp_path, corpus, "base", "--max-steps", "1", "--eval-interval", "1")
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("def dd(a, a):\n    return a\n\n" * 200)  # no 'b' or '+'
+    tuned = run_train(tmp_path, str(fewer), "tuned", "--max-steps", "1", "--eval-interval", "1",
+                      "--init-from", str(tmp_path / "base"))
+    assert tuned["step"] == 1
+    base, new = (checkpoint.load(tmp_path / out)["tokenizer"] for out in ("base", "tuned"))
+    assert new == base and "b" in base["chars"]
+    other = tmp_path / "other.txt"
+    other.write_text("def zz():\n    pass\n" * 200)
+    capsys.readouterr()
+    assert train.main(["--data", str(other), "--out-dir", str(tmp_path / "t2"), "--cache-dir", str(tmp_path / "cache"),
+                       *TINY, "--max-steps", "1", "--init-from", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be encoded with the weights' char vocabulary: character 'z' is not in" in err and len(err.splitlines()) == 1
