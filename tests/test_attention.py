@@ -542,6 +542,19 @@ def test_dropout_mask_statistics_and_seeding(device):
     assert torch.equal(attention(q, k, v, dropout_p=0.0), attention(q, k, v))
 
 
+def test_dropout_under_the_split_grid_draws_the_same_mask(monkeypatch, device):
+    """The mask is keyed by batch x head, which the (tiles, H, B) grid computes its own way:
+    the same mask as the usual grid, in the forward and both backward kernels."""
+    p, seed = 0.3, 77
+    keep = _kept(2, 3, 37, 37, True, p, seed, device)
+    monkeypatch.setattr(attention_module, "_MAX_GRID_AXIS", 3)
+    assert torch.equal(_kept(2, 3, 37, 37, True, p, seed, device), keep)
+    torch.manual_seed(0)
+    inputs = _qkv(2, 3, 37, 37, 16, torch.float32, device)
+    do = torch.randn(2, 3, 37, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_with_dropout(keep, p, True), dropout_p=p, seed=seed)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1.0"),
     (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
