@@ -7,8 +7,8 @@ has, so training works with no data supplied and no network.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -17,6 +17,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,15 @@ def default_corpus_files() -> list[Path]:
 @dataclass(frozen=True)
 class _Source:
     path: Path
-    held: bytes | None = None  # a pipe's bytes: it can be read only once
+    spooled: IO[bytes] | None = None  # a pipe, copied to an unnamed file: it can be read only once
 
 
 def _blocks(source: _Source) -> Iterator[str]:
     """A file's text, decoded a block at a time; CorpusError if it is not UTF-8 text."""
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with io.BytesIO(source.held) if source.held is not None else open(source.path, "rb") as f:
+    if source.spooled is not None:
+        source.spooled.seek(0)
+    with contextlib.nullcontext(source.spooled) if source.spooled is not None else open(source.path, "rb") as f:
         while True:
             raw = f.read(READ_BYTES)
             if b"\x00" in raw:
@@ -111,12 +114,13 @@ class Corpus:
         return "".join(self.blocks())
 
 
-def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None) -> Corpus:
+def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None, spool_dir: str | None = None) -> Corpus:
     """Finds and checks a corpus: a file, a folder, or None for the default corpus.
 
     A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
     --data . they would otherwise feed the run's own lock, metrics and checkpoints back in.
-    `log`, if given, hears how far a long read has got.
+    `log`, if given, hears how far a long read has got. A pipe is copied into an unnamed
+    file in `spool_dir` (default: the system's temporary folder), not held in memory.
     """
     if data == "default" and Path(data).exists():
         raise CorpusError("--data default names the built-in corpus, but ./default also exists; "
@@ -132,8 +136,8 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None) -> Co
     if not path.exists():
         raise CorpusError(f"data path {path} does not exist; pass a text file or a folder of text files")
     if not path.is_dir():  # a file, FIFO or /dev/fd/N (process substitution)
-        held = None if path.is_file() else _read(path)
-        corpus = _scan([_Source(path, held)], str(path), log, skip_non_text=False)
+        spooled = None if path.is_file() else _spool(path, spool_dir)
+        corpus = _scan([_Source(path, spooled)], str(path), log, skip_non_text=False)
         corpus.description = str(path)
         return corpus
     skip = [Path(x).expanduser().resolve() for x in exclude]
@@ -151,11 +155,23 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None) -> Co
     return corpus
 
 
-def _read(path: Path) -> bytes:
+def _spool(path: Path, folder: str | None) -> IO[bytes]:
     try:
-        return path.read_bytes()
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        spooled = tempfile.TemporaryFile(dir=folder)  # unlinked already: gone when closed
     except OSError as e:
-        raise CorpusError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+        raise CorpusError(f"cannot make a temporary file in {folder or tempfile.gettempdir()} to hold {path} "
+                          f"({e.strerror}); pass --cache-dir a writable folder") from None
+    try:
+        with open(path, "rb") as pipe:
+            while chunk := pipe.read(READ_BYTES):
+                spooled.write(chunk)
+    except OSError as e:
+        spooled.close()
+        raise CorpusError(f"cannot read {path} into {folder or tempfile.gettempdir()} ({e.strerror}); check its "
+                          f"permissions, or the free space there") from None
+    return spooled
 
 
 def _scan(sources: list[_Source], name: str, log, skip_non_text: bool, skip_unreadable: bool = False) -> Corpus:
@@ -193,7 +209,7 @@ def _scan(sources: list[_Source], name: str, log, skip_non_text: bool, skip_unre
 
 def _stat_size(source: _Source) -> int:
     try:
-        return len(source.held) if source.held is not None else source.path.stat().st_size
+        return os.fstat(source.spooled.fileno()).st_size if source.spooled is not None else source.path.stat().st_size
     except OSError:
         return 0
 
@@ -248,7 +264,7 @@ def load_dataset(
     """Tokenizes a corpus once, caching by content hash and tokenizer name. chars: the char
     vocabulary to encode with (the one weights were trained with), not the corpus's own;
     a corpus may then use fewer characters, but no others."""
-    corpus = scan_corpus(data, exclude, log)
+    corpus = scan_corpus(data, exclude, log, spool_dir=cache_dir)
     folder = Path(cache_dir) / f"{corpus.digest}-{tokenizer}"
     meta = _read_meta(folder)
     if chars is not None and (meta is None or meta["tokenizer"].get("chars") != "".join(sorted(set(chars)))):

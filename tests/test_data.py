@@ -276,3 +276,22 @@ def test_the_default_corpus_leaves_out_files_it_cannot_read(monkeypatch):
     corpus = scan_corpus(None)
     assert len(corpus.sources) == len(default_corpus_files()) - 3
     assert not set(denied) & {s.path for s in corpus.sources}
+
+
+def test_a_pipe_is_spooled_to_disk_not_held(tmp_path, monkeypatch):
+    """--data <(zcat big.gz): the pipe's text goes to an unnamed file in the cache folder,
+    so memory does not grow with it; the tokens are those of the text."""
+    monkeypatch.setattr(data, "READ_BYTES", 1 << 16)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    raw = b"to be or not to be, that is the question\n" * 200_000  # 8 MB, made before tracing
+    writer = threading.Thread(target=lambda: fifo.write_bytes(raw))
+    writer.start()
+    tracemalloc.start()
+    d = load_dataset(str(fifo), "byte", str(tmp_path / "cache"), log=lambda *a: None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    writer.join()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MB held while reading an 8 MB pipe"
+    assert len(d.train) + len(d.val) == len(raw)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the cache entry, no leftover spool file
