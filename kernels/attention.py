@@ -32,6 +32,7 @@ for the tiles each kernel loops over (_Launch.tma), and a warp-specialised forwa
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -716,8 +717,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed
     check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
-    if not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"{_OP}: seed must be an int in [0, 2^31), got {seed}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"{_OP}: seed must be an int in [0, 2^31), got {seed!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{_OP}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
@@ -891,4 +892,6 @@ def attention(
     is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
     Differentiable in q, k and v.
     """
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seed = int(seed)  # a numpy integer too; anything else _check refuses
     return AttentionFunction.apply(q, k, v, bool(causal), scale, float(dropout_p), seed)

@@ -262,7 +262,7 @@ def decode_attention(
 
     k_new, v_new (B, H, D), optional: this step's key and value, written into the caches
     at position seq_lens[b] - 1 by the kernel itself (saving a scatter per cache) and
-    attended to like the rest.
+    attended to like the rest; a length of 0 writes nothing.
 
     Forward only (inference), so no autograd. No host synchronisation: with fixed shapes
     the call can be captured in a CUDA graph (call it once before capturing, so Triton

@@ -76,12 +76,14 @@ def decode_attention(
 
     seq_lens (B,), integer, on q's device: sequence b attends to cache positions
     [0, seq_lens[b]) (its new token included). A length of 0 gives NaN. k_new, v_new
-    (B, H, D), if given, are first written into the caches at position seq_lens[b] - 1.
+    (B, H, D), if given, are first written into the caches at position seq_lens[b] - 1
+    (nowhere for a length of 0, as the kernel).
     """
     if k_new is not None:
         at = (seq_lens - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, k_cache.shape[1], 1, k_cache.shape[3])
-        k_cache.scatter_(2, at, k_new.unsqueeze(2).to(k_cache.dtype))
-        v_cache.scatter_(2, at, v_new.unsqueeze(2).to(v_cache.dtype))
+        written = (seq_lens > 0).view(-1, 1, 1)  # a length-0 row rewrites its position 0 as it was
+        for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+            cache.scatter_(2, at, torch.where(written, new.to(cache.dtype), cache.gather(2, at).squeeze(2)).unsqueeze(2))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
     positions = torch.arange(k_cache.shape[2], device=q.device)

@@ -540,6 +540,8 @@ def test_dropout_mask_statistics_and_seeding(device):
     assert torch.equal(first, attention(q, k, v, dropout_p=0.5))
     assert not torch.equal(first, attention(q, k, v, dropout_p=0.5))
     assert torch.equal(attention(q, k, v, dropout_p=0.0), attention(q, k, v))
+    import numpy as np
+    assert torch.equal(attention(q, k, v, dropout_p=0.5, seed=np.int64(9)), attention(q, k, v, dropout_p=0.5, seed=9))
 
 
 def test_dropout_under_the_split_grid_draws_the_same_mask(monkeypatch, device):
@@ -559,6 +561,9 @@ def test_dropout_under_the_split_grid_draws_the_same_mask(monkeypatch, device):
     (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1.0"),
     (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=0.1, seed=2**31), r"seed must be an int in \[0, 2\^31\)"),
+    (dict(dropout_p=0.1, seed=1.5), r"seed must be an int in \[0, 2\^31\), got 1.5"),
+    (dict(dropout_p=0.1, seed=True), r"seed must be an int in \[0, 2\^31\), got True"),
+    (dict(dropout_p=0.1, seed=torch.tensor(3)), r"seed must be an int in \[0, 2\^31\), got tensor"),
 ])
 def test_invalid_dropout(options, match, device):
     q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)

@@ -130,6 +130,21 @@ def test_lengths_outside_cache_are_clamped(device):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_a_length_of_0_writes_no_new_key(device):
+    """There is no position for it: the kernel and the reference leave the cache as it was."""
+    torch.manual_seed(5)
+    q, k, v, _ = _inputs(2, 2, 8, 16, [1, 1], torch.float32, device)
+    k_new, v_new = torch.randn_like(q), torch.randn_like(q)
+    lens = torch.tensor([0, 3], device=device)
+    caches = [(k.clone(), v.clone()) for _ in range(2)]
+    with torch.no_grad():
+        decode_attention(q, *caches[0], lens, k_new=k_new, v_new=v_new)
+        reference.decode_attention(q, *caches[1], lens, k_new=k_new, v_new=v_new)
+    for kc, vc in caches:
+        assert torch.equal(kc[0], k[0]) and torch.equal(vc[0], v[0])
+        assert torch.equal(kc[1, :, 2], k_new[1]) and torch.equal(vc[1, :, 2], v_new[1])
+
+
 def test_empty_batch(device):
     q, k, v, lens = _inputs(0, 2, 8, 16, [], torch.float32, device)
     assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)

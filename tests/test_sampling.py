@@ -122,12 +122,35 @@ def test_same_state_same_tokens_and_offsets_advance(device):
     assert not torch.equal(first, other)
 
 
+def test_extreme_temperatures_and_other_scalar_types(device):
+    """A tiny temperature gives the argmax (x / T overflowed to +inf for every large logit,
+    and the first such token won); a huge one never draws a -inf (banned) logit (-inf * 0
+    was NaN, which won); numpy and 0-d tensor scalars are taken as the numbers they are."""
+    import numpy as np
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, 50.0, 4.0]], device=device)
+    wide = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    for top_k in (None, 3):
+        assert sample(logits, *state(1, device), temperature=1e-40, top_k=top_k).item() == 3
+        assert sample(wide, *state(1, device), temperature=1e-40, top_k=top_k).item() == wide.argmax().item()
+    banned = torch.full((1, 40), float("-inf"), device=device)
+    banned[0, 30:33] = torch.tensor([1.0, 2.0, 3.0])
+    for top_k in (None, 5):
+        drawn = {sample(banned, *state(1, device, seed), temperature=1e300, top_k=top_k).item() for seed in range(8)}
+        assert drawn <= {30, 31, 32}, drawn
+    for scalars in (dict(temperature=np.float32(0.7), top_k=np.int64(2)), dict(temperature=torch.tensor(0.7))):
+        assert sample(logits, *state(1, device), **scalars).item() in (3, 4)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(temperature=0.0), "temperature must be a positive finite number"),
+        (dict(temperature=float("inf")), "temperature must be a positive finite number"),
+        (dict(temperature="hot"), "temperature must be a positive finite number"),
         (dict(top_k=0), "top_k must be an int >= 1"),
         (dict(top_k=2.5), "top_k must be an int >= 1"),
+        (dict(top_k=True), "top_k must be an int >= 1"),
         (dict(logits=torch.zeros(2, 5, dtype=torch.long)), "dtype torch.int64"),
         (dict(logits=torch.zeros(2, 3, 5)), "logits must be (B, V)"),
         (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed must be an int64 tensor"),
