@@ -1,4 +1,4 @@
-"""Train a GPT on a text corpus (a file, a folder, or the embedded default), on CPU or GPU.
+"""Train a GPT on a text corpus (a file, a folder, or by default the Python stdlib's source), on CPU or GPU.
 
     python train.py                                   # tiny model on the stdlib's source
     python train.py --data input.txt --preset shakespeare-char

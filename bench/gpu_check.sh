@@ -78,7 +78,7 @@ step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ig
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 step bench-attention 130 python3 -m bench.bench_attention
-# Training with attention dropout: ours (Philox per score, untimed so far) against SDPA's.
+# Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3

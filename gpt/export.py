@@ -1,6 +1,6 @@
 """Export a checkpoint's weights without pickle.
 
-    python -m gpt.export out/ckpt.pt gpt2-hf/                       # Hugging Face GPT-2 directory
+    python -m gpt.export out/ckpt.pt gpt2-hf/                       # Hugging Face GPT-2 directory (gpt2 tokenizer)
     python -m gpt.export out/ckpt.pt weights/ --format safetensors  # our config + model.safetensors
 
 Both load with sample.py --checkpoint DIR and train.py --init-from DIR.
@@ -18,10 +18,13 @@ from gpt.hf import HFError, load_any, save_hf, save_safetensors
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m gpt.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint file or out dir (or an exported folder, to convert it)")
     p.add_argument("out_dir", help="directory to write, not a training run's out dir")
-    p.add_argument("--format", choices=("hf", "safetensors"), default="hf")
+    p.add_argument("--format", choices=("hf", "safetensors"), default="hf",
+                   help="hf (default): a GPT-2 directory transformers loads, for gpt2-tokenizer models; "
+                        "safetensors: any model, with its own config and tokenizer")
     args = p.parse_args(argv)
     try:
         held = [n for n in (checkpoint.CKPT_NAME, "best.pt") if (Path(args.out_dir) / n).is_file()]

@@ -25,9 +25,9 @@ Dropout (training): each kernel redraws the keep mask from Philox at the score's
 (_dropout_keep, one call for 8 scores), so it is never stored; O is P∘mask V / (1 - p), and
 delta = rowsum(dO O) stays the softmax's correction term as in FlashAttention-2.
 
-Hopper candidates, timed by bench_attention --sweep and not yet defaults: TMA descriptors
-for the tiles each kernel loops over (_Launch.tma), and a warp-specialised forward
-(_attn_fwd_ws_kernel, _Launch.warp_specialize).
+Hopper candidates, timed by bench_attention --sweep: TMA descriptors for the tiles each
+kernel loops over (_Launch.tma; the default only for the D = 128 dQ), and a
+warp-specialised forward (_attn_fwd_ws_kernel, _Launch.warp_specialize; not a default).
 """
 from __future__ import annotations
 
