@@ -47,7 +47,7 @@ from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
 # 16 in steps of sqrt 2 cost the window counts 5 us at batch 1 on an H200, against ~2 for
 # the other chunk kernels.
 CHUNK, CANDIDATES, WINDOWS, NUM_WARPS, DRAW_WARPS = 2048, 2048, 8, 4, 8
-_MAX_TEMPERATURE = 1e30
+_TEMPERATURES = (1e-20, 1e30)  # the range the kernels see (sample)
 
 
 @triton.jit
@@ -65,13 +65,12 @@ def _from_key(key):
 
 
 @triton.jit
-def _gumbel_score(x, index, seed, first, temperature):
+def _gumbel_score(x, index, seed, first, inv_temperature):
     # 24 random bits to a uniform in (0, 1) that is never 0 or 1, so the noise
-    # -log(-log(u)) is always finite. x + T g ranks as x / T + g does, and neither
-    # overflows for a tiny T nor turns a -inf logit into NaN (-inf * 0) for a huge one.
+    # -log(-log(u)) is always finite.
     bits = tl.randint(seed, first + index)
     u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    return x - temperature * tl.log(-tl.log(u))
+    return x * inv_temperature - tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -148,7 +147,7 @@ def _compact_kernel(LOGITS, STATS_MAX, STATS_SUM, STATS_N, COUNTS, KEYS, INDEX, 
 
 
 @triton.jit
-def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, temperature, P,
+def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, inv_temperature, P,
                  P2: tl.constexpr, WINDOWS: tl.constexpr, CANDIDATES: tl.constexpr):
     row = tl.program_id(0)
     window, counts = _chosen_window(COUNTS, top_k, P, P2, WINDOWS)
@@ -178,7 +177,7 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, t
                 if tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0) >= top_k:
                     threshold = trial
         c_index = tl.load(index_row + c_offs, mask=c_ok, other=0)
-        score = _gumbel_score(_from_key(c_key), c_index, seed, first, temperature)
+        score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
         score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
         best_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
     else:
@@ -207,7 +206,7 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, t
             c_ok = c_start + c_offs < n
             c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
             c_index = tl.load(index_row + c_start + c_offs, mask=c_ok, other=0)
-            score = _gumbel_score(_from_key(c_key), c_index, seed, first, temperature)
+            score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
             score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
             block_best = tl.max(score, 0)
             block_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
@@ -218,12 +217,12 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, t
 
 
 @triton.jit
-def _gumbel_chunks_kernel(LOGITS, SEED, OFFSETS, BEST, BEST_INDEX, stride_lb, stride_lv, V, temperature,
+def _gumbel_chunks_kernel(LOGITS, SEED, OFFSETS, BEST, BEST_INDEX, stride_lb, stride_lv, V, inv_temperature,
                           CHUNK: tl.constexpr):
     row = tl.program_id(0)
     x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
     first = (tl.load(OFFSETS + row) << 32) + row.to(tl.int64) * V
-    score = tl.where(ok, _gumbel_score(x, idx, tl.load(SEED), first, temperature), float("-inf"))
+    score = tl.where(ok, _gumbel_score(x, idx, tl.load(SEED), first, inv_temperature), float("-inf"))
     at = row.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     tl.store(BEST + at, tl.max(score, 0))
     tl.store(BEST_INDEX + at, tl.sum(tl.where(tl.arange(0, CHUNK) == tl.argmax(score, 0), idx, 0), 0))
@@ -280,8 +279,11 @@ def sample(
     with contextlib.suppress(TypeError, ValueError):  # numpy and 0-d tensor scalars too
         temperature = float(temperature)
     _check(logits, seed, offsets, temperature, top_k, out)
-    # Past 1e30 every finite logit over T is 0 to fp32 anyway; capped, T g stays finite.
-    temperature = min(temperature, _MAX_TEMPERATURE)
+    # Kept where fp32 holds logits / T: below 1e-20 the draw is the argmax already (the
+    # noise spans ~20, logits that differ at all differ by far more over T), past 1e30 a
+    # uniform draw among the finite logits; beyond, 1 / T would overflow (every large
+    # logit +inf, the first winning) or vanish (-inf * 0 = NaN, a banned token winning).
+    temperature = min(max(temperature, _TEMPERATURES[0]), _TEMPERATURES[1])
     top_k = None if top_k is None else int(top_k)
     B, V = logits.shape
     out = torch.empty(B, 1, dtype=torch.int64, device=logits.device) if out is None else out
@@ -298,7 +300,7 @@ def sample(
     strides = (logits.stride(0), logits.stride(1))
     if top_k is None or top_k >= V:
         best, best_index = torch.empty(B, P, **f32), torch.empty(B, P, **i32)
-        _gumbel_chunks_kernel[grid](logits, seed, offsets, best, best_index, *strides, V, temperature,
+        _gumbel_chunks_kernel[grid](logits, seed, offsets, best, best_index, *strides, V, 1.0 / temperature,
                                     CHUNK=chunk, num_warps=num_warps)
         _pick_best_kernel[(B,)](best, best_index, out, offsets, out.stride(0), P, P2=P2, num_warps=1)
         return out
@@ -311,6 +313,6 @@ def sample(
                                 num_warps=num_warps)
     _compact_kernel[grid](logits, *stats, counts, keys, index, *strides, V, top_k, CHUNK=chunk, P2=P2,
                           WINDOWS=WINDOWS, num_warps=num_warps)
-    _draw_kernel[(B,)](counts, keys, index, out, seed, offsets, out.stride(0), V, top_k, temperature, P,
+    _draw_kernel[(B,)](counts, keys, index, out, seed, offsets, out.stride(0), V, top_k, 1.0 / temperature, P,
                        P2=P2, WINDOWS=WINDOWS, CANDIDATES=candidates, num_warps=draw_warps)
     return out

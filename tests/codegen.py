@@ -276,7 +276,7 @@ def sampling_cases(arch: int) -> dict[str, dict]:
         "pick best": (s._pick_best_kernel, dict(P2=P2), 1),
     }
     return {
-        f"sample {name}": compile_case(arch, kernel, ptrs, constexprs, floats=("temperature",),
+        f"sample {name}": compile_case(arch, kernel, ptrs, constexprs, floats=("inv_temperature",),
                                        unaligned=("V", "top_k", "stride_lb", "P"), num_warps=warps)
         for name, (kernel, constexprs, warps) in kernels.items()
     }
