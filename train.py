@@ -430,6 +430,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         log(f"resuming from {ckpt_path} at step {step}")
         if step >= args.max_steps:
             log(f"note: step {step} already reaches --max-steps {args.max_steps}; nothing to train (raise --max-steps)")
+        elif args.max_time and elapsed >= args.max_time:
+            log(f"note: the run has trained {fmt_time(elapsed)}, its --max-time {args.max_time:g} s; nothing to "
+                f"train (raise --max-time, or pass 0 for no limit)")
 
     def save(path: str, with_optimizer: bool = True) -> None:
         model_state = _full_state(model, args.fsdp)

@@ -491,3 +491,15 @@ def test_resuming_a_run_whose_corpus_is_gone_says_to_pass_data(tmp_path, corpus)
     args = train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"])
     with pytest.raises(train.UsageError, match="was trained on --data .*corpus.txt, which is gone .*pass --data again"):
         train.train(args)
+
+
+def test_resuming_a_run_that_used_its_max_time_says_how_to_go_on(tmp_path, corpus, capsys):
+    """--max-time is one of the run's settings (make demo's 120 s): a resume past it trains
+    nothing and says so; --max-time 0 goes on."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1000", "--max-time", "0.5", "--eval-interval", "1000")
+    capsys.readouterr()
+    base = ["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    stopped = train.train(train.parse_args(base))
+    assert "its --max-time 0.5 s; nothing to train (raise --max-time, or pass 0 for no limit)" in capsys.readouterr().out
+    went_on = train.train(train.parse_args([*base, "--max-time", "0", "--max-steps", str(stopped["step"] + 2)]))
+    assert went_on["step"] == stopped["step"] + 2
