@@ -27,8 +27,12 @@
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
+# GPU_CHECK_DRY=1 runs nothing and prints each step's name and command, as if every step
+# failed (so the fallbacks' flags show too): tests/test_bench.py checks, without a GPU,
+# that every command parses and every pytest step selects tests.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [BUDGET_SECONDS]}
+dry=${GPU_CHECK_DRY:-}
 budget=${2:-540}
 only=" ${*:3} "
 mkdir -p "$out"
@@ -43,6 +47,11 @@ step() {  # name seconds command...
     shift 2
     rc=
     if [[ "$only" != "  " && "$only" != *" $name "* ]]; then return; fi
+    if [[ -n "$dry" ]]; then
+        printf '%q ' "$name" "$@"; echo
+        rc=1
+        return
+    fi
     local left=$((budget - ($(date +%s) - start)))
     ((limit > left)) && limit=$left
     if ((limit < 15)); then
@@ -55,11 +64,11 @@ step() {  # name seconds command...
     echo "== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$log"
 }
 
-{
+[[ -n "$dry" ]] || {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } >>"$log" 2>&1
-tail -n 3 "$log"
+[[ -n "$dry" ]] || tail -n 3 "$log"
 
 ws_tests="warp-specialized or ws_forward"
 step ws-check 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "$ws_tests" tests/test_ffn.py \
@@ -67,7 +76,7 @@ step ws-check 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu 
 no_ws=()
 if [[ -n "$rc" && "$rc" != 0 ]]; then
     no_ws=(--no-warp-specialized)
-    echo "== the warp-specialised candidates failed their tests: the sweeps leave them out" | tee -a "$log"
+    [[ -n "$dry" ]] || echo "== the warp-specialised candidates failed their tests: the sweeps leave them out" | tee -a "$log"
 fi
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "not ($ws_tests)" tests/test_ffn.py \
     tests/test_model_kernels.py tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py \
@@ -104,6 +113,7 @@ step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
     tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 
+[[ -n "$dry" ]] && exit 0
 tar -cf "$out/plots.tar" bench/plots 2>/dev/null
 # The tables and outcomes, for the reply's tail.
 grep -E '^(==|\||###|_|[0-9]+ (passed|failed)|FAILED|ERROR|.*skipped)' "$log" | grep -v '^|---' | tail -c 11000

@@ -1,10 +1,21 @@
 """The benchmarks check before they time: a peer with wrong numbers is left out of the
 table, wrong numbers of ours end the run (bench/common.py's check_close, unless_failing)."""
+import argparse
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import train
+
 from bench import bench_layer_norm
 from kernels import add_layer_norm, layer_norm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def wrong_gradient(x, w, b, eps):
@@ -31,3 +42,44 @@ def test_a_peer_with_a_wrong_gradient_is_left_out(monkeypatch, capsys):
 def test_ours_with_a_wrong_gradient_ends_the_run(monkeypatch):
     with pytest.raises(AssertionError, match="triton layer_norm at N=32, tensor 1"):
         run_with(monkeypatch, {"triton": wrong_gradient, "torch": bench_layer_norm.torch_layer_norm, "liger": None})
+
+
+class _Parsed(Exception):
+    """Raised in place of running a benchmark, once its arguments have parsed."""
+
+
+def _gpu_check_steps(tmp_path) -> dict[str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY"} | {"GPU_CHECK_DRY": "1"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return {line[0]: line[1:] for line in map(shlex.split, done.stdout.splitlines())}
+
+
+def test_gpu_check_commands_parse(tmp_path, monkeypatch):
+    """A GPU lease is minutes long: every command bench/gpu_check.sh runs must take its flags,
+    and every pytest step must select tests, checked here rather than on the GPU."""
+    steps = _gpu_check_steps(tmp_path)
+    assert len(steps) >= 20 and "--no-warp-specialized" in steps["ffn-sweep"]
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise _Parsed
+
+    for name, cmd in steps.items():
+        assert cmd[0] == "python3", (name, cmd)
+        if cmd[1:3] == ["-m", "pytest"]:
+            args = [a for i, a in enumerate(cmd[3:]) if a != "-n" and cmd[3:][i - 1] != "-n"]
+            done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+        elif cmd[1] == "-m":
+            module = importlib.import_module(cmd[2])
+            monkeypatch.setattr(sys, "argv", cmd[2:])
+            monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+            with pytest.raises(_Parsed):
+                module.main()
+            monkeypatch.undo()
+        else:
+            assert cmd[1] == "train.py", (name, cmd)
+            train.parse_args(cmd[2:])
