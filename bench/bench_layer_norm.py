@@ -162,10 +162,11 @@ def run(sizes: list[int], elements: int, dtype: torch.dtype, device: str, use_co
 # forward's tile and the backward's apart), backward pipeline stages and the persistent
 # forward's (stages, programs per SM). The non-persistent forward at N = 8192 holds 2
 # programs per SM (53-60 registers x 16 warps, sm90): 32 KiB in flight; persistent with 2
-# stages, 2 x 2 tiles. A tile of one row at 8 elements a thread is Liger's forward. At
-# N <= 1024 the default forward (4 rows, 8 warps) takes a layout for weight and bias of
-# their own and moves them into x's through 2 KiB of shared memory and four more barriers
-# a program (its sm90 build); 4-warp tiles of one or four rows do without (16-64 bytes).
+# stages, 2 x 2 tiles. A tile of one row at 8 elements a thread is Liger's forward, the
+# default at N = 513-1024 since 2026-11-26. There the stacked forward (4 rows, 8 warps, run
+# 5's default) takes a layout for weight and bias of their own and moves them into x's
+# through 2 KiB of shared memory and four more barriers a program (its sm90 build); 4-warp
+# tiles of one or four rows do without (16-64 bytes).
 # The persistent forward pipelines weight and bias with x (as many stages of each); at
 # N <= 4096 its three stages take about 48 KiB or less (sm90 build), so four programs fit
 # an SM, registers included: (3, 4).
