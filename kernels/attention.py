@@ -62,33 +62,35 @@ def _batch_head(H, SPLIT_GRID: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   TRANSPOSED: tl.constexpr = False):
-    """Which probabilities of the (queries offs_m) x (keys start_n + [0, BLOCK_N)) tile
-    dropout keeps: (BLOCK_M, BLOCK_N), or its transpose. start_n is a multiple of 32.
+    """Which probabilities of the (queries start_m + [0, BLOCK_M)) x (keys start_n +
+    [0, BLOCK_N)) tile dropout keeps: (BLOCK_M, BLOCK_N), or its transpose. start_m is a
+    multiple of 16, start_n of 32.
 
     FlashAttention's scheme: the forward and both backward kernels redraw the mask from
     Philox at each score's position, so it is never stored. A 10-round Philox call costs
     ~50 integer instructions for 128 bits, so each call serves 8 scores, 16 bits each (kept
-    where they reach dropout_p * 2^16; the launcher rounds p to a multiple of 2^-16). Key
-    start_n + 32 b + 8 i + 2 c + e takes half e of word i of the call at counter
-    (4 (key // 32) + c, query, bh, 0) under the seed. Those 8 keys are the ones a thread
-    holds of a row of an mma result (columns 2 c + e + 8 i), so in the forward and dQ each
-    thread draws its own calls and the mask needs no layout conversion: ~13 instructions a
-    score, against ~57 with a call per score (sm90 SASS). dK/dV's transposed tile has keys on
-    its rows, where up to 4 threads share a call and each computes it (~40 a score)."""
-    calls = (start_n // 32 + tl.arange(0, BLOCK_N // 32))[:, None] * 4 + tl.arange(0, 4)[None, :]
+    where they reach dropout_p * 2^16; the launcher rounds p to a multiple of 2^-16): query
+    16 a + 8 h + u and key 32 b + 8 i + r take half h of word i of the call at counter
+    (8 b + r, 8 a + u, bh, 0) under the seed. Those are 2 queries 8 apart by 4 keys 8
+    apart, which an mma result (rows lane / 4 and 8 more, columns 2 (lane % 4) + [0, 1]
+    and 8 more) gives one thread in either orientation. So the forward and dQ draw each
+    call once, dK/dV (keys on its rows) once or twice (where a warp holds 16 of its rows),
+    and the mask needs no layout conversion."""
+    keys = (start_n // 32 + tl.arange(0, BLOCK_N // 32))[:, None] * 8 + tl.arange(0, 8)[None, :]
+    queries = (start_m // 16 + tl.arange(0, BLOCK_M // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
     threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
-    if TRANSPOSED:  # (key // 32, i, c, e, query)
-        r0, r1, r2, r3 = tl.philox(seed, calls[:, None, :, None, None], offs_m[None, None, None, None, :], bh, 0)
-        i = tl.arange(0, 4)[None, :, None, None, None]
-        e = tl.arange(0, 2)[None, None, None, :, None]
-    else:  # (query, key // 32, i, c, e)
-        r0, r1, r2, r3 = tl.philox(seed, calls[None, :, None, :, None], offs_m[:, None, None, None, None], bh, 0)
-        i = tl.arange(0, 4)[None, None, :, None, None]
-        e = tl.arange(0, 2)[None, None, None, None, :]
+    if TRANSPOSED:  # (key // 32, i, key % 8, query // 16, h, query % 8)
+        r0, r1, r2, r3 = tl.philox(seed, keys[:, None, :, None, None, None], queries[None, None, None, :, None, :], bh, 0)
+        i = tl.arange(0, 4)[None, :, None, None, None, None]
+        h = tl.arange(0, 2)[None, None, None, None, :, None]
+    else:  # (query // 16, h, query % 8, key // 32, i, key % 8)
+        r0, r1, r2, r3 = tl.philox(seed, keys[None, None, None, :, None, :], queries[:, None, :, None, None, None], bh, 0)
+        i = tl.arange(0, 4)[None, None, None, None, :, None]
+        h = tl.arange(0, 2)[None, :, None, None, None, None]
     word = tl.where(i < 2, tl.where(i < 1, r0, r1), tl.where(i < 3, r2, r3))
-    keep = ((word >> (e * 16)) & 0xFFFF) >= threshold
+    keep = ((word >> (h * 16)) & 0xFFFF) >= threshold
     return tl.reshape(keep, (BLOCK_N, BLOCK_M) if TRANSPOSED else (BLOCK_M, BLOCK_N))
 
 
@@ -96,7 +98,7 @@ def _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M: tl.constexpr, B
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
     stride_kt, stride_vt, b, h, bh,
-    offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -156,7 +158,7 @@ def _attn_fwd_inner(
         else:
             v = tl.load(V + rows * stride_vt + offs_d[None, :])
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M, BLOCK_N), p, 0.0)
         # P goes into the second matmul in the input dtype, as in FlashAttention.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
@@ -222,12 +224,12 @@ def _attn_fwd_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk, offset,
         qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk, offset,
         qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
@@ -391,7 +393,7 @@ def _attn_bwd_dkdv_inner(
         else:
             do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         if DROPOUT:
-            keepT = _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N, TRANSPOSED=True)
+            keepT = _dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M, BLOCK_N, TRANSPOSED=True)
             dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -457,6 +459,8 @@ def _attn_bwd_dkdv_kernel(
         # Queries before lo see none of these keys (skipped); queries from full on see
         # all of them. Tiles from lo up to the first tile start at or past full are masked.
         lo = tl.maximum(start_n - offset, 0)
+        if DROPOUT:
+            lo = lo // 16 * 16  # _dropout_keep's query tiles start at multiples of 16
         full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
@@ -485,7 +489,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K, V,
     stride_kt, stride_vt, b, h, bh,
-    offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -521,7 +525,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -583,12 +587,12 @@ def _attn_bwd_dq_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, 0, mid, Tq, Tk,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk,
         offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, offs_m, offs_d, mid, hi, Tq, Tk,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk,
         offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
@@ -677,11 +681,11 @@ def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dr
 def _dropout_settings(s: _Settings, head_dim: int, hopper: bool) -> _Settings:
     """Dropout draws for 32 keys at a time (_dropout_keep), so key tiles take 32 keys at
     least; and its draws hold registers: the D = 128 forward takes half as many keys, and
-    Hopper's dK/dV steps through half as many queries, as those settings spill otherwise
-    (4-20 bytes under Triton 3.6 or 3.7; tests/codegen.py). Ampere's dK/dV keeps its
-    steps: halved, the D = 128 one spills 124 bytes under Triton 3.8 and 3.9. Untimed."""
+    the dK/dV kernels on Hopper, and at D = 128 on Ampere, step through half as many
+    queries, as those settings spill otherwise (4-28 bytes under Triton 3.6-3.9;
+    tests/codegen.py). Untimed."""
     fwd_keys = s.fwd.BLOCK_N // 2 if head_dim == 128 else s.fwd.BLOCK_N
-    dkdv_queries = max(16, s.dkdv.BLOCK_M // 2) if hopper else s.dkdv.BLOCK_M
+    dkdv_queries = max(16, s.dkdv.BLOCK_M // 2) if hopper or head_dim == 128 else s.dkdv.BLOCK_M
     return _Settings(s.fwd._replace(BLOCK_N=max(32, fwd_keys)),
                      s.dkdv._replace(BLOCK_M=dkdv_queries, BLOCK_N=max(32, s.dkdv.BLOCK_N)),
                      s.dq._replace(BLOCK_N=max(32, s.dq.BLOCK_N)))

@@ -161,6 +161,14 @@ def attention_cases(arch: int) -> dict[str, dict]:
                     floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned, num_warps=launch.num_warps,
                     num_stages=launch.num_stages,
                     descriptors={n: f"tensordesc<bf16[1, 1, {blocks['BLOCK_' + b]}, {D}]>" for n, b in loop_tiles.items()})
+            # The TMA dQ as launched with dropout (D = 128).
+            dq = attention._dropout_settings(cfg, D, True).dq
+            if dq.tma:
+                cases[f"attention bwd dq tma D={D} dropout"] = compile_case(
+                    arch, attention._attn_bwd_dq_kernel, ptrs,
+                    common | dict(BLOCK_M=dq.BLOCK_M, BLOCK_N=dq.BLOCK_N, TMA=True, DROPOUT=True),
+                    floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned, num_warps=dq.num_warps,
+                    num_stages=dq.num_stages, descriptors={n: f"tensordesc<bf16[1, 1, {dq.BLOCK_N}, {D}]>" for n in "KV"})
             # The warp-specialised forward candidate, with its sweep tiles.
             cases[f"attention fwd ws D={D}"] = compile_case(
                 arch, attention._attn_fwd_ws_kernel, ptrs,
