@@ -66,10 +66,11 @@ def _from_key(key):
 
 @triton.jit
 def _gumbel_score(x, index, seed, first, inv_temperature):
-    # 24 random bits to a uniform in (0, 1) that is never 0 or 1, so the noise
-    # -log(-log(u)) is always finite.
+    # 23 random bits to a uniform in (0, 1) that is never 0 or 1, so the noise
+    # -log(-log(u)) is always finite: k + 0.5 is exact in fp32 below 2^23. With 24 bits,
+    # (2^24 - 1) + 0.5 rounds to 2^24, u to 1.0, and that token wins whatever its logit.
     bits = tl.randint(seed, first + index)
-    u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     return x * inv_temperature - tl.log(-tl.log(u))
 
 

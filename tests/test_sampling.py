@@ -180,3 +180,17 @@ def test_gpt2_vocabulary_gpu(dtype, top_k):
     tokens = torch.cat([sample(row.expand(B, -1), seed, offsets, temperature=0.8, top_k=top_k) for _ in range(25)])
     # Tokens expected fewer than 20 times are pooled: the normal approximation needs counts.
     assert_frequencies(tokens, kept_probs(row, 0.8, top_k), sigmas=5.5, min_expected=20)
+
+
+@pytest.mark.parametrize("top_k", [None, 8], ids=["all", "top-8"])
+def test_the_noise_is_finite_at_the_largest_draw(device, top_k):
+    """Philox gives token 30 of row 0 the bits 0xFFFFFFxx at seed 123, offset 151690: the
+    largest uniform the noise is made from. A uniform that rounds to 1.0 (24 bits plus a
+    half do, in fp32) made that token's noise +inf, so it was drawn whatever its logit
+    (a banned -inf one too): once in ~330 draws over GPT-2's vocabulary. Here its chance
+    is ~1e-14, and it is among the top 8."""
+    logits = torch.full((1, 64), float("-inf"), device=device)
+    logits[0, :7] = 0.0
+    logits[0, 30] = -30.0
+    seed, offsets = torch.tensor([123], device=device), torch.tensor([151690], device=device)
+    assert sample(logits, seed, offsets, temperature=1.0, top_k=top_k).item() != 30
