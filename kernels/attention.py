@@ -746,6 +746,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed
     if q.shape[0] > _MAX_GRID_AXIS or q.shape[1] > _MAX_GRID_AXIS:
         raise ValueError(f"{_OP}: batch {q.shape[0]} and heads {q.shape[1]} must each be at most {_MAX_GRID_AXIS} "
                          f"(CUDA's grid limit); split the batch")
+    if q.shape[0] * q.shape[1] >= 2**31:  # the kernels number (batch, head) pairs in int32
+        raise ValueError(f"{_OP}: batch x heads ({q.shape[0]} x {q.shape[1]}) must be below 2^31; split the batch")
 
 
 def _unit_stride(t: Tensor) -> Tensor:

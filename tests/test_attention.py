@@ -463,6 +463,9 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
         assert max(grid[1:]) <= 65535 and grid[1] * grid[2] == 4096 * 16, grid
     with pytest.raises(ValueError, match="at most 65535"):
         attention(torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16))
+    many = torch.zeros(1, 1, 1, 16).expand(46341, 46341, 1, 16)  # B * H past int32, as views
+    with pytest.raises(ValueError, match=r"batch x heads \(46341 x 46341\) must be below 2\^31"):
+        attention(many, many, many)
 
 
 @pytest.mark.parametrize("causal", [True, False])
