@@ -131,6 +131,19 @@ def load_hf(path: str | os.PathLike, kernels: str = "auto") -> GPT:
     return model
 
 
+def _without_padding(model: GPT, vocab_size: int) -> GPT:
+    """The model with its first vocab_size token rows only. nanoGPT pads GPT-2's 50257
+    tokens to 50304 rows, which no token id reaches: left in, sampling could draw ids that
+    the tokenizer cannot decode."""
+    if model.config.vocab_size <= vocab_size:
+        return model
+    state = model.state_dict()
+    state["transformer.wte.weight"] = state["lm_head.weight"] = state["transformer.wte.weight"][:vocab_size]
+    trimmed = GPT(model.config.updated(vocab_size=vocab_size))
+    trimmed.load_state_dict(state)
+    return trimmed
+
+
 def save_hf(model: GPT, path: str | os.PathLike) -> None:
     """Writes config.json and model.safetensors that transformers.GPT2LMHeadModel loads."""
     from safetensors.torch import save_file
@@ -203,7 +216,7 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
                 raise HFError(f"{folder} has vocab_size={meta.get('vocab_size')}, fewer than the GPT-2 tokenizer's "
                               f"{tokenizer.vocab_size} tokens it is read with; export its checkpoint with "
                               f"python -m gpt.export CKPT DIR --format safetensors, which keeps its own tokenizer")
-            return load_hf(folder, kernels).eval(), tokenizer
+            return _without_padding(load_hf(folder, kernels), tokenizer.vocab_size).eval(), tokenizer
         try:
             model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
             tokenizer = tokenizer_from_state(meta["tokenizer"])

@@ -222,3 +222,23 @@ def test_export_converts_an_export_and_names_a_missing_config(tmp_path):
     (tmp_path / "hf" / "config.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="holds model.safetensors but no config.json"):
         checkpoint.resolve(tmp_path / "hf")
+
+
+def test_a_padded_vocabulary_samples_only_real_tokens(tmp_path):
+    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows; ids past the tokenizer's cannot be
+    decoded, so the model is read without those rows (sample.py ended in a KeyError)."""
+    import sample
+
+    torch.manual_seed(0)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=32,
+                                                                   vocab_size=50304)).eval()
+    with torch.no_grad():  # the padding rows are where every draw would go
+        theirs.transformer.wte.weight[50257:] = 10 * theirs.transformer.wte.weight[0]
+    theirs.save_pretrained(tmp_path / "hf")
+    model, tokenizer = load_any(tmp_path / "hf")
+    assert model.config.vocab_size == tokenizer.vocab_size == 50257
+    idx = torch.tensor([[464, 2068]])
+    torch.testing.assert_close(model(idx), hf_logits(theirs, idx)[..., :50257], rtol=1e-5, atol=1e-5)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert sample.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "20", "--seed", "0",
+                        "--device", "cpu"]) == 0
