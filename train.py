@@ -531,6 +531,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
 
             finished = step >= args.max_steps or bool(args.max_time and elapsed >= args.max_time)
             if step % args.eval_interval == 0 or finished:
+                t_eval = time.time()
                 if world.main or args.fsdp:  # an FSDP forward needs every rank
                     losses = estimate_loss(model, data, args, device, autocast)
                 if world.main:
@@ -544,7 +545,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                     save(best_path, with_optimizer=False)
                 log(f"saved {ckpt_path}" + (f" and {best_path} (best val so far)" if improved else ""))
                 distributed.barrier(world)
-                t_log = time.time()
+                t_log += time.time() - t_eval  # tokens/s counts training time only
             elif args.save_interval and step % args.save_interval == 0:
                 save(ckpt_path)
         if stop.requested:
