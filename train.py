@@ -436,7 +436,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             log(f"note: the run has trained {fmt_time(elapsed)}, its --max-time {args.max_time:g} s; nothing to "
                 f"train (raise --max-time, or pass 0 for no limit)")
 
+    saved = False  # a checkpoint of this run's: after --overwrite, out-dir holds the old run's until then
+
     def save(path: str, with_optimizer: bool = True) -> None:
+        nonlocal saved
+        saved = True
         model_state = _full_state(model, args.fsdp)
         opt_state = _optimizer_state(optimizer, model, param_names, args.fsdp) if with_optimizer else None
         if not world.main:
@@ -498,7 +502,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 if in_a_row >= args.max_skips:
                     # Not saved now: the weights that keep giving non-finite losses are not a good state.
                     fix = "lower --lr or raise --warmup" + ("" if dtype == "fp32" else ", or use --dtype fp32")
-                    then = (f"then --resume from the last checkpoint, {ckpt_path}" if os.path.exists(ckpt_path)
+                    then = (f"then --resume from the last checkpoint, {ckpt_path}" if resumed or saved
                             else "then start again (no checkpoint was written yet)")
                     raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step + 1}; {fix}, {then}")
                 continue
@@ -638,6 +642,7 @@ def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.time()
     try:
         result = train(args)
     except (UsageError, CorpusError, TokenizerError, checkpoint.CheckpointError, HFError, TrainingError) as e:
@@ -658,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         if where is None:
             raise
         ckpt = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
-        then = f"then --resume from {ckpt}" if os.path.exists(ckpt) else "then start again (no checkpoint was written yet)"
+        # This run's checkpoint or the one it resumed, not the run an --overwrite replaces.
+        ours = os.path.exists(ckpt) and (args.resume or os.path.getmtime(ckpt) >= started)
+        then = f"then --resume from {ckpt}" if ours else "then start again (no checkpoint was written yet)"
         print(f"error: out of {where} memory at --batch-size {args.batch_size}; lower --batch-size (raise --grad-accum "
               f"to keep the tokens per step) or --block-size, {then}", file=sys.stderr)
         return 1

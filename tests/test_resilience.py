@@ -199,6 +199,9 @@ def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, c
     # Not overwritten by the state that kept failing (diverged weights, when the lr is to blame).
     state = checkpoint.load(tmp_path / "out")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(100))  # --overwrite: that checkpoint is the replaced run's
+    with pytest.raises(train.TrainingError, match=r"at step 1; .*, then start again \(no checkpoint was written yet\)"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "50", "--eval-interval", "2", "--max-skips", "3", "--overwrite")
 
 
 def test_a_retried_step_draws_a_fresh_batch(tmp_path, corpus):
@@ -361,6 +364,9 @@ def test_running_out_of_memory_is_a_one_line_error_naming_the_fix(tmp_path, corp
     OutOfMemoryAt.calls, OutOfMemoryAt.at = 0, 3  # after the step-2 checkpoint: resume from it
     assert train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")) == 1
     assert capsys.readouterr().err.strip().endswith(f"then --resume from {tmp_path / 'out' / 'ckpt.pt'}")
+    OutOfMemoryAt.calls, OutOfMemoryAt.at = 0, 1  # --overwrite: that checkpoint is the replaced run's
+    assert train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--overwrite")) == 1
+    assert capsys.readouterr().err.strip().endswith("then start again (no checkpoint was written yet)")
     OutOfMemoryAt.error, OutOfMemoryAt.calls, OutOfMemoryAt.at = RuntimeError("some other fault"), 0, 1  # not hidden
     with pytest.raises(RuntimeError, match="some other fault"):
         train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--resume"))
