@@ -640,17 +640,34 @@ def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], 
         optimizer.load_state_dict(checkpoint.optimizer_state_by_id(state))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before training's own handler (StopSignal) is in place, e.g. while tokenizing:
+    raised like Ctrl-C, so that cleanups run (the out-dir lock, a partial cache file)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args, started)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, started: float) -> int:
     try:
         result = train(args)
     except (UsageError, CorpusError, TokenizerError, checkpoint.CheckpointError, HFError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("\ninterrupted; any checkpoint already written is intact", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)
         rank = os.environ.get("RANK", "0")

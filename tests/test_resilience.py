@@ -509,3 +509,19 @@ def test_resuming_a_run_that_used_its_max_time_says_how_to_go_on(tmp_path, corpu
     assert "its --max-time 0.5 s; nothing to train (raise --max-time, or pass 0 for no limit)" in capsys.readouterr().out
     went_on = train.train(train.parse_args([*base, "--max-time", "0", "--max-steps", str(stopped["step"] + 2)]))
     assert went_on["step"] == stopped["step"] + 2
+
+
+def test_sigterm_while_the_corpus_is_read_cleans_up(tmp_path, corpus):
+    """SIGTERM before training starts (tokenizing a big corpus) ends like Ctrl-C: the out-dir
+    lock released, exit 143; it used to kill the process, leaving the lock and partial cache."""
+    script = (
+        "import os, signal, sys, time, train\n"
+        "def load(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "train.load_dataset = load\n"
+        f"sys.exit(train.main({flags(tmp_path, corpus, 'out')!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "interrupted" in done.stderr and not (tmp_path / "out" / "train.lock").exists()
