@@ -57,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file is not None:
-        # Bytes as they are, as the corpus was read: text mode would turn \r\n into \n.
+        # Bytes as they are, as the corpus was read: text mode would turn \r\n into \n; a
+        # byte-order mark (Windows editors write one) goes, as it does from the corpus.
         try:
             raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-            prompts.append(raw.decode("utf-8"))
+            prompts.append(raw.decode("utf-8-sig"))
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read prompt file {args.prompt_file}: {e}") from None
     return prompts or [""]

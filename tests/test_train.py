@@ -381,6 +381,8 @@ def test_a_checkpoint_loads_on_the_kernels_asked_for_in_eval_mode(tmp_path):
 def test_sample_reads_prompts_as_bytes_and_starts_a_newline_free_vocabulary(tmp_path, capsys):
     (tmp_path / "p.txt").write_bytes(b"a\r\nb")
     assert sample.read_prompts(sample.parse_args(["--prompt-file", str(tmp_path / "p.txt")])) == ["a\r\nb"]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfthe quick")  # a byte-order mark goes, as from the corpus
+    assert sample.read_prompts(sample.parse_args(["--prompt-file", str(tmp_path / "bom.txt")])) == ["the quick"]
     from gpt.tokenizer import CharTokenizer
 
     assert sample.encode_prompt("", CharTokenizer("xyz"), 8) == [0]  # no "\n" in the vocabulary
