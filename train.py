@@ -388,7 +388,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if init_model is not None:
         config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
-    data.check_block_size(config.block_size)
+    data.check_block_size(config.block_size, fixed=bool(resumed))
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = (init_model or GPT(config)).to(device)

@@ -238,12 +238,14 @@ class Dataset:
     tokenizer: Tokenizer
     description: str
 
-    def check_block_size(self, block_size: int) -> None:
+    def check_block_size(self, block_size: int, fixed: bool = False) -> None:
+        """fixed: the block size is the model's own (a resumed run's), which no flag changes."""
         need = block_size + 1
         if len(self.train) < need or len(self.val) < need:
+            fix = "more text" if fixed else "a smaller --block-size or more text"
             raise CorpusError(
                 f"corpus too short: {len(self.train)} train / {len(self.val)} val tokens, but one "
-                f"window needs {need}; use a smaller --block-size or more text"
+                f"window needs {need}; use {fix}"
             )
 
     def batch(

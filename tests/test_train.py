@@ -432,3 +432,15 @@ def test_a_char_model_fine_tunes_on_a_corpus_within_its_vocabulary(tmp_path, cor
                        *TINY, "--max-steps", "1", "--init-from", str(tmp_path / "base")]) == 2
     err = capsys.readouterr().err
     assert "cannot be encoded with the weights' char vocabulary: character 'z' is not in" in err and len(err.splitlines()) == 1
+
+
+def test_resuming_on_too_short_a_corpus_asks_for_more_text(tmp_path, corpus, capsys):
+    """The run's block size is its model's, which --resume does not change: the error does
+    not suggest --block-size there."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    short = tmp_path / "short.txt"
+    short.write_text("def add(a, b):\n" * 3)
+    args = ["--data", str(short), "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "corpus too short" in err and err.strip().endswith("use more text"), err
