@@ -453,6 +453,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             "best_val_loss": best_val,
             "elapsed": elapsed,
             "skipped": skipped_total,
+            # The training loss summed since the last log line, which a resumed run's first line averages in.
+            "log_loss": [float(loss_sum), loss_count],
             # --data absolute, so that --resume from another folder finds the same corpus.
             "args": {k: v for k, v in vars(args).items() if k not in ("argv", "given")} | {"data": _data_path(args.data)},
         }
@@ -463,7 +465,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     model.train()
     losses: dict[str, float] = {}
     in_a_row = 0
-    loss_sum, loss_count = torch.zeros((), device=device), 0
+    logged = resumed.get("log_loss", [0.0, 0]) if resumed else [0.0, 0]
+    loss_sum, loss_count = torch.tensor(float(logged[0]), device=device), int(logged[1])
     t_start, t_log, log_steps = time.time() - elapsed, time.time(), 0
     with StopSignal(log) as stop:
         while True:

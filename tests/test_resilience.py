@@ -41,7 +41,10 @@ def logged_losses(path):
 
 
 def test_resume_is_bit_identical(tmp_path, corpus):
-    common = ["--warmup", "2", "--decay-steps", "8", "--dropout", "0.1", "--eval-interval", "4", "--grad-accum", "2"]
+    # Checkpoints (every 4 steps) inside log intervals (of 3): the first line after the resume
+    # averages steps from before it too.
+    common = ["--warmup", "2", "--decay-steps", "8", "--dropout", "0.1", "--eval-interval", "4", "--grad-accum", "2",
+              "--log-interval", "3"]
     run_train(tmp_path, corpus, "full", *common, "--max-steps", "8")
     run_train(tmp_path, corpus, "split", *common, "--max-steps", "4")  # stopped at step 4
     ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
