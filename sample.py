@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if where is None:
             raise
         print(f"error: out of {where} memory generating (the KV cache holds every sample of every prompt at "
-              f"once); lower --num-samples or pass fewer prompts", file=sys.stderr)
+              f"once, and the output each one's tokens); lower --num-samples, pass fewer prompts or lower "
+              f"--max-new-tokens", file=sys.stderr)
         return 1
     return 0
 

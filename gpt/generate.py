@@ -249,12 +249,15 @@ def generate(
     history = [list(p[-S:]) for p in prompts]
     lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
     _check_finite(decoder.prefill(history))
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    # Grown as needed: max_new_tokens may be far more than an end-of-text or stop string lets through.
+    out = torch.zeros(B, min(max_new_tokens, 1024), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     every = 1 if on_token is not None else check_every
     n = 0
     for n in range(1, max_new_tokens + 1):
         token = decoder.draw(temperature, top_k, top_p, generator)
+        if n > out.size(1):
+            out = torch.cat([out, torch.zeros_like(out)], dim=1)
         out[:, n - 1] = token[:, 0]
         if on_token is not None:
             on_token(token)

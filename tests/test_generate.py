@@ -98,6 +98,15 @@ def test_end_of_text_and_stop_callback(model):
     assert stopped == free[:3]
 
 
+def test_the_output_grows_as_tokens_come(model):
+    """max_new_tokens is a bound, not a size to reserve: 10^12 (8 TB of token ids) with a
+    stop string that ends the sample at once; and a sample past the first buffer."""
+    out = generate(model, [[1, 2]], max_new_tokens=10**12, stop=lambda b, new: len(new) >= 3)
+    assert 3 <= len(out[0]) <= 16
+    long = generate(model, [[1, 2]], max_new_tokens=2500, temperature=0)
+    assert len(long[0]) == 2500 and long[0][:100] == generate(model, [[1, 2]], max_new_tokens=100, temperature=0)[0]
+
+
 def test_decoder_is_reusable(model):
     decoder = Decoder(model, 1)
     a = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)

@@ -228,8 +228,8 @@ def test_sample_out_of_memory_is_a_one_line_error(tmp_path, corpus, capsys, monk
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(tmp_path / "out"), "--num-samples", "64", "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip() == (
-        "error: out of GPU memory generating (the KV cache holds every sample of every prompt at once); "
-        "lower --num-samples or pass fewer prompts")
+        "error: out of GPU memory generating (the KV cache holds every sample of every prompt at once, and the "
+        "output each one's tokens); lower --num-samples, pass fewer prompts or lower --max-new-tokens")
 
 
 def test_learning_rate_schedule():
