@@ -54,12 +54,9 @@ def sample_next(
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        # Draw among the k candidates only: softmax and draw touch k values, not the vocabulary.
-        values, ids = torch.topk(logits, top_k, dim=-1)
-        probs = torch.softmax(filter_logits(values, None, top_p), dim=-1)
-        return ids.gather(-1, torch.multinomial(probs, 1, generator=generator))
-    probs = torch.softmax(filter_logits(logits, None, top_p), dim=-1)
+    # Over the whole vocabulary, so that logits tied with the k-th largest all stay, as in
+    # kernels.sample: torch.topk's k would keep an arbitrary few of them (bf16 logits tie often).
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 
 

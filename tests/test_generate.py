@@ -235,6 +235,13 @@ def test_sample_next_top_k_draws_only_the_k_largest():
     assert draws == {1, 2}
 
 
+def test_sample_next_keeps_every_logit_tied_with_the_kth():
+    """As kernels.sample does (and filter_logits): torch.topk alone kept one of the three."""
+    logits = torch.tensor([[2.0, 1.0, 2.0, 0.5, 2.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, top_k=1, generator=gen).item() for _ in range(300)} == {0, 2, 4}
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sample_next_draws_from_softmax_of_logits_over_temperature(temperature):
     logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(0))
