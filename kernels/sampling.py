@@ -246,7 +246,10 @@ def _check(logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float, to
     check_inputs(op, "gpt.generate.sample_next", logits=logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"{op}: logits must be (B, V) with V >= 1, got shape {tuple(logits.shape)}")
-    B = logits.shape[0]
+    B, V = logits.shape
+    if B * V >= 2**32:  # b * V + i would carry into the offset's word: rows would share noise
+        raise ValueError(f"{op}: batch x vocabulary ({B} x {V}) must be below 2^32, the noise counter's room "
+                         f"per call; split the batch")
     for name, t, shape in (("seed", seed, (1,)), ("offsets", offsets, (B,)), ("out", out, (B, 1))):
         if t is None:
             continue

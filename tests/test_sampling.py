@@ -156,6 +156,10 @@ def test_extreme_temperatures_and_other_scalar_types(device):
         (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed must be an int64 tensor"),
         (dict(offsets=torch.zeros(3, dtype=torch.long)), "offsets must be an int64 tensor of shape (2,)"),
         (dict(offsets=lambda d: torch.zeros(2, 2, dtype=torch.long, device=d)[:, 0]), "offsets must be contiguous"),
+        # Rows past 2^32 counters would share noise (as views: no memory needed).
+        (dict(logits=lambda d: torch.zeros(1, 1, device=d).expand(65536, 65536),
+              offsets=lambda d: torch.zeros(65536, dtype=torch.long, device=d)),
+         "batch x vocabulary (65536 x 65536) must be below 2^32"),
     ],
 )
 def test_bad_input_is_a_value_error(device, kwargs, message):
