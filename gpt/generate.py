@@ -38,6 +38,9 @@ class GenerationError(ValueError):
     """Generation that cannot go on; the message names the problem and the fix."""
 
 
+_NOT_FINITE = ("the model's logits are not finite (NaN or inf): its weights have diverged, or overflow in this "
+               "dtype; use an earlier checkpoint, or sample with --dtype fp32")
+
 # Temperatures below this draw the argmax: logits / temperature would overflow fp32, and
 # the softmax is one-hot to within rounding well before that.
 GREEDY_BELOW = 1e-5
@@ -57,6 +60,10 @@ def sample_next(
     # Over the whole vocabulary, so that logits tied with the k-th largest all stay, as in
     # kernels.sample: torch.topk's k would keep an arbitrary few of them (bf16 logits tie often).
     probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    # NaN or +inf logits, or a row all -inf, give NaN here. multinomial synchronises to check
+    # its input anyway; this check turns its RuntimeError into our one-line one.
+    if bool(probs.isnan().any()):
+        raise GenerationError(_NOT_FINITE)
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -259,12 +266,19 @@ def generate(
         if on_token is not None:
             on_token(token)
         if n % every == 0 or n == max_new_tokens:
+            # The logits token n came from: NaN or inf ones (fp16 overflowing as the context
+            # grows) would go on giving tokens, and the draws read none of them on the host.
+            # A NaN in the cache spreads to every later step, so this sees it within `every`.
+            finite = torch.isfinite(decoder.logits).all()
             if eot_token is not None:
                 done |= (out[:, :n] == eot_token).any(dim=1)
             if stop is not None:
                 new = out[:, :n].tolist()
                 done |= torch.tensor([stop(b, new[b]) for b in range(B)], device=device)
-            if bool(done.all()):
+            finite, all_done = torch.stack([finite, done.all()]).tolist()  # one sync for both
+            if not finite:
+                raise GenerationError(_NOT_FINITE)
+            if all_done:
                 break
         if n == max_new_tokens:
             break
@@ -289,5 +303,4 @@ def _check_finite(logits: Tensor) -> None:
     # Once per prefill (one sync): NaN weights or an overflowing dtype show there, and a draw
     # from NaN logits would return some token as if nothing were wrong.
     if not bool(torch.isfinite(logits).all()):
-        raise GenerationError("the model's logits are not finite (NaN or inf): its weights have diverged, or overflow "
-                              "in this dtype; use an earlier checkpoint, or sample with --dtype fp32")
+        raise GenerationError(_NOT_FINITE)

@@ -263,3 +263,20 @@ def test_window_slides_only_when_full_and_keeps_the_last_half(monkeypatch):
     # after 5 draws (20 prompt + 4 stepped = 24 in the cache), and keeps the last 12 tokens.
     assert len(seen) == 2 and seen[0] == [prompt]
     assert seen[1] == [(prompt + out[:5])[-12:]]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN logits in the interpreter
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_logits_that_turn_non_finite_while_decoding_are_an_error(device, kernels):
+    """Prefill is fine (positions 0-1), the decode step at position 5 is NaN: every sampling
+    path -- greedy, torch's (top-p), and kernels.sample on the Triton kernels -- must stop
+    with the one-line error, not go on drawing tokens from NaN."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels=kernels)
+    model = GPT(cfg).to(device).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight[5:] = float("nan")
+    for settings in (dict(temperature=0.0), dict(top_k=5), dict(top_p=0.9)):
+        with pytest.raises(GenerationError, match="logits are not finite"):
+            generate(model, [[1, 2]], 12, **settings)
+    assert len(generate(model, [[1, 2]], 3, temperature=0.0)[0]) == 3  # positions up to 4 stay finite
