@@ -30,7 +30,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import PLOTS, bench, check_close, outputs_and_grads, plot, print_table, unless_failing  # noqa: E402
+from bench.common import PLOTS, bench, check_close, compile_static, outputs_and_grads, plot, print_table, unless_failing  # noqa: E402
 from kernels.attention import attention  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,16 +61,9 @@ def sdpa_with(backend) -> Maker:
 
 
 def flex_maker() -> Maker:
-    import torch._dynamo.config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    # One compiled graph per shape in the sweep; the default recompile limit (8) would
-    # silently drop the later shapes to eager.
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 64
-    else:
-        torch._dynamo.config.cache_size_limit = 64
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = compile_static(flex_attention)  # one graph per shape in the sweep
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx

@@ -25,7 +25,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import PLOTS, bench, plot, print_table, unless_failing  # noqa: E402
+from bench.common import PLOTS, bench, compile_static, plot, print_table, unless_failing  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.ffn import ffn  # noqa: E402
 
@@ -43,7 +43,7 @@ def peers(use_compile: bool) -> dict[str, FFN | None]:
         "torch": reference.ffn,
     }
     if use_compile:
-        providers["compile"] = torch.compile(reference.ffn, dynamic=False)
+        providers["compile"] = compile_static(reference.ffn)
     else:
         providers["compile"] = None
         print("torch.compile: skipped (--smoke or --no-compile)")

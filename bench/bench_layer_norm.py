@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import (  # noqa: E402
-    PLOTS, bench, bench_graph, check_close, outputs_and_grads, plot, print_table, unless_failing,
+    PLOTS, bench, bench_graph, check_close, compile_static, outputs_and_grads, plot, print_table, unless_failing,
 )
 from kernels.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 
@@ -57,8 +57,8 @@ def peers(use_compile: bool, cuda: bool) -> tuple[dict[str, LN | None], dict[str
     ln: dict[str, LN | None] = {"triton": layer_norm, "torch": torch_layer_norm}
     add: dict[str, ADD_LN | None] = {"triton": add_layer_norm, "torch": torch_add_layer_norm}
     if use_compile:
-        ln["compile"] = torch.compile(torch_layer_norm, dynamic=False)
-        add["compile"] = torch.compile(torch_add_layer_norm, dynamic=False)
+        ln["compile"] = compile_static(torch_layer_norm)
+        add["compile"] = compile_static(torch_add_layer_norm)
     else:
         ln["compile"] = add["compile"] = None
         print("torch.compile: skipped (--smoke or --no-compile)")
@@ -202,7 +202,8 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
             w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
             dy = torch.randn(M, N, device=device, dtype=dtype)
             r = torch.randn(M, N, device=device, dtype=dtype)
-            expected = torch.autograd.grad(torch_layer_norm(x, w, b, EPS), (x, w, b), dy)
+            y = torch_layer_norm(x, w, b, EPS)
+            expected = [y.detach(), *torch.autograd.grad(y, (x, w, b), dy)]  # y too: the forward candidates write it
             expected_add = torch_add_layer_norm(x.detach(), r, w.detach(), b.detach(), EPS)
             # The peers first, timed in the same run: the forward's targets are a share of copy
             # and a ratio to Liger.
@@ -237,13 +238,14 @@ def sweep(sizes: list[int], elements: int, dtype: torch.dtype, device: str, forw
                 label = [N, cfg.fwd_block_m, cfg.fwd_warps, persistent, cfg.bwd_block_m, cfg.bwd_warps, cfg.bwd_stages,
                          "default" if cfg == default else ""]
                 try:
-                    got = torch.autograd.grad(layer_norm(x, w, b, EPS), (x, w, b), dy)
-                except Exception as e:  # e.g. more shared memory than the device has
+                    y = layer_norm(x, w, b, EPS)
+                    got = [y.detach(), *torch.autograd.grad(y, (x, w, b), dy)]
+                    for g, want in zip(got, expected, strict=True):
+                        torch.testing.assert_close(g.float(), want.float(), **tol)
+                except Exception as e:  # e.g. more shared memory than the device has, or wrong numbers
                     rows.append([*label, None, None, None])
                     print(f"N={N} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                     continue
-                for g, e in zip(got, expected):
-                    torch.testing.assert_close(g.float(), e.float(), **tol)
                 add = None
                 if cfg == default or cfg in forward:
                     with torch.no_grad():

@@ -29,6 +29,16 @@ def environment() -> str:
     )
 
 
+def compile_static(fn: Callable[..., T]) -> Callable[..., T]:
+    """torch.compile(fn, dynamic=False), with room for a static graph per benchmarked shape:
+    past the default recompile limit (8) Dynamo runs fn eagerly, with only a warning, and
+    the peer would still be reported as compiled."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False)
+
+
 def bench_graph(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
     """Median milliseconds of fn's device work alone, replayed from a CUDA graph (triton's
     do_bench_cudagraph); `bench` on CPU.
