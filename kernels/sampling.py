@@ -18,8 +18,8 @@ program a row took 54-63 us: a row is too much work for one SM), and four launch
      32-bit keys that sort like the floats (in registers when the candidates fit
      CANDIDATES; ties are kept: every logit >= it survives, as with
      gpt.generate.filter_logits), then the Gumbel-max trick: argmax over kept i of
-     logits[i] / temperature + Gumbel noise is an exact draw from the softmax over the kept
-     tokens, so no softmax and no cumulative sum.
+     (logits[i] - max) / temperature + Gumbel noise is an exact draw from the softmax over
+     the kept tokens, so no softmax and no cumulative sum.
 Without top-k, two launches: _gumbel_chunks (each chunk's best score) and _pick_best.
 A radix select by histograms, as GPU sort libraries do it, was the first design: Triton's
 tl.histogram costs ~100 warp instructions per 32 keys.
@@ -54,7 +54,10 @@ _TEMPERATURES = (1e-20, 1e30)  # the range the kernels see (sample)
 def _sort_key(x):
     # Unsigned keys ordered like the floats: flip every bit of a negative float, and only
     # the sign bit of a positive one.
+    # -0.0 is first made +0.0: the two are equal logits, and -0.0 sorted below a +0.0 at
+    # the k-th place would be cut, where gpt.generate.filter_logits keeps it.
     bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where(bits == 0x80000000, 0, bits)
     return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits ^ 0x80000000)
 
 
@@ -65,13 +68,22 @@ def _from_key(key):
 
 
 @triton.jit
-def _gumbel_score(x, index, seed, first, inv_temperature):
+def _shifted(x, m, inv_temperature):
+    # (x - m) / T, and exactly 0 where x is the max m (+-inf included): logits tied at the
+    # max then differ by their noise alone. x / T + noise rounds to the ulp of x / T, which
+    # at T = 1e-5 and logits ~10 is 0.06: the noises of tied tokens often rounded equal,
+    # and the argmax gave the lower index (P = 0.62 for two tied at T = 1e-5).
+    return tl.where(x == m, 0.0, (x - m) * inv_temperature)
+
+
+@triton.jit
+def _gumbel_score(x, m, index, seed, first, inv_temperature):
     # 23 random bits to a uniform in (0, 1) that is never 0 or 1, so the noise
     # -log(-log(u)) is always finite: k + 0.5 is exact in fp32 below 2^23. With 24 bits,
     # (2^24 - 1) + 0.5 rounds to 2^24, u to 1.0, and that token wins whatever its logit.
     bits = tl.randint(seed, first + index)
     u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-    return x * inv_temperature - tl.log(-tl.log(u))
+    return _shifted(x, m, inv_temperature) - tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -178,7 +190,7 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, i
                 if tl.sum((c_ok & (c_key >= trial)).to(tl.int32), 0) >= top_k:
                     threshold = trial
         c_index = tl.load(index_row + c_offs, mask=c_ok, other=0)
-        score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
+        score = _gumbel_score(_from_key(c_key), _from_key(top), c_index, seed, first, inv_temperature)
         score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
         best_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
     else:
@@ -207,7 +219,7 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, i
             c_ok = c_start + c_offs < n
             c_key = tl.load(keys_row + c_start + c_offs, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
             c_index = tl.load(index_row + c_start + c_offs, mask=c_ok, other=0)
-            score = _gumbel_score(_from_key(c_key), c_index, seed, first, inv_temperature)
+            score = _gumbel_score(_from_key(c_key), _from_key(top), c_index, seed, first, inv_temperature)
             score = tl.where(c_ok & (c_key >= threshold), score, float("-inf"))
             block_best = tl.max(score, 0)
             block_index = tl.sum(tl.where(c_offs == tl.argmax(score, 0), c_index, 0), 0)
@@ -218,23 +230,30 @@ def _draw_kernel(COUNTS, KEYS, INDEX, OUT, SEED, OFFSETS, stride_ob, V, top_k, i
 
 
 @triton.jit
-def _gumbel_chunks_kernel(LOGITS, SEED, OFFSETS, BEST, BEST_INDEX, stride_lb, stride_lv, V, inv_temperature,
-                          CHUNK: tl.constexpr):
+def _gumbel_chunks_kernel(LOGITS, SEED, OFFSETS, BEST, BEST_INDEX, CHUNK_MAX, stride_lb, stride_lv, V,
+                          inv_temperature, CHUNK: tl.constexpr):
+    # Scores relative to the chunk's max (see _shifted); _pick_best_kernel puts the chunks
+    # on the row's max.
     row = tl.program_id(0)
     x, idx, ok = _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK)
+    m = tl.max(x, 0)
     first = (tl.load(OFFSETS + row) << 32) + row.to(tl.int64) * V
-    score = tl.where(ok, _gumbel_score(x, idx, tl.load(SEED), first, inv_temperature), float("-inf"))
+    score = tl.where(ok, _gumbel_score(x, m, idx, tl.load(SEED), first, inv_temperature), float("-inf"))
     at = row.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     tl.store(BEST + at, tl.max(score, 0))
     tl.store(BEST_INDEX + at, tl.sum(tl.where(tl.arange(0, CHUNK) == tl.argmax(score, 0), idx, 0), 0))
+    tl.store(CHUNK_MAX + at, m)
 
 
 @triton.jit
-def _pick_best_kernel(BEST, BEST_INDEX, OUT, OFFSETS, stride_ob, P, P2: tl.constexpr):
+def _pick_best_kernel(BEST, BEST_INDEX, CHUNK_MAX, OUT, OFFSETS, stride_ob, P, inv_temperature, P2: tl.constexpr):
     row = tl.program_id(0)
     p = tl.arange(0, P2)
-    best = tl.load(BEST + row.to(tl.int64) * P + p, mask=p < P, other=float("-inf"))
-    index = tl.load(BEST_INDEX + row.to(tl.int64) * P + p, mask=p < P, other=0)
+    ok = p < P
+    m = tl.load(CHUNK_MAX + row.to(tl.int64) * P + p, mask=ok, other=float("-inf"))
+    best = tl.load(BEST + row.to(tl.int64) * P + p, mask=ok, other=float("-inf"))
+    best = tl.where(ok, _shifted(m, tl.max(m, 0), inv_temperature) + best, float("-inf"))
+    index = tl.load(BEST_INDEX + row.to(tl.int64) * P + p, mask=ok, other=0)
     token = tl.sum(tl.where(p == tl.argmax(best, 0), index, 0), 0)
     tl.store(OUT + row.to(tl.int64) * stride_ob, token.to(tl.int64))
     tl.store(OFFSETS + row, tl.load(OFFSETS + row) + 1)
@@ -303,10 +322,11 @@ def sample(
     i32 = dict(dtype=torch.int32, device=logits.device)
     strides = (logits.stride(0), logits.stride(1))
     if top_k is None or top_k >= V:
-        best, best_index = torch.empty(B, P, **f32), torch.empty(B, P, **i32)
-        _gumbel_chunks_kernel[grid](logits, seed, offsets, best, best_index, *strides, V, 1.0 / temperature,
-                                    CHUNK=chunk, num_warps=num_warps)
-        _pick_best_kernel[(B,)](best, best_index, out, offsets, out.stride(0), P, P2=P2, num_warps=1)
+        best, best_index, chunk_max = torch.empty(B, P, **f32), torch.empty(B, P, **i32), torch.empty(B, P, **f32)
+        _gumbel_chunks_kernel[grid](logits, seed, offsets, best, best_index, chunk_max, *strides, V,
+                                    1.0 / temperature, CHUNK=chunk, num_warps=num_warps)
+        _pick_best_kernel[(B,)](best, best_index, chunk_max, out, offsets, out.stride(0), P, 1.0 / temperature,
+                                P2=P2, num_warps=1)
         return out
     # Scratch is never cleared: every value read was written earlier in this call.
     stats = (torch.empty(B, P, **f32), torch.empty(B, P, **f32), torch.empty(B, P, **i32))

@@ -272,7 +272,7 @@ def sampling_cases(arch: int) -> dict[str, dict]:
     P2 = triton.next_power_of_2(-(-50257 // s.CHUNK))
     ptrs = {"LOGITS": "bf16", "OUT": "i64", "SEED": "i64", "OFFSETS": "i64", "KEYS": "i32", "INDEX": "i32",
             "STATS_MAX": "fp32", "STATS_SUM": "fp32", "STATS_N": "i32", "COUNTS": "i32", "BEST": "fp32",
-            "BEST_INDEX": "i32"}
+            "BEST_INDEX": "i32", "CHUNK_MAX": "fp32"}
     chunked = dict(stride_lv=1, CHUNK=s.CHUNK)
     windows = dict(P2=P2, WINDOWS=s.WINDOWS)
     kernels = {

@@ -198,3 +198,28 @@ def test_the_noise_is_finite_at_the_largest_draw(device, top_k):
     logits[0, 30] = -30.0
     seed, offsets = torch.tensor([123], device=device), torch.tensor([151690], device=device)
     assert sample(logits, seed, offsets, temperature=1.0, top_k=top_k).item() != 30
+
+
+@pytest.mark.parametrize("top_k", [None, 5], ids=["all", "top-5"])
+def test_ties_at_the_max_are_drawn_evenly_at_low_temperature(device, top_k):
+    """Three logits tied at the max (two in one chunk, one in another: chunks are 64 wide in
+    the interpreter) must each be drawn a third of the time however low the temperature.
+    As logits / T + noise, 30 / 1e-6 rounded to a multiple of 2, and the tied noises so
+    often compared equal that the lowest index won most draws."""
+    row = torch.linspace(-5.0, 20.0, 100, device=device)
+    row[[3, 40, 70]] = 30.0
+    B = 300
+    seed, offsets = state(B, device, seed=5)
+    tokens = sample(row.expand(B, -1), seed, offsets, temperature=1e-6, top_k=top_k)
+    probs = torch.zeros(100, dtype=torch.float64)
+    probs[[3, 40, 70]] = 1 / 3
+    assert_frequencies(tokens, probs)
+
+
+def test_negative_zero_ties_with_zero_at_the_kth_logit(device):
+    """-0.0 == 0.0: at the k-th place both stay, as in gpt.generate.filter_logits (their
+    bit patterns differ, and -0.0's once sorted below)."""
+    row = torch.tensor([1.0, -0.0, -1.0, 0.0, -2.0], device=device)
+    seed, offsets = state(64, device)
+    tokens = sample(row.expand(64, -1), seed, offsets, temperature=1e4, top_k=2)
+    assert set(tokens[:, 0].tolist()) == {0, 1, 3}
