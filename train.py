@@ -367,6 +367,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         elif _data_path(args.data) != _data_path(saved):
             log(f"note: resuming on --data {args.data or 'default'}; {ckpt_path} was trained on {saved or 'the default corpus'}")
     config = resumed_config(args, resumed["config"], ckpt_path) if resumed else None
+    if resumed and config.dropout != resumed["config"]["dropout"]:
+        log(f"note: --dropout {config.dropout} in place of the run's {resumed['config']['dropout']}")
     dtype = args.dtype or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     if dtype != "fp32" and device_type == "cpu":
         log(f"note: {dtype} on CPU is slow; fp32 is the CPU default")
@@ -453,6 +455,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             "best_val_loss": best_val,
             "elapsed": elapsed,
             "skipped": skipped_total,
+            # Stopped right after a skipped (non-finite) step, the resumed run retries it with
+            # the batch the uninterrupted one would, not the failing one again.
+            "retry": in_a_row,
             # The training loss summed since the last log line, which a resumed run's first line averages in.
             "log_loss": [float(loss_sum), loss_count],
             # --data absolute, so that --resume from another folder finds the same corpus.
@@ -464,7 +469,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
 
     model.train()
     losses: dict[str, float] = {}
-    in_a_row = 0
+    in_a_row = resumed.get("retry", 0) if resumed else 0
     logged = resumed.get("log_loss", [0.0, 0]) if resumed else [0.0, 0]
     loss_sum, loss_count = torch.tensor(float(logged[0]), device=device), int(logged[1])
     t_start, t_log, log_steps = time.time() - elapsed, time.time(), 0
@@ -547,9 +552,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                     metrics.plot()
                 improved = world.main and losses["val"] < best_val
                 best_val = min(best_val, losses["val"]) if world.main else best_val
-                save(ckpt_path)
+                # best.pt first: killed between the two, ckpt.pt still holds the old best val loss,
+                # so the resumed run redoes this eval and writes best.pt again.
                 if distributed.any_rank(improved, world, device):
                     save(best_path, with_optimizer=False)
+                save(ckpt_path)
                 log(f"saved {ckpt_path}" + (f" and {best_path} (best val so far)" if improved else ""))
                 distributed.barrier(world)
                 t_log += time.time() - t_eval  # tokens/s counts training time only
@@ -635,12 +642,17 @@ def _optimizer_state(optimizer, model: GPT, names: list[list[str]], fsdp: bool) 
 def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], fsdp: bool, path: str) -> None:
     if [g["params"] for g in state["param_groups"]] != names:
         raise UsageError(f"--resume: the optimizer state in {path} does not match this model's parameters")
+    # Loading brings back the saved groups' settings too; the flags' (--weight-decay, --beta2,
+    # noted where they differ) must win, as they do for the lr, set every step.
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(checkpoint.optimizer_state_by_id(state))
+    for group, saved in zip(optimizer.param_groups, settings, strict=True):
+        group.update(saved)
 
 
 class Terminated(KeyboardInterrupt):

@@ -528,3 +528,73 @@ def test_sigterm_while_the_corpus_is_read_cleans_up(tmp_path, corpus):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "interrupted" in done.stderr and not (tmp_path / "out" / "train.lock").exists()
+
+
+def test_optimizer_settings_changed_on_resume_are_the_ones_used(tmp_path, corpus, capsys):
+    """--resume notes a changed --weight-decay / --beta2 as taking over: loading the optimizer's
+    state brought the saved groups' values back, which went on being used."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    capsys.readouterr()
+    run_train(tmp_path, corpus, "out", "--max-steps", "3", "--eval-interval", "2", "--resume", "--weight-decay", "0.5",
+              "--beta2", "0.9", "--dropout", "0.2")
+    out = capsys.readouterr().out
+    assert "note: --weight-decay 0.5 in place of the run's 0.1" in out and "note: --dropout 0.2 in place" in out
+    groups = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.9, 0.9)), (0.0, (0.9, 0.9))]
+
+
+def test_a_stop_during_a_skipped_step_resumes_on_its_retry(tmp_path, corpus, monkeypatch):
+    """Ctrl-C during a step whose loss is NaN: the resumed run retries it with a fresh batch,
+    as the uninterrupted run does, rather than the failing batch again (a second skip)."""
+    poison, batches = {}, train.train_batches
+
+    def poisoned(data, step, args, world, block_size, retry=0):
+        b = batches(data, step, args, world, block_size, retry=retry)
+        if step == 3 and retry == 0:
+            poison["x"] = b[0][0]
+            if poison.get("stop"):
+                os.kill(os.getpid(), signal.SIGINT)  # StopSignal's handler: finish the step, save, stop
+        return b
+
+    class Poisoned(GPT):
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            if targets is not None and self.training and "x" in poison and torch.equal(idx, poison["x"]):
+                loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train, "train_batches", poisoned)
+    monkeypatch.setattr(train, "GPT", Poisoned)
+    common = ["--eval-interval", "100", "--dropout", "0.1"]
+    full = run_train(tmp_path, corpus, "full", *common, "--max-steps", "6")
+    poison.clear()
+    poison["stop"] = True
+    assert run_train(tmp_path, corpus, "split", *common, "--max-steps", "6")["stopped"]
+    poison.clear()
+    split = run_train(tmp_path, corpus, "split", *common, "--max-steps", "6", "--resume")
+    assert full["skipped"] == split["skipped"] == 1
+    for (name, a), b in zip(full["model"].state_dict().items(), split["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_kill_between_the_two_saves_leaves_best_checkpoint_current(tmp_path, corpus, monkeypatch):
+    """Killed after one of ckpt.pt and best.pt was written at an improving eval: best.pt must
+    still end up the best model. ckpt.pt first recorded the new best val loss, so the resumed
+    run never wrote best.pt again."""
+    common = ["--eval-interval", "2", "--warmup", "1"]
+    run_train(tmp_path, corpus, "full", *common, "--max-steps", "4")
+    save = checkpoint.save
+
+    def killed_at_step_4(state, path):
+        save(state, path)
+        if state["step"] == 4:
+            raise KeyboardInterrupt("killed")  # after the first of the two files
+    monkeypatch.setattr(checkpoint, "save", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, corpus, "split", *common, "--max-steps", "4")
+    monkeypatch.setattr(checkpoint, "save", save)
+    run_train(tmp_path, corpus, "split", *common, "--max-steps", "4", "--resume")
+    full, split = (torch.load(tmp_path / d / "best.pt", weights_only=True) for d in ("full", "split"))
+    assert full["step"] == split["step"] == 4
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], split["model"][k]), k
