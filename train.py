@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from gpt import GPT, GPTConfig, checkpoint, distributed
+from gpt import GPT, GPTConfig, checkpoint, distributed, ops
 from gpt.cli import ArgumentParser, Console, out_of_memory
 from gpt.config import PRESETS, preset
 from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
@@ -391,6 +391,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
     data.check_block_size(config.block_size, fixed=bool(resumed))
+    if config.kernels == "triton" and (why := ops.triton_unsupported(config, torch.device(device), DTYPES[dtype])):
+        raise UsageError(f"--kernels triton: {why}; use --kernels auto, which runs what they cannot on torch")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = (init_model or GPT(config)).to(device)

@@ -198,6 +198,7 @@ class Decoder:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Samples the next token (B, 1) from the latest logits (see sample_next) into self.token."""
+        top_k = top_k or None  # 0 keeps every token, as in filter_logits (kernels.sample takes None)
         if temperature < GREEDY_BELOW:
             draw = lambda: torch.argmax(self.logits, dim=-1, keepdim=True, out=self.token)
         elif self.kernels is not reference and (top_p is None or top_p >= 1):

@@ -108,6 +108,10 @@ def load_hf(path: str | os.PathLike, kernels: str = "auto") -> GPT:
         config = config_from_hf(_read_json(folder / "config.json"), kernels)
     except KeyError as e:
         raise HFError(f"{folder / 'config.json'} lacks {e}, which a GPT-2 config has") from None
+    except HFError:
+        raise
+    except ValueError as e:  # GPTConfig's own checks, e.g. n_embd not divisible by n_head
+        raise HFError(f"{folder / 'config.json'}: {e}") from None
     model = GPT(config)
     state = {}
     for name, t in _read_weights(folder).items():

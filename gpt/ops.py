@@ -49,12 +49,39 @@ def _triton_kernels() -> ModuleType:
     return kernels
 
 
+def _before_ampere(x: Tensor) -> bool:
+    # Our tiles (the sm80/sm90 tables) need sm80's shared memory: on an sm75 (T4) the
+    # attention backward asks 72-144 KiB a block at D >= 64, of the 64 it has.
+    from kernels._utils import device_capability
+
+    return device_capability(x.device.index or 0)[0] < 8
+
+
 def backend(x: Tensor, mode: str = "auto") -> ModuleType:
-    if mode == "torch" or (mode == "auto" and not x.is_cuda):
+    if mode == "torch" or (mode == "auto" and (not x.is_cuda or _before_ampere(x))):
         return reference
     if mode in ("auto", "triton"):
         return _triton_kernels()
     raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
+
+
+def triton_unsupported(config, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run this model (a GPTConfig) on device in dtype, or None.
+    "auto" runs such models on torch; this is for refusing kernels="triton" at startup."""
+    from kernels._utils import HEAD_DIMS, LAYER_NORM_MAX_ROW_BYTES, device_capability, interpreting
+
+    head_dim = config.n_embd // config.n_head
+    if head_dim not in HEAD_DIMS:
+        return (f"the attention kernel takes head dims {', '.join(map(str, HEAD_DIMS))}, and n_embd {config.n_embd} "
+                f"over {config.n_head} heads is {head_dim}")
+    if config.n_embd * 4 > LAYER_NORM_MAX_ROW_BYTES:  # the residual stream is fp32
+        return f"the LayerNorm kernel takes rows of up to {LAYER_NORM_MAX_ROW_BYTES // 4} fp32 values, not {config.n_embd}"
+    if device.type == "cuda" and device_capability(device.index or 0)[0] < 8:
+        major, minor = device_capability(device.index or 0)
+        return f"the kernels need an sm80 (Ampere) or newer GPU, and this one is sm{major}{minor}"
+    if device.type != "cuda" and interpreting() and dtype == torch.bfloat16:
+        return "Triton's interpreter computes bf16 wrongly"
+    return None
 
 
 def step_backend(x: Tensor, mode: str, width: int) -> ModuleType:

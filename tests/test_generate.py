@@ -186,6 +186,7 @@ def test_sampling_on_the_triton_kernel_is_seeded(device):
     a = run(1)
     assert decoder.offsets.tolist() == [6, 6]  # one kernel draw per token
     assert a == run(1) and a != run(2)
+    assert len(generate(model, [[1]], 2, top_k=0)[0]) == 2  # 0: every token, as on the torch path
 
 
 @pytest.mark.gpu

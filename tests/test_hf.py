@@ -75,6 +75,7 @@ def test_fine_tuning_from_hf_lowers_the_loss(hf_dir):
         ({"n_inner": 100}, "n_inner=100 is not supported"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ({"model_type": "llama"}, "only GPT-2"),
+        ({"n_head": 3}, r"config.json: n_embd \(\d+\) must be divisible by n_head \(3\)"),
     ],
 )
 def test_unsupported_architectures_are_refused(hf_dir, change, message):

@@ -148,6 +148,44 @@ def test_train_bad_flags_are_one_line(tmp_path, corpus):
 @pytest.mark.parametrize(
     "extra, phrase",
     [
+        (["--n-embd", "48", "--n-head", "4"], "takes head dims 16, 32, 64, 128, and n_embd 48 over 4 heads is 12"),
+        (["--dtype", "bf16"], "Triton's interpreter computes bf16 wrongly"),
+    ],
+    ids=["head-dim-12", "bf16-interpreted"],
+)
+def test_what_the_triton_kernels_cannot_run_is_refused_at_startup(tmp_path, corpus, capsys, extra, phrase):
+    """--kernels triton on a model the kernels do not take: one line before the first step,
+    not the kernel's ValueError from inside it. (auto runs such a model on torch.)"""
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *TINY,
+            "--kernels", "triton", "--max-steps", "1", *extra]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0] and "use --kernels auto" in err[0], err
+
+
+def test_kernels_need_ampere_or_newer(monkeypatch):
+    """Older GPUs (a T4 is sm75) have too little shared memory for our tiles: auto runs every
+    op on torch there, and kernels="triton" is refused naming the GPU."""
+    import types
+
+    import kernels
+    from gpt import ops
+    from kernels import _utils
+
+    gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))  # a CUDA tensor, to ops.backend
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=32, kernels="triton")
+    for capability, auto, why in (((7, 5), ops.reference, "sm80 (Ampere) or newer GPU, and this one is sm75"),
+                                  ((8, 0), kernels, None), ((9, 0), kernels, None)):
+        monkeypatch.setattr(_utils, "device_capability", lambda index=0: capability)
+        assert ops.backend(gpu, "auto") is auto
+        assert ops.backend(gpu, "triton") is kernels
+        got = ops.triton_unsupported(config, torch.device("cuda", 0), torch.bfloat16)
+        assert got == why or why in got, got
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
         (["--data", ""], "--data is empty"),
         (["--lr", "nan"], "--lr must be positive"),
         (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
