@@ -358,9 +358,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if resumed:
         _run_settings(args, resumed.get("args", {}), log)
         saved = resumed.get("args", {}).get("data")
-        if args.data is None and saved not in (None, "default") and not os.path.exists(saved):
-            raise UsageError(f"{ckpt_path} was trained on --data {saved}, which is gone (a pipe, or moved); "
-                             f"pass --data again")
+        # A pipe (--data /dev/stdin, a FIFO) may still be there, but it gives other text now, or
+        # waits for some: a terminal's stdin. Only a file or a folder is the same corpus again.
+        if args.data is None and saved not in (None, "default") and not (os.path.isfile(saved) or os.path.isdir(saved)):
+            raise UsageError(f"{ckpt_path} was trained on --data {saved}, which is gone or not a file or folder "
+                             f"(a pipe, or moved); pass --data again")
         if args.data is None and saved is not None:
             args.data = saved  # the corpus the run was on, not the default one
             log(f"resuming on --data {saved}, the corpus {ckpt_path} was trained on")

@@ -55,6 +55,11 @@ class _Source:
     spooled: IO[bytes] | None = None  # a pipe, copied to an unnamed file: it can be read only once
 
 
+# Byte-order marks of text in a wider encoding (UTF-32's first: it starts with UTF-16's).
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def _blocks(source: _Source) -> Iterator[str]:
     """A file's text, decoded a block at a time; CorpusError if it is not UTF-8 text."""
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
@@ -63,6 +68,9 @@ def _blocks(source: _Source) -> Iterator[str]:
     with contextlib.nullcontext(source.spooled) if source.spooled is not None else open(source.path, "rb") as f:
         while True:
             raw = f.read(READ_BYTES)
+            if offset == 0 and (bom := next((e for b, e in _WIDE_BOMS if raw.startswith(b)), None)):
+                raise CorpusError(f"{source.path} is {bom.upper()} text, not UTF-8; convert it first, "
+                                  f"e.g. iconv -f {bom} -t utf-8")
             if b"\x00" in raw:
                 raise CorpusError(f"{source.path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
             pending = len(decoder.getstate()[0])
@@ -141,11 +149,7 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None, spool
         corpus.description = str(path)
         return corpus
     skip = [Path(x).expanduser().resolve() for x in exclude]
-    files = sorted(
-        f for f in path.rglob("*")
-        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
-        and not any(f.resolve().is_relative_to(s) for s in skip)
-    )
+    files = sorted(f for f in _folder_files(path, skip) if not any(f.resolve().is_relative_to(s) for s in skip))
     # A folder may hold images and the like; use its text files only.
     corpus = _scan([_Source(f) for f in files], str(path), log, skip_non_text=True)
     skipped = len(files) - len(corpus.sources)
@@ -153,6 +157,30 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None, spool
         raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
     corpus.description = f"{path} ({len(corpus.sources)} text files" + (f", {skipped} non-text skipped)" if skipped else ")")
     return corpus
+
+
+def _folder_files(path: Path, skip: list[Path]) -> list[Path]:
+    """The files under a folder but hidden ones and those under `skip`, through symlinked
+    folders too (each folder once, so a link to an ancestor is no loop); CorpusError for a
+    folder that cannot be listed, as for a file that cannot be read."""
+
+    def unreadable(e: OSError):
+        raise CorpusError(f"cannot read folder {e.filename} ({e.strerror}); check its permissions")
+
+    files, seen = [], set()
+    for root, dirs, names in os.walk(path, onerror=unreadable, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            continue
+        dirs.sort()  # a folder reached twice is read where the sorted walk first meets it
+        if (st.st_dev, st.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".") and Path(root, d).resolve() not in skip]
+        files += [f for name in names if not name.startswith(".") and (f := Path(root, name)).is_file()]
+    return files
 
 
 def _spool(path: Path, folder: str | None) -> IO[bytes]:
@@ -356,7 +384,7 @@ def _write_tokens(path: Path, corpus: Corpus, tok: Tokenizer, dtype: np.dtype, l
     with open(path, "wb") as out:
         for piece in _pieces(corpus.blocks(), tok.cut, READ_BYTES):
             ids = tok.encode_array(piece)
-            ids.astype(dtype).tofile(out)
+            out.write(ids.astype(dtype))  # not tofile: its errors carry no errno (a full disk read "(None)")
             count += len(ids)
             progress.advance(len(piece.encode("utf-8")), f", {count:,} tokens")
     return count

@@ -129,10 +129,12 @@ class GPT2Tokenizer:
     name = "gpt2"
     vocab_size = 50257
     eot_token = 50256
-    # A lone newline between two non-space characters, or the \r of a lone \r\n (not after
-    # its \n: at a piece's end "\r\n" would be one pre-token, in the text two). GPT-2's
-    # pre-tokenizer always splits there, so pieces encode to the ids of the whole text.
-    cut = re.compile(r"\S\n(?=\S)|\S\r(?=\n\S)")
+    # After a non-space character that ASCII whitespace follows: GPT-2's pre-tokenizer always
+    # splits there (no pre-token runs from a non-space into a space), and no pre-token looks
+    # back, so pieces encode to the ids of the whole text. Any text with spaces or line
+    # breaks has such cuts, not only text with lone newlines (one-line paragraphs separated by
+    # blank lines, a single long line), so tokenizing memory stays bounded for them too.
+    cut = re.compile(r"\S(?=[\t\n\x0b\x0c\r ])")
 
     def __init__(self):
         self._enc = _gpt2_encoding()

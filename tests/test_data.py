@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import threading
 import tracemalloc
 
@@ -260,7 +262,23 @@ def test_gpt2_pieces_end_at_its_cuts_and_stay_bounded():
     text = "ab\ncd\n" * 100
     pieces = list(data._pieces((text[i:i + 61] for i in range(0, len(text), 61)), GPT2Tokenizer.cut, 61))
     assert "".join(pieces) == text and len(pieces) > 5
-    assert all(len(p) >= 61 and p.endswith("\n") for p in pieces[:-1])
+    assert all(len(p) >= 61 and not p[-1].isspace() and q[0].isspace() for p, q in zip(pieces, pieces[1:]))
+
+
+@pytest.mark.parametrize("text", [
+    "A paragraph on one line, as markdown and exports write them.\n\n",  # no lone newline
+    "one long line of words and no line break at all ",
+    "CRLF paragraphs, one line each.\r\n\r\n",
+])
+def test_gpt2_pieces_stay_bounded_in_text_without_lone_newlines(tmp_path, text):
+    """Only lone newlines were cuts: a 1 GB corpus of one-line paragraphs (or one line) was
+    held, and encoded, whole. Spaces are cuts too; the ids are still those of the whole text."""
+    text = text * 200
+    pieces = list(data._pieces((text[i:i + 61] for i in range(0, len(text), 61)), GPT2Tokenizer.cut, 61))
+    assert "".join(pieces) == text and max(map(len, pieces)) < 2 * 61
+    tok = GPT2Tokenizer()
+    assert [t for p in pieces for t in tok.encode(p)] == tok.encode(text)
+    assert tok.encode_array(text, chunk_chars=97).tolist() == tok.encode(text)
 
 
 def test_the_default_corpus_leaves_out_files_it_cannot_read(monkeypatch):
@@ -295,3 +313,63 @@ def test_a_pipe_is_spooled_to_disk_not_held(tmp_path, monkeypatch):
     assert peak < 4 << 20, f"{peak / 2**20:.1f} MB held while reading an 8 MB pipe"
     assert len(d.train) + len(d.val) == len(raw)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the cache entry, no leftover spool file
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_text_is_named_with_its_fix(tmp_path, encoding):
+    """Windows PowerShell's `>` writes UTF-16 with a BOM: it is not "binary", and the latin1
+    conversion the generic message suggested would turn CJK text into mojibake."""
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")
+    (tmp_path / "c.txt").write_bytes(bom + "日本語のテキスト hello".encode(encoding))
+    family = encoding[:6]
+    with pytest.raises(CorpusError, match=f"is {family.upper()} text, not UTF-8; .*iconv -f {family} -t utf-8"):
+        scan_corpus(str(tmp_path / "c.txt"))
+
+
+def test_a_symlinked_folder_inside_the_corpus_is_read(tmp_path):
+    """A link to a folder was silently left out (not even counted), while a link to a file
+    was read; a link to an ancestor is read once, not followed round a loop."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("mine")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b.txt").write_text("linked")
+    (tmp_path / "corpus" / "books").symlink_to(tmp_path / "books")
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus")
+    corpus = scan_corpus(str(tmp_path / "corpus"))
+    assert corpus.text() == "mine\nlinked" and "2 text files" in corpus.description
+
+
+def test_a_full_disk_names_the_reason(tmp_path):
+    """numpy's tofile raises an OSError with no errno: a full disk read "(None)"."""
+    (tmp_path / "c.txt").write_text("abcdefghij" * 20_000)
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # writes past 100 kB fail, as on a full disk\n"
+        "from gpt.data import CorpusError, load_dataset\n"
+        "try:\n"
+        "    load_dataset(sys.argv[1], 'byte', sys.argv[2], log=lambda *a: None)\n"
+        "except CorpusError as e:\n"
+        "    print(e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.txt"), str(tmp_path / "cache")],
+                         cwd=root, capture_output=True, text=True, timeout=120).stdout
+    assert "cannot write the token cache" in out and "(File too large); free some space" in out, out
+
+
+def test_an_unreadable_folder_in_the_corpus_is_a_clear_error(tmp_path, monkeypatch):
+    """A folder that cannot be listed was silently left out, an unreadable file not."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("world")
+    scandir = os.scandir
+
+    def denied(p="."):
+        if os.fspath(p).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return scandir(p)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(CorpusError, match=r"cannot read folder .*sub \(Permission denied\); check its permissions"):
+        scan_corpus(str(tmp_path))

@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -500,6 +501,24 @@ def test_resuming_a_run_whose_corpus_is_gone_says_to_pass_data(tmp_path, corpus)
     args = train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"])
     with pytest.raises(train.UsageError, match="was trained on --data .*corpus.txt, which is gone .*pass --data again"):
         train.train(args)
+
+
+def test_resuming_a_run_trained_on_a_pipe_does_not_read_the_pipe_again(tmp_path, corpus):
+    """--data /dev/stdin (or a FIFO) still exists on --resume, but gives another corpus, or
+    waits for a terminal's input: the run must ask for --data, as for a corpus that is gone."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    os.remove(corpus)
+    os.mkfifo(corpus)
+    writer = threading.Thread(target=lambda: open(corpus, "w").write("other text " * 500), daemon=True)
+    writer.start()
+    args = train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    try:
+        with pytest.raises(train.UsageError, match="was trained on --data .*corpus.txt, which is gone .*pass --data again"):
+            train.train(args)
+    finally:
+        fd = os.open(corpus, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer's open return, if nothing read it
+        writer.join(10)
+        os.close(fd)
 
 
 def test_resuming_a_run_that_used_its_max_time_says_how_to_go_on(tmp_path, corpus, capsys):
