@@ -208,7 +208,7 @@ class OutDirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 host, _, pid = self.path.read_text().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                     self.path.unlink(missing_ok=True)
                     note = f"removed a stale lock {self.path} left by pid {pid}, which no longer runs"
                     continue
@@ -236,7 +236,8 @@ class OutDirLock:
                     pass  # not empty: the run wrote checkpoints or metrics
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sysconfig
 import tempfile
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import umask_mode
+from gpt.checkpoint import pid_alive, umask_mode
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
 
 VAL_FRACTION = 0.1
@@ -350,7 +351,8 @@ def _write_cache(folder: Path, corpus: Corpus, tok: Tokenizer, log) -> None:
     # Build in a temporary folder and rename it into place: a crash never leaves half a cache.
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        _remove_dead_builds(folder.parent)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{socket.gethostname()}-{os.getpid()}-"))
     except OSError as e:
         raise CorpusError(f"cannot write the token cache in {folder.parent} ({e.strerror}); "
                           f"pass --cache-dir a writable folder") from None
@@ -376,6 +378,17 @@ def _write_cache(folder: Path, corpus: Corpus, tok: Tokenizer, log) -> None:
                           f"free some space or pass --cache-dir another folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_builds(parent: Path) -> None:
+    """Removes the build folders of this host's processes that are gone: one killed while
+    tokenizing (SIGKILL, the OOM killer) leaves its folder, up to the size of its corpus.
+    Another process's build in progress stays: its pid runs."""
+    prefix = f".tmp-{socket.gethostname()}-"
+    for tmp in parent.glob(prefix + "*"):
+        pid = tmp.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_tokens(path: Path, corpus: Corpus, tok: Tokenizer, dtype: np.dtype, log) -> int:

@@ -373,3 +373,20 @@ def test_an_unreadable_folder_in_the_corpus_is_a_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(CorpusError, match=r"cannot read folder .*sub \(Permission denied\); check its permissions"):
         scan_corpus(str(tmp_path))
+
+
+def test_a_killed_build_leaves_no_folder_behind(tmp_path):
+    """A process killed while tokenizing (SIGKILL, the OOM killer) left its hidden build folder,
+    up to the corpus's size, in the cache for good. The next build removes it; a build of a
+    process that still runs (another trainer's, in progress) stays."""
+    import socket
+
+    (tmp_path / "c.txt").write_text("some text to tokenize " * 100)
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = (cache / f".tmp-{socket.gethostname()}-{pid}-x1y2" for pid in (done.stdout.strip(), os.getpid()))
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"\0" * 1000)
+    load_dataset(str(tmp_path / "c.txt"), "byte", str(cache), log=lambda *a: None)
+    assert not dead.exists() and live.exists()
