@@ -153,10 +153,14 @@ def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None, spool
     files = sorted(f for f in _folder_files(path, skip) if not any(f.resolve().is_relative_to(s) for s in skip))
     # A folder may hold images and the like; use its text files only.
     corpus = _scan([_Source(f) for f in files], str(path), log, skip_non_text=True)
-    skipped = len(files) - len(corpus.sources)
+    read = {source.path for source in corpus.sources}
+    skipped = [f for f in files if f not in read]
+    # Named, a few: a .txt in latin-1 or UTF-16 is skipped as an image is, and would go unseen.
+    named = f": {', '.join(str(f.relative_to(path)) for f in skipped[:3])}{', ...' if len(skipped) > 3 else ''}"
     if not corpus.sources:
-        raise CorpusError(f"folder {path} holds no UTF-8 text files ({skipped} non-text files skipped)")
-    corpus.description = f"{path} ({len(corpus.sources)} text files" + (f", {skipped} non-text skipped)" if skipped else ")")
+        raise CorpusError(f"folder {path} holds no UTF-8 text files ({len(skipped)} non-text files skipped{named})")
+    corpus.description = (f"{path} ({len(corpus.sources)} text files"
+                          + (f", {len(skipped)} non-text skipped{named})" if skipped else ")"))
     return corpus
 
 
