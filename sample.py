@@ -28,7 +28,7 @@ from train import DTYPES, UsageError, pick_device
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt, a Hugging Face GPT-2 directory or a safetensors export")
+    p.add_argument("--checkpoint", default="out", help="checkpoint file, an out dir holding ckpt.pt (ours or nanoGPT's), a Hugging Face GPT-2 directory or a safetensors export")
     p.add_argument("--prompt", action="append", default=None, help="text to continue; repeat for several prompts in one batch (default: start of text)")
     p.add_argument("--prompt-file", default=None, help="read one prompt from a file, or - for stdin")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, generated in parallel")

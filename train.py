@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt with the run's own --data, schedule, batch size, dtype and seed, unless given")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a checkpoint, replacing it")
     g.add_argument("--init-from", default=None, metavar="PATH",
-                   help="fine-tune from a Hugging Face GPT-2 directory, a safetensors export or one of our checkpoints")
+                   help="fine-tune from a Hugging Face GPT-2 directory, a safetensors export, or a checkpoint of ours or nanoGPT's")
     g = p.add_argument_group("model (a preset, optionally overridden)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture preset (default: tiny)")
     for flag in ("n-layer", "n-head", "n-embd", "block-size"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt import nanogpt
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, tokenizer_from_state
@@ -95,8 +96,8 @@ def remove_partial_saves(path: str | os.PathLike) -> int:
     return len(partial)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    p = resolve(path)
+def _read(p: Path, map_location: str | torch.device = "cpu") -> object:
+    """What torch.save wrote to p, tensors and plain data only (a checkpoint cannot run code)."""
     if not zipfile.is_zipfile(p):
         raise CheckpointError(f"{p} is not a tritongpt checkpoint (not a torch.save archive)")
     try:
@@ -108,6 +109,19 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is truncated or not a tritongpt checkpoint ({type(e).__name__})") from None
+    return state
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A tritongpt checkpoint's contents, its config and tokenizer checked."""
+    p = resolve(path)
+    return _checked(_read(p, map_location), p)
+
+
+def _checked(state: object, p: Path) -> dict:
+    if nanogpt.is_nanogpt(state):
+        raise CheckpointError(f"{p} is a nanoGPT checkpoint, which --resume cannot continue (its optimizer and "
+                              f"schedule are nanoGPT's); fine-tune from it with --init-from {p}")
     if not isinstance(state, dict) or not {"model", "config", "tokenizer"} <= state.keys():
         raise CheckpointError(f"{p} is not a tritongpt checkpoint (missing model, config or tokenizer)")
     try:  # what every user of a checkpoint rebuilds, checked once here
@@ -128,10 +142,19 @@ def load_weights(model: GPT, weights: dict, path: str | os.PathLike) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, raw checkpoint) from a checkpoint file or out dir."""
-    state = load(path)
+    """(model in eval mode, tokenizer, raw checkpoint) from a checkpoint file or out dir,
+    nanoGPT's too (gpt/nanogpt.py)."""
+    p = resolve(path)
+    state = _read(p)
+    if nanogpt.is_nanogpt(state):
+        try:
+            model, tokenizer = nanogpt.from_nanogpt(state, p)
+        except nanogpt.NanoGPTError as e:
+            raise CheckpointError(str(e)) from None
+        return model.to(device).eval(), tokenizer, state
+    state = _checked(state, p)
     model = GPT(GPTConfig.from_dict(state["config"]))
-    load_weights(model, state["model"], resolve(path))
+    load_weights(model, state["model"], p)
     return model.to(device).eval(), tokenizer_from_state(state["tokenizer"]), state
 
 

@@ -135,7 +135,7 @@ def load_hf(path: str | os.PathLike, kernels: str = "auto") -> GPT:
     return model
 
 
-def _without_padding(model: GPT, vocab_size: int) -> GPT:
+def without_padding(model: GPT, vocab_size: int) -> GPT:
     """The model with its first vocab_size token rows only. nanoGPT pads GPT-2's 50257
     tokens to 50304 rows, which no token id reaches: left in, sampling could draw ids that
     the tokenizer cannot decode."""
@@ -220,7 +220,7 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
                 raise HFError(f"{folder} has vocab_size={meta.get('vocab_size')}, fewer than the GPT-2 tokenizer's "
                               f"{tokenizer.vocab_size} tokens it is read with; export its checkpoint with "
                               f"python -m gpt.export CKPT DIR --format safetensors, which keeps its own tokenizer")
-            return _without_padding(load_hf(folder, kernels), tokenizer.vocab_size).eval(), tokenizer
+            return without_padding(load_hf(folder, kernels), tokenizer.vocab_size).eval(), tokenizer
         try:
             model = GPT(GPTConfig.from_dict({**meta[EXPORT_MARKER], "kernels": kernels}))
             tokenizer = tokenizer_from_state(meta["tokenizer"])

@@ -1,0 +1,115 @@
+"""nanoGPT checkpoints (ckpt.pt as its train.py writes it) sample, fine-tune and are refused by --resume.
+
+The checkpoints here are built the way nanoGPT's train.py saves them: the compiled model's
+state dict (keys prefixed "_orig_mod.", the causal-mask buffers where flash attention is
+missing), model_args, iter_num, best_val_loss as a tensor, the run's config dict; and, for a
+char-level dataset, data/<dataset>/meta.pkl beside the out dir, as its prepare.py writes it.
+"""
+import pickle
+
+import pytest
+import torch
+
+import sample
+import train
+from gpt import GPT, GPTConfig, checkpoint
+from gpt.hf import load_any
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+
+
+def save_nanogpt(folder, model: GPT, dataset: str, compiled: bool = True) -> None:
+    c = model.config
+    weights = {("_orig_mod." if compiled else "") + k: v for k, v in model.state_dict().items()}
+    for i in range(c.n_layer):  # nanoGPT's mask buffer, when torch lacks flash attention
+        weights[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(c.block_size, c.block_size)).view(
+            1, 1, c.block_size, c.block_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": weights,
+        "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+        "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                           bias=c.bias, vocab_size=c.vocab_size, dropout=0.0),
+        "iter_num": 100,
+        "best_val_loss": torch.tensor(1.5),
+        "config": {"dataset": dataset, "batch_size": 12, "learning_rate": 1e-3, "compile": compiled},
+    }, folder / "ckpt.pt")
+
+
+@pytest.fixture
+def char_run(tmp_path):
+    """tmp/out-shakespeare-char/ckpt.pt and tmp/data/shakespeare_char/meta.pkl, a nanoGPT checkout's layout."""
+    chars = sorted(set(TEXT))
+    meta = tmp_path / "data" / "shakespeare_char" / "meta.pkl"
+    meta.parent.mkdir(parents=True)
+    meta.write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                                   "stoi": {ch: i for i, ch in enumerate(chars)}}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(chars), block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False,
+                          kernels="torch")).eval()
+    save_nanogpt(tmp_path / "out-shakespeare-char", model, "shakespeare_char")
+    return tmp_path / "out-shakespeare-char", model, chars
+
+
+def test_a_char_level_checkpoint_loads_with_its_meta_pkl(char_run):
+    out, model, chars = char_run
+    loaded, tokenizer = load_any(out, kernels="torch")
+    assert loaded.config.bias is False and loaded.config.vocab_size == len(chars)
+    ids = tokenizer.encode("Before we proceed")
+    assert ids == [chars.index(ch) for ch in "Before we proceed"]  # nanoGPT's stoi
+    x = torch.tensor([ids])
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+def test_sample_py_and_init_from_take_a_nanogpt_out_dir(char_run, tmp_path, capsys):
+    out, _, _ = char_run
+    assert sample.main(["--checkpoint", str(out), "--prompt", "First", "--max-new-tokens", "8", "--device", "cpu",
+                        "--num-samples", "1"]) == 0
+    assert capsys.readouterr().out.count("First") >= 1
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    result = train.train(train.parse_args([
+        "--init-from", str(out / "ckpt.pt"), "--data", str(corpus), "--out-dir", str(tmp_path / "tuned"),
+        "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1",
+        "--batch-size", "2", "--device", "cpu", "--kernels", "torch"]))
+    assert result["step"] == 2
+
+
+def test_resume_of_a_nanogpt_checkpoint_names_init_from(char_run):
+    out, _, _ = char_run
+    with pytest.raises(checkpoint.CheckpointError, match="is a nanoGPT checkpoint, which --resume cannot continue.*--init-from"):
+        checkpoint.load(out)
+
+
+def test_a_gpt2_vocabulary_checkpoint_reads_without_its_padding(tmp_path):
+    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows and keeps no meta.pkl for BPE datasets:
+    the model is read with the GPT-2 tokenizer, without the rows no token reaches."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=50304, block_size=16, n_layer=1, n_head=1, n_embd=16, kernels="torch")).eval()
+    save_nanogpt(tmp_path / "out", model, "openwebtext", compiled=False)
+    loaded, tokenizer = load_any(tmp_path / "out", kernels="torch")
+    assert tokenizer.name == "gpt2" and loaded.config.vocab_size == 50257
+    x = torch.tensor([tokenizer.encode("Hello world")])
+    torch.testing.assert_close(loaded(x)[0], model(x)[0][..., :50257], rtol=0, atol=0)
+
+
+def test_a_small_vocabulary_without_meta_pkl_says_where_it_looked(char_run):
+    out, _, _ = char_run
+    (out.parent / "data" / "shakespeare_char" / "meta.pkl").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"nanoGPT model of \d+ tokens.*meta.pkl is not at .*copy"):
+        load_any(out)
+
+
+def test_a_meta_pkl_that_would_run_code_is_refused(char_run):
+    """meta.pkl is a pickle: one naming a callable (os.system here) must not be called."""
+    out, _, _ = char_run
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return os.system, ("echo pwned",)
+
+    (out / "meta.pkl").write_bytes(pickle.dumps({"itos": Exploit()}))
+    with pytest.raises(checkpoint.CheckpointError, match="is not a nanoGPT meta.pkl .*not plain data"):
+        load_any(out)
