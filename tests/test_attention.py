@@ -10,6 +10,7 @@ shapes are tiny and each edge is covered once rather than in a full cross produc
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -509,6 +510,8 @@ def _with_dropout(keep, dropout_p, causal):
     pytest.param(2, 1, 5, 37, 32, True, id="Tq5-Tk37"),
     # dK/dV's first query (key tile 32's, 7) is no multiple of 16: the draws' query tiles must be.
     pytest.param(1, 2, 20, 45, 16, True, id="Tq20-Tk45"),
+    # ... and key tile 32's first query, 8, is a multiple of 8 but not of 16 (2 queries 8 apart a call).
+    pytest.param(1, 1, 40, 64, 16, True, id="Tq40-Tk64"),
     pytest.param(2, 2, 40, 21, 16, False, id="Tq40-Tk21-full"),
 ])
 def test_dropout_against_float64_with_the_kernels_mask(B, H, Tq, Tk, D, causal, device):
@@ -549,6 +552,39 @@ def test_dropout_mask_statistics_and_seeding(device):
     assert torch.equal(attention(q, k, v, dropout_p=0.0), attention(q, k, v))
     import numpy as np
     assert torch.equal(attention(q, k, v, dropout_p=0.5, seed=np.int64(9)), attention(q, k, v, dropout_p=0.5, seed=9))
+
+
+def _philox4x32(seed, c0, c1, c2, c3, rounds=10):
+    """Philox4x32-10 (Salmon et al. 2011, as tl.philox computes it) in numpy: the four words for
+    each counter (c0, c1, c2, c3), broadcast, under the 64-bit key seed."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) & mask for x in np.broadcast_arrays(c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    mul_a, mul_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(rounds):
+        p0, p2 = mul_a * c[0], mul_b * c[2]
+        c = [((p2 >> np.uint64(32)) ^ c[1] ^ k0) & mask, p2 & mask, ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & mask, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+def test_dropout_mask_is_the_documented_philox_layout(device):
+    """The mask is the one _dropout_keep documents, recomputed here in numpy: query 16a + 8h + u
+    and key 32b + 8i + r keep their probability where half h of word i of Philox(seed; 8b + r,
+    8a + u, bh, 0) reaches dropout_p * 2^16. The float64 comparisons read the mask back through
+    the kernel, so a layout or threshold change all three kernels share passes them; here p is
+    one score's own draw over 2^16, which must be kept (>=, not >: else p = 1 - 2^-16 drops all)."""
+    B, H, T, seed = 1, 2, 40, 4321  # keys past 32 and queries past 16: b and a of 0 and 1
+    qs, ks = np.arange(T)[:, None], np.arange(T)[None, :]
+    draws = []
+    for bh in range(B * H):
+        words = _philox4x32(seed, ks // 32 * 8 + ks % 8, qs // 16 * 8 + qs % 8, bh, 0)
+        word = np.choose((ks % 32 // 8) + 0 * qs, words)
+        draws.append(word >> ((qs % 16 // 8) * 16).astype(np.uint64) & np.uint64(0xFFFF))
+    draws = np.stack(draws).reshape(B, H, T, T).astype(np.int64)
+    at = int(draws[0, 1, 21, 35])  # any score's draw; p = it / 2^16 is a step the kernel takes exactly
+    keep = _kept(B, H, T, T, False, at / 2**16, seed, device)
+    assert torch.equal(keep.cpu(), torch.from_numpy(draws >= at))
 
 
 def test_dropout_under_the_split_grid_draws_the_same_mask(monkeypatch, device):

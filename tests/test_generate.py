@@ -155,6 +155,18 @@ def test_non_finite_logits_are_an_error_not_a_token(model):
             generate(model, [[1, 2]], 4, temperature=temperature)
 
 
+def test_non_finite_prompt_logits_stream_no_token(model):
+    """Prefill's logits are checked before the first draw: a streaming caller (sample.py prints
+    each token as it comes) gets the error, not first a token drawn greedily from NaN logits
+    (the check points alone would see them only after on_token had the token)."""
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    streamed = []
+    with pytest.raises(GenerationError, match="logits are not finite"):
+        generate(model, [[1, 2]], 4, temperature=0.0, on_token=streamed.append)
+    assert streamed == []
+
+
 def test_triton_kernels_generate_like_the_reference(device):
     """Prefill (flash attention) and decode steps (decode attention) on the Triton kernels,
     in the interpreter on CPU, give the reference path's greedy tokens and logits."""

@@ -99,6 +99,8 @@ def test_mixed_dtypes(device):
     mixed_reference = lambda x, w, b: reference.layer_norm(x.to(w.dtype), w, b).to(x.dtype)
     _compare(layer_norm, mixed_reference, [x16, w, b], [torch.randn_like(x16)], 1e-3, 1e-3)
     _compare(add_layer_norm, reference.add_layer_norm, [x32, x16, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
+    # The low-precision one first: the outputs take the promoted dtype, not x's.
+    _compare(add_layer_norm, reference.add_layer_norm, [x16, x32, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
 
 
 def test_eps_and_empty_input(device):

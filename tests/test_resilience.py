@@ -85,6 +85,18 @@ def test_sigint_saves_and_exits_as_interrupted(tmp_path, corpus):
     assert checkpoint.load(tmp_path / "out")["step"] == state["step"] + 2
 
 
+def test_one_sigterm_saves_and_exits_as_terminated(tmp_path, corpus):
+    """One SIGTERM (a scheduler's stop, `timeout`, `docker stop`) stops cleanly as Ctrl-C does:
+    the step finishes and ckpt.pt is saved. Only the second signal quits at once; without
+    training's own handler the first one did (exit 143 all the same, but no checkpoint)."""
+    proc = start_training(tmp_path, corpus, "out")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM received" in out, out
+    assert checkpoint.load(tmp_path / "out")["step"] >= 2
+
+
 def test_sigterm_twice_quits_at_once_leaving_a_loadable_checkpoint(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
     proc = start_training(tmp_path, corpus, "out", "--overwrite")

@@ -200,6 +200,17 @@ def test_the_noise_is_finite_at_the_largest_draw(device, top_k):
     assert sample(logits, seed, offsets, temperature=1.0, top_k=top_k).item() != 30
 
 
+@pytest.mark.parametrize("top_k", [None, 8], ids=["all", "top-8"])
+def test_the_noise_is_finite_at_the_smallest_draw(device, top_k):
+    """The other end: Philox gives token 24 of row 0 the bits 0x1b2 (below 2^9) at seed 123,
+    offset 35947, so its 23 bits are 0. Without the half step the uniform was 0 and the noise
+    -inf: the only finite logit lost to the banned (-inf) ones, the first of which was drawn."""
+    logits = torch.full((1, 64), float("-inf"), device=device)
+    logits[0, 24] = 0.0
+    seed, offsets = torch.tensor([123], device=device), torch.tensor([35947], device=device)
+    assert sample(logits, seed, offsets, temperature=1.0, top_k=top_k).item() == 24
+
+
 @pytest.mark.parametrize("top_k", [None, 5], ids=["all", "top-5"])
 def test_ties_at_the_max_are_drawn_evenly_at_low_temperature(device, top_k):
     """Three logits tied at the max (two in one chunk, one in another: chunks are 64 wide in
@@ -223,3 +234,20 @@ def test_negative_zero_ties_with_zero_at_the_kth_logit(device):
     seed, offsets = state(64, device)
     tokens = sample(row.expand(64, -1), seed, offsets, temperature=1e4, top_k=2)
     assert set(tokens[:, 0].tolist()) == {0, 1, 3}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # -inf - -inf in the interpreter
+def test_chunks_without_top_k_are_put_on_the_rows_max(device):
+    """Without top-k each chunk scores its logits against its own max and _pick_best_kernel
+    puts the chunks back on the row's, so tokens in different chunks (64 logits each in the
+    interpreter) are drawn at the row's softmax; a chunk of banned (-inf) logits only, its max
+    -inf, is never drawn. The logits sit near GPT-2's -100, the last chunk partial. The other
+    tests draw among one chunk, or chunks sharing one max, where the shift cancels."""
+    chunk = 64 if device == "cpu" else 2048
+    V = 2 * chunk + 62
+    row = torch.full((V,), float("-inf"), device=device)
+    row[5], row[2 * chunk + 3], row[V - 1] = -100.0, -101.5, -100.5  # chunk 1 holds only -inf
+    B = 64
+    seed, offsets = state(B, device, seed=9)
+    tokens = sample(row.expand(B, -1), seed, offsets, temperature=1.0)
+    assert_frequencies(tokens, kept_probs(row, 1.0, None))

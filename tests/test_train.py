@@ -1,7 +1,9 @@
 """End-to-end: train.py and sample.py as a user runs them."""
+import csv
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,6 +38,23 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, corpus):
         assert (out / name).exists()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,train_loss,val_loss") and len(rows) > 30
+
+
+def test_tokens_per_second_leave_out_the_eval_time(tmp_path, corpus, monkeypatch):
+    """tok/s is the training's speed: an eval between two log lines (minutes on a real corpus)
+    is not counted. Here the eval at step 2 takes 1000 s on a clock moved forward, and the
+    line at step 4 must still see two steps' tokens over the seconds they took."""
+    ahead, real_time, real_eval = [0.0], time.time, train.estimate_loss
+
+    def slow_eval(*args, **kwargs):
+        ahead[0] += 1000.0
+        return real_eval(*args, **kwargs)
+    monkeypatch.setattr(train.time, "time", lambda: real_time() + ahead[0])
+    monkeypatch.setattr(train, "estimate_loss", slow_eval)
+    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--log-interval", "2")
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        speed = {int(r["step"]): float(r["tokens_per_s"]) for r in csv.DictReader(f) if r["tokens_per_s"]}
+    assert speed[4] > 2 * 8 * 32 / 100  # two steps of 8 x 32 tokens in under 100 s
 
 
 def test_checkpoint_round_trip(tmp_path, corpus):
@@ -181,6 +200,20 @@ def test_kernels_need_ampere_or_newer(monkeypatch):
         assert ops.backend(gpu, "triton") is kernels
         got = ops.triton_unsupported(config, torch.device("cuda", 0), torch.bfloat16)
         assert got == why or why in got, got
+
+
+def test_a_residual_row_past_the_layer_norm_kernel_is_refused():
+    """The residual stream is fp32 whatever --dtype: 16384 values (64 KiB) is the widest row
+    the LayerNorm kernel holds, so n_embd 16512 (129 heads of 128) is refused at startup and
+    16384 is taken. Counted in 16-bit values, rows up to 32768 passed and failed in the kernel."""
+    from gpt import ops
+
+    config = lambda n_embd: GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=n_embd // 128, n_embd=n_embd,
+                                      kernels="triton")
+    for dtype in (torch.float32, torch.float16):
+        assert ops.triton_unsupported(config(16384), torch.device("cpu"), dtype) is None
+        got = ops.triton_unsupported(config(16512), torch.device("cpu"), dtype)
+        assert got is not None and "rows of up to 16384 fp32 values, not 16512" in got, got
 
 
 @pytest.mark.parametrize(
