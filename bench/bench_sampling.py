@@ -4,7 +4,7 @@
     python -m bench.bench_sampling --smoke    # CPU (interpreter): checks the script runs
 
 Logits (B, 50257) in bf16, N(0, 2^2) like a trained model's spread. Columns:
-  kernels.sample       our one kernel, device time (CUDA-graph replay)
+  kernels.sample       our kernels (4 launches, 2 without top-k), device time (CUDA-graph replay)
   torch, graph         gpt.generate.sample_next (topk, softmax, multinomial), device time
   torch, launched      the same launched from Python, as generation ran it before: host
                        time included, which is what a batch-1 decode step pays

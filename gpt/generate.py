@@ -95,7 +95,7 @@ class Decoder:
     sequence's length) is captured once and replayed: one launch per token, and so is
     the draw of the next token for each sampling setting met (temperature, top_k) when
     it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
-    sampling in one Triton kernel, its random state on the device) wherever the model
+    sampling in four Triton launches, two without top-k, its random state on the device) wherever the model
     runs on the Triton kernels. top_p < 1, and the torch reference path, draw with
     torch's ops and the caller's generator, outside any graph.
 
