@@ -88,12 +88,17 @@ def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
 
 
 class Streamer:
-    """Prints text as tokens arrive, holding back bytes that do not yet form a whole character."""
+    """Prints text as tokens arrive, holding back bytes that do not yet form a whole character.
+
+    Only what is not printed yet is decoded and searched for a stop string, so each token
+    costs the same however long the sample grows (a stop string cannot start in printed text:
+    it would have been whole, and found, before that text was printed)."""
 
     def __init__(self, tokenizer, stops: list[str], eot: int | None):
         self.tokenizer, self.stops, self.eot = tokenizer, stops, eot
-        self.ids: list[int] = []
-        self.printed = 0
+        self.pending = ""  # decoded, not printed: what may start a stop string
+        self.ids: list[int] = []  # not decoded into pending yet: they may end in part of a character
+        self.hold = max((len(s) - 1 for s in stops), default=0)
         self.ended = False
 
     def __call__(self, token: torch.Tensor) -> None:
@@ -102,22 +107,28 @@ class Streamer:
         if self.ended:
             return
         self.ids.append(t)
-        text = self.tokenizer.decode(self.ids)
+        tail = self.tokenizer.decode(self.ids)
+        text = self.pending + tail
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
-            text, self.ended = text[:cut], True
-        elif text.endswith("\ufffd"):
+            self.pending, self.ids, self.ended = "", [], True
+            self._write(text[:cut])
             return
-        safe = len(text) - max((len(s) - 1 for s in self.stops), default=0) if not self.ended else len(text)
-        if safe > self.printed:  # hold back what might be the start of a stop string
-            sys.stdout.write(text[self.printed:safe])
+        if tail.endswith("\ufffd"):
+            return
+        safe = max(0, len(text) - self.hold)  # hold back what might be the start of a stop string
+        self.pending, self.ids = text[safe:], []
+        if safe:
+            self._write(text[:safe])
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
             sys.stdout.flush()
-            self.printed = safe
 
     def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-        sys.stdout.write((text if cut < 0 else text[:cut])[self.printed:] + "\n")
+        text = self.pending + self.tokenizer.decode(self.ids)
+        sys.stdout.write(cut_at_stop(text, self.stops) + "\n")
         sys.stdout.flush()
 
 
@@ -156,17 +167,20 @@ def sample(args: argparse.Namespace) -> None:
     stops = args.stop
 
     def stop(b: int, new: list[int]) -> bool:
-        return bool(stops) and cut_at_stop(tokenizer.decode(new), stops) != tokenizer.decode(new)
+        text = tokenizer.decode(new)
+        return cut_at_stop(text, stops) != text
 
     common = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=gen,
-                  eot_token=tokenizer.eot_token, stop=stop, decoder=decoder)
+                  eot_token=tokenizer.eot_token, decoder=decoder)
     if len(batch) == 1:
         sys.stdout.write(prompts[0])
         stream = Streamer(tokenizer, stops, tokenizer.eot_token)
-        generate(model, [ids[0]], args.max_new_tokens, on_token=stream, **common)
+        # The streamer has found the stop string already, in the text it has not printed.
+        generate(model, [ids[0]], args.max_new_tokens, on_token=stream,
+                 stop=(lambda b, new: stream.ended) if stops else None, **common)
         stream.finish()
         return
-    outputs = generate(model, [i for _, i in batch], args.max_new_tokens, **common)
+    outputs = generate(model, [i for _, i in batch], args.max_new_tokens, stop=stop if stops else None, **common)
     for n, ((prompt, _), new) in enumerate(zip(batch, outputs)):
         print(f"--- sample {n + 1} ---")
         print(prompt + cut_at_stop(tokenizer.decode(new), stops))
@@ -174,6 +188,10 @@ def sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A stdout in a legacy encoding (Windows' cp1252 when redirected to a file, or a latin-1
+    # locale) cannot hold every character a model writes: those show as '?', not a traceback.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     try:
         sample(args)
     except (UsageError, checkpoint.CheckpointError, HFError, TokenizerError) as e:
@@ -187,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader has gone (sample.py | head): what it read is all it wanted
         drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
+    except OSError as e:  # writing to a full disk (sample.py > out.txt); reads report their own errors
+        drop_stdout()
+        print(f"error: cannot write the samples to stdout ({e.strerror or e}); free some space or write them "
+              f"elsewhere", file=sys.stderr)
+        return 1
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)
         if where is None:

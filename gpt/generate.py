@@ -258,6 +258,8 @@ def generate(
     out = torch.zeros(B, min(max_new_tokens, 1024), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     every = 1 if on_token is not None else check_every
+    checked = 0  # the tokens out[:, :checked] are checked for end-of-text, and in `new` for stop
+    new: list[list[int]] = [[] for _ in range(B)]
     n = 0
     for n in range(1, max_new_tokens + 1):
         token = decoder.draw(temperature, top_k, top_p, generator)
@@ -271,11 +273,14 @@ def generate(
             # grows) would go on giving tokens, and the draws read none of them on the host.
             # A NaN in the cache spreads to every later step, so this sees it within `every`.
             finite = torch.isfinite(decoder.logits).all()
+            # Only the tokens since the last check: a check costs the same however long the output.
             if eot_token is not None:
-                done |= (out[:, :n] == eot_token).any(dim=1)
+                done |= (out[:, checked:n] == eot_token).any(dim=1)
             if stop is not None:
-                new = out[:, :n].tolist()
+                for row, tokens in zip(new, out[:, checked:n].tolist()):
+                    row.extend(tokens)
                 done |= torch.tensor([stop(b, new[b]) for b in range(B)], device=device)
+            checked = n
             finite, all_done = torch.stack([finite, done.all()]).tolist()  # one sync for both
             if not finite:
                 raise GenerationError(_NOT_FINITE)
@@ -284,9 +289,9 @@ def generate(
         if n == max_new_tokens:
             break
         if max(lengths) == S:  # no room for this token: slide the full sequences' windows
-            new = out[:, :n].tolist()
             keep = [max(1, S // 2) if length == S else length + 1 for length in lengths]
-            history = [(list(p) + new[b])[-keep[b]:] for b, p in enumerate(prompts)]
+            last = out[:, max(0, n - S):n].tolist()  # keep <= S tokens of prompt and output
+            history = [(list(p[-S:]) + last[b])[-keep[b]:] for b, p in enumerate(prompts)]
             lengths = [len(h) for h in history]
             _check_finite(decoder.prefill(history))
         else:

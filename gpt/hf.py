@@ -153,9 +153,9 @@ def save_hf(model: GPT, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     c = model.config
-    if c.pos_embedding != "learned" or not c.bias:
-        raise HFError("GPT-2's format needs learned position embeddings and biases; this model has "
-                      f"pos_embedding={c.pos_embedding!r}, bias={c.bias}")
+    if c.pos_embedding != "learned":
+        raise HFError(f"GPT-2's format needs learned position embeddings; this model has pos_embedding="
+                      f"{c.pos_embedding!r}: export it with --format safetensors")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -164,6 +164,9 @@ def save_hf(model: GPT, path: str | os.PathLike) -> None:
             continue  # tied: GPT-2 saves it once, as wte
         t = t.detach().to("cpu", torch.float32)
         state[k] = (t.t() if k.endswith(CONV1D) else t).contiguous().clone()
+        if not c.bias and k.endswith(".weight") and not k.startswith(("transformer.wte.", "transformer.wpe.")):
+            # Without biases (nanoGPT's default, bias=False) the model is GPT-2 with zero ones.
+            state[k.removesuffix("weight") + "bias"] = torch.zeros(t.size(0))
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config = {
         "model_type": "gpt2",
@@ -231,7 +234,8 @@ def load_any(path: str | os.PathLike, kernels: str = "auto") -> tuple[GPT, Token
         try:
             model.load_state_dict(state)
         except (RuntimeError, KeyError) as e:
-            raise HFError(f"{folder}: the weights do not match its config.json ({str(e).splitlines()[0][:160]})") from None
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:200]
+            raise HFError(f"{folder}: the weights do not match its config.json ({detail})") from None
         return model.eval(), tokenizer
     model, tokenizer, _ = checkpoint.load_model(folder)
     # A run on --kernels triton saved that mode; on another device it must not stay.

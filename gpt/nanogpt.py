@@ -40,15 +40,24 @@ def from_nanogpt(state: dict, path: Path) -> tuple[GPT, Tokenizer]:
                            dropout=float(args.get("dropout", 0.0)))
     except (KeyError, TypeError, ValueError) as e:
         raise NanoGPTError(f"{path}: its model_args cannot be read ({e})") from None
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    # torch.compile's prefix, and DDP's where a wrapped model's state dict was saved.
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("module."): v
+               for k, v in state["model"].items()}
     weights = {k: v for k, v in weights.items() if not k.endswith(".attn.bias")}  # the causal mask
+    dataset = (state.get("config") or {}).get("dataset")
+    tokenizer, order = _char_tokenizer(path, dataset, config.vocab_size) or (None, None)
+    if order is not None:
+        # nanoGPT's ids are meta.pkl's itos order; ours the sorted characters': reorder the
+        # embedding rows (the output head is the same matrix) to match.
+        for k in ("transformer.wte.weight", "lm_head.weight"):
+            if k in weights and weights[k].size(0) == len(order):
+                weights[k] = weights[k][order]
     model = GPT(config)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError) as e:
-        raise NanoGPTError(f"{path}: the weights do not match its model_args ({str(e).splitlines()[0][:160]})") from None
-    dataset = (state.get("config") or {}).get("dataset")
-    tokenizer = _char_tokenizer(path, dataset, config.vocab_size)
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:200]
+        raise NanoGPTError(f"{path}: the weights do not match its model_args ({detail})") from None
     if tokenizer is None:
         tokenizer = get_tokenizer("gpt2")
         if config.vocab_size < tokenizer.vocab_size:
@@ -75,19 +84,24 @@ class _PlainData(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
 
 
-def _char_tokenizer(path: Path, dataset: str | None, vocab_size: int) -> Tokenizer | None:
+def _char_tokenizer(path: Path, dataset: str | None, vocab_size: int) -> tuple[Tokenizer, list[int]] | None:
+    """The char tokenizer of meta.pkl, and for each of its (sorted) ids the nanoGPT id of that character."""
     meta_path = next((p for p in _meta_paths(path, dataset) if p.is_file()), None)
     if meta_path is None:
         return None
     try:
         with open(meta_path, "rb") as f:
             itos = _PlainData(f).load()["itos"]
-        chars = "".join(itos[i] for i in range(len(itos)))
-        tokenizer = tokenizer_from_state({"name": "char", "chars": chars})
+        chars = [itos[i] for i in range(len(itos))]
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise NanoGPTError(f"{meta_path} is not a nanoGPT meta.pkl of characters ({e})") from None
-    # nanoGPT's ids are the sorted characters' positions, as CharTokenizer's.
-    if tokenizer.chars != chars or tokenizer.vocab_size != vocab_size:
-        raise NanoGPTError(f"{meta_path} does not fit {path}: {len(chars)} characters for a vocabulary of "
-                           f"{vocab_size}, or not in sorted order")
-    return tokenizer
+    if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+        raise NanoGPTError(f"{meta_path} does not map ids to distinct single characters, as a char-level "
+                           f"dataset's meta.pkl does; only those (or GPT-2's tokens, with no meta.pkl) are read")
+    if len(chars) != vocab_size:
+        raise NanoGPTError(f"{meta_path} holds {len(chars)} characters but {path} has a vocabulary of "
+                           f"{vocab_size}: it is another dataset's; put the meta.pkl of the dataset it was "
+                           f"trained on beside it")
+    tokenizer = tokenizer_from_state({"name": "char", "chars": "".join(chars)})
+    nanogpt_id = {c: i for i, c in enumerate(chars)}
+    return tokenizer, [nanogpt_id[c] for c in tokenizer.chars]

@@ -293,3 +293,15 @@ def test_logits_that_turn_non_finite_while_decoding_are_an_error(device, kernels
         with pytest.raises(GenerationError, match="logits are not finite"):
             generate(model, [[1, 2]], 12, **settings)
     assert len(generate(model, [[1, 2]], 3, temperature=0.0)[0]) == 3  # positions up to 4 stay finite
+
+
+def test_stop_sees_every_new_token_once_in_order_and_eot_past_the_first_check(model):
+    """The checks read only the tokens since the last one (each costs the same however long the
+    output): what stop is given is still all the new tokens, and an end-of-text is still seen."""
+    run = lambda **kw: generate(model, [[1, 2, 3]], 40, generator=torch.Generator().manual_seed(5), check_every=7, **kw)[0]
+    free = run()
+    seen = []
+    assert run(stop=lambda b, new: seen.append(list(new)) or False) == free
+    assert seen == [free[:n] for n in (7, 14, 21, 28, 35, 40)]
+    eot = next(t for t in free if free.index(t) >= 7)  # first drawn after the first check
+    assert run(eot_token=eot) == free[: free.index(eot)]

@@ -243,3 +243,13 @@ def test_a_padded_vocabulary_samples_only_real_tokens(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight
     assert sample.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "20", "--seed", "0",
                         "--device", "cpu"]) == 0
+
+
+def test_an_export_whose_config_does_not_fit_its_weights_names_the_keys(tmp_path):
+    _small_checkpoint(tmp_path / "ckpt.pt")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "exp"), "--format", "safetensors"]) == 0
+    meta = json.loads((tmp_path / "exp" / "config.json").read_text())
+    meta["tritongpt"]["n_layer"] += 1
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(HFError, match=r"do not match its config.json \(.*Missing key\(s\) in state_dict: \"transformer.h"):
+        load_any(tmp_path / "exp")

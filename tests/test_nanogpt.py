@@ -113,3 +113,49 @@ def test_a_meta_pkl_that_would_run_code_is_refused(char_run):
     (out / "meta.pkl").write_bytes(pickle.dumps({"itos": Exploit()}))
     with pytest.raises(checkpoint.CheckpointError, match="is not a nanoGPT meta.pkl .*not plain data"):
         load_any(out)
+
+
+def test_a_checkpoint_without_biases_exports_to_transformers(tmp_path):
+    """nanoGPT trains with bias=False by default: GPT-2's format holds such a model with zero biases."""
+    transformers = pytest.importorskip("transformers")
+    from gpt.export import main as export_main
+
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=50304, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=False,
+                          kernels="torch")).eval()
+    save_nanogpt(tmp_path / "out", model, "openwebtext")
+    assert export_main([str(tmp_path / "out"), str(tmp_path / "hf")]) == 0
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x)[..., :50257], rtol=1e-5, atol=1e-5)
+
+
+def test_a_meta_pkl_in_any_character_order_loads(char_run):
+    """A dataset's own prepare.py may number its characters in any order: the ids are meta.pkl's."""
+    out, model, chars = char_run
+    order = chars[::-1]
+    (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(order), "itos": dict(enumerate(order))}))
+    loaded, tokenizer = load_any(out, kernels="torch")
+    text = "Before we proceed"
+    theirs = model(torch.tensor([[order.index(ch) for ch in text]]))[0]
+    ours = loaded(torch.tensor([tokenizer.encode(text)]))[0]
+    torch.testing.assert_close(ours, theirs[:, [order.index(ch) for ch in tokenizer.chars]], rtol=0, atol=0)
+
+
+def test_a_meta_pkl_of_another_vocabulary_names_both_sizes(char_run):
+    out, _, chars = char_run
+    (out / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate(chars[:-1]))}))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"holds {len(chars) - 1} characters but .* vocabulary of "
+                                                         rf"{len(chars)}: it is another dataset's"):
+        load_any(out)
+
+
+def test_weights_saved_from_a_ddp_wrapper_load(char_run):
+    out, model, _ = char_run
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    state["model"] = {"module." + k: v for k, v in state["model"].items()}
+    torch.save(state, out / "ckpt.pt")
+    loaded, tokenizer = load_any(out, kernels="torch")
+    x = torch.tensor([tokenizer.encode("First")])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

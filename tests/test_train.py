@@ -515,3 +515,50 @@ def test_resuming_on_too_short_a_corpus_asks_for_more_text(tmp_path, corpus, cap
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert "corpus too short" in err and err.strip().endswith("use more text"), err
+
+
+def test_a_stdout_that_cannot_encode_the_text_shows_question_marks(tmp_path, monkeypatch):
+    """Windows writes a redirected stdout in cp1252, which has no emoji (nor U+FFFD, which a
+    byte model's invalid UTF-8 decodes to): the text comes out, not a UnicodeEncodeError."""
+    import io
+
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}},
+                    tmp_path / "ckpt.pt")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    for n in ("1", "2"):
+        assert sample.main(["--checkpoint", str(tmp_path), "--prompt", "caf\u00e9 \U0001f600", "--max-new-tokens", "8",
+                            "--seed", "0", "--device", "cpu", "--num-samples", n]) == 0
+    out.flush()
+    assert out.buffer.getvalue().startswith("caf\u00e9 ?".encode("cp1252"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_samples_written_to_a_full_disk_are_a_one_line_error(tmp_path):
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}},
+                    tmp_path / "ckpt.pt")
+    for n in ("1", "2"):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path), "--device", "cpu",
+                                   "--max-new-tokens", "5", "--num-samples", n], cwd=ROOT, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        assert_one_line_error(proc, "cannot write the samples", "No space left on device")
+
+
+def test_streaming_decodes_only_the_text_not_printed_yet(tmp_path, monkeypatch, capsys):
+    """Each streamed token costs the same however long the sample: decoding the whole sample
+    at every token (and again for --stop) made 30,000 tokens take 4x as long as generating them."""
+    from gpt.tokenizer import CharTokenizer
+
+    cfg = GPTConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(),
+                     "tokenizer": {"name": "char", "chars": "abc xyz\n"}}, tmp_path / "ckpt.pt")
+    decoded = []
+    decode = CharTokenizer.decode
+    monkeypatch.setattr(CharTokenizer, "decode", lambda self, ids: decoded.append(len(ids)) or decode(self, ids))
+    assert sample.main(["--checkpoint", str(tmp_path), "--prompt", "a", "--max-new-tokens", "300", "--stop", "zzzzzz",
+                        "--seed", "0", "--top-k", "0", "--temperature", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert len(decoded) >= len(out) - 2 > 100 and max(decoded) <= 2
