@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -59,6 +60,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file is not None:
         # Bytes as they are, as the corpus was read: text mode would turn \r\n into \n; a
         # byte-order mark (Windows editors write one) goes, as it does from the corpus.
+        if args.prompt_file == "-" and sys.stdin is None:  # started with stdin closed (<&-)
+            raise UsageError("--prompt-file -: stdin is closed; pipe the prompt in, or pass --prompt")
         try:
             raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
             prompts.append(raw.decode("utf-8-sig"))
@@ -201,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            sys.stdout.write("\n")  # end the partial sample's line: the shell prompt starts its own
+            sys.stdout.flush()
         return 130
     except BrokenPipeError:  # stdout's reader has gone (sample.py | head): what it read is all it wanted
         drop_stdout()

@@ -275,6 +275,11 @@ def test_sample_errors_are_one_line(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
     proc = run_cli("sample.py", "--checkpoint", str(tmp_path / "out"), "--prompt-file", "-", stdin="Ω unknown")
     assert_one_line_error(proc, "'Ω' is not in this char model's vocabulary")
+    # Started with stdin closed (sample.py --prompt-file - <&-): Python's sys.stdin is None.
+    closed = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "out"), "--prompt-file", "-"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.close(0))
+    assert_one_line_error(closed, "--prompt-file -: stdin is closed")
 
 
 def test_sample_on_diverged_weights_is_a_one_line_error(tmp_path, corpus, capsys):
@@ -301,6 +306,21 @@ def test_sample_out_of_memory_is_a_one_line_error(tmp_path, corpus, capsys, monk
     assert capsys.readouterr().err.strip() == (
         "error: out of GPU memory generating (the KV cache holds every sample of every prompt at once, and the "
         "output each one's tokens); lower --num-samples, pass fewer prompts or lower --max-new-tokens")
+
+
+def test_ctrl_c_while_sampling_ends_the_line(tmp_path, corpus, capsys, monkeypatch):
+    """Ctrl-C mid-sample exits 130 with the partial sample's line ended, so the shell's prompt
+    does not land after its last character."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+
+    def interrupted(*args, on_token=None, **kwargs):
+        on_token(torch.tensor([[3]]))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "generate", interrupted)
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "de", "--device", "cpu"]) == 130
+    out = capsys.readouterr().out
+    assert out.startswith("de") and out.endswith("\n") and len(out) > 3, repr(out)
 
 
 def test_learning_rate_schedule():
