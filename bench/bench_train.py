@@ -74,8 +74,8 @@ def main() -> None:
         variants.append(("torch.compile", "torch", True))
     if cuda:
         variants += [("triton kernels", "triton", False), ("auto (the faster per op)", "auto", False)]
-        if not args.no_compile:
-            variants.append(("triton kernels + compile", "triton", True))
+        if not args.no_compile:  # our kernels are custom ops in the compiled graph
+            variants += [("triton kernels + compile", "triton", True), ("auto + compile", "auto", True)]
     # Never time a wrong model: every implementation's first loss against eager's (the same
     # weights and tokens), before any is timed.
     steps, first_loss = {}, None

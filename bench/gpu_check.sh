@@ -92,6 +92,8 @@ step bench-attention 130 python3 -m bench.bench_attention
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
+# torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.
+step bench-train-compile 200 python3 -m bench.bench_train --steps 10 --burn-in 3
 # A small model, where launch cost rather than the kernels may decide what "auto" should run.
 step bench-train-small 40 python3 -m bench.bench_train --preset shakespeare-char --batch-size 64 --no-compile \
     --steps 20 --burn-in 5

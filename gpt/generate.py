@@ -101,8 +101,8 @@ class Decoder:
 
     With compile=True the step goes through torch.compile(mode="reduce-overhead") instead,
     which writes its own kernels: on CUDA the model must run on kernels="torch"
-    (model.set_kernels("torch") switches), since ours are opaque to torch.compile and
-    would break the step into pieces.
+    (model.set_kernels("torch") switches), since our decode attention is opaque to
+    torch.compile and would break the step into pieces.
     """
 
     def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):

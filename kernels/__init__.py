@@ -4,9 +4,13 @@ which serve generation only, forward only).
 `kernels.reference` holds the pure-torch versions (CPU path and test oracle).
 Importing this package never touches the GPU.
 
-Each public function is opaque to torch.compile (torch.compiler.disable): Dynamo breaks
-the graph around it and runs it as it is. Traced into, the launches failed to compile in
-Inductor on an H200 (torch 2.11, a decode step), and the interpreter cannot be traced at all.
+Under torch.compile, attention, layer_norm, add_layer_norm and ffn run as custom ops
+(torch.library.custom_op, namespace "tritongpt", with fake implementations and their
+backward as ops too): Dynamo and Inductor take them into one graph without tracing into
+the launches, which failed to compile in Inductor on an H200 (torch 2.11, a decode step)
+and which the interpreter cannot trace at all. Eager calls skip the op dispatch (~17 us a
+call). decode_attention and sample, which generation replays in CUDA graphs of its own,
+stay opaque (torch.compiler.disable): Dynamo breaks the graph around them.
 """
 from kernels import reference
 from kernels._utils import FLOAT_DTYPES, HEAD_DIMS, LAYER_NORM_MAX_ROW_BYTES

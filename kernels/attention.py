@@ -860,8 +860,7 @@ class AttentionFunction(torch.autograd.Function):
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
     ) -> Tensor:
-        if seed is None:  # from torch's CPU generator: torch.manual_seed repeats it, and no GPU sync
-            seed = int(torch.randint(_MAX_SEED, (), dtype=torch.int64)) if dropout_p else 0
+        seed = _seed(seed, dropout_p)
         o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
@@ -875,7 +874,84 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-@torch.compiler.disable  # see kernels/__init__.py
+def _seed(seed: int | None, dropout_p: float) -> int:
+    """seed, or one from torch's CPU generator (torch.manual_seed repeats it, and no GPU sync)."""
+    if seed is None:
+        return int(torch.randint(_MAX_SEED, (), dtype=torch.int64)) if dropout_p else 0
+    return seed
+
+
+# Under torch.compile the launches run as custom ops, as in kernels/layer_norm.py. The
+# dropout seed is drawn inside the op, from the generator eager draws from, and kept for
+# the backward as a CPU tensor (empty without dropout). With dropout, forward and backward
+# are ops of their own, tagged cudagraph_unsafe: replayed in a CUDA graph
+# (mode="reduce-overhead"), the forward would repeat the first step's mask, the backward
+# redraw the first step's, so Inductor leaves them out of its graphs.
+def _attention_impl(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    seed = _seed(seed, dropout_p)
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
+    return o, lse, torch.tensor(seed) if dropout_p else _no_seed(q)
+
+
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float,
+                    seed: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, Tq, D = q.shape
+    o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
+    seed = torch.empty((), dtype=torch.int64) if dropout_p else _no_seed(q)
+    return o, q.new_empty((B, H, Tq), dtype=torch.float32), seed
+
+
+def _no_seed(q: Tensor) -> Tensor:
+    return q.new_empty(0, dtype=torch.int64)
+
+
+def _attention_backward_impl(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return _attention_bwd(do, q, k, v, o, lse, causal, scale, dropout_p, int(seed) if dropout_p else 0)
+
+
+def _attention_backward_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                             scale: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(_unit_stride(t)) for t in (q, k, v))
+
+
+def _attention_setup(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, causal, scale, dropout_p, _ = inputs
+    o, lse, seed = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.dropout_p = causal, dropout_p
+    ctx.scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+
+
+def _attention_backward(ctx, do: Tensor, _dlse: Tensor, _dseed: Tensor) -> tuple:
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    op = _attention_dropout_backward_op if ctx.dropout_p else _attention_backward_op
+    dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+def _custom_op(name: str, impl, fake, unsafe_in_cuda_graphs: bool = False) -> torch.library.CustomOpDef:
+    tags = (torch.Tag.cudagraph_unsafe,) if unsafe_in_cuda_graphs and hasattr(torch.Tag, "cudagraph_unsafe") else ()
+    op = torch.library.custom_op(f"tritongpt::{name}", impl, mutates_args=(), tags=tags)
+    op.register_fake(fake)
+    return op
+
+
+_attention_op = _custom_op("attention", _attention_impl, _attention_fake)
+_attention_dropout_op = _custom_op("attention_dropout", _attention_impl, _attention_fake, unsafe_in_cuda_graphs=True)
+_attention_backward_op = _custom_op("attention_backward", _attention_backward_impl, _attention_backward_fake)
+_attention_dropout_backward_op = _custom_op(
+    "attention_dropout_backward", _attention_backward_impl, _attention_backward_fake, unsafe_in_cuda_graphs=True
+)
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+_attention_dropout_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
     dropout_p: float = 0.0, seed: int | None = None,
@@ -900,4 +976,8 @@ def attention(
     """
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         seed = int(seed)  # a numpy integer too; anything else _check refuses
+    if torch.compiler.is_compiling():
+        _check(q, k, v, causal, dropout_p, 0 if seed is None else seed)  # eager's ValueError, while tracing
+        op = _attention_dropout_op if dropout_p else _attention_op
+        return op(q, k, v, bool(causal), scale, float(dropout_p), seed)[0]
     return AttentionFunction.apply(q, k, v, bool(causal), scale, float(dropout_p), seed)

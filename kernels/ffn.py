@@ -630,6 +630,40 @@ def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Te
             raise ValueError(f"{_OP}: {name} must have shape ({n},), got {tuple(bias.shape)}")
 
 
+def _ffn_fwd(
+    x2: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, save_pre: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """y (M, C_out), the pre-activation (M, H) if save_pre else None, and h = gelu(pre)."""
+    pre = torch.empty((x2.shape[0], fc_weight.shape[0]), dtype=x2.dtype, device=x2.device) if save_pre else None
+    h, _ = _matmul(x2, fc_weight.t(), fc_bias, _GELU, aux=pre)
+    y, _ = _matmul(h, proj_weight.t(), proj_bias)
+    return y, pre, h
+
+
+def _ffn_bwd(
+    dy2: Tensor, x2: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, pre: Tensor | None,
+    h: Tensor, needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """dx (M, C), dfc_weight, dfc_bias, dproj_weight, dproj_bias, each None unless `needs` it."""
+    need_x, need_wfc, need_bfc, need_wproj, need_bproj = needs
+    if pre is None:  # recompute_pre: one more matmul instead of the stored tensor
+        pre, _ = _matmul(x2, fc_weight.t(), fc_bias)
+    dx = dwfc = dbfc = dwproj = dbproj = None
+    if need_bproj:
+        dbproj = dy2.sum(0, dtype=torch.float32).to(proj_weight.dtype)
+    if need_wproj:
+        dwproj, _ = _matmul(dy2.t(), h, kind=_WEIGHT_GRAD)
+    if need_x or need_wfc or need_bfc:
+        dpre, dbfc = _matmul(dy2, proj_weight, epilogue=_GELU_GRAD, aux=pre, col_sums=need_bfc)
+        if need_wfc:
+            dwfc, _ = _matmul(dpre.t(), x2, kind=_WEIGHT_GRAD)
+        if need_x:
+            dx, _ = _matmul(dpre, fc_weight)
+    if dbfc is not None:
+        dbfc = dbfc.to(fc_bias.dtype)
+    return dx, dwfc, dbfc, dwproj, dbproj
+
+
 class FFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor,
@@ -639,15 +673,9 @@ class FFNFunction(torch.autograd.Function):
         # needs_input_grad is set under no_grad too (an eval model's weights require grad):
         # only the caller's grad mode says whether a backward can come.
         training = grad_enabled and any(ctx.needs_input_grad[:5])
-        hidden = fc_weight.shape[0]
-        pre = None
-        if training and not recompute_pre:
-            pre = torch.empty((x2.shape[0], hidden), dtype=x.dtype, device=x.device)
-        h, _ = _matmul(x2, fc_weight.t(), fc_bias, _GELU, aux=pre)
-        y, _ = _matmul(h, proj_weight.t(), proj_bias)
+        y, pre, h = _ffn_fwd(x2, fc_weight, fc_bias, proj_weight, proj_bias, training and not recompute_pre)
         if training:
             ctx.save_for_backward(x2, fc_weight, fc_bias, proj_weight, pre, h)
-            ctx.has_bias = (fc_bias is not None, proj_bias is not None)
         ctx.set_materialize_grads(False)
         return y.view(*x.shape[:-1], proj_weight.shape[0])
 
@@ -657,28 +685,66 @@ class FFNFunction(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None, None, None
         x2, fc_weight, fc_bias, proj_weight, pre, h = ctx.saved_tensors
-        need_x, need_wfc, need_bfc, need_wproj, need_bproj, _, _ = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if pre is None:  # recompute_pre: one more matmul instead of the stored tensor
-            pre, _ = _matmul(x2, fc_weight.t(), fc_bias)
-        dx = dwfc = dbfc = dwproj = dbproj = None
-        if need_bproj:
-            dbproj = dy2.sum(0, dtype=torch.float32).to(proj_weight.dtype)
-        if need_wproj:
-            dwproj, _ = _matmul(dy2.t(), h, kind=_WEIGHT_GRAD)
-        if need_x or need_wfc or need_bfc:
-            dpre, dbfc = _matmul(dy2, proj_weight, epilogue=_GELU_GRAD, aux=pre, col_sums=need_bfc)
-            if need_wfc:
-                dwfc, _ = _matmul(dpre.t(), x2, kind=_WEIGHT_GRAD)
-            if need_x:
-                dx, _ = _matmul(dpre, fc_weight)
-                dx = dx.view(*dy.shape[:-1], x2.shape[1])
-        if dbfc is not None:
-            dbfc = dbfc.to(fc_bias.dtype)
-        return dx, dwfc, dbfc, dwproj, dbproj, None, None
+        grads = _ffn_bwd(dy.reshape(-1, dy.shape[-1]), x2, fc_weight, fc_bias, proj_weight, pre, h,
+                         ctx.needs_input_grad[:5])
+        dx = None if grads[0] is None else grads[0].view(*dy.shape[:-1], x2.shape[1])
+        return dx, *grads[1:], None, None
 
 
-@torch.compiler.disable  # see kernels/__init__.py
+# Under torch.compile the launches run as custom ops, as in kernels/layer_norm.py. The
+# gradients a backward does not need come back empty (an op returns tensors, not None).
+@torch.library.custom_op("tritongpt::ffn", mutates_args=())
+def _ffn_op(
+    x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
+    save_pre: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y, the pre-activation (empty unless save_pre) and h, for the backward."""
+    y, pre, h = _ffn_fwd(x.reshape(-1, x.shape[-1]), fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
+    return y.view(*x.shape[:-1], proj_weight.shape[0]), x.new_empty(0) if pre is None else pre, h
+
+
+@_ffn_op.register_fake
+def _(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
+      save_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
+    M, hidden = x.numel() // x.shape[-1], fc_weight.shape[0]
+    pre = x.new_empty((M, hidden) if save_pre else 0)
+    return x.new_empty((*x.shape[:-1], proj_weight.shape[0])), pre, x.new_empty((M, hidden))
+
+
+@torch.library.custom_op("tritongpt::ffn_backward", mutates_args=())
+def _ffn_backward_op(
+    dy: Tensor, x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, pre: Tensor | None,
+    h: Tensor, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _ffn_bwd(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), fc_weight, fc_bias, proj_weight,
+                     pre, h, tuple(needs))
+    dx = grads[0].view(x.shape) if grads[0] is not None else None
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, *grads[1:]))
+
+
+@_ffn_backward_op.register_fake
+def _(dy: Tensor, x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, pre: Tensor | None,
+      h: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    shapes = (x.shape, fc_weight.shape, fc_weight.shape[:1], proj_weight.shape, proj_weight.shape[:1])
+    return tuple(x.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+
+
+def _ffn_setup(ctx, inputs: tuple, output: tuple) -> None:
+    x, fc_weight, fc_bias, proj_weight, _, save_pre = inputs
+    _, pre, h = output
+    ctx.save_for_backward(x, fc_weight, fc_bias, proj_weight, pre if save_pre else None, h)
+
+
+def _ffn_backward(ctx, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> tuple:
+    x, fc_weight, fc_bias, proj_weight, pre, h = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = _ffn_backward_op(dy, x, fc_weight, fc_bias, proj_weight, pre, h, needs)
+    return *(g if need else None for g, need in zip(grads, needs)), None
+
+
+_ffn_op.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+
+
 def ffn(
     x: Tensor,
     fc_weight: Tensor,
@@ -694,4 +760,9 @@ def ffn(
     tensors or CPU tensors under TRITON_INTERPRET=1. Differentiable in all five inputs.
     recompute_pre trades the saved M x H pre-activation for one more matmul in backward.
     """
+    if torch.compiler.is_compiling():
+        _check(x, fc_weight, fc_bias, proj_weight, proj_bias)  # eager's ValueError, while tracing
+        tensors = (x, fc_weight, fc_bias, proj_weight, proj_bias)
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return _ffn_op(x, fc_weight, fc_bias, proj_weight, proj_bias, training and not recompute_pre)[0]
     return FFNFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre, torch.is_grad_enabled())

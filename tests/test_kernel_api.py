@@ -12,6 +12,8 @@ from gpt import ops
 from kernels import _utils, reference
 
 ffn_module = importlib.import_module("kernels.ffn")  # the module, not the function of that name
+attention_module = importlib.import_module("kernels.attention")
+layer_norm_module = importlib.import_module("kernels.layer_norm")
 
 
 def _layer_norm(x):
@@ -153,3 +155,109 @@ def test_auto_attention_takes_the_reference_for_float64(auto_runs_kernels):
     ops.attention(q, q, q, mode="auto")  # the kernel would raise on float64
     with pytest.raises(ValueError, match="float64"):
         ops.attention(q, q, q, mode="triton")
+
+
+def _opcheck_cases(d: str) -> list:
+    """(op, args) for torch.library.opcheck: each custom op that torch.compile traces, on the
+    layouts the model passes (a fused QKV projection's views, fp32 weights beside fp16
+    activations) and the edges (no bias, Tq < Tk, dropout with a seed, unused gradients)."""
+    def t(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(*shape, device=d, dtype=dtype).requires_grad_(grad)
+
+    qkv = t(2, 9, 3, 2, 16)
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
+    q2, k2, v2 = t(1, 2, 5, 32), t(1, 2, 12, 32), t(1, 2, 12, 32)
+    x, w, b = t(3, 5, 48), t(48), t(48)
+    fc, proj = t(64, 16) / 4, t(16, 64) / 4
+    ln, add_ln, attn, ffn = (layer_norm_module._layer_norm_op, layer_norm_module._add_layer_norm_op,
+                             attention_module._attention_op, ffn_module._ffn_op)
+    cases = [
+        (ln, (x, w, b, 1e-5)),
+        (ln, (x.transpose(0, 1), w, None, 1e-5)),
+        (ln, (t(4, 48, dtype=torch.float16), w, b, 1e-5)),
+        (add_ln, (x, t(3, 5, 48, dtype=torch.float16), w, b, 1e-5)),
+        (attn, (q, k, v, True, None, 0.0, None)),
+        (attn, (q2, k2, v2, True, 0.3, 0.0, None)),
+        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, 1234)),
+        (ffn, (t(2, 3, 16), fc, t(64), proj, t(16), True)),
+        (ffn, (t(7, 16).t().contiguous().t(), fc, None, proj, None, False)),
+    ]
+    y, mean, rstd = ln(x, w, b, 1e-5)
+    s, _, mean2, rstd2 = add_ln(x, x, w, None, 1e-5)
+    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, 1234)
+    x3 = t(6, 16)
+    _, pre, h = ffn(x3, fc, t(64), proj, t(16), True)
+    detached = lambda *ts: [z.detach() for z in ts]  # noqa: E731
+    cases += [
+        (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float32)),
+        (layer_norm_module._layer_norm_backward_op, (*detached(s, s, s, w, mean2, rstd2), None)),
+        (attention_module._attention_dropout_backward_op, (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed)),
+        (ffn_module._ffn_backward_op, (*detached(x3, x3, fc, fc[:, 0], proj, pre, h), [True] * 5)),
+        (ffn_module._ffn_backward_op, (*detached(x3, x3, fc), None, proj.detach(), None, h.detach(),
+                                       [False, True, False, True, False])),
+    ]
+    return cases
+
+
+def test_the_custom_ops_are_sound(device):
+    """The ops torch.compile sees: their fake implementations give the real outputs' shapes,
+    strides and dtypes, and their autograd registration the real gradients (opcheck)."""
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "attention", "dropout", "ffn"])
+def test_torch_compile_gives_the_results_of_eager(name, device):
+    """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    fc = (torch.randn(64, 16, device=device) / 4).requires_grad_()
+    op = {
+        "layer_norm": lambda x: kernels.layer_norm(x, w, w),
+        "add_layer_norm": lambda x: torch.cat(kernels.add_layer_norm(x, x.flip(0), w, None)),
+        "attention": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3),
+        "dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, causal=False, dropout_p=0.5),
+        "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
+    }[name]
+    results = []
+    for fn in (op, torch.compile(op, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(0)
+        out = fn(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (x, w, fc), allow_unused=True)))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda d: kernels.layer_norm(torch.randn(3, 8, device=d), torch.ones(5, device=d), None), "must have shape"),
+    (lambda d: kernels.add_layer_norm(torch.randn(3, 8, device=d), torch.randn(3, 9, device=d),
+                                      torch.ones(8, device=d), None), "residual has shape"),
+    (lambda d: kernels.attention(*[torch.randn(1, 2, 4, 48, device=d)] * 3), "head dim 48 is not supported"),
+    (lambda d: kernels.ffn(torch.randn(3, 8, device=d), torch.randn(32, 16, device=d), None,
+                           torch.randn(16, 32, device=d), None), "in-features"),
+], ids=["layer_norm", "add_layer_norm", "attention", "ffn"])
+def test_torch_compile_raises_the_eager_value_error(call, match, device):
+    """Bad input under torch.compile is the eager one-line ValueError, raised while tracing,
+    not a failure deep inside the fake-tensor pass."""
+    with pytest.raises(ValueError, match=match):
+        torch.compile(call, backend="aot_eager")(device)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_of_torch_compile_draw_each_steps_dropout():
+    """mode="reduce-overhead" replays CUDA graphs, which would freeze the seed drawn on the
+    host: the dropout ops stay out of them, so each step has eager's mask, not the first's."""
+    q = torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def fn(q):
+        return kernels.attention(q, q * 2, q, dropout_p=0.5).square().sum()
+
+    compiled = torch.compile(fn, mode="reduce-overhead")
+    for step in range(3):
+        results = []
+        for f in (fn, compiled):
+            torch.manual_seed(step)
+            loss = f(q)
+            results.append((loss.detach().clone(), *torch.autograd.grad(loss, q)))
+        for compiled_result, eager_result in zip(results[1], results[0]):
+            torch.testing.assert_close(compiled_result, eager_result, rtol=1e-2, atol=1e-2)

@@ -107,9 +107,10 @@ def test_triton_path_matches_reference_path_bf16_gpt2_width():
     assert max(abs(a - b) for a, b in zip(ref, tri)) < 0.05, (ref, tri)
 
 
-def test_torch_compile_runs_around_the_kernels(device):
-    """torch.compile of a model on the Triton kernels (opaque to Dynamo: the graph breaks
-    around each one) computes the loss and gradients of the eager reference path."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_takes_the_kernels_into_one_graph(device, backend):
+    """torch.compile of a model on the Triton kernels: one graph (fullgraph: the kernels are
+    custom ops, no break around them), and the loss and gradients of the eager reference."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
     ref = GPT(cfg.updated(kernels="torch")).to(device)
@@ -118,11 +119,32 @@ def test_torch_compile_runs_around_the_kernels(device):
     x = torch.randint(0, 64, (2, 16), device=device)
     ref_loss = ref(x, x.roll(-1, dims=1))[1]
     ref_loss.backward()
-    tri_loss = torch.compile(tri)(x, x.roll(-1, dims=1))[1]
+    tri_loss = torch.compile(tri, fullgraph=True, backend=backend)(x, x.roll(-1, dims=1))[1]
     tri_loss.backward()
     torch.testing.assert_close(tri_loss, ref_loss, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_torch_compile_draws_the_dropout_of_eager(device):
+    """Under torch.compile the attention's dropout seed comes from the generator eager draws
+    from: one torch.manual_seed, the same masks, the same loss and gradients, step after step."""
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.3, kernels="triton")
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    x = torch.randint(0, 64, (2, 16), device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        results = []
+        for fwd in (model, compiled):
+            torch.manual_seed(step)
+            model.zero_grad()
+            loss = fwd(x, x.roll(-1, dims=1))[1]
+            loss.backward()
+            results.append((loss, [p.grad.clone() for p in model.parameters()]))
+        (eager_loss, eager_grads), (loss, grads) = results
+        assert loss == eager_loss
+        assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
 
 
 def test_dropout_reaches_the_triton_attention(device, monkeypatch):
