@@ -6,7 +6,7 @@ context every token, kept as the oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -51,9 +51,11 @@ def sample_next(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """One token id per row of logits (B, V) as (B, 1), on the logits' device; temperature 0 is greedy."""
+    """One token id per row of logits (B, V) as (B, 1), on the logits' device; temperature 0 is greedy.
+
+    generator: one for all rows, or one per row (see row_generators)."""
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -64,7 +66,18 @@ def sample_next(
     # its input anyway; this check turns its RuntimeError into our one-line one.
     if bool(probs.isnan().any()):
         raise GenerationError(_NOT_FINITE)
+    if isinstance(generator, Sequence):
+        return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def row_generators(generator: torch.Generator | None, rows: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row on device, seeded from one draw of `generator` (torch's default
+    one when None): row b's draws are then the same whatever the batch around it, as
+    kernels.sample's per-row counters make them on the kernels' path."""
+    base = int(torch.randint(0, 2**62, (), generator=generator,
+                             device=generator.device if generator is not None else "cpu"))
+    return [torch.Generator(device=device).manual_seed(base + b) for b in range(rows)]
 
 
 @torch.no_grad()
@@ -195,7 +208,7 @@ class Decoder:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """Samples the next token (B, 1) from the latest logits (see sample_next) into self.token."""
         top_k = top_k or None  # 0 keeps every token, as in filter_logits (kernels.sample takes None)
@@ -242,7 +255,8 @@ def generate(
     host in between (every token when on_token streams). When a sequence fills the
     context, its window slides: the cache is refilled from the last half of its context
     (and the other sequences' from all of theirs, so no sample depends on its batch).
-    Returns the new tokens of each sequence.
+    Nor do its draws: generator seeds each row's own (row_generators on torch's path,
+    kernels.sample's per-row counters on the kernels'). Returns the new tokens of each sequence.
     """
     B, S = len(prompts), model.config.block_size
     if not B or any(len(p) == 0 for p in prompts):
@@ -251,6 +265,7 @@ def generate(
     if decoder.kernels is not reference:
         decoder.reseed(generator)
     device = decoder.token.device
+    generators = row_generators(generator, B, device)  # for torch's draws (the reference path, or top_p)
     history = [list(p[-S:]) for p in prompts]
     lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
     _check_finite(decoder.prefill(history))
@@ -262,7 +277,7 @@ def generate(
     new: list[list[int]] = [[] for _ in range(B)]
     n = 0
     for n in range(1, max_new_tokens + 1):
-        token = decoder.draw(temperature, top_k, top_p, generator)
+        token = decoder.draw(temperature, top_k, top_p, generators)
         if n > out.size(1):
             out = torch.cat([out, torch.zeros_like(out)], dim=1)
         out[:, n - 1] = token[:, 0]

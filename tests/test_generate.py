@@ -89,6 +89,20 @@ def test_seeded_sampling_is_reproducible(model):
     assert a[0] != a[1] or a[1] != a[2]  # parallel samples differ from each other
 
 
+@pytest.mark.parametrize("kernels, top_p", [("torch", None), ("triton", 0.9)], ids=["torch", "torch-top-p-on-triton"])
+def test_a_sample_does_not_depend_on_its_batch(kernels, top_p, device):
+    """Under one seed, the first sample is the same alone or among others (sample.py
+    --num-samples 1 or 3), also where torch draws: each row has its own generator."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels=kernels)
+    model = GPT(cfg).to(device if kernels == "triton" else "cpu").eval()
+    run = lambda batch: generate(model, [[1, 2, 3]] * batch, 12, top_p=top_p,
+                                 generator=torch.Generator().manual_seed(7))
+    alone, three = run(1), run(3)
+    assert three[0] == alone[0]
+    assert three[1] != three[0] or three[2] != three[0]  # still different samples
+
+
 def test_end_of_text_and_stop_callback(model):
     prompt = [[1, 2, 3]]
     free = generate(model, prompt, 12, temperature=0)[0]
