@@ -90,6 +90,22 @@ def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
     return ids
 
 
+class StdoutError(Exception):
+    """Writing the samples to stdout failed (a full disk under `sample.py > file`)."""
+
+
+def write_out(text: str) -> None:
+    """Writes text to stdout now; a failure other than a closed pipe is a StdoutError, so
+    that it is not taken for any other OSError (a cache folder that cannot be written)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise StdoutError(e.strerror or str(e)) from e
+
+
 class Streamer:
     """Prints text as tokens arrive, holding back bytes that do not yet form a whole character.
 
@@ -126,13 +142,11 @@ class Streamer:
 
     def _write(self, text: str) -> None:
         if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            write_out(text)
 
     def finish(self) -> None:
         text = self.pending + self.tokenizer.decode(self.ids)
-        sys.stdout.write(cut_at_stop(text, self.stops) + "\n")
-        sys.stdout.flush()
+        write_out(cut_at_stop(text, self.stops) + "\n")
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -176,7 +190,7 @@ def sample(args: argparse.Namespace) -> None:
     common = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=gen,
                   eot_token=tokenizer.eot_token, decoder=decoder)
     if len(batch) == 1:
-        sys.stdout.write(prompts[0])
+        write_out(prompts[0])
         stream = Streamer(tokenizer, stops, tokenizer.eot_token)
         # The streamer has found the stop string already, in the text it has not printed.
         generate(model, [ids[0]], args.max_new_tokens, on_token=stream,
@@ -185,8 +199,7 @@ def sample(args: argparse.Namespace) -> None:
         return
     outputs = generate(model, [i for _, i in batch], args.max_new_tokens, stop=stop if stops else None, **common)
     for n, ((prompt, _), new) in enumerate(zip(batch, outputs)):
-        print(f"--- sample {n + 1} ---")
-        print(prompt + cut_at_stop(tokenizer.decode(new), stops))
+        write_out(f"--- sample {n + 1} ---\n{prompt}{cut_at_stop(tokenizer.decode(new), stops)}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader has gone (sample.py | head): what it read is all it wanted
         drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
-    except OSError as e:  # writing to a full disk (sample.py > out.txt); reads report their own errors
+    except StdoutError as e:  # writing to a full disk (sample.py > out.txt)
         drop_stdout()
-        print(f"error: cannot write the samples to stdout ({e.strerror or e}); free some space or write them "
-              f"elsewhere", file=sys.stderr)
+        print(f"error: cannot write the samples to stdout ({e}); free some space or write them elsewhere",
+              file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a cache folder Triton cannot write: the errno, its text and the path say it all
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)

@@ -567,6 +567,22 @@ def test_samples_written_to_a_full_disk_are_a_one_line_error(tmp_path):
         assert_one_line_error(proc, "cannot write the samples", "No space left on device")
 
 
+def test_an_os_error_not_writing_stdout_is_not_called_a_full_disk(tmp_path, monkeypatch, capsys):
+    """Only a failed write to stdout is "cannot write the samples": another OSError (a cache
+    folder Triton cannot write, say) is its own one line, with its path."""
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}},
+                    tmp_path / "ckpt.pt")
+
+    def generate(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/root/.triton/cache/abc")
+
+    monkeypatch.setattr(sample, "generate", generate)
+    assert sample.main(["--checkpoint", str(tmp_path), "--device", "cpu", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: [Errno 13] Permission denied: '/root/.triton/cache/abc'\n"
+
+
 def test_streaming_decodes_only_the_text_not_printed_yet(tmp_path, monkeypatch, capsys):
     """Each streamed token costs the same however long the sample: decoding the whole sample
     at every token (and again for --stop) made 30,000 tokens take 4x as long as generating them."""
