@@ -26,6 +26,11 @@ import numpy as np
 import torch
 
 from gpt.checkpoint import pid_alive, umask_mode
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs on one corpus at a time are not serialised
+    fcntl = None
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
 
 VAL_FRACTION = 0.1
@@ -307,20 +312,9 @@ def load_dataset(
         folder = Path(cache_dir) / f"{corpus.digest}-char-{hashlib.sha256(chars.encode()).hexdigest()[:12]}"
         meta = _read_meta(folder)
     if meta is None:
-        if folder.exists():  # truncated, or left half-written by hand: never trained on
-            log(f"rebuilding the damaged cache {folder}")
-            shutil.rmtree(folder, ignore_errors=True)
-        log(f"tokenizing {corpus.description} with the {tokenizer} tokenizer (cached in {folder})")
-        vocabulary = (chars or _characters(corpus)) if tokenizer == "char" else None
-        try:
-            _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
-        except ValueError as e:  # a character outside the weights' vocabulary
-            if chars is None or isinstance(e, CorpusError):
-                raise
-            raise CorpusError(f"{corpus.description} cannot be encoded with the weights' char vocabulary: {e}") from None
-        meta = _read_meta(folder)
-        if meta is None:
-            raise CorpusError(f"the token cache {folder} could not be written whole; pass another --cache-dir")
+        with _build_lock(folder, log):
+            # Another process may have built it while this one waited for the lock.
+            meta = _read_meta(folder) or _build_cache(folder, corpus, tokenizer, chars, log)
     dtype = np.dtype(meta["dtype"])
     return Dataset(
         train=np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
@@ -328,6 +322,48 @@ def load_dataset(
         tokenizer=tokenizer_from_state(meta["tokenizer"]),
         description=corpus.description,
     )
+
+
+def _build_cache(folder: Path, corpus: Corpus, tokenizer: str, chars: str | None, log) -> dict:
+    if folder.exists():  # truncated, or left half-written by hand: never trained on
+        log(f"rebuilding the damaged cache {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+    log(f"tokenizing {corpus.description} with the {tokenizer} tokenizer (cached in {folder})")
+    vocabulary = (chars or _characters(corpus)) if tokenizer == "char" else None
+    try:
+        _write_cache(folder, corpus, get_tokenizer(tokenizer, vocabulary), log)
+    except ValueError as e:  # a character outside the weights' vocabulary
+        if chars is None or isinstance(e, CorpusError):
+            raise
+        raise CorpusError(f"{corpus.description} cannot be encoded with the weights' char vocabulary: {e}") from None
+    meta = _read_meta(folder)
+    if meta is None:
+        raise CorpusError(f"the token cache {folder} could not be written whole; pass another --cache-dir")
+    return meta
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, log) -> Iterator[None]:
+    """Holds an exclusive lock on building `folder`: of two runs started on one corpus, the
+    second waits and then reads the first's cache, instead of tokenizing it again or taking a
+    cache renamed into place a moment ago for a damaged one and deleting it."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # Read-only: flock needs no more, and a lock file another user made still opens.
+        lock = os.open(folder.parent / f".{folder.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise CorpusError(f"cannot write the token cache in {folder.parent} ({e.strerror}); "
+                          f"pass --cache-dir a writable folder") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another process tokenizing into {folder}")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def _characters(corpus: Corpus) -> str:

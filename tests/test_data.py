@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -139,6 +140,47 @@ def test_a_corpus_too_short_for_a_validation_split_is_a_clear_error(tmp_path):
     with pytest.raises(CorpusError, match="corpus too short: 9 tokens"):
         load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "cache"), log=lambda *a: None)
     assert not [p for p in (tmp_path / "cache").glob("*") if not p.name.startswith(".")]  # no entry left behind
+
+
+def test_a_cache_built_by_another_run_meanwhile_is_read_not_rebuilt(tmp_path, monkeypatch):
+    """Two runs started on one corpus: the second saw no cache, then the first renamed its
+    build into place. The second used to take that cache for a damaged one, delete it (under
+    the first run's feet) and tokenize again; under the build lock it now reads it."""
+    corpus, cache = tmp_path / "c.txt", str(tmp_path / "cache")
+    corpus.write_text("abcdefghij" * 50)
+    load_dataset(str(corpus), "char", cache, log=lambda *a: None)
+    read_meta, looks = data._read_meta, []
+
+    def read_meta_late(folder):  # the first look came just before the other run's rename
+        looks.append(folder)
+        return None if len(looks) == 1 else read_meta(folder)
+
+    monkeypatch.setattr(data, "_read_meta", read_meta_late)
+    logs = []
+    d = load_dataset(str(corpus), "char", cache, log=logs.append)
+    assert not [m for m in logs if m.startswith(("tokenizing", "rebuilding"))], logs
+    assert len(d.train) + len(d.val) == 500
+
+
+def test_a_second_run_waits_for_the_first_to_tokenize(tmp_path):
+    corpus, cache = tmp_path / "c.txt", tmp_path / "cache"
+    corpus.write_text("abcdefghij" * 50)
+    scanned = data.scan_corpus(str(corpus))
+    folder = cache / f"{scanned.digest}-char"
+    logs, results = [], []
+    with data._build_lock(folder, log=None):  # the first run, tokenizing
+        second = threading.Thread(target=lambda: results.append(load_dataset(str(corpus), "char", str(cache),
+                                                                             log=logs.append)))
+        second.start()
+        for _ in range(500):
+            if any("waiting for another process" in m for m in logs):
+                break
+            time.sleep(0.01)
+        data._build_cache(folder, scanned, "char", None, log=lambda *a: None)
+    second.join()
+    assert any("waiting for another process" in m for m in logs)
+    assert not any(m.startswith("tokenizing") for m in logs), logs
+    assert len(results[0].train) + len(results[0].val) == 500
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no meta"])
@@ -312,7 +354,8 @@ def test_a_pipe_is_spooled_to_disk_not_held(tmp_path, monkeypatch):
     writer.join()
     assert peak < 4 << 20, f"{peak / 2**20:.1f} MB held while reading an 8 MB pipe"
     assert len(d.train) + len(d.val) == len(raw)
-    assert len(list((tmp_path / "cache").iterdir())) == 1  # the cache entry, no leftover spool file
+    # The cache entry (and its build's lock file), no leftover spool file.
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]) == 1
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
