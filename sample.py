@@ -23,7 +23,7 @@ from gpt import checkpoint
 from gpt.cli import ArgumentParser, drop_stdout, out_of_memory
 from gpt.generate import Decoder, GenerationError, generate
 from gpt.hf import HFError, is_model_dir, load_any
-from gpt.tokenizer import TokenizerError
+from gpt.tokenizer import Tokenizer, TokenizerError
 from train import DTYPES, UsageError, pick_device
 
 
@@ -70,7 +70,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts or [""]
 
 
-def encode_prompt(text: str, tokenizer, block_size: int) -> list[int]:
+def encode_prompt(text: str, tokenizer: Tokenizer, block_size: int) -> list[int]:
     if not text:
         # Start of text: GPT-2's end-of-text token, else a newline, else (a char vocabulary
         # without one) its first character.

@@ -242,7 +242,7 @@ def learning_rate(step: int, elapsed: float, args: argparse.Namespace) -> float:
 
 
 def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: distributed.World, block_size: int,
-                  retry: int = 0):
+                  retry: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches for one step.
 
     The global batch is drawn from a generator seeded by (seed, step), so the data
@@ -262,7 +262,9 @@ def train_batches(data: Dataset, step: int, args: argparse.Namespace, world: dis
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, data: Dataset, args: argparse.Namespace, device: str, autocast) -> dict[str, float]:
+def estimate_loss(
+    model: GPT, data: Dataset, args: argparse.Namespace, device: str, autocast: contextlib.AbstractContextManager
+) -> dict[str, float]:
     """Mean loss over eval_iters batches per split, drawn from a fixed seed so evals compare."""
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -17,7 +17,7 @@ import socket
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +128,10 @@ class Corpus:
         return "".join(self.blocks())
 
 
-def scan_corpus(data: str | None, exclude: tuple[str, ...] = (), log=None, spool_dir: str | None = None) -> Corpus:
+def scan_corpus(
+    data: str | None, exclude: tuple[str, ...] = (), log: Callable[[str], object] | None = None,
+    spool_dir: str | None = None,
+) -> Corpus:
     """Finds and checks a corpus: a file, a folder, or None for the default corpus.
 
     A folder's files under `exclude` (the trainer's out and cache dirs) are not read: with
@@ -298,7 +301,8 @@ class Dataset:
 
 
 def load_dataset(
-    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log=print, exclude: tuple[str, ...] = (),
+    data: str | None, tokenizer: str = "char", cache_dir: str = DEFAULT_CACHE, log: Callable[[str], object] = print,
+    exclude: tuple[str, ...] = (),
     chars: str | None = None,
 ) -> Dataset:
     """Tokenizes a corpus once, caching by content hash and tokenizer name. chars: the char

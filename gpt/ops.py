@@ -11,12 +11,16 @@ mode (GPTConfig.kernels):
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import reference
+
+if TYPE_CHECKING:
+    from gpt.config import GPTConfig
 
 
 # "auto" runs the Triton FFN only once it beats cuBLAS: on an H200 (bench/RESULTS.md, run 5,
@@ -65,8 +69,8 @@ def backend(x: Tensor, mode: str = "auto") -> ModuleType:
     raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
 
 
-def triton_unsupported(config, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the Triton kernels cannot run this model (a GPTConfig) on device in dtype, or None.
+def triton_unsupported(config: GPTConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run this model on device in dtype, or None.
     "auto" runs such models on torch; this is for refusing kernels="triton" at startup."""
     from kernels._utils import HEAD_DIMS, LAYER_NORM_MAX_ROW_BYTES, device_capability, interpreting
 
