@@ -359,6 +359,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                          f"with --init-from {ckpt_path} and a new --out-dir, or --resume a ckpt.pt")
     if resumed:
         _run_settings(args, resumed.get("args", {}), log)
+        _keep_global_batch(args, resumed.get("args", {}), resumed.get("world_size", world.size), world.size, log)
         saved = resumed.get("args", {}).get("data")
         # A pipe (--data /dev/stdin, a FIFO) may still be there, but it gives other text now, or
         # waits for some: a terminal's stdin. Only a file or a folder is the same corpus again.
@@ -385,12 +386,12 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                          f"drop --tokenizer {args.tokenizer} (it is fixed by the weights)")
     tokenizer_name = source["name"] if source else (args.tokenizer or "char")
     if not world.main:
-        distributed.barrier(world)
+        distributed.barrier(world, patient=True)
     chars = source.get("chars") if source else None  # a char model reads any corpus within its vocabulary
     data = load_dataset(args.data, tokenizer_name, args.cache_dir, log=log, exclude=(args.out_dir, args.cache_dir),
                         chars=chars)
     if world.main:
-        distributed.barrier(world)
+        distributed.barrier(world, patient=True)
     if init_model is not None:
         config = init_model.config
     config = config or model_config(args, data.tokenizer.vocab_size)
@@ -461,6 +462,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             "best_val_loss": best_val,
             "elapsed": elapsed,
             "skipped": skipped_total,
+            "world_size": world.size,
             # Stopped right after a skipped (non-finite) step, the resumed run retries it with
             # the batch the uninterrupted one would, not the failing one again.
             "retry": in_a_row,
@@ -484,7 +486,14 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
             if getattr(log, "closed", False) and not stop.requested:
                 stop.requested = "SIGPIPE"  # stdout's reader has gone (| head): save and stop, as on Ctrl-C
             done = step >= args.max_steps or bool(args.max_time and elapsed >= args.max_time)
-            if distributed.any_rank(stop.requested is not None or done, world, device):
+            # A signal may reach some ranks only (kill PID, the torchrun of one node of several):
+            # every rank learns it (1 + its number outranks done's 1), so that all save and exit alike.
+            asked = distributed.max_over_ranks(1 + signal.Signals[stop.requested] if stop.requested else int(done),
+                                               world, device)
+            if asked > 1 and not stop.requested:
+                stop.requested = signal.Signals(asked - 1).name
+                log(f"\n{stop.requested} received by another rank: saving a checkpoint")
+            if asked:
                 break
             lr = learning_rate(step, elapsed, args)
             for group in optimizer.param_groups:
@@ -503,6 +512,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                         _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                     scaler.scale(loss / len(batches)).backward()
                 step_loss += loss.detach() / len(batches)
+            step_loss = distributed.mean(step_loss, world)  # the global batch's loss, as one process logs it
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             # fp16 overflow is the GradScaler's business; anything else non-finite is a fault.
@@ -592,6 +602,20 @@ def _run_settings(args: argparse.Namespace, saved: dict, log) -> None:
     check_args(args)
 
 
+def _keep_global_batch(args: argparse.Namespace, run: dict, saved: int, size: int, log) -> None:
+    """--resume at another world size: --grad-accum, unless given, scaled so that each step
+    takes the run's global batch (the same sequences: train_batches draws it whole)."""
+    if saved == size or not {"batch_size", "grad_accum"} <= run.keys():
+        return
+    if "grad_accum" not in getattr(args, "given", set()) and args.grad_accum * saved % size == 0:
+        args.grad_accum = args.grad_accum * saved // size
+        log(f"note: world size {size} in place of the run's {saved}: --grad-accum {args.grad_accum} keeps its batch")
+    before, now = run["batch_size"] * run["grad_accum"] * saved, args.batch_size * args.grad_accum * size
+    if now != before:
+        log(f"note: world size {size} in place of the run's {saved}: {now} sequences per step, not {before} "
+            f"(to keep them: --batch-size B --grad-accum A with B x A x {size} = {before})")
+
+
 def _rank_seed(seed: int, rank: int, step: int, retry: int) -> int:
     digest = hashlib.blake2b(f"{seed} {rank} {step} {retry}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # torch.manual_seed takes [0, 2^63)
@@ -610,6 +634,12 @@ def _resume_command(argv: list[str], world_size: int) -> str:
             continue
         kept.append(arg)
     launcher = ["torchrun", "--standalone", f"--nproc-per-node={world_size}"] if world_size > 1 else [_python()]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size > per_node:  # several nodes: each node's torchrun, with its own --node-rank
+        launcher = ["torchrun", f"--nnodes={world_size // per_node}", "--node-rank=N",
+                    f"--master-addr={os.environ.get('MASTER_ADDR', 'HOST')}",
+                    f"--master-port={os.environ.get('MASTER_PORT', '29500')}", f"--nproc-per-node={per_node}"]
+        return shlex.join([*launcher, _script("train.py"), *kept, "--resume"]) + " (on each node, N its rank)"
     return shlex.join([*launcher, _script("train.py"), *kept, "--resume"])
 
 

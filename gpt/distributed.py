@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    patient: object = None  # a group whose barrier waits for rank 0 however long it takes (see init)
 
     @property
     def main(self) -> bool:
@@ -33,6 +35,9 @@ def init(device: str) -> tuple[World, str]:
         torch.cuda.set_device(world.local_rank)
         device = f"cuda:{world.local_rank}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # The collectives' timeout (NCCL's 10 minutes) catches a hung rank; waiting for rank 0 to
+    # tokenize a large corpus may take longer, so that wait is on a group with a long one.
+    world.patient = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     return world, device
 
 
@@ -61,6 +66,24 @@ def any_rank(flag: bool, world: World, device: str) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, world: World, device: str) -> int:
+    """The largest of the ranks' values, on every rank."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def mean(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of a tensor over the ranks, on every rank."""
+    if not world.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)  # a sum: gloo has no AVG
+    return t / world.size
+
+
 def from_main(value: float, world: World, device: str) -> float:
     """Rank 0's value on every rank (e.g. its clock, so all ranks decide alike)."""
     if not world.distributed:
@@ -70,9 +93,10 @@ def from_main(value: float, world: World, device: str) -> float:
     return t.item()
 
 
-def barrier(world: World) -> None:
+def barrier(world: World, patient: bool = False) -> None:
+    """Waits for every rank; patient: with no timeout to speak of (rank 0 tokenizing)."""
     if world.distributed:
-        dist.barrier()
+        dist.barrier(group=world.patient if patient else None)
 
 
 def shutdown(world: World, clean: bool = True) -> None:

@@ -283,6 +283,11 @@ def test_torchrun_ddp_matches_one_process(tmp_path, corpus):
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged at {name}"
         torch.testing.assert_close(ddp["model"][name], p, rtol=1e-4, atol=1e-5)
     assert abs(ddp["best_val_loss"] - single["best_val_loss"]) < 1e-4
+    # The logged training loss is the global batch's, as one process logs it, not rank 0's share.
+    logged, expected = logged_losses(tmp_path / "ddp"), logged_losses(tmp_path / "single")
+    assert logged.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert abs(float(logged[step]) - float(loss)) < 2e-4, (step, logged, expected)
 
 
 def torchrun(tmp_path, *args, script="tests/ddp_worker.py"):
@@ -328,6 +333,44 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpu
     # A sharded run's checkpoint resumes in one process (any world size).
     resumed = run_train(tmp_path, corpus, "fsdp", "--max-steps", "6", "--eval-interval", "6", "--warmup", "1", "--resume")
     assert resumed["step"] == 6
+
+
+def test_torchrun_a_signal_to_one_rank_stops_every_rank_and_rank_0_saves(tmp_path, corpus):
+    """A SIGTERM that reaches rank 1 alone (kill PID, or the torchrun of one node of several
+    stopped by its scheduler): rank 0, which got none, still saves ckpt.pt and says so."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/ddp_worker.py",
+           str(tmp_path), *flags(tmp_path, corpus, "out", "--max-steps", "100000", "--eval-interval", "100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 2/"):
+            break
+        assert time.time() < deadline
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "SIGTERM received by another rank" in out and "stopped at step" in out, (out[-2000:], err[-3000:])
+    assert checkpoint.load(tmp_path / "out")["step"] >= 2
+
+
+def test_torchrun_resumed_at_another_world_size_keeps_the_global_batch(tmp_path, corpus, capsys):
+    """2 processes x batch 4, resumed in one process: 2 micro-batches of 4 per step, as before."""
+    common = ["--warmup", "1", "--decay-steps", "4", "--eval-interval", "2"]
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "split", *common, "--max-steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = run_train(tmp_path, corpus, "split", *common, "--max-steps", "4", "--resume")
+    assert "world size 1 in place of the run's 2: --grad-accum 2 keeps its batch" in capsys.readouterr().out
+    single = run_train(tmp_path, corpus, "single", *common, "--max-steps", "4", "--grad-accum", "2")
+    for name, p in single["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"].state_dict()[name], p, rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_other_ranks_wait_out_a_long_tokenization(tmp_path, corpus):
+    """Rank 0 tokenizes a large corpus for longer than the collectives' timeout (NCCL's is 10
+    minutes; 2 s in the worker) while the others wait for its cache: they wait, not fail."""
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "out", "--max-steps", "2"), script="tests/ddp_slow_data_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checkpoint.load(tmp_path / "out")["step"] == 2
 
 
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
@@ -446,6 +489,17 @@ def test_the_resume_command_drops_the_flags_that_start_a_run():
     argv = ["--init-from", "gpt2", "--out-dir", "o", "--overwrite", "--init-from=x", "--lr", "1e-3"]
     assert train._resume_command(argv, 1).endswith("train.py --out-dir o --lr 1e-3 --resume")
     assert train._resume_command(["--fsdp"], 4).startswith("torchrun --standalone --nproc-per-node=4 ")
+
+
+def test_the_resume_command_of_a_run_on_several_nodes_starts_each_node(monkeypatch):
+    """2 nodes of 8: not one node's torchrun of 16 processes, which it has no GPUs for."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    command = train._resume_command(["--lr", "1e-3"], 16)
+    assert command.startswith("torchrun --nnodes=2 --node-rank=N --master-addr=node0 --master-port=29500 "
+                              "--nproc-per-node=8 ")
+    assert command.endswith("--lr 1e-3 --resume (on each node, N its rank)")
 
 
 def test_a_full_disk_for_the_log_and_plot_warns_once_and_training_goes_on(tmp_path, corpus, monkeypatch, capsys):
