@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="auto: on CUDA the faster of Triton and torch per op, torch for models narrower than 768 (gpt/ops.py), torch elsewhere; triton: Triton everywhere")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch (per process)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step, per process (unlike nanoGPT's, not divided by the world size)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -722,11 +723,13 @@ def _main(args: argparse.Namespace, started: float) -> int:
     except (RuntimeError, MemoryError) as e:
         where = out_of_memory(e)
         rank = os.environ.get("RANK", "0")
-        if where is None and rank != "0":
-            # Most often a collective cut short because another rank failed and left the group.
+        # Most often a collective cut short because another rank failed and left the group
+        # (on rank 0 too: a peer killed by the OOM killer resets its connection).
+        if where is None and (rank != "0" or isinstance(e, torch.distributed.DistError)):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error on rank {rank}: {first[:300]}; if rank 0 failed first, its message names the cause",
-                  file=sys.stderr)
+            cause = "if rank 0 failed first, its message names the cause" if rank != "0" else \
+                "another rank stopped first (its message, or the OOM killer, names the cause)"
+            print(f"error on rank {rank}: {first[:300]}; {cause}", file=sys.stderr)
             return 1
         if where is None:
             raise

@@ -335,6 +335,19 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpu
     assert resumed["step"] == 6
 
 
+def test_a_peer_lost_on_rank_0_is_one_line(monkeypatch, capsys):
+    """A rank killed outright (the OOM killer) resets rank 0's connection: one line there too,
+    as on the other ranks, not the collective's traceback."""
+    def peer_lost(args):
+        raise torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection reset by peer\nmore")
+
+    monkeypatch.setattr(train, "train", peer_lost)
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error on rank 0: [../gloo") and "another rank stopped first" in err
+
+
 def test_torchrun_a_signal_to_one_rank_stops_every_rank_and_rank_0_saves(tmp_path, corpus):
     """A SIGTERM that reaches rank 1 alone (kill PID, or the torchrun of one node of several
     stopped by its scheduler): rank 0, which got none, still saves ckpt.pt and says so."""
