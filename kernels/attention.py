@@ -874,6 +874,12 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# Eager calls go through torch.compiler.disable: where Dynamo runs the public function's
+# frame eagerly (it marks a frame to skip after an error in it, e.g. eager's ValueError
+# while tracing), it would otherwise trace the launches below it (see kernels/__init__.py).
+_attention_apply = torch.compiler.disable(AttentionFunction.apply)
+
+
 def _seed(seed: int | None, dropout_p: float) -> int:
     """seed, or one from torch's CPU generator (torch.manual_seed repeats it, and no GPU sync)."""
     if seed is None:
@@ -882,17 +888,38 @@ def _seed(seed: int | None, dropout_p: float) -> int:
 
 
 # Under torch.compile the launches run as custom ops, as in kernels/layer_norm.py. The
-# dropout seed is drawn inside the op, from the generator eager draws from, and kept for
-# the backward as a CPU tensor (empty without dropout). With dropout, forward and backward
-# are ops of their own, tagged cudagraph_unsafe: replayed in a CUDA graph
-# (mode="reduce-overhead"), the forward would repeat the first step's mask, the backward
-# redraw the first step's, so Inductor leaves them out of its graphs.
+# dropout seed is a CPU tensor, drawn by an op of its own (_dropout_seed_op) from the
+# generator eager draws from, and kept for the backward (empty without dropout). That op
+# is tagged nondeterministic_seeded: where the forward is recomputed for the backward
+# (torch.utils.checkpoint under torch.compile), AOTAutograd replays the CPU generator's
+# state around it and the recomputed mask is the forward's; drawn inside the attention
+# op, the recomputation drew a new seed and gave wrong gradients. With dropout, forward
+# and backward are ops of their own, tagged cudagraph_unsafe (as is the draw): replayed
+# in a CUDA graph (mode="reduce-overhead"), the forward would repeat the first step's
+# mask, the backward redraw the first step's, so Inductor leaves them out of its graphs.
 def _attention_impl(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     seed = _seed(seed, dropout_p)
     o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
     return o, lse, torch.tensor(seed) if dropout_p else _no_seed(q)
+
+
+def _attention_dropout_impl(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, int(seed))
+    return o, lse, seed.clone()  # an op's output may not alias its input
+
+
+def _dropout_seed_impl(cpu: Tensor) -> Tensor:
+    """A seed from torch's CPU generator, as eager draws it. `cpu`, an empty CPU tensor,
+    tells AOTAutograd which generator's state to replay when it recomputes the draw."""
+    return torch.tensor(_seed(None, 1.0))
+
+
+def _dropout_seed_fake(cpu: Tensor) -> Tensor:
+    return cpu.new_empty(())
 
 
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float,
@@ -935,15 +962,20 @@ def _attention_backward(ctx, do: Tensor, _dlse: Tensor, _dseed: Tensor) -> tuple
     return dq, dk, dv, None, None, None, None
 
 
-def _custom_op(name: str, impl, fake, unsafe_in_cuda_graphs: bool = False) -> torch.library.CustomOpDef:
-    tags = (torch.Tag.cudagraph_unsafe,) if unsafe_in_cuda_graphs and hasattr(torch.Tag, "cudagraph_unsafe") else ()
+def _custom_op(name: str, impl, fake, unsafe_in_cuda_graphs: bool = False, tags: tuple = ()) -> torch.library.CustomOpDef:
+    if unsafe_in_cuda_graphs and hasattr(torch.Tag, "cudagraph_unsafe"):
+        tags += (torch.Tag.cudagraph_unsafe,)
     op = torch.library.custom_op(f"tritongpt::{name}", impl, mutates_args=(), tags=tags)
     op.register_fake(fake)
     return op
 
 
 _attention_op = _custom_op("attention", _attention_impl, _attention_fake)
-_attention_dropout_op = _custom_op("attention_dropout", _attention_impl, _attention_fake, unsafe_in_cuda_graphs=True)
+_attention_dropout_op = _custom_op(
+    "attention_dropout", _attention_dropout_impl, _attention_fake, unsafe_in_cuda_graphs=True
+)
+_dropout_seed_op = _custom_op("dropout_seed", _dropout_seed_impl, _dropout_seed_fake, unsafe_in_cuda_graphs=True,
+                              tags=(torch.Tag.nondeterministic_seeded,))
 _attention_backward_op = _custom_op("attention_backward", _attention_backward_impl, _attention_backward_fake)
 _attention_dropout_backward_op = _custom_op(
     "attention_dropout_backward", _attention_backward_impl, _attention_backward_fake, unsafe_in_cuda_graphs=True
@@ -977,7 +1009,10 @@ def attention(
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         seed = int(seed)  # a numpy integer too; anything else _check refuses
     if torch.compiler.is_compiling():
+        scale = None if scale is None else float(scale)  # eager's float(scale): a numpy float, a 0-d tensor
         _check(q, k, v, causal, dropout_p, 0 if seed is None else seed)  # eager's ValueError, while tracing
-        op = _attention_dropout_op if dropout_p else _attention_op
-        return op(q, k, v, bool(causal), scale, float(dropout_p), seed)[0]
-    return AttentionFunction.apply(q, k, v, bool(causal), scale, float(dropout_p), seed)
+        if not dropout_p:
+            return _attention_op(q, k, v, bool(causal), scale, 0.0, seed)[0]
+        drawn = _dropout_seed_op(torch.empty(0, dtype=torch.int64)) if seed is None else torch.tensor(seed)
+        return _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn)[0]
+    return _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed)

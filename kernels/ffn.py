@@ -691,6 +691,12 @@ class FFNFunction(torch.autograd.Function):
         return dx, *grads[1:], None, None
 
 
+# Eager calls go through torch.compiler.disable: where Dynamo runs the public function's
+# frame eagerly (it marks a frame to skip after an error in it, e.g. eager's ValueError
+# while tracing), it would otherwise trace the launches below it (see kernels/__init__.py).
+_ffn_apply = torch.compiler.disable(FFNFunction.apply)
+
+
 # Under torch.compile the launches run as custom ops, as in kernels/layer_norm.py. The
 # gradients a backward does not need come back empty (an op returns tensors, not None).
 @torch.library.custom_op("tritongpt::ffn", mutates_args=())
@@ -765,4 +771,4 @@ def ffn(
         tensors = (x, fc_weight, fc_bias, proj_weight, proj_bias)
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         return _ffn_op(x, fc_weight, fc_bias, proj_weight, proj_bias, training and not recompute_pre)[0]
-    return FFNFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre, torch.is_grad_enabled())
+    return _ffn_apply(x, fc_weight, fc_bias, proj_weight, proj_bias, recompute_pre, torch.is_grad_enabled())

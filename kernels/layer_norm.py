@@ -417,6 +417,13 @@ class AddLayerNormFunction(torch.autograd.Function):
         return ds.to(x_dtype), ds.to(r_dtype), dw, db, None
 
 
+# Eager calls go through torch.compiler.disable: where Dynamo runs the public function's
+# frame eagerly (it marks a frame to skip after an error in it, e.g. eager's ValueError
+# while tracing), it would otherwise trace the launches below it (see kernels/__init__.py).
+_layer_norm_apply = torch.compiler.disable(LayerNormFunction.apply)
+_add_layer_norm_apply = torch.compiler.disable(AddLayerNormFunction.apply)
+
+
 # Under torch.compile the same launches run as custom ops, which Dynamo and Inductor treat
 # like aten ops (fake implementations give the output shapes): one graph, no break around
 # them. The public functions check the inputs first, so that a bad one raises the eager
@@ -511,7 +518,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
     if torch.compiler.is_compiling():
         _check("layer_norm", "kernels.reference.layer_norm", weight, bias, x=x)
         return _layer_norm_op(x, weight, bias, float(eps))[0]
-    return LayerNormFunction.apply(x, weight, bias, eps)
+    return _layer_norm_apply(x, weight, bias, eps)
 
 
 def add_layer_norm(
@@ -525,4 +532,4 @@ def add_layer_norm(
     if torch.compiler.is_compiling():
         _check("add_layer_norm", "kernels.reference.add_layer_norm", weight, bias, x=x, residual=residual)
         return _add_layer_norm_op(x, residual, weight, bias, float(eps))[:2]
-    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+    return _add_layer_norm_apply(x, residual, weight, bias, eps)

@@ -4,6 +4,7 @@ Each case here once gave silently wrong numbers or a traceback from deep inside.
 """
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,13 +179,14 @@ def _opcheck_cases(d: str) -> list:
         (add_ln, (x, t(3, 5, 48, dtype=torch.float16), w, b, 1e-5)),
         (attn, (q, k, v, True, None, 0.0, None)),
         (attn, (q2, k2, v2, True, 0.3, 0.0, None)),
-        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, 1234)),
+        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234))),
+        (attention_module._dropout_seed_op, (torch.empty(0, dtype=torch.int64),)),
         (ffn, (t(2, 3, 16), fc, t(64), proj, t(16), True)),
         (ffn, (t(7, 16).t().contiguous().t(), fc, None, proj, None, False)),
     ]
     y, mean, rstd = ln(x, w, b, 1e-5)
     s, _, mean2, rstd2 = add_ln(x, x, w, None, 1e-5)
-    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, 1234)
+    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234))
     x3 = t(6, 16)
     _, pre, h = ffn(x3, fc, t(64), proj, t(16), True)
     detached = lambda *ts: [z.detach() for z in ts]  # noqa: E731
@@ -241,6 +243,60 @@ def test_torch_compile_raises_the_eager_value_error(call, match, device):
     not a failure deep inside the fake-tensor pass."""
     with pytest.raises(ValueError, match=match):
         torch.compile(call, backend="aot_eager")(device)
+
+
+@pytest.mark.parametrize("name", ["attention", "layer_norm", "ffn"])
+def test_a_compiled_kernel_still_runs_after_it_raised(name, device):
+    """Dynamo marks a frame that raised while it traced to run eagerly from then on; the
+    eager branch must then run as eager does, not with Dynamo tracing the launches (which
+    under the interpreter failed on every later call, good inputs too)."""
+    t = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    q = t(1, 2, 8, 16)
+    good, bad = {
+        "attention": ((q, q, q), (q, q, q.half())),
+        "layer_norm": ((q, t(16), None), (q, t(15), None)),
+        "ffn": ((q, t(32, 16), None, t(16, 32), None), (q, t(32, 15), None, t(16, 32), None)),
+    }[name]
+    fn = getattr(kernels, name)
+    compiled = torch.compile(fn, backend="aot_eager")
+    with pytest.raises(ValueError):
+        compiled(*bad)
+    torch.testing.assert_close(compiled(*good), fn(*good), rtol=0, atol=0)
+
+
+def test_torch_compile_recomputes_a_checkpointed_dropout_with_its_mask(device):
+    """torch.utils.checkpoint under torch.compile recomputes the attention's forward for
+    the backward: it must redraw the forward's seed (as eager's checkpoint does, restoring
+    the CPU generator), not a new one, which gave the gradients of another mask."""
+    from torch.utils.checkpoint import checkpoint
+
+    q0 = torch.randn(1, 2, 32, 32, device=device)
+
+    def fn(q):
+        return checkpoint(lambda q: kernels.attention(q, q * 2, q, causal=False, dropout_p=0.5), q,
+                          use_reentrant=False).square().sum()
+
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        q = q0.clone().requires_grad_()
+        torch.manual_seed(0)
+        loss = f(q)
+        results.append((loss.detach(), *torch.autograd.grad(loss, q)))
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [lambda: np.float64(0.25), lambda: torch.tensor(0.25)], ids=["numpy", "tensor"])
+def test_torch_compile_takes_the_scales_eager_takes(scale, device):
+    """Eager runs float(scale): a numpy float (1 / np.sqrt(D)) or a 0-d tensor works; the
+    op's float argument took neither under torch.compile (a failure in the fake-tensor pass)."""
+    q = torch.randn(1, 2, 4, 16, device=device)
+
+    def fn(q, s):
+        return kernels.attention(q, q, q, scale=s)
+
+    s = scale()
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, s), fn(q, s), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
