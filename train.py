@@ -682,10 +682,17 @@ def _load_optimizer(optimizer, model: GPT, state: dict, names: list[list[str]], 
     # Loading brings back the saved groups' settings too; the flags' (--weight-decay, --beta2,
     # noted where they differ) must win, as they do for the lr, set every step.
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    # Before the load too: the groups' fused flag decides where it puts each `step` count (on the
+    # parameter's device for fused AdamW, on the CPU for FSDP's foreach one). Another kind of
+    # run's checkpoint would leave a fused optimizer's counts on the CPU, which CUDA refuses.
+    state = {**state, "param_groups": [{**saved, **now} for saved, now in zip(state["param_groups"], settings)]}
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # It first makes the state with a step at lr 0, which an empty one (saved before any
+        # update) would leave in place: AdamW would count an update too many. Fresh is right.
+        if state["state"]:
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(checkpoint.optimizer_state_by_id(state))
     for group, saved in zip(optimizer.param_groups, settings, strict=True):

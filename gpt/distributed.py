@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -46,6 +47,9 @@ def wrap(model: nn.Module, world: World, device: str, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        # A block returns its MLP's output, a view (F.linear's (M, C) result as (B, T, C)),
+        # which the next block adds out of place: the in-place use FSDP2 warns of never comes.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)  # the root holds the tied embedding/head and the final LayerNorm

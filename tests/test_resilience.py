@@ -696,3 +696,56 @@ def test_a_kill_between_the_two_saves_leaves_best_checkpoint_current(tmp_path, c
     assert full["step"] == split["step"] == 4
     for k in full["model"]:
         assert torch.equal(full["model"][k], split["model"][k]), k
+
+
+@pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)], ids=["fsdp-to-one", "one-to-fsdp"])
+def test_resumed_optimizer_steps_are_where_this_optimizer_keeps_them(saved_fused, fused):
+    """An FSDP run's checkpoint (foreach AdamW: each `step` count on the CPU) resumed by a fused
+    AdamW (one process, DDP) and the reverse: load_state_dict places the counts by the saved
+    groups' fused flag, so a fused optimizer must find them on its parameters' device (on CUDA,
+    `_fused_adamw_` refuses CPU ones), a foreach one on the CPU. The meta device stands in for a GPU."""
+    config = train.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    args = train.parse_args(["--device", "cpu"])
+    source = GPT(config)
+    opt, names = train.make_optimizer(source, args, fused=saved_fused)
+    source(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    opt.step()
+    saved = checkpoint.optimizer_state_by_name(opt.state_dict(), names)
+    with torch.device("meta"):
+        model = GPT(config)
+    optimizer, names = train.make_optimizer(model, args, fused=fused)
+    train._load_optimizer(optimizer, model, saved, names, False, "ckpt.pt")
+    for group in optimizer.param_groups:
+        assert group["fused"] is fused
+        for p in group["params"]:
+            assert optimizer.state[p]["step"].device == (p.device if fused else torch.device("cpu"))
+
+
+def test_torchrun_fsdp_resumes_a_checkpoint_saved_before_any_update(tmp_path, corpus, monkeypatch):
+    """Stopped before its first update (the first step non-finite and Ctrl-C during it; under fp16,
+    the GradScaler skipping the first steps), a run saves no optimizer state. FSDP's loader makes
+    some first, with a step at lr 0, which an empty state does not replace: AdamW then counted one
+    update too many (bias correction), and the run went on unlike one resumed in one process."""
+    class StoppedInANonFiniteFirstStep(GPT):
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            if targets is not None and self.training:
+                if not hasattr(StoppedInANonFiniteFirstStep, "sent"):
+                    StoppedInANonFiniteFirstStep.sent = os.kill(os.getpid(), signal.SIGINT)  # finish the step, save
+                loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train, "GPT", StoppedInANonFiniteFirstStep)
+    common = ["--warmup", "1", "--decay-steps", "4", "--eval-interval", "2"]
+    assert run_train(tmp_path, corpus, "one", *common, "--max-steps", "2", "--grad-accum", "2")["stopped"]
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 0 and state["optimizer"]["state"] == {}
+    (tmp_path / "fsdp").mkdir()
+    (tmp_path / "fsdp" / "ckpt.pt").write_bytes((tmp_path / "one" / "ckpt.pt").read_bytes())
+    run_train(tmp_path, corpus, "one", *common, "--max-steps", "2", "--resume")
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "fsdp", *common, "--max-steps", "2", "--resume", "--fsdp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, fsdp = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("one", "fsdp"))
+    assert {s["step"].item() for s in fsdp["optimizer"]["state"].values()} == {2.0}  # 3.0: one update too many
+    torch.testing.assert_close(fsdp["model"], one["model"], rtol=1e-4, atol=1e-5)
