@@ -170,17 +170,51 @@ def test_a_second_run_waits_for_the_first_to_tokenize(tmp_path):
     logs, results = [], []
     with data._build_lock(folder, log=None):  # the first run, tokenizing
         second = threading.Thread(target=lambda: results.append(load_dataset(str(corpus), "char", str(cache),
-                                                                             log=logs.append)))
+                                                                             log=logs.append)), daemon=True)
         second.start()
         for _ in range(500):
             if any("waiting for another process" in m for m in logs):
                 break
             time.sleep(0.01)
         data._build_cache(folder, scanned, "char", None, log=lambda *a: None)
-    second.join()
+    second.join(timeout=60)
+    assert not second.is_alive(), "the second run still waits: the lock was not released"
     assert any("waiting for another process" in m for m in logs)
     assert not any(m.startswith("tokenizing") for m in logs), logs
     assert len(results[0].train) + len(results[0].val) == 500
+
+
+@pytest.mark.parametrize("corpus, tokenizer", [("b.txt", "char"), ("a.txt", "byte")],
+                         ids=["another-corpus", "another-tokenizer"])
+def test_a_run_building_another_cache_entry_does_not_wait(tmp_path, corpus, tokenizer):
+    """The lock is one cache entry's: while a run tokenizes a.txt with the char tokenizer, a
+    run on another corpus or tokenizer builds its own at once, not after the first's."""
+    cache = tmp_path / "cache"
+    for name, text in (("a.txt", "abcdefghij" * 50), ("b.txt", "klmnopqrst" * 50)):
+        (tmp_path / name).write_text(text)
+    folder = cache / f"{data.scan_corpus(str(tmp_path / 'a.txt')).digest}-char"
+    logs, results = [], []
+    with data._build_lock(folder, log=None):  # the first run, tokenizing
+        other = threading.Thread(target=lambda: results.append(load_dataset(str(tmp_path / corpus), tokenizer,
+                                                                            str(cache), log=logs.append)), daemon=True)
+        other.start()
+        other.join(timeout=20)
+        assert results, f"the other run waited for the first: {logs}"
+    assert not any("waiting for another process" in m for m in logs), logs
+
+
+def test_the_build_lock_opens_for_other_users(tmp_path):
+    """On a --cache-dir users share, another user's run opens the lock file read-only: it is
+    readable by all, as far as the umask lets it be."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghij" * 50)
+    umask = os.umask(0o022)
+    try:
+        load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    finally:
+        os.umask(umask)
+    (lock,) = (tmp_path / "cache").glob(".*.lock")
+    assert lock.stat().st_mode & 0o444 == 0o444
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no meta"])

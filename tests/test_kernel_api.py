@@ -177,26 +177,37 @@ def _opcheck_cases(d: str) -> list:
         (ln, (x.transpose(0, 1), w, None, 1e-5)),
         (ln, (t(4, 48, dtype=torch.float16), w, b, 1e-5)),
         (add_ln, (x, t(3, 5, 48, dtype=torch.float16), w, b, 1e-5)),
+        (add_ln, (t(3, 5, 48, dtype=torch.float16), x, w, None, 1e-5)),
         (attn, (q, k, v, True, None, 0.0, None)),
         (attn, (q2, k2, v2, True, 0.3, 0.0, None)),
+        (attn, (t(1, 2, 5, 16, dtype=torch.float16), t(1, 2, 7, 16, dtype=torch.float16),
+                t(1, 2, 7, 16, dtype=torch.float16), True, None, 0.0, None)),
         (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234))),
         (attention_module._dropout_seed_op, (torch.empty(0, dtype=torch.int64),)),
         (ffn, (t(2, 3, 16), fc, t(64), proj, t(16), True)),
         (ffn, (t(7, 16).t().contiguous().t(), fc, None, proj, None, False)),
+        (ffn, (t(5, 16, dtype=torch.float16), (fc / 4).half(), t(64, dtype=torch.float16), (proj / 4).half(),
+               None, True)),
     ]
     y, mean, rstd = ln(x, w, b, 1e-5)
     s, _, mean2, rstd2 = add_ln(x, x, w, None, 1e-5)
     o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234))
     x3 = t(6, 16)
+    qt = t(1, 2, 16, 8).detach().transpose(-1, -2)  # dense, its last dim not contiguous
+    o3, lse3, no_seed = attn(qt, qt, qt, True, None, 0.0, None)
     _, pre, h = ffn(x3, fc, t(64), proj, t(16), True)
     detached = lambda *ts: [z.detach() for z in ts]  # noqa: E731
     cases += [
         (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float32)),
+        (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float16)),
         (layer_norm_module._layer_norm_backward_op, (*detached(s, s, s, w, mean2, rstd2), None)),
         (attention_module._attention_dropout_backward_op, (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed)),
+        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc, fc[:, 0], proj, pre, h), [True] * 5)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc), None, proj.detach(), None, h.detach(),
                                        [False, True, False, True, False])),
+        (ffn_module._ffn_backward_op, (*(z.half() for z in detached(x3, x3, fc, fc[:, 0], proj)), None,
+                                       h.detach().half(), [True] * 5)),
     ]
     return cases
 
@@ -208,7 +219,8 @@ def test_the_custom_ops_are_sound(device):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "attention", "dropout", "ffn"])
+@pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "add_layer_norm", "add_layer_norm-eps",
+                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "ffn"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
     x = torch.randn(8, 16, device=device, requires_grad=True)
@@ -216,9 +228,13 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
     fc = (torch.randn(64, 16, device=device) / 4).requires_grad_()
     op = {
         "layer_norm": lambda x: kernels.layer_norm(x, w, w),
+        "layer_norm-eps": lambda x: kernels.layer_norm(x, w, w, eps=0.5),
         "add_layer_norm": lambda x: torch.cat(kernels.add_layer_norm(x, x.flip(0), w, None)),
+        "add_layer_norm-eps": lambda x: torch.cat(kernels.add_layer_norm(x, x.flip(0), w, None, eps=0.5)),
+        "add_layer_norm-fp16": lambda x: torch.cat(kernels.add_layer_norm(x.half(), x.flip(0), w, None)),
         "attention": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3),
         "dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, causal=False, dropout_p=0.5),
+        "seeded-dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, dropout_p=0.5, seed=1234),
         "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
     }[name]
     results = []
@@ -232,12 +248,14 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
 
 @pytest.mark.parametrize("call, match", [
     (lambda d: kernels.layer_norm(torch.randn(3, 8, device=d), torch.ones(5, device=d), None), "must have shape"),
+    (lambda d: kernels.layer_norm(torch.tensor(1.0, device=d), torch.ones(1, device=d), None), "got a scalar"),
     (lambda d: kernels.add_layer_norm(torch.randn(3, 8, device=d), torch.randn(3, 9, device=d),
                                       torch.ones(8, device=d), None), "residual has shape"),
     (lambda d: kernels.attention(*[torch.randn(1, 2, 4, 48, device=d)] * 3), "head dim 48 is not supported"),
+    (lambda d: kernels.attention(*[torch.randn(2, 4, 16, device=d)] * 3), "q must be 4-D"),
     (lambda d: kernels.ffn(torch.randn(3, 8, device=d), torch.randn(32, 16, device=d), None,
                            torch.randn(16, 32, device=d), None), "in-features"),
-], ids=["layer_norm", "add_layer_norm", "attention", "ffn"])
+], ids=["layer_norm", "layer_norm-scalar", "add_layer_norm", "attention", "attention-3d", "ffn"])
 def test_torch_compile_raises_the_eager_value_error(call, match, device):
     """Bad input under torch.compile is the eager one-line ValueError, raised while tracing,
     not a failure deep inside the fake-tensor pass."""
@@ -297,6 +315,70 @@ def test_torch_compile_takes_the_scales_eager_takes(scale, device):
 
     s = scale()
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, s), fn(q, s), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="torch has no cudagraph_unsafe tag")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5], ids=["no-dropout", "dropout"])
+def test_only_the_dropout_ops_are_kept_out_of_cuda_graphs(dropout_p, device):
+    """The ops torch.compile's graphs call, forward and backward: with dropout, the seed's draw
+    and both passes are tagged cudagraph_unsafe (test_cuda_graphs_of_torch_compile_draw_each_steps_dropout
+    shows why, on a GPU); without, attention runs as ops a CUDA graph may take in."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    called = []
+
+    def record(gm, _):
+        called.extend(n.target for n in gm.graph.nodes if str(n.target).startswith("tritongpt."))
+        return gm
+
+    q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+    fn = torch.compile(lambda q: kernels.attention(q, q, q, dropout_p=dropout_p).sum(), fullgraph=True,
+                       backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    fn(q).backward()
+    unsafe = {str(op) for op in called if torch.Tag.cudagraph_unsafe in op.tags}
+    if dropout_p:
+        assert {str(op) for op in called} == unsafe == {
+            "tritongpt.dropout_seed.default", "tritongpt.attention_dropout.default",
+            "tritongpt.attention_dropout_backward.default"}
+    else:
+        assert {str(op) for op in called} == {"tritongpt.attention.default", "tritongpt.attention_backward.default"}
+        assert not unsafe
+
+
+@pytest.mark.parametrize("recompute_pre, grad, saved",
+                         [(False, True, True), (True, True, False), (False, False, False)],
+                         ids=["training", "recompute_pre", "no_grad"])
+def test_torch_compile_saves_the_pre_activation_only_for_a_backward_that_reads_it(recompute_pre, grad, saved, device):
+    """As eager: the M x H pre-activation is kept only when a backward can come and
+    recompute_pre does not trade it for a matmul."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    save_pre = []
+
+    def record(gm, _):
+        save_pre.extend(n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.tritongpt.ffn.default)
+        return gm
+
+    fc, x = (torch.randn(64, 16, device=device) / 4).requires_grad_(), torch.randn(4, 16, device=device)
+    fn = torch.compile(lambda x: kernels.ffn(x, fc, None, fc.t(), None, recompute_pre=recompute_pre), fullgraph=True,
+                       backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    with torch.set_grad_enabled(grad):
+        fn(x)
+    assert save_pre == [saved]
+
+
+def test_attention_without_dropout_draws_no_seed(device):
+    """Only dropout draws a seed from torch's generator: without it, eager or compiled, the
+    kernels leave the random stream as torch's attention does."""
+    q = torch.randn(1, 2, 8, 16, device=device)
+
+    def fn(q):
+        return kernels.attention(q, q, q)
+
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        state = torch.get_rng_state()
+        f(q)
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.gpu

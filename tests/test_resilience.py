@@ -93,7 +93,7 @@ def test_one_sigterm_saves_and_exits_as_terminated(tmp_path, corpus):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert "SIGTERM received" in out, out
+    assert "SIGTERM received" in out and "received by another rank" not in out, out
     assert checkpoint.load(tmp_path / "out")["step"] >= 2
 
 
@@ -376,6 +376,37 @@ def test_torchrun_resumed_at_another_world_size_keeps_the_global_batch(tmp_path,
     single = run_train(tmp_path, corpus, "single", *common, "--max-steps", "4", "--grad-accum", "2")
     for name, p in single["model"].state_dict().items():
         torch.testing.assert_close(resumed["model"].state_dict()[name], p, rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_resumes_a_checkpoint_that_names_no_world_size_at_its_own(tmp_path, corpus):
+    """A checkpoint from before the world size was saved, resumed by 2 processes: its run is
+    taken to have had 2 as well (as most likely), not 1, which would halve --grad-accum."""
+    common = ["--warmup", "1", "--eval-interval", "100", "--grad-accum", "2"]
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "out", *common, "--max-steps", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    del state["world_size"]
+    checkpoint.save(state, tmp_path / "out" / "ckpt.pt")
+    proc = torchrun(tmp_path, *flags(tmp_path, corpus, "out", "--max-steps", "2", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2 in place" not in proc.stdout, proc.stdout[-3000:]
+    assert checkpoint.load(tmp_path / "out")["args"]["grad_accum"] == 2
+
+
+@pytest.mark.parametrize("argv, saved, size, grad_accum, notes", [
+    ([], 2, 1, 2, ["--grad-accum 2 keeps its batch"]),
+    ([], 1, 2, 1, ["32 sequences per step, not 16 (to keep them: --batch-size B --grad-accum A with B x A x 2 = 16)"]),
+    (["--grad-accum", "1"], 2, 1, 1, ["16 sequences per step, not 32"]),
+    ([], 2, 2, 1, []),
+], ids=["scaled", "indivisible", "given", "same-size"])
+def test_resumed_at_another_world_size_grad_accum_keeps_the_batch_where_it_can(argv, saved, size, grad_accum, notes):
+    """Of a run of batch 16 and --grad-accum 1: scaled where the world size divides it,
+    kept where it does not or where given, with a note whenever the global batch changes."""
+    args = train.parse_args(["--batch-size", "16", *argv])
+    logs = []
+    train._keep_global_batch(args, {"batch_size": 16, "grad_accum": 1}, saved, size, logs.append)
+    assert args.grad_accum == grad_accum
+    assert len(logs) == len(notes) and all(note in line for note, line in zip(notes, logs)), logs
 
 
 def test_torchrun_other_ranks_wait_out_a_long_tokenization(tmp_path, corpus):

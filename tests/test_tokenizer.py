@@ -68,11 +68,15 @@ def test_gpt2_chunks_encode_like_the_whole_text_for_any_mix_of_scripts():
             assert tok.encode_array(text, chunk_chars=chunk_chars).tolist() == tok.encode(text), repr(text)
 
 
-def test_gpt2_cuts_unspaced_chinese_into_chunks():
-    """Chinese without a space or line break is cut after its full-width punctuation, so
-    tokenizing it does not hold the whole corpus at once."""
+@pytest.mark.parametrize("sentence", [
+    "\u4e2d\u6587\u6587\u672c\u3002\u6ca1\u6709\u7a7a\u683c\uff0c\u4e5f\u6ca1\u6709\u6362\u884c\u3002",
+    "\u3053\u308c\u306f\u3001\u304b\u306a\u3060\u3051\u3002\u30ab\u30bf\u30ab\u30ca\u3082\u3002",
+], ids=["chinese", "kana"])
+def test_gpt2_cuts_unspaced_chinese_into_chunks(sentence):
+    """Chinese (or Japanese kana) without a space or line break is cut after its full-width
+    punctuation, so tokenizing it does not hold the whole corpus at once."""
     tok = get_tokenizer("gpt2")
-    text = "\u4e2d\u6587\u6587\u672c\u3002\u6ca1\u6709\u7a7a\u683c\uff0c\u4e5f\u6ca1\u6709\u6362\u884c\u3002" * 200
+    text = sentence * 200
     chunks = []
     encode_batch = tok._enc.encode_batch
     tok._enc.encode_batch = lambda c, **kw: chunks.append(len(c)) or encode_batch(c, **kw)

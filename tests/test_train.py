@@ -567,6 +567,42 @@ def test_samples_written_to_a_full_disk_are_a_one_line_error(tmp_path):
         assert_one_line_error(proc, "cannot write the samples", "No space left on device")
 
 
+@pytest.mark.parametrize("flags", [["--prompt", "abc"], [], ["--stop", "x" * 64], ["--num-samples", "2"]],
+                         ids=["prompt", "streamed", "end-held-back-for-a-stop", "batched"])
+def test_every_write_of_the_samples_to_a_full_stdout_is_the_one_line_error(tmp_path, monkeypatch, capsys, flags):
+    """The prompt, streamed text, the text a stop string held back to the end, batched samples:
+    a failed write of any is "cannot write the samples", not the bare OSError of other failures."""
+    import errno
+    import io
+
+    class FullStdout(io.StringIO):
+        def write(self, text):
+            if text:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return 0
+
+    # A char model: every token is a whole character, which streams at once.
+    cfg = GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(),
+                     "tokenizer": {"name": "char", "chars": "abcdefghijklmnop"}}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(sys, "stdout", FullStdout())
+    monkeypatch.setattr(sample, "drop_stdout", lambda: None)  # no file descriptor to point at /dev/null
+    assert sample.main(["--checkpoint", str(tmp_path), "--device", "cpu", "--max-new-tokens", "5", *flags]) == 1
+    assert capsys.readouterr().err == ("error: cannot write the samples to stdout (No space left on device); "
+                                       "free some space or write them elsewhere\n")
+
+
+def test_samples_reach_stdout_as_they_are_written(monkeypatch):
+    """Flushed at each write: streamed text shows as it comes under `sample.py | tee` or
+    `> file` (not when the buffer fills), and a full disk fails the write that caused it."""
+    import io
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    sample.write_out("abc")
+    assert out.buffer.getvalue() == b"abc"
+
+
 def test_an_os_error_not_writing_stdout_is_not_called_a_full_disk(tmp_path, monkeypatch, capsys):
     """Only a failed write to stdout is "cannot write the samples": another OSError (a cache
     folder Triton cannot write, say) is its own one line, with its path."""
