@@ -44,14 +44,19 @@ def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding():
     """CRLF files are cut into chunks too (at the \r of a lone \r\n), and the ids do not change."""
     tok = get_tokenizer("gpt2")
     text = Path(argparse.__file__).read_text()[:20000].replace("\n", "\r\n")  # the stdlib's, in every install
-    boundaries = []
+    assert chunks_encoding_like_the_whole(tok, text, 997) > 2  # one chunk before: no lone \n in CRLF text
+
+
+def chunks_encoding_like_the_whole(tok, text: str, chunk_chars: int) -> int:
+    """How many chunks encode_array cut text into, after checking their ids are the whole text's."""
+    chunks = []
     encode_batch = tok._enc.encode_batch
-    tok._enc.encode_batch = lambda chunks, **kw: boundaries.append(len(chunks)) or encode_batch(chunks, **kw)
+    tok._enc.encode_batch = lambda c, **kw: chunks.append(len(c)) or encode_batch(c, **kw)
     try:
-        assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
+        assert tok.encode_array(text, chunk_chars=chunk_chars).tolist() == tok.encode(text)
     finally:
         del tok._enc.encode_batch
-    assert boundaries[0] > 2  # one chunk before: no lone \n in CRLF text
+    return chunks[0]
 
 
 def test_gpt2_chunks_encode_like_the_whole_text_for_any_mix_of_scripts():
@@ -75,16 +80,7 @@ def test_gpt2_chunks_encode_like_the_whole_text_for_any_mix_of_scripts():
 def test_gpt2_cuts_unspaced_chinese_into_chunks(sentence):
     """Chinese (or Japanese kana) without a space or line break is cut after its full-width
     punctuation, so tokenizing it does not hold the whole corpus at once."""
-    tok = get_tokenizer("gpt2")
-    text = sentence * 200
-    chunks = []
-    encode_batch = tok._enc.encode_batch
-    tok._enc.encode_batch = lambda c, **kw: chunks.append(len(c)) or encode_batch(c, **kw)
-    try:
-        assert tok.encode_array(text, chunk_chars=100).tolist() == tok.encode(text)
-    finally:
-        del tok._enc.encode_batch
-    assert chunks[0] > 20
+    assert chunks_encoding_like_the_whole(get_tokenizer("gpt2"), sentence * 200, 100) > 20
 
 
 def test_char_unknown_character_is_a_clear_error():
