@@ -29,9 +29,13 @@ demo: setup
 
 # pytest exits 5 when it collects no test; that is not a failure of the code.
 # The second run repeats the kernel tests with the Hopper variants forced on everywhere.
+# Tests run in parallel (pytest-xdist), one worker a core up to 4; loadgroup keeps the modules
+# marked xdist_group on one worker. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto --maxprocesses 4
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 test: setup
-	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
-	$(BIN)/python -m pytest -q --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py; \
+	$(PYTEST); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PYTEST) --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 # The kernels must build and pass on Triton 3.6 to 3.9; CI runs torch's pin (3.7.1). This

@@ -21,6 +21,8 @@ SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 # A10, L4, L40), which allow 99 KiB a block, not the A100's 163: a bigger program fails to
 # launch there (Triton's OutOfResources).
 SHARED_PER_PROGRAM = {90: 227 * 1024, 80: 99 * 1024}
+# One pytest-xdist worker takes the whole module, so the builds (half a minute) run once.
+pytestmark = pytest.mark.xdist_group("codegen")
 
 
 @pytest.fixture(scope="module")
