@@ -100,6 +100,23 @@ def is_hopper(t: Tensor) -> bool:
     return t.is_cuda and device_capability(t.device.index or 0)[0] == 9
 
 
+def on_input_device(launcher: Callable) -> Callable:
+    """Decorates a launcher: its kernels run on the GPU of its first tensor argument.
+
+    Triton launches on the current CUDA device, not on the tensors' (triton-lang/triton#2441):
+    tensors on cuda:1 while cuda:0 is current -- a model spread over GPUs, as Hugging Face's
+    device_map places it -- would be read at their addresses by a kernel running on cuda:0,
+    an error at best (Liger-Kernel#1303, unsloth#6912)."""
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, Tensor))
+        if not first.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+    return launch
+
+
 def with_device_scratch(device: torch.device, launch: Callable[[], object]) -> None:
     """Runs `launch` with Triton's global scratch memory (which kernels that build tensor
     descriptors on the device need) taken from torch's caching allocator.

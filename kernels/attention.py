@@ -42,7 +42,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import (
-    HEAD_DIMS, cdiv, check_inputs, device_capability, refuse_double_backward, with_device_scratch,
+    HEAD_DIMS, cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward, with_device_scratch,
 )
 
 
@@ -774,6 +774,7 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@on_input_device
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int):
     """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
     _check(q, k, v, causal, dropout_p, seed)
@@ -811,6 +812,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     return o, lse, q, k, v, scale
 
 
+@on_input_device
 def _attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
     dropout_p: float, seed: int,

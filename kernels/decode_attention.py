@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import HEAD_DIMS, cdiv, check_inputs, interpreting, next_power_of_2
+from kernels._utils import HEAD_DIMS, cdiv, check_inputs, interpreting, next_power_of_2, on_input_device
 
 MAX_SPLITS = 64
 # K and V tiles in flight per program (shared memory: 2 x BLOCK_N x D x 2 bytes = 16 KiB a stage).
@@ -219,6 +219,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
                          f"or use kernels.reference.{op} for gradients")
 
 
+@on_input_device
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None,
                       k_new: Tensor | None, v_new: Tensor | None) -> Tensor:
     _check(q, k_cache, v_cache, seq_lens, k_new, v_new)

@@ -47,7 +47,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._utils import cdiv, check_inputs, device_capability, refuse_double_backward, with_device_scratch
+from kernels._utils import (
+    cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward, with_device_scratch,
+)
 
 _OP = "ffn"
 _REFERENCE = "kernels.reference.ffn"
@@ -630,6 +632,7 @@ def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Te
             raise ValueError(f"{_OP}: {name} must have shape ({n},), got {tuple(bias.shape)}")
 
 
+@on_input_device
 def _ffn_fwd(
     x2: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, save_pre: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -640,6 +643,7 @@ def _ffn_fwd(
     return y, pre, h
 
 
+@on_input_device
 def _ffn_bwd(
     dy2: Tensor, x2: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Tensor, pre: Tensor | None,
     h: Tensor, needs: tuple[bool, ...],

@@ -22,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._utils import (
-    LAYER_NORM_MAX_ROW_BYTES, cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, refuse_double_backward,
+    LAYER_NORM_MAX_ROW_BYTES, cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, on_input_device,
+    refuse_double_backward,
 )
 
 
@@ -302,6 +303,7 @@ def _rows(t: Tensor, N: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@on_input_device
 def _layer_norm_fwd(
     op: str, x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
@@ -342,6 +344,7 @@ def _layer_norm_fwd(
     return y, s, mean, rstd, x2, weight
 
 
+@on_input_device
 def _layer_norm_bwd(
     dy: Tensor, dsum: Tensor | None, x2: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     bias_dtype: torch.dtype | None,

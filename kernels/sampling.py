@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2
+from kernels._utils import cdiv, check_inputs, interpreting, next_power_of_2, on_input_device
 
 # CHUNK logits a program (4 warps, 16 a thread); up to CANDIDATES candidates are searched
 # in registers by one program, more (flat rows, large k) through scratch. WINDOWS windows:
@@ -285,29 +285,9 @@ def _check(logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float, to
         raise ValueError(f"{op}: top_k must be an int >= 1 or None, got {top_k!r}")
 
 
-@torch.compiler.disable  # see kernels/__init__.py
-def sample(
-    logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float = 1.0, top_k: int | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Draws one token id per row of logits (B, V) from softmax(logits / temperature), kept to
-    the top_k largest logits of the row (all of them when top_k is None or >= V).
-
-    logits: float16, bfloat16 or float32, any strides, on a CUDA device (or CPU under
-    TRITON_INTERPRET=1). seed: int64 (1,), the Philox key. offsets: int64 (B,), contiguous,
-    each row's draw counter, advanced by one per call in place -- the same seed and offsets
-    give the same tokens. out: int64 (B, 1) to write into (a CUDA graph's static input);
-    allocated when None. Returns out.
-    """
-    with contextlib.suppress(TypeError, ValueError):  # numpy and 0-d tensor scalars too
-        temperature = float(temperature)
-    _check(logits, seed, offsets, temperature, top_k, out)
-    # Kept where fp32 holds logits / T: below 1e-20 the draw is the argmax already (the
-    # noise spans ~20, logits that differ at all differ by far more over T), past 1e30 a
-    # uniform draw among the finite logits; beyond, 1 / T would overflow (every large
-    # logit +inf, the first winning) or vanish (-inf * 0 = NaN, a banned token winning).
-    temperature = min(max(temperature, _TEMPERATURES[0]), _TEMPERATURES[1])
-    top_k = None if top_k is None else int(top_k)
+@on_input_device
+def _sample(logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float, top_k: int | None,
+            out: Tensor | None) -> Tensor:
     B, V = logits.shape
     out = torch.empty(B, 1, dtype=torch.int64, device=logits.device) if out is None else out
     if B == 0:
@@ -340,3 +320,28 @@ def sample(
     _draw_kernel[(B,)](counts, keys, index, out, seed, offsets, out.stride(0), V, top_k, 1.0 / temperature, P,
                        P2=P2, WINDOWS=WINDOWS, CANDIDATES=candidates, num_warps=draw_warps)
     return out
+
+
+@torch.compiler.disable  # see kernels/__init__.py
+def sample(
+    logits: Tensor, seed: Tensor, offsets: Tensor, temperature: float = 1.0, top_k: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Draws one token id per row of logits (B, V) from softmax(logits / temperature), kept to
+    the top_k largest logits of the row (all of them when top_k is None or >= V).
+
+    logits: float16, bfloat16 or float32, any strides, on a CUDA device (or CPU under
+    TRITON_INTERPRET=1). seed: int64 (1,), the Philox key. offsets: int64 (B,), contiguous,
+    each row's draw counter, advanced by one per call in place -- the same seed and offsets
+    give the same tokens. out: int64 (B, 1) to write into (a CUDA graph's static input);
+    allocated when None. Returns out.
+    """
+    with contextlib.suppress(TypeError, ValueError):  # numpy and 0-d tensor scalars too
+        temperature = float(temperature)
+    _check(logits, seed, offsets, temperature, top_k, out)
+    # Kept where fp32 holds logits / T: below 1e-20 the draw is the argmax already (the
+    # noise spans ~20, logits that differ at all differ by far more over T), past 1e30 a
+    # uniform draw among the finite logits; beyond, 1 / T would overflow (every large
+    # logit +inf, the first winning) or vanish (-inf * 0 = NaN, a banned token winning).
+    temperature = min(max(temperature, _TEMPERATURES[0]), _TEMPERATURES[1])
+    return _sample(logits, seed, offsets, temperature, None if top_k is None else int(top_k), out)

@@ -2,7 +2,10 @@
 
 Each case here once gave silently wrong numbers or a traceback from deep inside.
 """
+import ast
+import contextlib
 import importlib
+import inspect
 
 import numpy as np
 import pytest
@@ -399,3 +402,80 @@ def test_cuda_graphs_of_torch_compile_draw_each_steps_dropout():
             results.append((loss.detach().clone(), *torch.autograd.grad(loss, q)))
         for compiled_result, eager_result in zip(results[1], results[0]):
             torch.testing.assert_close(compiled_result, eager_result, rtol=1e-2, atol=1e-2)
+
+
+def _launchers(module) -> dict[str, bool]:
+    """Each function of a kernel module that launches a kernel (`kernel[grid](...)`, lambdas
+    inside included), by name: whether it runs on its tensors' GPU, itself decorated with
+    on_input_device or called only from functions that do."""
+    tree = ast.parse(inspect.getsource(module))
+    functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    guarded = {name for name, f in functions.items()
+               if any(isinstance(d, ast.Name) and d.id == "on_input_device" for d in f.decorator_list)}
+    callers = {name: {caller for caller, f in functions.items() for call in ast.walk(f)
+                      if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == name}
+               for name in functions}
+    while True:
+        more = {name for name, by in callers.items() if by and by <= guarded} - guarded
+        if not more:
+            break
+        guarded |= more
+    launching = {name for name, f in functions.items() for call in ast.walk(f)
+                 if isinstance(call, ast.Call) and isinstance(call.func, ast.Subscript)}
+    return {name: name in guarded for name in launching}
+
+
+@pytest.mark.parametrize("module", [ffn_module, attention_module, layer_norm_module,
+                                    importlib.import_module("kernels.decode_attention"),
+                                    importlib.import_module("kernels.sampling")], ids=lambda m: m.__name__)
+def test_every_launch_runs_on_its_tensors_gpu(module):
+    """Triton launches on the current CUDA device, not the tensors': every launch must sit
+    under on_input_device, or tensors on cuda:1 (a model spread over GPUs) run on cuda:0."""
+    launchers = _launchers(module)
+    assert launchers and all(launchers.values()), launchers
+
+
+def test_on_input_device_makes_the_first_tensors_gpu_current(monkeypatch):
+    class OnSecondGPU(torch.Tensor):
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launch = _utils.on_input_device(lambda name, t, u: (name, entered[:]))
+    t = torch.zeros(1).as_subclass(OnSecondGPU)
+    assert launch("op", t, torch.zeros(1)) == ("op", [torch.device("cuda", 1)])
+    assert launch("op", torch.zeros(1), t) == ("op", [torch.device("cuda", 1)])  # the first tensor is on the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_gpu_of_their_tensors():
+    """With cuda:0 current, tensors on cuda:1 give the results they give with cuda:1 current."""
+    def run(x):
+        q = x.view(2, 4, 64, 64)
+        w = torch.randn(256, 64, device=x.device, dtype=x.dtype, generator=torch.Generator(x.device).manual_seed(0)) / 8
+        cache = q.unsqueeze(2).expand(-1, -1, 3, -1, -1).reshape(2, 4, 192, 64).contiguous()
+        lens = torch.full((2,), 150, device=x.device)
+        with torch.no_grad():
+            dec = kernels.decode_attention(q[:, :, 0], cache, cache, lens)
+            counters = torch.zeros(33, dtype=torch.int64, device=x.device)
+            token = kernels.sample(x.detach().reshape(32, 1024).float(), counters[:1], counters[1:])
+        y = kernels.layer_norm(x, torch.ones(64, device=x.device, dtype=x.dtype), None)
+        out = kernels.attention(q, q, q).sum() + kernels.ffn(y, w, None, w.t().contiguous(), None).sum()
+        return out, *torch.autograd.grad(out, x), dec, token
+
+    x = torch.randn(2 * 4 * 64, 64, generator=torch.Generator().manual_seed(0)).to("cuda:1", torch.bfloat16)
+    x.requires_grad_()
+    with torch.cuda.device(1):
+        expected = run(x)
+    with torch.cuda.device(0):
+        got = run(x)
+    for g, e in zip(got, expected, strict=True):
+        assert g.device == torch.device("cuda", 1)
+        torch.testing.assert_close(g, e)
