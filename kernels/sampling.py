@@ -91,7 +91,9 @@ def _load_chunk(LOGITS, stride_lb, stride_lv, V, CHUNK: tl.constexpr):
     row = tl.program_id(0)
     idx = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     ok = idx < V
-    x = tl.load(LOGITS + row.to(tl.int64) * stride_lb + idx * stride_lv, mask=ok, other=float("-inf"))
+    # int64: idx * stride_lv passes 2^31 for a strided vocabulary (a transposed (V, B)
+    # tensor's view: stride B); a unit stride is specialised away.
+    x = tl.load(LOGITS + row.to(tl.int64) * stride_lb + idx.to(tl.int64) * stride_lv, mask=ok, other=float("-inf"))
     return x.to(tl.float32), idx, ok
 
 

@@ -2,13 +2,45 @@
 
 Tolerance, FlashAttention's rule: the kernel's error against float64 is at most twice
 torch's own error in the same dtype, plus atol + rtol * max|reference|.
+
+Also far_apart: a view whose elements lie more than 2^31 elements apart, for the
+kernels' offset arithmetic.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import pytest
 import torch
 from torch import Tensor
+
+_WRAP = 2**32
+
+
+def far_apart(values: Tensor, strides: Sequence[int], sentinel: float) -> Tensor:
+    """values as a view with these strides (in elements, each below 2^31, so that Triton
+    passes them as int32), some of its element offsets at 2^31 or more: a kernel that
+    multiplies an int32 index by such a stride wraps them to offset - 2^32. The view starts
+    2^31 elements into its storage, so a wrapped offset still lands inside it, on
+    `sentinel`: the kernel reads a wrong value instead of faulting. Only the view's
+    elements and the sentinels are written: on CPU the storage (over 2^32 elements) costs
+    address space, not memory; on a GPU it is allocated."""
+    assert all(0 < s < 2**31 for s in strides), strides
+    offsets = torch.zeros(values.shape, dtype=torch.int64)
+    for dim, (n, s) in enumerate(zip(values.shape, strides)):
+        offsets += (torch.arange(n) * s).view([n if d == dim else 1 for d in range(values.dim())])
+    top = int(offsets.max())
+    assert 2**31 <= top < _WRAP, f"the offsets (up to {top}) must pass 2^31 and stay below 2^32"
+    start = 2**31
+    try:
+        storage = torch.empty(start + top + 1, dtype=values.dtype, device=values.device)
+    except RuntimeError as e:  # no address space (strict overcommit), or no GPU memory
+        pytest.skip(f"cannot allocate {start + top + 1} elements: {e}")
+    wrapped = offsets[offsets >= 2**31] - _WRAP
+    storage[(start + wrapped).to(values.device)] = sentinel
+    view = storage.as_strided(values.shape, tuple(strides), start)
+    view.copy_(values)
+    return view
 
 
 def run(fn: Callable, inputs: Sequence[Tensor | None], upstream: Sequence[Tensor]) -> list[Tensor | None]:

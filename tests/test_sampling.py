@@ -9,6 +9,7 @@ shapes stay small; the vocabulary-sized cases run on the GPU.
 import pytest
 import torch
 
+from compare import far_apart
 from kernels import sample
 
 DTYPES = [torch.float32, torch.float16]
@@ -106,6 +107,17 @@ def test_strided_logits_and_out_buffer(device):
     seed, offsets = state(3, device)
     assert sample(logits, seed, offsets, 1.0, top_k=1, out=out) is out
     assert out[:, 0].tolist() == logits.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("top_k", [None, 1], ids=["all", "top-1"])
+def test_vocabulary_offsets_past_2_31(device, top_k):
+    """Logits laid out as a transposed (V, B) tensor (vocabulary stride B): token index
+    times that stride passes 2^31 (V = 50257 and B = 42732 would), and an int32 product
+    read another token's logit (-inf here) in its place."""
+    values = torch.tensor([[-100.0, -100.0, 0.0], [0.0, -100.0, -100.0]], device=device)
+    logits = far_apart(values.half(), (1, 3 * 2**29), sentinel=float("-inf"))
+    seed, offsets = state(2, device)
+    assert sample(logits, seed, offsets, 1.0, top_k=top_k)[:, 0].tolist() == [2, 0]
 
 
 def test_same_state_same_tokens_and_offsets_advance(device):
