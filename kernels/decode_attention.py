@@ -74,7 +74,10 @@ def _decode_attention_kernel(
 
     b = b.to(tl.int64)
     h = (bh % H).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
+    # int64: q, the caches and the new key and value take any strides, and d times a head-dim
+    # stride passes 2^31 where D is the outer dim of a tensor of 2^31 elements or more.
+    d64 = offs_d.to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + d64 * stride_qd).to(tl.float32)
     q = q * qk_scale  # scores come out in log2 units, ready for exp2
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -83,8 +86,8 @@ def _decode_attention_kernel(
         # register copy in place of that row, and the split that covers it stores it after
         # its loop (a store before the loads would race with them across threads).
         pos = seq_len - 1
-        k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_d * stride_knd).to(K.dtype.element_ty)
-        v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + offs_d * stride_vnd).to(V.dtype.element_ty)
+        k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + d64 * stride_knd).to(K.dtype.element_ty)
+        v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + d64 * stride_vnd).to(V.dtype.element_ty)
 
     # 0-d fp32 running max and sum; the first tile always holds a valid key (start < end),
     # so m_i is finite after it and alpha = exp2(-inf) = 0 wipes the empty initial state.
@@ -98,8 +101,8 @@ def _decode_attention_kernel(
         n_ok = offs_n < end
         rows = offs_n.to(tl.int64)[:, None]
         # Both tiles are requested before either is used: more bytes in flight per program.
-        k = tl.load(K + rows * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + rows * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
+        k = tl.load(K + rows * stride_ks + d64[None, :] * stride_kd, mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + rows * stride_vs + d64[None, :] * stride_vd, mask=n_ok[:, None], other=0.0)
         if HAS_NEW:
             is_new = (offs_n == pos)[:, None]
             k = tl.where(is_new, k_new[None, :], k)
@@ -115,8 +118,8 @@ def _decode_attention_kernel(
 
     if HAS_NEW:
         if (pos >= start) & (pos < end):
-            tl.store(K + pos.to(tl.int64) * stride_ks + offs_d * stride_kd, k_new)
-            tl.store(V + pos.to(tl.int64) * stride_vs + offs_d * stride_vd, v_new)
+            tl.store(K + pos.to(tl.int64) * stride_ks + d64 * stride_kd, k_new)
+            tl.store(V + pos.to(tl.int64) * stride_vs + d64 * stride_vd, v_new)
     num_splits = tl.num_programs(1)
     part = bh.to(tl.int64) * num_splits + split
     tl.store(M + part, m_i)

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from compare import far_apart
 from kernels import reference
 from kernels.decode_attention import decode_attention
 
@@ -75,6 +76,27 @@ def test_strided_inputs(device):
     v = torch.randn(B, H, D, S + 20, device=device).transpose(2, 3)[:, :, 7 : 7 + S]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     _compare(q, k, v, torch.tensor([45, 30], device=device), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("far", ["q", "k_cache", "v_cache", "k_new", "v_new"])
+def test_head_dim_offsets_past_2_31(far, device):
+    """One tensor laid out with its head dim outermost, a stride over 2^31 / D (any strides
+    are taken): d times that stride passes 2^31, and an int32 product read another element
+    (50.0 here) in its place, or wrote the new key or value there."""
+    torch.manual_seed(8)
+    B, H, S, D = 1, 1, 3, 16
+    q, k, v, lens = _inputs(B, H, S, D, [S], torch.float16, device)
+    k_new, v_new = (torch.randn(B, H, D, device=device).half() for _ in range(2))
+    f64 = [t.double() for t in (q, k, v, k_new, v_new)]
+    want = reference.decode_attention(f64[0], f64[1], f64[2], lens, k_new=f64[3], v_new=f64[4])
+    tensors = dict(q=q, k_cache=k, v_cache=v, k_new=k_new, v_new=v_new)
+    stride = -(-2**31 // (D - 1))
+    tensors[far] = far_apart(tensors[far], (1,) * (tensors[far].dim() - 1) + (stride,), sentinel=50.0)
+    with torch.no_grad():
+        ours = decode_attention(*(tensors[n] for n in ("q", "k_cache", "v_cache")), lens,
+                                k_new=tensors["k_new"], v_new=tensors["v_new"])
+    torch.testing.assert_close(ours.double(), want, atol=1e-2, rtol=1e-2)
+    assert torch.equal(tensors["k_cache"][:, :, S - 1], k_new) and torch.equal(tensors["v_cache"][:, :, S - 1], v_new)
 
 
 def test_matches_causal_attention(device):
