@@ -251,23 +251,26 @@ def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bo
 
 def decode_attention_cases(arch: int) -> dict[str, dict]:
     """The decode-attention kernel over a contiguous cache (unit strides along D), with as
-    many splits as a batch-1 GPT-2 step on a 132-SM GPU gets."""
+    many splits as a batch-1 GPT-2 step on a 132-SM GPU gets; and at D = 64 with any
+    strides along D (only the launcher's own output contiguous), where the index
+    arithmetic is not folded away."""
     ptrs = {n: "bf16" for n in ("Q", "K", "V", "K_NEW", "V_NEW", "O")} | {
         "SEQ_LENS": "i64", "M": "fp32", "L": "fp32", "ACC": "fp32", "COUNTERS": "i32"}
     unit = {n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_knd", "stride_vnd", "stride_od")}
     cases = {}
-    for D in (64, 128):
+    for D, strides, variant in ((64, unit, ""), (128, unit, ""), (64, dict(stride_od=1), " strided")):
         block_n = max(16, min(128, 4096 // D))  # as decode_attention._settings on a GPU
-        cases[f"decode_attention D={D}"] = compile_case(
+        cases[f"decode_attention D={D}{variant}"] = compile_case(
             arch, decode_attention._decode_attention_kernel, ptrs,
-            unit | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES, SPLITS_P2=64),
+            strides | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES, SPLITS_P2=64),
             floats=("qk_scale",), unaligned=("H", "S", "chunk"), num_warps=4)
     return cases
 
 
 def sampling_cases(arch: int) -> dict[str, dict]:
     """Top-k sampling's kernels over bf16 logits with a unit stride along the vocabulary,
-    GPT-2's vocabulary cut into chunks."""
+    GPT-2's vocabulary cut into chunks; the chunk kernels also with any stride along it
+    (a transposed view), where the index arithmetic is not folded away."""
     s = sampling
     P2 = triton.next_power_of_2(-(-50257 // s.CHUNK))
     ptrs = {"LOGITS": "bf16", "OUT": "i64", "SEED": "i64", "OFFSETS": "i64", "KEYS": "i32", "INDEX": "i32",
@@ -283,9 +286,11 @@ def sampling_cases(arch: int) -> dict[str, dict]:
         "gumbel chunks": (s._gumbel_chunks_kernel, chunked, s.NUM_WARPS),
         "pick best": (s._pick_best_kernel, dict(P2=P2), 1),
     }
+    kernels |= {f"{name} strided": (kernels[name][0], {k: v for k, v in kernels[name][1].items() if k != "stride_lv"},
+                                     s.NUM_WARPS) for name in ("stats", "window counts", "compact")}
     return {
         f"sample {name}": compile_case(arch, kernel, ptrs, constexprs, floats=("inv_temperature",),
-                                       unaligned=("V", "top_k", "stride_lb", "P"), num_warps=warps)
+                                       unaligned=("V", "top_k", "stride_lb", "P", "stride_lv"), num_warps=warps)
         for name, (kernel, constexprs, warps) in kernels.items()
     }
 

@@ -54,9 +54,11 @@ def test_no_configuration_spills(cases):
 def test_loops_are_pipelined(cases):
     """Every kernel that walks a loop of tiles has its loads in flight ahead of use; the
     LayerNorm forward and the sampling kernels (one tile a program) have no loop but for
-    sampling's rare path over scratch, when the candidates overflow the registers."""
+    sampling's rare path over scratch, when the candidates overflow the registers. Decode
+    attention over a bf16 cache strided along D loads 2-byte elements one by one, which
+    cp.async (4 bytes at least) cannot copy: that case is there for its index arithmetic."""
     flat = {name: c for name, c in cases.items() if c["cp_async"] == 0 and c["tma_loads"] == 0 and not any(
-        k in name for k in ("layer_norm fwd", "sample"))}
+        k in name for k in ("layer_norm fwd", "sample", "decode_attention D=64 strided"))}
     assert not flat, f"no cp.async or TMA copies (loads not pipelined): {sorted(flat)}"
 
 
@@ -137,9 +139,11 @@ def test_attention_dropout_shares_each_philox_call(cases):
 def test_index_arithmetic_is_int64(cases):
     """No kernel multiplies an int32 index tensor (a stride times an index passes 2^31 in big
     products: the FFN weight gradients' token index times a 4C row stride did past ~700k
-    tokens at C = 768). Sampling's and attention dropout's multiplies are Philox's 32-bit
-    rounds (and dropout's call index, a key tile's number), by design; the same attention
-    kernels without dropout are checked."""
+    tokens at C = 768; a head-dim or vocabulary stride times d or the token index did in
+    decode attention and sampling, which only the strided cases show: a stride of 1 is
+    compiled as a constant). Sampling's and attention dropout's multiplies are Philox's
+    32-bit rounds (and dropout's call index, a key tile's number), by design; the same
+    attention kernels without dropout are checked."""
     narrow = {name: c["i32_index_muls"] for name, c in cases.items()
               if c["i32_index_muls"] and not any(k in name for k in ("sample draw", "sample gumbel", "dropout"))}
     assert not narrow, f"int32 index multiplies: {narrow}"
