@@ -295,6 +295,12 @@ def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts:
             f"{op}: rows of {N} elements exceed the kernel's limit of {limit} for {x.dtype} "
             f"(64 KiB per row); use {reference}"
         )
+    # Row indices are int32: the forward's last tile ends up to 4095 rows past M, the
+    # backward's last chunk up to a chunk (~M / programs) past it, and past 2^31 they
+    # wrapped (stores at negative rows, a chunk of dx never written). Below 2^30 neither can.
+    if x.numel() // N >= 2**30:
+        raise ValueError(f"{op}: {x.numel() // N} rows must be fewer than 2^30 (the kernels index rows in int32); "
+                         f"split the batch")
 
 
 def _rows(t: Tensor, N: int) -> Tensor:

@@ -262,6 +262,17 @@ def test_invalid_inputs(x_shape, w_shape, b_shape, x_dtype, w_device, match, dev
         add_layer_norm(x, x.clone(), w, b)
 
 
+def test_rows_past_int32_are_refused(monkeypatch, device):
+    """2^30 rows (views: no memory) are refused before anything is allocated or launched;
+    from 2^31 - 4096 the kernels' int32 row indices wrapped."""
+    monkeypatch.setattr(importlib.import_module("kernels.layer_norm"), "_layer_norm_fwd_kernel", None)
+    x, w = torch.zeros(1, 1, device=device).expand(2**30, 1), torch.ones(1, device=device)
+    with pytest.raises(ValueError, match=r"1073741824 rows must be fewer than 2\^30"):
+        layer_norm(x, w, None)
+    with pytest.raises(ValueError, match=r"rows must be fewer than 2\^30"):
+        add_layer_norm(x, x, w, None)
+
+
 def test_residual_shape_mismatch(device):
     x, w = torch.ones(4, 8, device=device), torch.ones(8, device=device)
     with pytest.raises(ValueError, match="residual has shape"):
