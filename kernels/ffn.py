@@ -630,6 +630,11 @@ def _check(x: Tensor, fc_weight: Tensor, fc_bias: Tensor | None, proj_weight: Te
     for name, bias, n in (("fc_bias", fc_bias, hidden), ("proj_bias", proj_bias, proj_weight.shape[0])):
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"{_OP}: {name} must have shape ({n},), got {tuple(bias.shape)}")
+    # Row, column and K indices are int32 and run up to a tile (8 K steps split) past their
+    # dimension: past 2^31 they wrapped (loads and stores at negative rows). 2^30 leaves room.
+    if max(x.numel() // C, C, hidden, proj_weight.shape[0]) >= 2**30:
+        raise ValueError(f"{_OP}: every size must be below 2^30 (the kernels index in int32), got tokens="
+                         f"{x.numel() // C}, C={C}, hidden={hidden}, C_out={proj_weight.shape[0]}; split the batch")
 
 
 @on_input_device

@@ -288,6 +288,20 @@ def test_invalid_inputs(shapes, dtype, device_of_w, match, device):
         ffn(x, fc_w, fc_b, proj_w, proj_b)
 
 
+@pytest.mark.parametrize("big", ["tokens", "hidden"])
+def test_sizes_past_int32_are_refused(monkeypatch, big, device):
+    """2^30 tokens, or a hidden width of 2^30 (views: no memory), are refused before
+    anything is allocated or launched; from a tile short of 2^31 the int32 indices wrapped."""
+    monkeypatch.setattr(ffn_module, "_matmul", None)
+    x, (fc_w, fc_b, proj_w, proj_b) = torch.zeros(4, 8, device=device), _weights(8, 32, torch.float32, device)
+    if big == "tokens":
+        x = x[:1].expand(2**30, 8)
+    else:
+        fc_w, fc_b, proj_w = fc_w[:1].expand(2**30, 8), fc_b[:1].expand(2**30), proj_w[:, :1].expand(8, 2**30)
+    with pytest.raises(ValueError, match=rf"below 2\^30 .* {big}=1073741824"):
+        ffn(x, fc_w, fc_b, proj_w, proj_b)
+
+
 def test_mixed_dtypes_are_refused(device):
     x, fc_w, fc_b, proj_w, proj_b = torch.ones(4, 8, device=device).half(), *_weights(8, 32, torch.float32, device)
     with pytest.raises(ValueError, match="share one dtype"):
