@@ -748,6 +748,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed
                          f"(CUDA's grid limit); split the batch")
     if q.shape[0] * q.shape[1] >= 2**31:  # the kernels number (batch, head) pairs in int32
         raise ValueError(f"{_OP}: batch x heads ({q.shape[0]} x {q.shape[1]}) must be below 2^31; split the batch")
+    # Positions are int32 and run up to a tile past T: from a tile short of 2^31 they wrapped
+    # (the key loop's counter, rows stored at negative positions). 2^30 leaves room.
+    if max(Tq, Tk) >= 2**30:
+        raise ValueError(f"{_OP}: Tq={Tq} and Tk={Tk} must be below 2^30 (the kernels index positions in int32); "
+                         f"use {_REFERENCE}")
 
 
 def _unit_stride(t: Tensor) -> Tensor:

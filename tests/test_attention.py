@@ -469,6 +469,21 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
         attention(many, many, many)
 
 
+@pytest.mark.parametrize("big", ["Tq", "Tk"])
+def test_positions_past_int32_are_refused(monkeypatch, big, device):
+    """2^30 queries or keys (views: no memory) are refused before anything is allocated or
+    launched; from a tile short of 2^31 the kernels' int32 positions wrapped."""
+    for name in ("_attn_fwd_kernel", "_attn_fwd_ws_kernel"):
+        monkeypatch.setattr(attention_module, name, None)
+    q = k = torch.zeros(1, 1, 1, 16, device=device)
+    if big == "Tq":
+        q = q.expand(1, 1, 2**30, 16)
+    else:
+        k = k.expand(1, 1, 2**30, 16)
+    with pytest.raises(ValueError, match=rf"{big}=1073741824 .*must be below 2\^30"):
+        attention(q, k, k, causal=False)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
     """The (tiles, H, B) grid that B * H past the cap takes, forced here on a small shape by
