@@ -207,6 +207,12 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
         raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     if k_cache.shape[2] == 0:
         raise ValueError(f"{op}: the cache has no positions (S = 0)")
+    # Positions are int32 and a split's end runs up to a chunk past S: from 2^31 lengths
+    # wrapped, and the splits' ends and tile counters from a few tiles short of it. 2^30
+    # leaves room.
+    if k_cache.shape[2] >= 2**30:
+        raise ValueError(f"{op}: the cache's {k_cache.shape[2]} positions must be fewer than 2^30 "
+                         f"(the kernel indexes positions in int32)")
     if D not in HEAD_DIMS:
         raise ValueError(f"{op}: head dim {D} is not supported; use one of {HEAD_DIMS}")
     if not isinstance(seq_lens, Tensor):

@@ -7,6 +7,7 @@ On CPU the kernels run in the Triton interpreter (two splits of 16-key tiles), s
 shapes are tiny but put lengths on every edge: 1, the full cache, just past a tile, on a
 split boundary, and several different lengths in one batch.
 """
+import importlib
 import math
 
 import pytest
@@ -165,6 +166,15 @@ def test_a_length_of_0_writes_no_new_key(device):
     for kc, vc in caches:
         assert torch.equal(kc[0], k[0]) and torch.equal(vc[0], v[0])
         assert torch.equal(kc[1, :, 2], k_new[1]) and torch.equal(vc[1, :, 2], v_new[1])
+
+
+def test_positions_past_int32_are_refused(monkeypatch, device):
+    """A cache of 2^30 positions (views: no memory) is refused before anything is launched;
+    from 2^31 the kernel's int32 lengths wrapped (and its splits' ends a few tiles short)."""
+    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "_decode_attention_kernel", None)
+    q, k, v, lens = _valid(device, B=1, H=1, S=1)
+    with pytest.raises(ValueError, match=r"1073741824 positions must be fewer than 2\^30"):
+        decode_attention(q, k.expand(1, 1, 2**30, 16), v.expand(1, 1, 2**30, 16), lens)
 
 
 def test_empty_batch(device):
