@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -119,8 +120,10 @@ class Streamer:
         self.ids: list[int] = []  # not decoded into pending yet: they may end in part of a character
         self.hold = max((len(s) - 1 for s in stops), default=0)
         self.ended = False
+        self.generated = 0  # tokens drawn, the one that ended the sample included
 
     def __call__(self, token: torch.Tensor) -> None:
+        self.generated += 1
         t = int(token[0, 0])
         self.ended = self.ended or t == self.eot
         if self.ended:
@@ -189,6 +192,7 @@ def sample(args: argparse.Namespace) -> None:
 
     common = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=gen,
                   eot_token=tokenizer.eot_token, decoder=decoder)
+    started = time.perf_counter()
     if len(batch) == 1:
         write_out(prompts[0])
         stream = Streamer(tokenizer, stops, tokenizer.eot_token)
@@ -196,10 +200,23 @@ def sample(args: argparse.Namespace) -> None:
         generate(model, [ids[0]], args.max_new_tokens, on_token=stream,
                  stop=(lambda b, new: stream.ended) if stops else None, **common)
         stream.finish()
+        report_speed(stream.generated, 1, time.perf_counter() - started, device)
         return
     outputs = generate(model, [i for _, i in batch], args.max_new_tokens, stop=stop if stops else None, **common)
+    seconds = time.perf_counter() - started
     for n, ((prompt, _), new) in enumerate(zip(batch, outputs)):
         write_out(f"--- sample {n + 1} ---\n{prompt}{cut_at_stop(tokenizer.decode(new), stops)}\n")
+    report_speed(sum(map(len, outputs)), len(batch), seconds, device)
+
+
+def report_speed(tokens: int, samples: int, seconds: float, device: str) -> None:
+    """One line on stderr, as gpt-fast's generate.py reports: the samples on stdout stay clean
+    for a pipe. The time runs from the prompts' prefill to the last token, CUDA-graph capture
+    or compilation on the first steps included."""
+    memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+              if device == "cuda" else "")
+    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):,.1f} tokens/s "
+          f"({samples} sample{'s' if samples > 1 else ''} at once{memory})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

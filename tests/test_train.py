@@ -1,6 +1,7 @@
 """End-to-end: train.py and sample.py as a user runs them."""
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,20 @@ def test_sampling_is_reproducible(tmp_path, corpus, capsys):
     assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
     assert sample.main(["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out != outputs[0]  # the seed is what repeats them
+
+
+def test_sample_py_reports_its_speed_on_stderr(tmp_path, corpus, capsys):
+    """As gpt-fast's generate.py: the tokens drawn, the time and the rate, one line on stderr
+    (stdout holds the samples only), streamed or in a batch."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    capsys.readouterr()
+    common = ["--checkpoint", str(tmp_path / "out"), "--prompt", "def ", "--max-new-tokens", "7", "--device", "cpu"]
+    for extra, line in (([], r"7 tokens in [\d.]+ s, [\d,.]+ tokens/s \(1 sample at once\)"),
+                        (["--num-samples", "3"], r"21 tokens in [\d.]+ s, [\d,.]+ tokens/s \(3 samples at once\)")):
+        assert sample.main([*common, *extra]) == 0
+        out, err = capsys.readouterr()
+        assert re.fullmatch(line + "\n", err), err
+        assert "tokens/s" not in out
 
 
 def test_streamed_text_ends_before_a_stop_string_and_at_end_of_text(capsys):
