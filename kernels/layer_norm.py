@@ -84,19 +84,8 @@ def _layer_norm_fwd_tile(
 
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    # Two-pass variance from registers (no cancellation, unlike E[x^2] - E[x]^2), corrected
-    # (Chan, Golub & LeVeque): sum / N misses the row's mean by rounding, ulps of |mean|,
-    # an offset that xc and var would keep and rstd magnify -- up to 1 / sqrt(eps) where
-    # the row is constant (a constant fp32 row of 768 came out as +-1e-4 instead of 0 at
-    # eps = 1e-5, +-1 at 1e-12). The offset is the mean of xc, summed beside the squares
-    # (independent reductions, no third pass): taken off xc, var and the mean, a constant
-    # row normalises to exactly 0, as in torch. (A tuple tl.reduce of both took 81
-    # registers at N = 8192 on sm90, too many for two 16-warp programs per SM; tests/codegen.py.)
-    shift = tl.sum(xc, axis=1) / N
-    sq = tl.sum(xc * xc, axis=1)
-    var = tl.maximum(sq / N - shift * shift, 0.0)
-    xc -= shift[:, None]
-    mean += shift
+    # Two-pass variance from registers: no cancellation, unlike E[x^2] - E[x]^2.
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = tl.rsqrt(var + eps)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
