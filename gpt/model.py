@@ -66,9 +66,13 @@ class KVCache:
             self.k[layer, :, :, :T] = k
             self.v[layer, :, :, :T] = v
             return ops.attention(q, k, v, causal=True, mode=self.kernels)
-        # The kernel stores this step's k/v at position lengths[b] itself, then attends.
+        # The kernel stores this step's k/v at position lengths[b] itself, then attends. Under
+        # autocast q, k and v come in its dtype and the cache is the model's: the kernel takes
+        # one dtype, and the new k/v are stored in the cache's anyway (no-op casts otherwise).
+        dtype = self.k.dtype
         y = ops.decode_attention(
-            q[:, :, 0], self.k[layer], self.v[layer], self.step_lengths, k[:, :, 0], v[:, :, 0], mode=self.kernels
+            q[:, :, 0].to(dtype), self.k[layer], self.v[layer], self.step_lengths, k[:, :, 0].to(dtype),
+            v[:, :, 0].to(dtype), mode=self.kernels,
         )
         return y.unsqueeze(2)
 

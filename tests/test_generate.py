@@ -200,6 +200,22 @@ def test_triton_kernels_generate_like_the_reference(device):
     torch.testing.assert_close(step[:, 0], ref(seq[:, :7])[:, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_generate_under_autocast_on_the_triton_kernels(device):
+    """nanoGPT's sample.py generates from an fp32 model under torch.autocast: the decode step's
+    query, key and value then come in the autocast dtype and the cache stays fp32, which the
+    decode kernel (one dtype) refused (karpathy/nanochat#795: a bf16 q against an fp32 cache)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch")
+    ref = GPT(cfg).to(device).eval()
+    tri = GPT(cfg.updated(kernels="triton")).to(device).eval()
+    tri.load_state_dict(ref.state_dict())
+    # The interpreter computes bf16 wrongly: fp16 there (CPU autocast takes it too).
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    with torch.autocast(device, dtype=dtype):
+        assert generate(tri, prompts, 8, temperature=0) == generate(ref, prompts, 8, temperature=0)
+
+
 def test_sampling_on_the_triton_kernel_is_seeded(device):
     """On the Triton kernels, generate draws with kernels.sample, whose random state lives
     on the device and is seeded from the generator: the same seed gives the same tokens."""
