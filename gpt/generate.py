@@ -6,6 +6,7 @@ context every token, kept as the oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -145,14 +146,24 @@ class Decoder:
     def _capture(self) -> None:
         # Warm-up and capture write k/v one past each length; the real steps overwrite them.
         saved = self.cache.lengths.clone()
+        # Under autocast, a graph captured with its cache on would read the cached casts of
+        # the weights, which are freed when the autocast context exits: replays after that
+        # read freed memory (torch's make_graphed_callables refuses autocast's cache for this
+        # reason). Without it the graph casts the weights itself at each replay; a model
+        # cast to its dtype (model.to(torch.bfloat16), as sample.py does) needs no cast.
+        autocast = torch.is_autocast_enabled("cuda")
+
+        def uncached() -> contextlib.AbstractContextManager:
+            return (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                    if autocast else contextlib.nullcontext())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with uncached(), torch.cuda.stream(stream):
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with uncached(), torch.cuda.graph(self.graph):
             self.graph_logits = self._step()
         self.cache.lengths.copy_(saved)
 
