@@ -288,18 +288,30 @@ def test_invalid_inputs(shapes, dtype, device_of_w, match, device):
         ffn(x, fc_w, fc_b, proj_w, proj_b)
 
 
-@pytest.mark.parametrize("big", ["tokens", "hidden"])
+class _Reached(Exception):
+    """Raised in place of the matmuls: the inputs got past every check."""
+
+
+@pytest.mark.parametrize("big", ["tokens", "C", "hidden", "C_out"])
 def test_sizes_past_int32_are_refused(monkeypatch, big, device):
-    """2^30 tokens, or a hidden width of 2^30 (views: no memory), are refused before
-    anything is allocated or launched; from a tile short of 2^31 the int32 indices wrapped."""
-    monkeypatch.setattr(ffn_module, "_matmul", None)
-    x, (fc_w, fc_b, proj_w, proj_b) = torch.zeros(4, 8, device=device), _weights(8, 32, torch.float32, device)
-    if big == "tokens":
-        x = x[:1].expand(2**30, 8)
-    else:
-        fc_w, fc_b, proj_w = fc_w[:1].expand(2**30, 8), fc_b[:1].expand(2**30), proj_w[:, :1].expand(8, 2**30)
+    """2^30 tokens (all the rows of a (B, T, C) input, not B), or an input, hidden or output
+    width of 2^30 (views: no memory), are refused before anything is allocated or launched;
+    from a tile short of 2^31 the int32 indices wrapped. One less is taken."""
+    def reached(*args, **kwargs):
+        raise _Reached
+    monkeypatch.setattr(ffn_module, "_matmul", reached)
+
+    def run(n):
+        rows = {2**30: (2**15, 2**15), 2**30 - 1: (3, (2**30 - 1) // 3)}[n] if big == "tokens" else (2, 2)
+        C, hidden, C_out = (n if big == name else size for name, size in (("C", 8), ("hidden", 32), ("C_out", 8)))
+        zero = torch.zeros(1, 1, 1, device=device)
+        x, fc_w, proj_w = zero.expand(*rows, C), zero[0].expand(hidden, C), zero[0].expand(C_out, hidden)
+        ffn(x, fc_w, zero[0, 0].expand(hidden), proj_w, zero[0, 0].expand(C_out))
+
     with pytest.raises(ValueError, match=rf"below 2\^30 .* {big}=1073741824"):
-        ffn(x, fc_w, fc_b, proj_w, proj_b)
+        run(2**30)
+    with pytest.raises(_Reached):
+        run(2**30 - 1)
 
 
 def test_mixed_dtypes_are_refused(device):
