@@ -273,6 +273,27 @@ def test_rows_past_int32_are_refused(monkeypatch, device):
         add_layer_norm(x, x, w, None)
 
 
+class _Reached(Exception):
+    """Raised where the inputs are laid out for the kernels: they got past every check."""
+
+
+def test_rows_are_counted_over_every_leading_dim(monkeypatch, device):
+    """The row limit counts the rows of every leading dim: a (2^15, 2^15, 1) view is 2^30
+    rows, refused; 2^30 - 1 rows over three leading dims are taken. Views (no memory), stopped
+    where the rows are laid out for the kernels, before the outputs and the (rows,) fp32
+    statistics (12 GB and more here) would be allocated."""
+    def reached(*args, **kwargs):
+        raise _Reached
+    monkeypatch.setattr(importlib.import_module("kernels.layer_norm"), "_rows", reached)
+    w = torch.ones(1, device=device)
+    x = torch.zeros(1, 1, 1, device=device)
+    with pytest.raises(ValueError, match=r"1073741824 rows must be fewer than 2\^30"):
+        layer_norm(x.expand(2**15, 2**15, 1), w, None)
+    for fn in (layer_norm, lambda x, w, b: add_layer_norm(x, x, w, b)):
+        with pytest.raises(_Reached):
+            fn(x.expand(3, 3, (2**30 - 1) // 9, 1), w, None)
+
+
 def test_residual_shape_mismatch(device):
     x, w = torch.ones(4, 8, device=device), torch.ones(8, device=device)
     with pytest.raises(ValueError, match="residual has shape"):
