@@ -484,6 +484,24 @@ def test_positions_past_int32_are_refused(monkeypatch, big, device):
         attention(q, k, k, causal=False)
 
 
+def test_positions_just_below_2_30_are_taken(monkeypatch, device):
+    """2^30 - 1 keys (a view: no memory) pass every check and reach the launch: the limit
+    refuses only the lengths whose int32 positions could wrap."""
+    class Reached(Exception):
+        pass
+
+    class Launch:  # a kernel that stops the call where it would run
+        def __getitem__(self, grid):
+            raise Reached
+
+    for name in ("_attn_fwd_kernel", "_attn_fwd_ws_kernel"):
+        monkeypatch.setattr(attention_module, name, Launch())
+    q = torch.zeros(1, 1, 1, 16, device=device)
+    k = q.expand(1, 1, 2**30 - 1, 16)
+    with pytest.raises(Reached):
+        attention(q, k, k, causal=False)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
     """The (tiles, H, B) grid that B * H past the cap takes, forced here on a small shape by
