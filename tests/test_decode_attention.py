@@ -177,6 +177,22 @@ def test_positions_past_int32_are_refused(monkeypatch, device):
         decode_attention(q, k.expand(1, 1, 2**30, 16), v.expand(1, 1, 2**30, 16), lens)
 
 
+def test_positions_just_below_2_30_are_taken(monkeypatch, device):
+    """A cache of 2^30 - 1 positions (views: no memory) passes every check and reaches the
+    launch: the limit refuses only the sizes whose int32 positions could wrap."""
+    class Reached(Exception):
+        pass
+
+    class Launch:  # a kernel that stops the call where it would run
+        def __getitem__(self, grid):
+            raise Reached
+
+    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "_decode_attention_kernel", Launch())
+    q, k, v, lens = _valid(device, B=1, H=1, S=1)
+    with pytest.raises(Reached), torch.no_grad():
+        decode_attention(q, k.expand(1, 1, 2**30 - 1, 16), v.expand(1, 1, 2**30 - 1, 16), lens)
+
+
 def test_empty_batch(device):
     q, k, v, lens = _inputs(0, 2, 8, 16, [], torch.float32, device)
     assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
