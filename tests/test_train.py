@@ -106,6 +106,66 @@ def test_sample_py_reports_its_speed_on_stderr(tmp_path, corpus, capsys):
         assert "tokens/s" not in out
 
 
+def test_sample_py_speed_line_counts_what_it_drew_in_the_generation_time(tmp_path, corpus, capsys, monkeypatch):
+    """The speed line's numbers: the tokens drawn (fewer than --max-new-tokens when --stop ends
+    the samples), the time of the generation (a clock that moves 2 s while generate runs and
+    not otherwise), the rate their quotient, and every prompt's samples."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    clock, real_generate = [1000.0], sample.generate
+
+    def generate(*args, **kwargs):
+        clock[0] += 2.0
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(sample, "generate", generate)
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])
+    capsys.readouterr()
+
+    def run(*extra):
+        assert sample.main(["--checkpoint", str(tmp_path / "out"), "--max-new-tokens", "24", "--seed", "5",
+                            "--device", "cpu", *extra]) == 0
+        return capsys.readouterr()
+
+    # Streamed (one token a character): stopped where its third character first shows, the last drawn.
+    text = run("--prompt", "def ").out[len("def "):]
+    drawn = text.index(text[2]) + 1
+    assert run("--prompt", "def ", "--stop", text[2]).err == \
+        f"{drawn} tokens in 2.00 s, {drawn / 2:.1f} tokens/s (1 sample at once)\n"
+    # Four at once, each stopped by its own first character: every row ends at the first
+    # check for stop strings, well before 24 tokens.
+    batch = ["--prompt", "def ", "--prompt", "ret", "--num-samples", "2"]
+    firsts = re.findall(r"--- sample \d ---\n(?:def |ret)(.)", run(*batch).out, re.S)
+    assert len(firsts) == 4
+    err = run(*batch, *(arg for c in firsts for arg in ("--stop", c))).err
+    drawn = int(err.split()[0])
+    assert drawn % 4 == 0 and 4 <= drawn < 4 * 24, err
+    assert err == f"{drawn} tokens in 2.00 s, {drawn / 2:.1f} tokens/s (4 samples at once)\n"
+
+
+def test_sample_py_speed_line_on_a_gpu_adds_its_peak_memory(monkeypatch, capsys):
+    """On CUDA the line ends with the peak GPU memory in GiB (the allocator's figure, here a
+    stand-in's), and rates past a thousand take a thousands separator."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 3 * 2**29)
+    sample.report_speed(3000, 2, 1.5, "cuda")
+    assert capsys.readouterr().err == \
+        "3000 tokens in 1.50 s, 2,000.0 tokens/s (2 samples at once, peak GPU memory 1.50 GiB)\n"
+
+
+def test_streamer_counts_the_token_that_ends_the_sample(capsys):
+    """The speed line counts the tokens drawn: the end-of-text token, or the one that completes
+    a stop string, is drawn too (generation stops after it)."""
+    from gpt.tokenizer import ByteTokenizer
+
+    for stops, eot, text, drawn in [([], ord("|"), b"one|two", 4), (["STOP"], None, b"hello STOP world", 10)]:
+        stream = sample.Streamer(ByteTokenizer(), stops, eot)
+        for b in text:
+            stream(torch.tensor([[b]]))
+            if stream.ended:
+                break
+        stream.finish()
+        assert stream.generated == drawn
+    capsys.readouterr()
+
+
 def test_streamed_text_ends_before_a_stop_string_and_at_end_of_text(capsys):
     from gpt.tokenizer import ByteTokenizer
 
