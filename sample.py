@@ -120,14 +120,14 @@ class Streamer:
         self.ids: list[int] = []  # not decoded into pending yet: they may end in part of a character
         self.hold = max((len(s) - 1 for s in stops), default=0)
         self.ended = False
-        self.generated = 0  # tokens drawn, the one that ended the sample included
+        self.generated = 0  # tokens of the sample, as generate() counts them: the end of text is not one
 
     def __call__(self, token: torch.Tensor) -> None:
-        self.generated += 1
         t = int(token[0, 0])
         self.ended = self.ended or t == self.eot
         if self.ended:
             return
+        self.generated += 1
         self.ids.append(t)
         tail = self.tokenizer.decode(self.ids)
         text = self.pending + tail

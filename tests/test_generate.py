@@ -265,21 +265,22 @@ def test_cuda_graph_decoding_gpu(dtype):
 
 
 @pytest.mark.gpu
-def test_a_cuda_graph_captured_under_autocast_outlives_it_gpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_cuda_graph_captured_under_autocast_outlives_it_gpu(dtype):
     """A Decoder captured inside torch.autocast and stepped after the context exited: with
     autocast's cache on, the graph would read the cached bf16 casts of the weights, freed at
     the exit (and here overwritten); captured without it, it casts them itself."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128)).to("cuda").eval()
     prompts = [list(range(1, 30)), [7, 8, 9]]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         graph, eager = Decoder(model, 2, cuda_graph=True), Decoder(model, 2)
         graph.prefill(prompts), eager.prefill(prompts)
     junk = [torch.full((n,), float("nan"), device="cuda") for n in (512 * 128, 128 * 128 * 3, 128 * 512, 512)]
     token = torch.tensor([[5], [6]], device="cuda")
     with torch.no_grad():
         got = graph.step(token).clone()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
             expected = eager.step(token)
     assert torch.isfinite(got).all() and len(junk) == 4
     torch.testing.assert_close(got, expected)

@@ -150,12 +150,12 @@ def test_sample_py_speed_line_on_a_gpu_adds_its_peak_memory(monkeypatch, capsys)
         "3000 tokens in 1.50 s, 2,000.0 tokens/s (2 samples at once, peak GPU memory 1.50 GiB)\n"
 
 
-def test_streamer_counts_the_token_that_ends_the_sample(capsys):
-    """The speed line counts the tokens drawn: the end-of-text token, or the one that completes
-    a stop string, is drawn too (generation stops after it)."""
+def test_streamer_counts_the_tokens_of_the_sample(capsys):
+    """The speed line counts a streamed sample's tokens as generate() counts a batch's: the
+    one that completes a stop string (generation stops after it), not the end of text."""
     from gpt.tokenizer import ByteTokenizer
 
-    for stops, eot, text, drawn in [([], ord("|"), b"one|two", 4), (["STOP"], None, b"hello STOP world", 10)]:
+    for stops, eot, text, drawn in [([], ord("|"), b"one|two", 3), (["STOP"], None, b"hello STOP world", 10)]:
         stream = sample.Streamer(ByteTokenizer(), stops, eot)
         for b in text:
             stream(torch.tensor([[b]]))
