@@ -134,7 +134,14 @@ class Decoder:
         self.filled = 0  # host mirror of max(cache.lengths): a full cache is refused without a sync
         self.graph = None
         self.draw_graphs: dict[tuple[float, int | None], torch.cuda.CUDAGraph] = {}
-        self.step_fn = torch.compile(self._step, mode="reduce-overhead") if compile else self._step
+        self.step_fn = self._step
+        if compile:
+            # Inductor's CUDA graphs are skipped altogether for a step that updates a tensor
+            # it was passed, unless that tensor's address is marked as fixed, as a module's
+            # buffers are (gpt-fast keeps its cache in buffers).
+            for t in (*self.cache.tensors(), self.token):
+                torch._dynamo.mark_static_address(t, guard=False)
+            self.step_fn = torch.compile(self._step, mode="reduce-overhead")
         if cuda_graph:
             self._capture()
 

@@ -45,31 +45,37 @@ class KVCache:
     Prompts of different lengths are right-padded: sequence b's valid keys are
     positions [0, lengths[b]) of its rows. All shapes are fixed at creation, and
     lengths live on the device, so a decode step can be captured in a CUDA graph.
+    k[layer], v[layer]: (B, H, block_size, D), one tensor a layer -- not slices of one
+    stacked tensor, which torch.compile would copy whole to update every step.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.step_lengths = torch.ones(batch_size, dtype=torch.long, device=device)
         self.kernels = config.kernels
-        self.step_lengths = self.lengths + 1
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a decode step updates in place."""
+        return [*self.k, *self.v, self.lengths, self.step_lengths]
 
     def begin_step(self) -> None:
         """Keys each sequence attends to in this decode step: computed once, not per layer."""
-        self.step_lengths = self.lengths + 1
+        torch.add(self.lengths, 1, out=self.step_lengths)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Stores this step's k/v (B, H, T, D) and attends; T > 1 is a prefill from position 0."""
         T = q.size(2)
         if T > 1:
-            self.k[layer, :, :, :T] = k
-            self.v[layer, :, :, :T] = v
+            self.k[layer][:, :, :T] = k
+            self.v[layer][:, :, :T] = v
             return ops.attention(q, k, v, causal=True, mode=self.kernels)
         # The kernel stores this step's k/v at position lengths[b] itself, then attends. Under
         # autocast q, k and v come in its dtype and the cache is the model's: the kernel takes
         # one dtype, and the new k/v are stored in the cache's anyway (no-op casts otherwise).
-        dtype = self.k.dtype
+        dtype = self.k[layer].dtype
         y = ops.decode_attention(
             q[:, :, 0].to(dtype), self.k[layer], self.v[layer], self.step_lengths, k[:, :, 0].to(dtype),
             v[:, :, 0].to(dtype), mode=self.kernels,

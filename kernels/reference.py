@@ -80,10 +80,11 @@ def decode_attention(
     (nowhere for a length of 0, as the kernel).
     """
     if k_new is not None:
-        at = (seq_lens - 1).clamp(min=0).view(-1, 1, 1, 1).expand(-1, k_cache.shape[1], 1, k_cache.shape[3])
+        rows, at = torch.arange(q.shape[0], device=q.device), (seq_lens - 1).clamp(min=0)
         written = (seq_lens > 0).view(-1, 1, 1)  # a length-0 row rewrites its position 0 as it was
+        # An index_put, which torch.compile does in place; it copied the whole cache for a scatter_.
         for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-            cache.scatter_(2, at, torch.where(written, new.to(cache.dtype), cache.gather(2, at).squeeze(2)).unsqueeze(2))
+            cache[rows, :, at] = torch.where(written, new.to(cache.dtype), cache[rows, :, at])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
     positions = torch.arange(k_cache.shape[2], device=q.device)

@@ -1,3 +1,6 @@
+import math
+import re
+
 import pytest
 import torch
 
@@ -244,6 +247,51 @@ def test_cuda_graph_sampling_equals_eager_gpu(top_k, top_p):
     graph = run(Decoder(model, 2, cuda_graph=True))
     assert graph == run(Decoder(model, 2)) and graph == run(None)
     assert len(set(map(tuple, graph))) == 2
+
+
+def test_a_compiled_decoder_generates_as_eager():
+    """Decoder(compile=True), sample.py --compile: the same tokens as the eager step, for prompts
+    of different lengths and past a slide of the window (a prefill between compiled steps)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch")
+    model = GPT(cfg).eval()
+    prompts = [list(range(20)), [5, 6, 7]]
+    compiled = generate(model, prompts, 30, temperature=0, decoder=Decoder(model, 2, compile=True))
+    assert compiled == generate(model, prompts, 30, temperature=0)
+
+
+def test_a_compiled_step_updates_the_cache_in_place():
+    """Inductor copied every layer's whole cache each step, to write one position, when the
+    cache was slices of one tensor or written by scatter_ (6.1 ms a step against eager's 1.3
+    at 4096 positions on the CPU): no buffer the step allocates may be that large."""
+    from torch._inductor.utils import run_and_get_code
+
+    cfg = GPTConfig(vocab_size=30, block_size=256, n_layer=2, n_head=2, n_embd=32, kernels="torch")
+    model = GPT(cfg).eval()
+    decoder = Decoder(model, 3, compile=True)
+    with torch.no_grad():
+        decoder.prefill([[1, 2, 3], [4], [5, 6]])
+        _, codes = run_and_get_code(decoder.step)
+    assert codes, "the step was not compiled"
+    shapes = [s for code in codes for s in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", code)]
+    largest = max(math.prod(int(n) for n in s.split(",") if n.strip()) for s in shapes)
+    assert largest < decoder.cache.k[0].numel() // 4
+
+
+@pytest.mark.gpu
+def test_a_compiled_decoder_keeps_its_cuda_graphs_gpu():
+    """mode="reduce-overhead" skips its CUDA graphs for a step that mutates a tensor it does
+    not know to have a fixed address: the cache and lengths are marked as such."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=128, kernels="torch")
+    model = GPT(cfg).to("cuda").eval()
+    prompts = [list(range(1, 40)), [7, 8, 9]]
+    counters.clear()
+    compiled = generate(model, prompts, 20, temperature=0, decoder=Decoder(model, 2, compile=True))
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert compiled == generate(model, prompts, 20, temperature=0)
 
 
 @pytest.mark.gpu
