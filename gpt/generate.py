@@ -114,9 +114,9 @@ class Decoder:
     torch's ops and the caller's generator, outside any graph.
 
     With compile=True the step goes through torch.compile(mode="reduce-overhead") instead,
-    which writes its own kernels: on CUDA the model must run on kernels="torch"
-    (model.set_kernels("torch") switches), since our decode attention is opaque to
-    torch.compile and would break the step into pieces.
+    compiled when the Decoder is built, which writes its own kernels: on CUDA the model must
+    run on kernels="torch" (model.set_kernels("torch") switches), since our decode attention
+    is opaque to torch.compile and would break the step into pieces.
     """
 
     def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):
@@ -142,6 +142,7 @@ class Decoder:
             for t in (*self.cache.tensors(), self.token):
                 torch._dynamo.mark_static_address(t, guard=False)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead")
+            self._compile()
         if cuda_graph:
             self._capture()
 
@@ -149,6 +150,17 @@ class Decoder:
         logits = self.model(self.token, cache=self.cache)[:, -1]
         self.cache.lengths += 1
         return logits
+
+    @torch.no_grad()  # as generate() steps: grad mode is one of the compiled step's guards
+    def _compile(self) -> None:
+        # Now, as _capture captures its graph, not in the first steps of a generation that its
+        # caller times (sample.py's tokens/s): the first call compiles, and on CUDA the second
+        # records mode="reduce-overhead"'s CUDA graph. The steps write k/v one past each length,
+        # which the real steps overwrite.
+        saved = self.cache.lengths.clone()
+        for _ in range(3):
+            self.step_fn()
+        self.cache.lengths.copy_(saved)
 
     def _capture(self) -> None:
         # Warm-up and capture write k/v one past each length; the real steps overwrite them.

@@ -104,6 +104,10 @@ def test_sample_py_reports_its_speed_on_stderr(tmp_path, corpus, capsys):
         out, err = capsys.readouterr()
         assert re.fullmatch(line + "\n", err), err
         assert "tokens/s" not in out
+    # --compile compiles the decode step before the generation it times, and reports it apart.
+    assert sample.main([*common, "--compile"]) == 0
+    assert re.fullmatch(r"compiled the decode step in [\d.]+ s\n7 tokens in [\d.]+ s, [\d,.]+ tokens/s "
+                        r"\(1 sample at once\)\n", capsys.readouterr().err)
 
 
 def test_sample_py_speed_line_counts_what_it_drew_in_the_generation_time(tmp_path, corpus, capsys, monkeypatch):
