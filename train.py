@@ -419,6 +419,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     if resumed and resumed.get("scaler") and dtype == "fp16":
         scaler.load_state_dict(resumed["scaler"])  # the loss scale it had found, not 65536 again
     autocast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    # Compiled, a run is not bit-exact run to run (nor is --resume): Inductor sums the embedding's
+    # gradient with atomic adds, whose order varies; eager's kernel sums in a fixed one.
     fwd = torch.compile(wrapped) if args.compile else wrapped
 
     metrics = Metrics(args.out_dir, warn=log)
