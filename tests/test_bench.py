@@ -83,3 +83,19 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
         else:
             assert cmd[1] == "train.py", (name, cmd)
             train.parse_args(cmd[2:])
+
+
+def test_the_compiled_sampling_peer_is_one_graph(monkeypatch):
+    """bench_sampling's torch.compile peer ran sample_next, whose NaN check syncs with the host:
+    two graphs and a sync a draw, which kernels.sample does not pay (and the CUDA-graph peer
+    cannot capture). Its graphs, Dynamo's alone here, must hold the whole draw."""
+    from torch._dynamo.utils import counters
+
+    from bench import bench_sampling
+
+    monkeypatch.setattr(bench_sampling, "compile_static", lambda fn: torch.compile(fn, dynamic=False, backend="eager"))
+    for timing in ("bench", "bench_graph"):
+        monkeypatch.setattr(bench_sampling, timing, lambda fn: (fn(), 1.0)[1])
+    counters.clear()
+    bench_sampling.run([2], 300, [20], torch.float32, "cpu", compile=True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
