@@ -162,6 +162,10 @@ class Decoder:
             self.step_fn()
         self.cache.lengths.copy_(saved)
 
+    # Inference only, whoever calls: with autograd on, a step over parameters that require
+    # grad (sample.py's, bench_sample's) ran, and was captured, on torch's decode attention
+    # and without the decode FFN's GELU epilogue (gpt/ops.py), and kernels="triton" refused it.
+    @torch.no_grad()
     def _capture(self) -> None:
         # Warm-up and capture write k/v one past each length; the real steps overwrite them.
         saved = self.cache.lengths.clone()
@@ -193,6 +197,7 @@ class Decoder:
         self.seed.copy_(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         self.offsets.zero_()
 
+    @torch.no_grad()
     def prefill(self, sequences: list[list[int]]) -> Tensor:
         """Runs right-padded prompts through the model; returns each one's last logits (B, V)."""
         S = self.model.config.block_size
@@ -216,6 +221,7 @@ class Decoder:
             self.logits = logits
         return self.logits
 
+    @torch.no_grad()
     def step(self, token: Tensor | None = None) -> Tensor:
         """Feeds token (B, 1) -- by default the last draw() -- at each sequence's position;
         returns the next logits (B, V)."""

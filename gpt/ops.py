@@ -40,10 +40,9 @@ AUTO_MIN_WIDTH = 768
 FFN_MIN_ROWS = 256
 # On that cuBLAS path, at inference, fold the bias and GELU into the first matmul's epilogue
 # (torch._addmm_activation, cuBLASLt's GELU_BIAS: the tanh approximation, as here) instead
-# of a separate GELU kernel: one launch fewer per layer in every decode step. Measured on an
-# H200 (124M, bf16) it is level: 1,981 against 1,967 tokens/s at batch 1 and 38,804 against
-# 38,550 at 32 in a call of run 4 not tabled, 1,937 against 1,935 and 35,836 against 35,895
-# in call 4.4 (bench/RESULTS.md).
+# of a separate GELU kernel: one launch fewer per layer in every decode step. Untimed: run
+# 4's A/B of it (level, bench/RESULTS.md) captured its graphs with autograd on, where this
+# path is off, so both sides ran the separate GELU.
 GELU_EPILOGUE = True
 
 

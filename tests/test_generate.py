@@ -4,9 +4,10 @@ import re
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, ops
 from gpt.generate import Decoder, GenerationError, filter_logits, generate, generate_uncached, sample_next
 from gpt.model import KVCache
+from kernels import reference
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -201,6 +202,34 @@ def test_triton_kernels_generate_like_the_reference(device):
         cache.lengths.fill_(6)
         step = tri(seq[:, 6:7], cache=cache)
     torch.testing.assert_close(step[:, 0], ref(seq[:, :7])[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_decoder_runs_the_kernels_outside_no_grad(device, monkeypatch):
+    """sample.py builds and steps its Decoder with autograd on, over parameters that require
+    grad: the steps must still run on the decode kernel (under "auto" they fell back to
+    torch's, and under "triton" the kernel refused them), in the graph a CUDA device captures."""
+    import kernels
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch")
+    model = GPT(cfg).to(device).eval()
+    want = generate(model, [[1, 2, 3]], 4, temperature=0)[0]
+    calls = []
+    decode = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    if device == "cpu":  # "auto" picks the kernels on CUDA only
+        monkeypatch.setattr(ops, "backend", lambda x, mode="auto": reference if mode == "torch" else kernels)
+    for kernels_mode in ("auto", "triton"):
+        model.set_kernels(kernels_mode)
+        calls.clear()
+        decoder = Decoder(model, 1, cuda_graph=device == "cuda")
+        logits = decoder.prefill([[1, 2, 3]])
+        got = []
+        for _ in range(4):
+            got.append(int(logits.argmax()))
+            logits = decoder.step(torch.tensor([[got[-1]]], device=device))
+        assert got == want
+        assert len(calls) >= cfg.n_layer, kernels_mode
 
 
 def test_generate_under_autocast_on_the_triton_kernels(device):
