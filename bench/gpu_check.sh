@@ -21,7 +21,9 @@
 # D = 128 attention's TMA dQ beside FlexAttention; then, on what the sweeps chose, the
 # tests, the benchmarks they change and the GPT-2 124M training step (N = 768):
 #   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention
-#   bash bench/gpu_check.sh "$OUT" 330 gpu-tests bench-layer-norm bench-ffn bench-train
+#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests bench-layer-norm bench-ffn bench-train bench-sample-fast
+# (bench-sample-fast: generation has not been timed since the Decoder captures under no_grad,
+# which puts the decode attention kernel and the GELU epilogue back in its graph.)
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates are untimed and may take its whole limit.
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
