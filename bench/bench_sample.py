@@ -10,7 +10,7 @@ does). Rows:
   - the same drawing with torch's ops outside the graph (the fast path before it);
   - the same with the decode FFN's GELU moved in or out of cuBLAS's epilogue
     (gpt/ops.py GELU_EPILOGUE);
-  - the same with the FFN on our Triton kernel instead of cuBLAS (gpt/ops.py FFN_MIN_ROWS);
+  - the same with the FFN on our Triton kernel instead of cuBLAS (gpt/ops.py AUTO_TRITON_FFN, FFN_MIN_ROWS);
   - torch.compile(mode="reduce-overhead") of the decode step on the torch reference ops
     (Inductor writes its own kernels);
   - our plain KV-cache path, eager;
@@ -57,13 +57,15 @@ def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False
 
 def with_triton_ffn(fn):
     """Runs fn with the decode step's FFN on the Triton kernel (16-row tiles, bias and GELU
-    fused) instead of cuBLAS, where gpt/ops.py's FFN_MIN_ROWS sends it: the end-to-end
-    side of what `bench_ffn --few-rows` measures per call."""
-    saved, ops.FFN_MIN_ROWS = ops.FFN_MIN_ROWS, 0
+    fused) instead of cuBLAS, where gpt/ops.py's AUTO_TRITON_FFN and FFN_MIN_ROWS send it:
+    the end-to-end side of what `bench_ffn --few-rows` measures per call. FFN_MIN_ROWS alone
+    does nothing while AUTO_TRITON_FFN is off: the row then timed cuBLAS again."""
+    saved = ops.AUTO_TRITON_FFN, ops.FFN_MIN_ROWS
+    ops.AUTO_TRITON_FFN, ops.FFN_MIN_ROWS = True, 0
     try:
         return fn()
     finally:
-        ops.FFN_MIN_ROWS = saved
+        ops.AUTO_TRITON_FFN, ops.FFN_MIN_ROWS = saved
 
 
 def with_gelu_epilogue(fn):

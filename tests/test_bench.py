@@ -99,3 +99,24 @@ def test_the_compiled_sampling_peer_is_one_graph(monkeypatch):
     counters.clear()
     bench_sampling.run([2], 300, [20], torch.float32, "cpu", compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_the_ffn_on_triton_generation_row_runs_the_triton_ffn(monkeypatch):
+    """bench_sample's "FFN on Triton" row lowered FFN_MIN_ROWS only, which "auto" reads only
+    once AUTO_TRITON_FFN is on: the row timed cuBLAS's FFN again. Its steps must call the
+    Triton FFN (CUDA's dispatch simulated, on a model as wide as the gpt2 preset it times)."""
+    import kernels
+    from bench import bench_sample
+    from gpt import GPT, GPTConfig, ops
+    from kernels import reference
+
+    monkeypatch.setattr(ops, "backend", lambda x, mode="auto": reference if mode == "torch" else kernels)
+    monkeypatch.setattr(ops, "AUTO_MIN_WIDTH", 32)
+    calls = []
+    triton_ffn = kernels.ffn
+    monkeypatch.setattr(kernels, "ffn", lambda *a, **k: calls.append(1) or triton_ffn(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    bench_sample.with_triton_ffn(lambda: bench_sample.run_ours(model, [[1, 2, 3]], 2, "cpu"))
+    assert calls
+    assert not ops.AUTO_TRITON_FFN and ops.FFN_MIN_ROWS == 256  # restored
