@@ -144,13 +144,21 @@ def ffn(
     if mode == "auto" and (not AUTO_TRITON_FFN or x.numel() < FFN_MIN_ROWS * x.shape[-1]):
         # cuBLAS's GEMV-like kernels stream the weights at full bandwidth (see FFN_MIN_ROWS).
         if GELU_EPILOGUE and x.is_cuda and fc_bias is not None and not torch.is_grad_enabled():
+            # CUDA's autocast has no rule for _addmm_activation: under it (train.py's eval, an fp32
+            # model generating under autocast) the matmul ran in fp32, the layer norm's output dtype.
+            x, fc_weight, fc_bias = _autocast(x, fc_weight, fc_bias)
             h = torch._addmm_activation(fc_bias, x.reshape(-1, x.shape[-1]), fc_weight.t(), use_gelu=True)
             return F.linear(h, proj_weight, proj_bias).view(*x.shape[:-1], -1)
         impl = reference
-    if impl is not reference and torch.is_autocast_enabled(x.device.type):
-        # Autocast does not reach into Triton kernels: cast as F.linear would under autocast.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, fc_weight, fc_bias, proj_weight, proj_bias = (
-            t.to(dtype) if t is not None else None for t in (x, fc_weight, fc_bias, proj_weight, proj_bias)
-        )
+    if impl is not reference:
+        # Autocast does not reach into Triton kernels either.
+        x, fc_weight, fc_bias, proj_weight, proj_bias = _autocast(x, fc_weight, fc_bias, proj_weight, proj_bias)
     return impl.ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)
+
+
+def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """x and tensors cast as F.linear would cast them under autocast (as they are without it)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))

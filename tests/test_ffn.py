@@ -412,3 +412,29 @@ def test_auto_picks_the_ffn_by_policy(monkeypatch, auto_triton, rows):
     w = [t.double() for t in w]
     torch.testing.assert_close(ops.ffn(x, *w), reference.ffn(x, *w))
     assert len(calls) == int(auto_triton and rows >= ops.FFN_MIN_ROWS)
+
+
+def test_the_gelu_epilogue_matmul_runs_in_the_autocast_dtype(device, monkeypatch):
+    """Under no_grad "auto" runs a CUDA FFN's first matmul as torch._addmm_activation (the GELU
+    in cuBLAS's epilogue), which CUDA's autocast has no rule for: under autocast (train.py's
+    eval, an fp32 model generating under torch.autocast) it ran in fp32, the dtype the layer
+    norm hands it. Its operands must come in the autocast dtype, as F.linear's do. On CPU the
+    tensors pass for CUDA ones (CPU's autocast would cast them itself, hiding the fault)."""
+    from gpt import ops
+
+    if device == "cpu":
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    seen = []
+    addmm_activation = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation",
+                        lambda *a, **k: seen.append({t.dtype for t in a}) or addmm_activation(*a, **k))
+    torch.manual_seed(0)
+    C = 16
+    x = torch.randn(2, 1, C, device=device)
+    w = [torch.randn(4 * C, C, device=device) * 0.1, torch.randn(4 * C, device=device),
+         torch.randn(C, 4 * C, device=device) * 0.1, torch.randn(C, device=device)]
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        got = ops.ffn(x, *w)
+        want = reference.ffn(x, *w)
+    assert seen == [{torch.bfloat16}]
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
