@@ -63,10 +63,16 @@ def sample_next(
     # Over the whole vocabulary, so that logits tied with the k-th largest all stay, as in
     # kernels.sample: torch.topk's k would keep an arbitrary few of them (bf16 logits tie often).
     probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-    # NaN or +inf logits, or a row all -inf, give NaN here. multinomial synchronises to check
-    # its input anyway; this check turns its RuntimeError into our one-line one.
-    if bool(probs.isnan().any()):
-        raise GenerationError(_NOT_FINITE)
+    # NaN or +inf logits, or a row all -inf, give NaN here, on which multinomial raises (CPU)
+    # or fails a device-side assert that ends the process (CUDA). On the CPU the check is free;
+    # on a GPU it would wait for the device every token, so a NaN row draws uniformly instead
+    # and generate() raises at its next check of the logits, before any of those tokens
+    # reaches its caller.
+    if not probs.is_cuda:
+        if bool(probs.isnan().any()):
+            raise GenerationError(_NOT_FINITE)
+    else:
+        probs = probs.nan_to_num(nan=1.0)
     if isinstance(generator, Sequence):
         return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
     return torch.multinomial(probs, 1, generator=generator)
@@ -318,6 +324,10 @@ def generate(
             out = torch.cat([out, torch.zeros_like(out)], dim=1)
         out[:, n - 1] = token[:, 0]
         if on_token is not None:
+            # A streamed token is read on the host at once, so check first the logits it came
+            # from: non-finite ones give the error and no token (a draw from them is some token).
+            if not bool(torch.isfinite(decoder.logits).all()):
+                raise GenerationError(_NOT_FINITE)
             on_token(token)
         if n % every == 0 or n == max_new_tokens:
             # The logits token n came from: NaN or inf ones (fp16 overflowing as the context

@@ -439,6 +439,24 @@ def test_logits_that_turn_non_finite_while_decoding_are_an_error(device, kernels
     assert len(generate(model, [[1, 2]], 3, temperature=0.0)[0]) == 3  # positions up to 4 stay finite
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN logits in the interpreter
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(top_k=5), dict(top_p=0.9)],
+                         ids=["greedy", "top-k", "top-p"])
+def test_a_stream_gets_no_token_drawn_from_non_finite_logits(settings):
+    """sample.py prints each streamed token as it comes: the logits at position 5 are NaN, so
+    the stream gets the four tokens drawn from positions 1-4 and then the error, never a fifth
+    token drawn from NaN (greedy, the argmax of NaN, is some token)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels="torch")
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight[5:] = float("nan")
+    streamed = []
+    with pytest.raises(GenerationError, match="logits are not finite"):
+        generate(model, [[1, 2]], 12, on_token=lambda t: streamed.append(t.item()), **settings)
+    assert len(streamed) == 4
+
+
 def test_stop_sees_every_new_token_once_in_order_and_eot_past_the_first_check(model):
     """The checks read only the tokens since the last one (each costs the same however long the
     output): what stop is given is still all the new tokens, and an end-of-text is still seen."""
