@@ -34,8 +34,10 @@ from gpt.tokenizer import TOKENIZERS, TokenizerError
 from kernels._utils import interpreting
 
 # Dense peak throughput (FLOP/s) per GPU for MFU (fp32 as TF32), by device-name fragment and
-# dtype; the first fragment found in the name wins, so the PCIe and NVL H100s precede SXM's.
+# dtype; the first fragment found in the name wins, so the NVL H200 and the PCIe and NVL H100s
+# precede the SXM parts (the H200 NVL has the H100 NVL's tensor cores and clocks).
 PEAK_FLOPS = {
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
     "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
     "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},

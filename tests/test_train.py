@@ -489,7 +489,8 @@ def test_weight_decay_only_on_matrices():
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GeForce GTX 1080", None)])
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA GeForce GTX 1080", None)])
 def test_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert train.peak_flops("cuda", "bf16") == peak
