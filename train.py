@@ -33,16 +33,17 @@ from gpt.metrics import Metrics
 from gpt.tokenizer import TOKENIZERS, TokenizerError
 from kernels._utils import interpreting
 
-# Dense peak throughput (FLOP/s) per GPU for MFU (fp32 as TF32), by device-name fragment and
-# dtype; the first fragment found in the name wins, so the NVL H200 and the PCIe and NVL H100s
-# precede the SXM parts (the H200 NVL has the H100 NVL's tensor cores and clocks).
+# Dense peak throughput (FLOP/s) per GPU for MFU, by device-name fragment and dtype; the first
+# fragment found in the name wins, so the NVL H200 and the PCIe and NVL H100s precede the SXM
+# parts (the H200 NVL has the H100 NVL's tensor cores and clocks). fp32 is the CUDA cores'
+# rate, not TF32's: training leaves TF32 off (torch's default) and the kernels ask for IEEE fp32.
 PEAK_FLOPS = {
-    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
-    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
     "4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82e12},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
