@@ -443,6 +443,9 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
         f"{data.tokenizer.name} tokenizer, vocab {config.vocab_size}")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}")
     log("training: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("argv", "given")))
+    if args.max_steps <= args.warmup:  # as nanoGPT's schedule: not refused, but said (--decay-steps is)
+        log(f"note: --max-steps {args.max_steps} ends within --warmup {args.warmup:g}: the lr rises to "
+            f"{learning_rate(args.max_steps - 1, 0.0, args):.1e} of --lr {args.lr:g} and never decays; lower --warmup")
     if resumed:
         log(f"resuming from {ckpt_path} at step {step}")
         if step >= args.max_steps:

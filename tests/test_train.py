@@ -416,6 +416,16 @@ def test_learning_rate_schedule():
     assert train.learning_rate(1, 30.0, timed) == pytest.approx(0.6) and train.learning_rate(1, 60.0, timed) == pytest.approx(0.2)
 
 
+def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
+    """--max-steps 3 under the default --warmup 100 is all warm-up: the lr never reaches --lr
+    nor decays, the schedule --decay-steps 3 would be refused for. It runs, but says so."""
+    run_train(tmp_path, corpus, "short", "--max-steps", "3", "--eval-interval", "3", "--lr", "1e-3")
+    assert "note: --max-steps 3 ends within --warmup 100: the lr rises to 3.0e-05 of --lr 0.001" \
+        in capsys.readouterr().out
+    run_train(tmp_path, corpus, "long", "--max-steps", "3", "--eval-interval", "3", "--warmup", "2")
+    assert "ends within --warmup" not in capsys.readouterr().out
+
+
 def test_best_pt_holds_the_step_with_the_lowest_val_loss(tmp_path, corpus, monkeypatch):
     vals = iter([1.0, 2.0, 1.5])
     monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})
