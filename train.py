@@ -445,7 +445,7 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     log("training: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("argv", "given")))
     if args.max_steps <= args.warmup:  # as nanoGPT's schedule: not refused, but said (--decay-steps is)
         log(f"note: --max-steps {args.max_steps} ends within --warmup {args.warmup:g}: the lr rises to "
-            f"{learning_rate(args.max_steps - 1, 0.0, args):.1e} of --lr {args.lr:g} and never decays; lower --warmup")
+            f"{learning_rate(args.max_steps - 1, 0.0, args):.1e} (--lr is {args.lr:g}) and never decays; lower --warmup")
     if resumed:
         log(f"resuming from {ckpt_path} at step {step}")
         if step >= args.max_steps:

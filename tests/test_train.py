@@ -420,7 +420,7 @@ def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
     """--max-steps 3 under the default --warmup 100 is all warm-up: the lr never reaches --lr
     nor decays, the schedule --decay-steps 3 would be refused for. It runs, but says so."""
     run_train(tmp_path, corpus, "short", "--max-steps", "3", "--eval-interval", "3", "--lr", "1e-3")
-    assert "note: --max-steps 3 ends within --warmup 100: the lr rises to 3.0e-05 of --lr 0.001" \
+    assert "note: --max-steps 3 ends within --warmup 100: the lr rises to 3.0e-05 (--lr is 0.001) and never decays" \
         in capsys.readouterr().out
     run_train(tmp_path, corpus, "long", "--max-steps", "3", "--eval-interval", "3", "--warmup", "2")
     assert "ends within --warmup" not in capsys.readouterr().out
