@@ -41,6 +41,20 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, corpus):
     assert rows[0].startswith("step,train_loss,val_loss") and len(rows) > 30
 
 
+def test_compiled_training_follows_eager(tmp_path, corpus):
+    """train.py --compile (one Inductor graph for the step, gradient accumulation included)
+    gives eager's losses, to rounding: Inductor sums the embedding's gradient in no fixed order.
+    (No dropout: Inductor draws its masks from its own random stream.)"""
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        run_train(tmp_path, corpus, name, "--max-steps", "4", "--eval-interval", "4", "--grad-accum", "2",
+                  "--lr", "3e-3", "--warmup", "1", *extra)
+        with open(tmp_path / name / "metrics.csv") as f:
+            losses[name] = [float(r["train_loss"]) for r in csv.DictReader(f) if r["lr"]]
+    assert len(losses["eager"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
 def test_tokens_per_second_leave_out_the_eval_time(tmp_path, corpus, monkeypatch):
     """tok/s is the training's speed: an eval between two log lines (minutes on a real corpus)
     is not counted. Here the eval at step 2 takes 1000 s on a clock moved forward, and the
