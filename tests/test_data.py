@@ -467,3 +467,10 @@ def test_a_killed_build_leaves_no_folder_behind(tmp_path):
         (folder / "train.bin").write_bytes(b"\0" * 1000)
     load_dataset(str(tmp_path / "c.txt"), "byte", str(cache), log=lambda *a: None)
     assert not dead.exists() and live.exists()
+
+
+def test_a_file_cut_off_inside_a_character_is_not_utf8(tmp_path):
+    """An interrupted copy can end halfway through a multi-byte character: not text to train on."""
+    (tmp_path / "c.txt").write_bytes("hello caf\u00e9".encode()[:-1])
+    with pytest.raises(CorpusError, match=r"not UTF-8 text \(invalid byte at offset 9\)"):
+        scan_corpus(str(tmp_path / "c.txt"))
