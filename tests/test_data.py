@@ -474,3 +474,13 @@ def test_a_file_cut_off_inside_a_character_is_not_utf8(tmp_path):
     (tmp_path / "c.txt").write_bytes("hello caf\u00e9".encode()[:-1])
     with pytest.raises(CorpusError, match=r"not UTF-8 text \(invalid byte at offset 9\)"):
         scan_corpus(str(tmp_path / "c.txt"))
+
+
+def test_a_hidden_folder_is_not_read(tmp_path):
+    """--data on a checkout: .git's config, HEAD and hook samples are text, but not corpus."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / ".git" / "hooks").mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".git" / "hooks" / "pre-commit.sample").write_text("#!/bin/sh\n")
+    corpus = scan_corpus(str(tmp_path))
+    assert corpus.text() == "hello" and "1 text files" in corpus.description
