@@ -484,3 +484,15 @@ def test_a_hidden_folder_is_not_read(tmp_path):
     (tmp_path / ".git" / "hooks" / "pre-commit.sample").write_text("#!/bin/sh\n")
     corpus = scan_corpus(str(tmp_path))
     assert corpus.text() == "hello" and "1 text files" in corpus.description
+
+
+def test_a_link_into_the_trainers_own_folders_is_not_read(tmp_path):
+    """A symlinked file or folder that leads into the out dir is left out as the out dir is."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "out" / "plots").mkdir(parents=True)
+    (tmp_path / "out" / "metrics.csv").write_text("step,loss\n")
+    (tmp_path / "out" / "plots" / "notes.txt").write_text("a note")
+    (tmp_path / "log.csv").symlink_to(tmp_path / "out" / "metrics.csv")
+    (tmp_path / "plots").symlink_to(tmp_path / "out" / "plots")
+    corpus = scan_corpus(str(tmp_path), exclude=(str(tmp_path / "out"),))
+    assert corpus.text() == "hello" and "1 text files" in corpus.description
