@@ -496,3 +496,11 @@ def test_a_link_into_the_trainers_own_folders_is_not_read(tmp_path):
     (tmp_path / "plots").symlink_to(tmp_path / "out" / "plots")
     corpus = scan_corpus(str(tmp_path), exclude=(str(tmp_path / "out"),))
     assert corpus.text() == "hello" and "1 text files" in corpus.description
+
+
+@pytest.mark.parametrize("n, named", [(3, "a.bin, b.bin, c.bin)"), (4, "a.bin, b.bin, c.bin, ...)")])
+def test_skipped_files_are_named_up_to_three(tmp_path, n, named):
+    (tmp_path / "t.txt").write_text("hello")
+    for name in "abcd"[:n]:
+        (tmp_path / f"{name}.bin").write_bytes(b"\x00\x01")
+    assert scan_corpus(str(tmp_path)).description.endswith(f"{n} non-text skipped: {named}")
