@@ -504,3 +504,12 @@ def test_skipped_files_are_named_up_to_three(tmp_path, n, named):
     for name in "abcd"[:n]:
         (tmp_path / f"{name}.bin").write_bytes(b"\x00\x01")
     assert scan_corpus(str(tmp_path)).description.endswith(f"{n} non-text skipped: {named}")
+
+
+def test_the_block_size_check_admits_a_split_of_exactly_one_window(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(chr(ord("a") + i % 26) for i in range(2000)))
+    d = load_dataset(str(corpus), "char", str(tmp_path / "cache"))
+    d.check_block_size(len(d.val) - 1)  # one window: block_size inputs and the target after them
+    with pytest.raises(CorpusError, match=f"{len(d.val)} val tokens, but one window needs {len(d.val) + 1}"):
+        d.check_block_size(len(d.val))
