@@ -513,3 +513,14 @@ def test_the_block_size_check_admits_a_split_of_exactly_one_window(tmp_path):
     d.check_block_size(len(d.val) - 1)  # one window: block_size inputs and the target after them
     with pytest.raises(CorpusError, match=f"{len(d.val)} val tokens, but one window needs {len(d.val) + 1}"):
         d.check_block_size(len(d.val))
+
+
+def test_a_char_vocabulary_past_65536_keeps_every_id(tmp_path):
+    """65537 distinct characters need ids past uint16's range: the cache must hold them whole."""
+    chars = [chr(c) for c in range(0x21, 0x1_2000) if not 0xD800 <= c <= 0xDFFF][:65537]
+    text = "".join(reversed(chars))
+    (tmp_path / "c.txt").write_text(text)
+    d = load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    assert d.tokenizer.vocab_size == 65537
+    ids = np.concatenate([d.train, d.val]).tolist()
+    assert d.tokenizer.decode(ids) == text
