@@ -524,3 +524,14 @@ def test_a_char_vocabulary_past_65536_keeps_every_id(tmp_path):
     assert d.tokenizer.vocab_size == 65537
     ids = np.concatenate([d.train, d.val]).tolist()
     assert d.tokenizer.decode(ids) == text
+
+
+def test_a_corpus_cached_with_its_own_characters_is_encoded_again_with_the_weights(tmp_path):
+    """A char model fine-tuned on a corpus an earlier run cached with the corpus's own (smaller)
+    vocabulary: its ids must be the weights' vocabulary's, not that cache's."""
+    (tmp_path / "c.txt").write_text("bd" * 100)
+    cache = str(tmp_path / "cache")
+    own = load_dataset(str(tmp_path / "c.txt"), "char", cache, log=lambda *a: None)
+    assert own.tokenizer.chars == "bd" and set(own.train.tolist()) == {0, 1}
+    wider = load_dataset(str(tmp_path / "c.txt"), "char", cache, log=lambda *a: None, chars="dcba")
+    assert wider.tokenizer.chars == "abcd" and set(wider.train.tolist()) == {1, 3}
