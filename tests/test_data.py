@@ -535,3 +535,15 @@ def test_a_corpus_cached_with_its_own_characters_is_encoded_again_with_the_weigh
     assert own.tokenizer.chars == "bd" and set(own.train.tolist()) == {0, 1}
     wider = load_dataset(str(tmp_path / "c.txt"), "char", cache, log=lambda *a: None, chars="dcba")
     assert wider.tokenizer.chars == "abcd" and set(wider.train.tolist()) == {1, 3}
+
+
+def test_a_cache_entry_is_readable_as_the_umask_allows(tmp_path):
+    """A shared --cache-dir: others read the tokens, as with a folder mkdir made (not mkdtemp's 0700)."""
+    (tmp_path / "c.txt").write_text("hello world " * 20)
+    old = os.umask(0o022)
+    try:
+        load_dataset(str(tmp_path / "c.txt"), "char", str(tmp_path / "cache"), log=lambda *a: None)
+    finally:
+        os.umask(old)
+    (entry,) = (tmp_path / "cache").glob("*-char")
+    assert entry.stat().st_mode & 0o777 == 0o755
