@@ -99,3 +99,12 @@ def test_char_and_byte_array_paths_match_encode():
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("sentencepiece")
+
+
+@pytest.mark.parametrize("vocabulary, text, unknown", [("abc", "abd", "d"), ("ac", "abc", "b"), ("abc", "ab\u00e9", "\u00e9")],
+                         ids=["just-past-the-last", "a-gap-inside", "far-past"])
+def test_char_array_path_names_an_unknown_character(vocabulary, text, unknown):
+    """The corpus path (encode_array) refuses a character outside the vocabulary as encode does."""
+    tok = get_tokenizer("char", vocabulary)
+    with pytest.raises(ValueError, match=f"{unknown!r} is not in this char model's vocabulary"):
+        tok.encode_array(text)
