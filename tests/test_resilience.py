@@ -780,3 +780,20 @@ def test_torchrun_fsdp_resumes_a_checkpoint_saved_before_any_update(tmp_path, co
     one, fsdp = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("one", "fsdp"))
     assert {s["step"].item() for s in fsdp["optimizer"]["state"].values()} == {2.0}  # 3.0: one update too many
     torch.testing.assert_close(fsdp["model"], one["model"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_is_whole_on_disk_when_synced_and_its_rename_is_synced_too(tmp_path, monkeypatch):
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync dir",) if stat.S_ISDIR(st.st_mode) else ("fsync file", st.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+    checkpoint.save({"model": {"w": torch.randn(5000)}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+    assert events == [("fsync file", (tmp_path / "ckpt.pt").stat().st_size), ("replace",), ("fsync dir",)]
