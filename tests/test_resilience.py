@@ -797,3 +797,16 @@ def test_a_checkpoint_is_whole_on_disk_when_synced_and_its_rename_is_synced_too(
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
     checkpoint.save({"model": {"w": torch.randn(5000)}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
     assert events == [("fsync file", (tmp_path / "ckpt.pt").stat().st_size), ("replace",), ("fsync dir",)]
+
+
+def test_an_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+
+    def interrupted(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
