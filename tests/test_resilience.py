@@ -810,3 +810,12 @@ def test_an_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("state", [{"transformer.wte.weight": torch.zeros(2, 2)}, {"config": {}, "tokenizer": {"name": "byte"}}],
+                         ids=["bare-state-dict", "no-model"])
+def test_a_torch_save_file_that_is_no_checkpoint_is_named_so(tmp_path, state):
+    """torch.save(model.state_dict()) or a dict without weights: not called another version's checkpoint."""
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.pt is not a tritongpt checkpoint \(missing model"):
+        checkpoint.load_model(tmp_path / "ckpt.pt")
