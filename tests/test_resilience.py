@@ -819,3 +819,15 @@ def test_a_torch_save_file_that_is_no_checkpoint_is_named_so(tmp_path, state):
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.pt is not a tritongpt checkpoint \(missing model"):
         checkpoint.load_model(tmp_path / "ckpt.pt")
+
+
+def test_rng_state_brings_back_every_global_stream():
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
