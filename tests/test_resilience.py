@@ -831,3 +831,25 @@ def test_rng_state_brings_back_every_global_stream():
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+
+def test_a_lock_from_another_host_is_never_taken_as_stale(tmp_path):
+    """A shared out dir: a pid that runs on no process here may run on the host that wrote it."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "train.lock").write_text(f"another-host {gone.pid}")
+    with pytest.raises(checkpoint.CheckpointError, match=f"in use by another trainer \\(another-host pid {gone.pid}\\)"):
+        checkpoint.OutDirLock(tmp_path).acquire()
+    assert (tmp_path / "train.lock").read_text() == f"another-host {gone.pid}"
+
+def test_a_lock_held_by_another_users_process_is_not_stale(tmp_path, monkeypatch):
+    """Signalling another user's process is refused (EPERM): it runs, and its lock holds."""
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    (tmp_path / "train.lock").write_text(f"{os.uname().nodename} 4242")
+    monkeypatch.setattr(checkpoint.os, "kill", not_permitted)
+    with pytest.raises(checkpoint.CheckpointError, match="in use by another trainer .*pid 4242"):
+        checkpoint.OutDirLock(tmp_path).acquire()
+    assert (tmp_path / "train.lock").read_text() == f"{os.uname().nodename} 4242"
