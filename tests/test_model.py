@@ -84,6 +84,8 @@ def test_presets():
     [
         (dict(n_embd=30, n_head=4), "divisible by n_head"),
         (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(n_head=2.0), r"n_head must be a positive integer, got 2\.0"),  # a hand-edited config.json
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(pos_embedding="rope"), "pos_embedding"),
         (dict(kernels="cuda"), "kernels must be"),
     ],
