@@ -156,3 +156,9 @@ def test_a_config_from_another_version_drops_the_keys_it_does_not_know():
     """A checkpoint's config written by a version with more options still loads here."""
     saved = {**tiny().to_dict(), "rotary_base": 10000}
     assert GPTConfig.from_dict(saved) == tiny()
+
+
+def test_a_preset_is_a_copy():
+    c = preset("tiny")
+    c.n_layer = 1
+    assert preset("tiny").n_layer == 4
