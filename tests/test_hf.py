@@ -19,9 +19,31 @@ def hf_model():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def save_pretrained(model, folder, safe: bool, shards: int = 1, extra: dict | None = None) -> None:
+    """model.save_pretrained, or for safe=False the pytorch_model.bin (and its index, for
+    shards > 1) that transformers before 5.0 wrote: 5.x writes safetensors whatever
+    safe_serialization says. `extra`: more entries for the .bin's state dict."""
+    if safe:
+        model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": "20KB"} if shards > 1 else {}))
+        return
+    model.config.save_pretrained(folder)
+    state = {k: v.clone() for k, v in model.state_dict().items()} | (extra or {})
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return
+    keys, weight_map = sorted(state), {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: state[k] for k in part}, folder / name)
+        weight_map |= dict.fromkeys(part, name)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 @pytest.fixture(params=[True, False], ids=["safetensors", "pytorch_model.bin"])
 def hf_dir(request, hf_model, tmp_path):
-    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=request.param)
+    save_pretrained(hf_model, tmp_path / "hf", safe=request.param)
+    assert (tmp_path / "hf" / ("model.safetensors" if request.param else "pytorch_model.bin")).is_file()
     return tmp_path / "hf"
 
 
@@ -147,12 +169,12 @@ def test_train_and_sample_from_a_hf_directory(tmp_path):
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
 def test_sharded_checkpoints_load(hf_model, tmp_path, safe):
     """save_pretrained shards past max_shard_size (5 GB by default: gpt2-xl in fp32)."""
-    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=safe, max_shard_size="20KB")
+    save_pretrained(hf_model, tmp_path / "hf", safe=safe, shards=5)
     assert len(list((tmp_path / "hf").glob("*.index.json"))) == 1
     ours = load_hf(tmp_path / "hf", kernels="torch").eval()
     idx = torch.randint(0, 100, (1, 20))
     torch.testing.assert_close(ours(idx), hf_logits(hf_model, idx), rtol=1e-5, atol=1e-5)
-    next((tmp_path / "hf").glob("model-00002-*")).unlink()
+    next((tmp_path / "hf").glob("*model-00002-*")).unlink()
     with pytest.raises(HFError, match="missing the shard"):
         load_hf(tmp_path / "hf", kernels="torch")
 
