@@ -98,6 +98,7 @@ def test_fine_tuning_from_hf_lowers_the_loss(hf_dir):
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ({"model_type": "llama"}, "only GPT-2"),
         ({"n_head": 3}, r"config.json: n_embd \(\d+\) must be divisible by n_head \(3\)"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings=false is not supported"),
     ],
 )
 def test_unsupported_architectures_are_refused(hf_dir, change, message):
