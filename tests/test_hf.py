@@ -276,3 +276,18 @@ def test_an_export_whose_config_does_not_fit_its_weights_names_the_keys(tmp_path
     (tmp_path / "exp" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(HFError, match=r"do not match its config.json \(.*Missing key\(s\) in state_dict: \"transformer.h"):
         load_any(tmp_path / "exp")
+
+
+def test_layer_norm_epsilon_travels_both_ways(tmp_path):
+    """A GPT-2 with another epsilon (and ours) keeps it through loading and saving."""
+    torch.manual_seed(0)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32,
+                                                                   vocab_size=100, layer_norm_epsilon=1e-2)).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf", kernels="torch").eval()
+    idx = torch.randint(0, 100, (1, 20))
+    assert ours.config.layer_norm_eps == 1e-2
+    torch.testing.assert_close(ours(idx), hf_logits(theirs, idx), rtol=1e-5, atol=1e-5)
+    ours.save_hf(tmp_path / "again")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(hf_logits(again, idx), hf_logits(theirs, idx), rtol=1e-5, atol=1e-5)
