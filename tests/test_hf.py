@@ -291,3 +291,12 @@ def test_layer_norm_epsilon_travels_both_ways(tmp_path):
     ours.save_hf(tmp_path / "again")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
     torch.testing.assert_close(hf_logits(again, idx), hf_logits(theirs, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_a_half_precision_model_saves_as_the_float32_its_config_names(tmp_path):
+    from safetensors.torch import load_file
+
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    model.to(torch.bfloat16).save_hf(tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.float32}
