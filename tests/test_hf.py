@@ -300,3 +300,16 @@ def test_a_half_precision_model_saves_as_the_float32_its_config_names(tmp_path):
     model.to(torch.bfloat16).save_hf(tmp_path / "o")
     assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float32"
     assert {t.dtype for t in load_file(tmp_path / "o" / "model.safetensors").values()} == {torch.float32}
+
+
+def test_an_older_transformers_save_with_mask_buffers_loads(hf_model, tmp_path):
+    """transformers before 4.3x saved each layer's causal mask (attn.bias, attn.masked_bias) with
+    the weights, as the hub's own gpt2 pytorch_model.bin holds them: they are no weights."""
+    n, buffers = hf_model.config.n_positions, {}
+    for i in range(hf_model.config.n_layer):
+        buffers[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        buffers[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_pretrained(hf_model, tmp_path / "hf", safe=False, extra=buffers)
+    ours = load_hf(tmp_path / "hf", kernels="torch").eval()
+    idx = torch.randint(0, 100, (1, 20))
+    torch.testing.assert_close(ours(idx), hf_logits(hf_model, idx), rtol=1e-5, atol=1e-5)
