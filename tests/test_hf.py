@@ -313,3 +313,10 @@ def test_an_older_transformers_save_with_mask_buffers_loads(hf_model, tmp_path):
     ours = load_hf(tmp_path / "hf", kernels="torch").eval()
     idx = torch.randint(0, 100, (1, 20))
     torch.testing.assert_close(ours(idx), hf_logits(hf_model, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_whose_sizes_do_not_fit_the_weights_names_the_tensor(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "n_positions": 32}))
+    with pytest.raises(HFError, match=r"transformer.wpe.weight has shape \(64, 32\), expected \(32, 32\)"):
+        load_hf(hf_dir)
