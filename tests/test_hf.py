@@ -320,3 +320,15 @@ def test_a_config_whose_sizes_do_not_fit_the_weights_names_the_tensor(hf_dir):
     (hf_dir / "config.json").write_text(json.dumps({**cfg, "n_positions": 32}))
     with pytest.raises(HFError, match=r"transformer.wpe.weight has shape \(64, 32\), expected \(32, 32\)"):
         load_hf(hf_dir)
+
+
+def test_a_model_without_biases_exports_every_tensor_gpt2_has(tmp_path):
+    """GPT-2's format has biases: a bias=False model writes zeros for them, not a file
+    that other readers of the format find tensors missing from."""
+    from safetensors.torch import load_file
+
+    for bias in (True, False):
+        GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=bias)).save_hf(tmp_path / str(bias))
+    with_biases, without = (load_file(tmp_path / str(b) / "model.safetensors") for b in (True, False))
+    assert without.keys() == with_biases.keys()
+    assert all(not t.any() for k, t in without.items() if k.endswith(".bias"))
