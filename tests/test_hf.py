@@ -332,3 +332,19 @@ def test_a_model_without_biases_exports_every_tensor_gpt2_has(tmp_path):
     with_biases, without = (load_file(tmp_path / str(b) / "model.safetensors") for b in (True, False))
     assert without.keys() == with_biases.keys()
     assert all(not t.any() for k, t in without.items() if k.endswith(".bias"))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pytorch_model_bin_that_would_run_code_is_refused(hf_model, tmp_path):
+    marker = tmp_path / "ran"
+    save_pretrained(hf_model, tmp_path / "hf", safe=False, extra={"evil": _RunsCode(marker)})
+    with pytest.raises(HFError, match="cannot read .*pytorch_model.bin"):
+        load_hf(tmp_path / "hf")
+    assert not marker.exists()
