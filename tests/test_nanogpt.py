@@ -159,3 +159,12 @@ def test_weights_saved_from_a_ddp_wrapper_load(char_run):
     loaded, tokenizer = load_any(out, kernels="torch")
     x = torch.tensor([tokenizer.encode("First")])
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_the_dropout_of_model_args_comes_with_the_weights(char_run):
+    """nanoGPT's shakespeare-char trains with dropout 0.2: --init-from keeps it unless --dropout says otherwise."""
+    out, _, _ = char_run
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    state["model_args"]["dropout"] = 0.2
+    torch.save(state, out / "ckpt.pt")
+    assert load_any(out, kernels="torch")[0].config.dropout == 0.2
