@@ -348,3 +348,12 @@ def test_a_pytorch_model_bin_that_would_run_code_is_refused(hf_model, tmp_path):
     with pytest.raises(HFError, match="cannot read .*pytorch_model.bin"):
         load_hf(tmp_path / "hf")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, message", [({"n_layer": 1}, r"unexpected \['transformer.h.1."), ({"n_layer": 3}, r"missing \['transformer.h.2.")])
+def test_weights_of_another_depth_than_the_config_are_refused(hf_dir, change, message):
+    """Never a model with some layers left at their random initialisation, or some dropped."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(HFError, match=f"weights do not match a GPT-2 of this config .*{message}"):
+        load_hf(hf_dir)
