@@ -168,3 +168,15 @@ def test_the_dropout_of_model_args_comes_with_the_weights(char_run):
     state["model_args"]["dropout"] = 0.2
     torch.save(state, out / "ckpt.pt")
     assert load_any(out, kernels="torch")[0].config.dropout == 0.2
+
+
+def test_a_meta_pkl_under_the_current_folder_is_found(char_run, tmp_path, monkeypatch):
+    """Sampling from inside a nanoGPT checkout a checkpoint kept elsewhere: data/<dataset>/meta.pkl
+    is looked for under the current folder too."""
+    out, _, chars = char_run
+    moved = tmp_path / "elsewhere" / "runs" / "ckpt.pt"
+    moved.parent.mkdir(parents=True)
+    (out / "ckpt.pt").rename(moved)
+    monkeypatch.chdir(tmp_path)
+    _, tokenizer = load_any(moved, kernels="torch")
+    assert tokenizer.name == "char" and tokenizer.vocab_size == len(chars)
