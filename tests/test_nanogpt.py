@@ -180,3 +180,14 @@ def test_a_meta_pkl_under_the_current_folder_is_found(char_run, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     _, tokenizer = load_any(moved, kernels="torch")
     assert tokenizer.name == "char" and tokenizer.vocab_size == len(chars)
+
+
+@pytest.mark.parametrize("change", ["duplicate", "word"])
+def test_a_meta_pkl_of_other_than_distinct_characters_is_refused(char_run, change):
+    """A BPE dataset's tokens, or one character twice: no char vocabulary of the model's size."""
+    out, _, chars = char_run
+    itos = dict(enumerate(chars))
+    itos[1] = itos[2] if change == "duplicate" else "the"
+    (out / "meta.pkl").write_bytes(pickle.dumps({"itos": itos}))
+    with pytest.raises(checkpoint.CheckpointError, match="does not map ids to distinct single characters"):
+        load_any(out)
