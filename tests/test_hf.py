@@ -357,3 +357,12 @@ def test_weights_of_another_depth_than_the_config_are_refused(hf_dir, change, me
     (hf_dir / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(HFError, match=f"weights do not match a GPT-2 of this config .*{message}"):
         load_hf(hf_dir)
+
+
+def test_export_refuses_a_folder_holding_only_a_best_checkpoint(tmp_path, capsys):
+    _small_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "ckpt.pt").read_bytes())
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "run"), "--format", "safetensors"]) == 2
+    assert "holds a training run (best.pt)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()
