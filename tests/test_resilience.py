@@ -853,3 +853,16 @@ def test_a_lock_held_by_another_users_process_is_not_stale(tmp_path, monkeypatch
     with pytest.raises(checkpoint.CheckpointError, match="in use by another trainer .*pid 4242"):
         checkpoint.OutDirLock(tmp_path).acquire()
     assert (tmp_path / "train.lock").read_text() == f"{os.uname().nodename} 4242"
+
+
+def test_the_metrics_log_has_one_header_however_many_rows(tmp_path):
+    from gpt.metrics import Metrics
+
+    log = Metrics(str(tmp_path))
+    for step in (1, 2, 3):
+        log.append(step=step, train_loss=1.0 / step)
+    log.truncate_after(2)
+    log.append(step=3, train_loss=0.5)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][0] == "step" and [r[0] for r in rows[1:]] == ["1", "2", "3"]
