@@ -759,3 +759,10 @@ def test_streaming_decodes_only_the_text_not_printed_yet(tmp_path, monkeypatch, 
                         "--seed", "0", "--top-k", "0", "--temperature", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert len(decoded) >= len(out) - 2 > 100 and max(decoded) <= 2
+
+
+def test_an_empty_prompt_starts_at_the_end_of_text_token():
+    """GPT-2 models start a text after <|endoftext|>, not after a newline."""
+    from gpt.tokenizer import get_tokenizer
+
+    assert sample.encode_prompt("", get_tokenizer("gpt2"), 16) == [50256]
