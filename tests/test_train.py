@@ -766,3 +766,14 @@ def test_an_empty_prompt_starts_at_the_end_of_text_token():
     from gpt.tokenizer import get_tokenizer
 
     assert sample.encode_prompt("", get_tokenizer("gpt2"), 16) == [50256]
+
+
+def test_several_stop_strings_cut_at_the_first_found(capsys):
+    from gpt.tokenizer import ByteTokenizer
+
+    assert sample.cut_at_stop("one\ntwo. three", [".", "\n"]) == "one"
+    stream = sample.Streamer(ByteTokenizer(), [".", "\n"], None)
+    for b in b"one\ntwo. three":
+        stream(torch.tensor([[b]]))
+    stream.finish()
+    assert capsys.readouterr().out == "one\n"
