@@ -777,3 +777,20 @@ def test_several_stop_strings_cut_at_the_first_found(capsys):
         stream(torch.tensor([[b]]))
     stream.finish()
     assert capsys.readouterr().out == "one\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature non-negative and finite"),
+    (["--temperature", "inf"], "--temperature non-negative and finite"),
+    (["--num-samples", "0"], "--num-samples must be positive"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63)"),
+    (["--seed", str(2**63)], "--seed must be in [0, 2^63)"),
+    (["--stop", ""], "--stop \"\" would end every sample before its first token"),
+])
+def test_sample_flags_out_of_range_are_refused_before_loading(tmp_path, capsys, flags, message):
+    assert sample.main(["--checkpoint", str(tmp_path / "none"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
