@@ -794,3 +794,28 @@ def test_sample_flags_out_of_range_are_refused_before_loading(tmp_path, capsys, 
     assert sample.main(["--checkpoint", str(tmp_path / "none"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.fixture
+def byte_checkpoint(tmp_path):
+    cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}},
+                    tmp_path / "ckpt.pt")
+    return str(tmp_path / "ckpt.pt")
+
+
+def test_a_streamed_sample_stops_generating_at_its_stop_string(byte_checkpoint, monkeypatch, capsys):
+    """Generation itself ends there, not only the printing: the tokens after it are not drawn."""
+    drawn = []
+
+    def fake_generate(model, prompts, max_new_tokens, stop=None, on_token=None, **kw):
+        for t in b"say STOP and more":
+            drawn.append(t)
+            on_token(torch.tensor([[t]]))
+            if stop is not None and stop(0, drawn):
+                break
+        return [drawn]
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    assert sample.main(["--checkpoint", byte_checkpoint, "--stop", "STOP", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "say \n" and bytes(drawn) == b"say STOP"
