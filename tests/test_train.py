@@ -819,3 +819,12 @@ def test_a_streamed_sample_stops_generating_at_its_stop_string(byte_checkpoint, 
     monkeypatch.setattr(sample, "generate", fake_generate)
     assert sample.main(["--checkpoint", byte_checkpoint, "--stop", "STOP", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == "say \n" and bytes(drawn) == b"say STOP"
+
+
+@pytest.mark.parametrize("dtype, want", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_sample_runs_the_model_in_the_dtype_asked_for(byte_checkpoint, monkeypatch, capsys, dtype, want):
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, **kw: seen.append(model.lm_head.weight.dtype) or [[]] * len(prompts))
+    monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
+    assert sample.main(["--checkpoint", byte_checkpoint, "--dtype", dtype, "--device", "cpu", "--num-samples", "2"]) == 0
+    assert seen == [want]
