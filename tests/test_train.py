@@ -448,6 +448,17 @@ def test_best_pt_holds_the_step_with_the_lowest_val_loss(tmp_path, corpus, monke
     assert checkpoint.load(tmp_path / "out")["step"] == 6
 
 
+def test_a_resumed_run_keeps_the_best_val_loss_it_had(tmp_path, corpus, monkeypatch):
+    """After --resume, best.pt is replaced only by a val loss below the whole run's best,
+    not below the first eval after the resume (a mutation audit: best_val could be left at inf)."""
+    vals = iter([1.0, 2.0, 1.5])
+    monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})
+    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "2", "--resume")
+    assert result["best_val_loss"] == 1.0
+    assert checkpoint.load(tmp_path / "out" / "best.pt")["step"] == 2
+
+
 def test_save_interval_saves_between_evals(tmp_path, corpus, monkeypatch):
     saved, save = [], checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda state, path: saved.append((state["step"], os.path.basename(path))) or save(state, path))
