@@ -501,6 +501,34 @@ def test_tokens_per_second_spans_the_steps_it_counts(tmp_path, corpus, monkeypat
     assert rate.keys() == {1, 10, 20} and rate[1] == rate[10] == rate[20], rate
 
 
+def test_tokens_per_second_count_every_micro_batch(tmp_path, corpus, monkeypatch):
+    """On a clock that moves 1 s a step, tokens/s is the step's tokens: batch x grad-accum x
+    block (a mutation audit: --grad-accum could be left out of the count unseen)."""
+    clock, real_batches = [0.0], train.train_batches
+
+    def one_second(*args, **kwargs):
+        clock[0] += 1.0
+        return real_batches(*args, **kwargs)
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train, "train_batches", one_second)
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "100", "--batch-size", "4",
+              "--grad-accum", "3")
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        rates = {int(r["step"]): float(r["tokens_per_s"]) for r in csv.DictReader(f) if r["tokens_per_s"]}
+    assert rates == {1: 4 * 3 * 32, 2: 4 * 3 * 32}, rates
+
+
+def test_the_logged_loss_with_grad_accum_is_the_mean_over_the_batch(tmp_path, corpus):
+    """The first step's logged loss is the same whether its 8 sequences come as one micro-batch
+    or as two of 4 (a mutation audit: the micro-batches' losses could be summed, not averaged)."""
+    def first_loss(out, *extra):
+        run_train(tmp_path, corpus, out, "--max-steps", "1", "--eval-interval", "100", "--dropout", "0", *extra)
+        with open(tmp_path / out / "metrics.csv") as f:
+            return float(next(r for r in csv.DictReader(f) if r["tokens_per_s"])["train_loss"])
+    whole = first_loss("whole", "--batch-size", "8", "--grad-accum", "1")
+    assert first_loss("split", "--batch-size", "4", "--grad-accum", "2") == pytest.approx(whole, abs=2e-4)
+
+
 def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
