@@ -459,6 +459,14 @@ def test_a_resumed_run_keeps_the_best_val_loss_it_had(tmp_path, corpus, monkeypa
     assert checkpoint.load(tmp_path / "out" / "best.pt")["step"] == 2
 
 
+def test_an_equal_val_loss_does_not_replace_best_pt(tmp_path, corpus, monkeypatch):
+    """best.pt is written when val improves, not when it ties (a mutation audit: < could be <=)."""
+    vals = iter([1.0, 1.0])
+    monkeypatch.setattr(train, "estimate_loss", lambda *a: {"train": 1.0, "val": next(vals)})
+    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2")
+    assert checkpoint.load(tmp_path / "out" / "best.pt")["step"] == 2
+
+
 def test_save_interval_saves_between_evals(tmp_path, corpus, monkeypatch):
     saved, save = [], checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda state, path: saved.append((state["step"], os.path.basename(path))) or save(state, path))
@@ -527,6 +535,26 @@ def test_the_logged_loss_with_grad_accum_is_the_mean_over_the_batch(tmp_path, co
             return float(next(r for r in csv.DictReader(f) if r["tokens_per_s"])["train_loss"])
     whole = first_loss("whole", "--batch-size", "8", "--grad-accum", "1")
     assert first_loss("split", "--batch-size", "4", "--grad-accum", "2") == pytest.approx(whole, abs=2e-4)
+
+
+def test_progress_lines_average_the_loss_and_time_over_their_interval(tmp_path, corpus, monkeypatch, capsys):
+    """A line every 3 steps shows the mean loss of its steps, not their sum, and an eta from the
+    mean step time (a mutation audit: both could be off by the log interval unseen)."""
+    clock, real_batches = [0.0], train.train_batches
+
+    def one_second(*args, **kwargs):
+        clock[0] += 1.0
+        return real_batches(*args, **kwargs)
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train, "train_batches", one_second)
+    run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "100", "--log-interval", "3",
+              "--lr", "1e-9", "--warmup", "0", "--dropout", "0")
+    lines = {int(m[1]): m for m in re.finditer(r"^step (\d+)/6 \| loss ([\d.]+) .* eta (\S+)$", capsys.readouterr().out, re.M)}
+    assert sorted(lines) == [1, 3, 6]
+    assert [lines[s][3] for s in (1, 3, 6)] == ["0m05s", "0m03s", "0m00s"]  # 1 s a step
+    # At lr 1e-9 the weights hardly move: each line's mean loss is about the first step's.
+    assert float(lines[3][2]) == pytest.approx(float(lines[1][2]), rel=0.1)
+    assert float(lines[6][2]) == pytest.approx(float(lines[1][2]), rel=0.1)
 
 
 def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkeypatch):
