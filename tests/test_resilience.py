@@ -207,6 +207,41 @@ def test_a_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch):
     assert run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "5", "--resume")["skipped"] == 1
 
 
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss, a non-finite step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class InfGradAt(GPT):
+    bad_calls: set = set()
+    calls = 0
+
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        if targets is not None and self.training:
+            InfGradAt.calls += 1
+            if InfGradAt.calls in InfGradAt.bad_calls:
+                loss = InfGradient.apply(loss)
+        return logits, loss
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tmp_path, corpus, monkeypatch):
+    """The loss alone does not decide: an infinite gradient under a finite loss is a skipped
+    step too, not an update that leaves NaN weights (a mutation audit: the check went unseen)."""
+    monkeypatch.setattr(train, "GPT", InfGradAt)
+    InfGradAt.calls, InfGradAt.bad_calls = 0, {2}
+    result = run_train(tmp_path, corpus, "out", "--max-steps", "3", "--eval-interval", "3")
+    assert result["step"] == 3 and result["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
 def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(train, "GPT", NaNAfter)
     NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(4, 100))
@@ -218,6 +253,19 @@ def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, c
     NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(100))  # --overwrite: that checkpoint is the replaced run's
     with pytest.raises(train.TrainingError, match=r"at step 1; .*, then start again \(no checkpoint was written yet\)"):
         run_train(tmp_path, corpus, "out", "--max-steps", "50", "--eval-interval", "2", "--max-skips", "3", "--overwrite")
+
+
+def test_grad_clip_bounds_the_update(tmp_path, corpus):
+    """--grad-clip 1e-12 shrinks the gradient below AdamW's eps, so a step hardly moves the
+    weights; unclipped, the same step moves them by about the lr (a mutation audit: the clip
+    could be dropped unseen)."""
+    def moved(out, clip):
+        result = run_train(tmp_path, corpus, out, "--max-steps", "1", "--eval-interval", "1", "--warmup", "0",
+                           "--weight-decay", "0", "--grad-clip", clip)
+        torch.manual_seed(1337)  # the run's initial weights
+        start = GPT(result["model"].config)
+        return max((a - b).abs().max().item() for a, b in zip(result["model"].parameters(), start.parameters()))
+    assert moved("clipped", "1e-12") < 1e-5 < 5e-4 < moved("free", "0")
 
 
 def test_a_retried_step_draws_a_fresh_batch(tmp_path, corpus):
