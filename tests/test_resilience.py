@@ -552,6 +552,8 @@ def test_overwrite_removes_the_old_runs_best_checkpoint_at_once(tmp_path, corpus
 
 @pytest.mark.parametrize("extra, message", [
     (["--warmup", "10", "--decay-steps", "5"], "--decay-steps 5 must be past --warmup 10"),
+    # Ending the cosine where warm-up ends would drop the lr from --lr to --min-lr in one step.
+    (["--warmup", "5", "--decay-steps", "5"], "--decay-steps 5 must be past --warmup 5"),
     (["--init-from", "INIT", "--preset", "gpt2"], "fixes the architecture; drop --preset gpt2"),
 ])
 def test_contradictory_schedule_and_init_flags(tmp_path, corpus, extra, message):
