@@ -571,6 +571,13 @@ def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkey
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
+def test_times_from_an_hour_on_show_hours():
+    """The eta and the run's time: minutes and seconds below an hour, hours and minutes from
+    one on (a mutation audit: exactly an hour could read 60m00s unseen)."""
+    assert [train.fmt_time(s) for s in (0, 59.9, 3599, 3600, 3661, 90000)] == \
+        ["0m00s", "0m59s", "59m59s", "1h00m", "1h01m", "25h00m"]
+
+
 def test_weight_decay_only_on_matrices():
     model = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
     opt, _ = train.make_optimizer(model, train.parse_args(["--weight-decay", "0.1"]), fused=False)
