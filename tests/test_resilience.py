@@ -550,6 +550,14 @@ def test_overwrite_removes_the_old_runs_best_checkpoint_at_once(tmp_path, corpus
     assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "out" / "loss.png").exists()
 
 
+def test_a_resume_whose_flags_contradict_the_runs_schedule_is_refused(tmp_path, corpus):
+    """--warmup 10 given to a run of --decay-steps 4 is checked against it (a mutation audit:
+    only the given flags were checked, before the run's were merged in)."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2", "--warmup", "1", "--decay-steps", "4")
+    with pytest.raises(train.UsageError, match="--decay-steps 4 must be past --warmup 10"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "4", "--warmup", "10", "--resume")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--warmup", "10", "--decay-steps", "5"], "--decay-steps 5 must be past --warmup 10"),
     # Ending the cosine where warm-up ends would drop the lr from --lr to --min-lr in one step.

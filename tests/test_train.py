@@ -557,6 +557,21 @@ def test_progress_lines_average_the_loss_and_time_over_their_interval(tmp_path, 
     assert float(lines[6][2]) == pytest.approx(float(lines[1][2]), rel=0.1)
 
 
+def test_the_eta_of_a_timed_run_is_its_time_left(tmp_path, corpus, monkeypatch, capsys):
+    """Under --max-time the eta is the time left when that comes first, not the steps' (a
+    mutation audit: it could show 16 minutes for a run with 9 s to go)."""
+    clock, real_batches = [0.0], train.train_batches
+
+    def one_second(*args, **kwargs):
+        clock[0] += 1.0
+        return real_batches(*args, **kwargs)
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train, "train_batches", one_second)
+    run_train(tmp_path, corpus, "out", "--max-steps", "1000", "--max-time", "10", "--eval-interval", "1000")
+    out = capsys.readouterr().out
+    assert re.search(r"^step 1/1000 .* eta 0m09s$", out, re.M), out
+
+
 def test_accumulated_gradient_is_the_mean_over_the_global_batch(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
