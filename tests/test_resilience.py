@@ -268,6 +268,24 @@ def test_grad_clip_bounds_the_update(tmp_path, corpus):
     assert moved("clipped", "1e-12") < 1e-5 < 5e-4 < moved("free", "0")
 
 
+def test_an_eval_is_the_mean_over_its_batches_and_repeats_exactly(tmp_path, corpus):
+    """Evals compare from one to the next: the same weights give the same losses, each the
+    mean over --eval-iters batches (a mutation audit: an unseeded draw or the last batch alone)."""
+    args = train.parse_args(flags(tmp_path, corpus, "out", "--eval-iters", "4"))
+    data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
+    torch.manual_seed(0)
+    model = GPT(train.model_config(args, data.tokenizer.vocab_size))
+    model.train()
+    first = train.estimate_loss(model, data, args, "cpu", train.contextlib.nullcontext())
+    assert model.training  # back to training mode (dropout on) after the eval
+    assert train.estimate_loss(model, data, args, "cpu", train.contextlib.nullcontext()) == first
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for split in ("train", "val"):
+        losses = [model(*data.batch(split, args.batch_size, 32, gen))[1].item() for _ in range(4)]
+        assert first[split] == pytest.approx(sum(losses) / 4)
+
+
 def test_a_retried_step_draws_a_fresh_batch(tmp_path, corpus):
     args = train.parse_args(flags(tmp_path, corpus, "out"))
     data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
