@@ -48,3 +48,18 @@ def shakespeare() -> str:
         pytest.skip(f"{SHAKESPEARE} not found")
     with open(SHAKESPEARE, encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture
+def one_second_steps(monkeypatch):
+    """train.py's clock, moved 1 s as each step draws its batches: rates and etas come exact."""
+    import train
+
+    clock, real_batches = [0.0], train.train_batches
+
+    def one_second(*args, **kwargs):
+        clock[0] += 1.0
+        return real_batches(*args, **kwargs)
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train, "train_batches", one_second)
+    return clock

@@ -509,16 +509,9 @@ def test_tokens_per_second_spans_the_steps_it_counts(tmp_path, corpus, monkeypat
     assert rate.keys() == {1, 10, 20} and rate[1] == rate[10] == rate[20], rate
 
 
-def test_tokens_per_second_count_every_micro_batch(tmp_path, corpus, monkeypatch):
+def test_tokens_per_second_count_every_micro_batch(tmp_path, corpus, one_second_steps):
     """On a clock that moves 1 s a step, tokens/s is the step's tokens: batch x grad-accum x
     block (a mutation audit: --grad-accum could be left out of the count unseen)."""
-    clock, real_batches = [0.0], train.train_batches
-
-    def one_second(*args, **kwargs):
-        clock[0] += 1.0
-        return real_batches(*args, **kwargs)
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    monkeypatch.setattr(train, "train_batches", one_second)
     run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "100", "--batch-size", "4",
               "--grad-accum", "3")
     with open(tmp_path / "out" / "metrics.csv") as f:
@@ -537,16 +530,9 @@ def test_the_logged_loss_with_grad_accum_is_the_mean_over_the_batch(tmp_path, co
     assert first_loss("split", "--batch-size", "4", "--grad-accum", "2") == pytest.approx(whole, abs=2e-4)
 
 
-def test_progress_lines_average_the_loss_and_time_over_their_interval(tmp_path, corpus, monkeypatch, capsys):
+def test_progress_lines_average_the_loss_and_time_over_their_interval(tmp_path, corpus, one_second_steps, capsys):
     """A line every 3 steps shows the mean loss of its steps, not their sum, and an eta from the
     mean step time (a mutation audit: both could be off by the log interval unseen)."""
-    clock, real_batches = [0.0], train.train_batches
-
-    def one_second(*args, **kwargs):
-        clock[0] += 1.0
-        return real_batches(*args, **kwargs)
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    monkeypatch.setattr(train, "train_batches", one_second)
     run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "100", "--log-interval", "3",
               "--lr", "1e-9", "--warmup", "0", "--dropout", "0")
     lines = {int(m[1]): m for m in re.finditer(r"^step (\d+)/6 \| loss ([\d.]+) .* eta (\S+)$", capsys.readouterr().out, re.M)}
@@ -557,16 +543,9 @@ def test_progress_lines_average_the_loss_and_time_over_their_interval(tmp_path, 
     assert float(lines[6][2]) == pytest.approx(float(lines[1][2]), rel=0.1)
 
 
-def test_the_eta_of_a_timed_run_is_its_time_left(tmp_path, corpus, monkeypatch, capsys):
+def test_the_eta_of_a_timed_run_is_its_time_left(tmp_path, corpus, one_second_steps, capsys):
     """Under --max-time the eta is the time left when that comes first, not the steps' (a
     mutation audit: it could show 16 minutes for a run with 9 s to go)."""
-    clock, real_batches = [0.0], train.train_batches
-
-    def one_second(*args, **kwargs):
-        clock[0] += 1.0
-        return real_batches(*args, **kwargs)
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    monkeypatch.setattr(train, "train_batches", one_second)
     run_train(tmp_path, corpus, "out", "--max-steps", "1000", "--max-time", "10", "--eval-interval", "1000")
     out = capsys.readouterr().out
     assert re.search(r"^step 1/1000 .* eta 0m09s$", out, re.M), out
