@@ -444,7 +444,7 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
+def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch, device):
     """CUDA caps grid axes 1 and 2 at 65535 programs; 4096 short sequences x 16 heads make
     B * H = 65536, which must still launch (and a B past the cap is a clear error)."""
     grids = []
@@ -456,15 +456,16 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch):
 
     for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         monkeypatch.setattr(attention_module, name, Recorder())
-    q = torch.zeros(4096, 16, 1, 16)
+    q = torch.zeros(4096, 16, 1, 16, device=device)
     o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None, 0.0, 0)
     attention_module._attention_bwd(torch.zeros_like(o), q, q, q, o, lse, True, 0.25, 0.0, 0)
     assert len(grids) == 4
     for grid in grids:
         assert max(grid[1:]) <= 65535 and grid[1] * grid[2] == 4096 * 16, grid
     with pytest.raises(ValueError, match="at most 65535"):
-        attention(torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16), torch.zeros(65536, 1, 1, 16))
-    many = torch.zeros(1, 1, 1, 16).expand(46341, 46341, 1, 16)  # B * H past int32, as views
+        wide = torch.zeros(65536, 1, 1, 16, device=device)
+        attention(wide, wide, wide)
+    many = torch.zeros(1, 1, 1, 16, device=device).expand(46341, 46341, 1, 16)  # B * H past int32, as views
     with pytest.raises(ValueError, match=r"batch x heads \(46341 x 46341\) must be below 2\^31"):
         attention(many, many, many)
 

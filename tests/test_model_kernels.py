@@ -58,8 +58,8 @@ def test_triton_path_matches_reference_path(device, cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("min_width, expected", [(64, set()), (32, {"add_layer_norm", "layer_norm", "attention"})])
-def test_auto_runs_narrow_models_on_torch(min_width, expected, monkeypatch):
-    """kernels="auto" on a GPU (the Triton module standing in for CUDA here): a model
+def test_auto_runs_narrow_models_on_torch(min_width, expected, monkeypatch, device):
+    """kernels="auto" on a GPU (on CPU the interpreted Triton module stands in): a model
     narrower than AUTO_MIN_WIDTH trains on the reference, a wide enough one on the Triton
     LayerNorm and attention; the FFN stays on cuBLAS while AUTO_TRITON_FFN is off."""
     from gpt import ops
@@ -70,9 +70,9 @@ def test_auto_runs_narrow_models_on_torch(min_width, expected, monkeypatch):
     monkeypatch.setattr(ops, "backend", lambda x, mode="auto": kernels if mode != "torch" else ops.reference)
     monkeypatch.setattr(ops, "AUTO_MIN_WIDTH", min_width)
     monkeypatch.setattr(ops, "AUTO_TRITON_FFN", False)
-    auto, _ = train_losses("auto", "cpu", steps=1)
+    auto, _ = train_losses("auto", device, steps=1)
     assert set(calls) == expected, calls
-    ref, _ = train_losses("torch", "cpu", steps=1)
+    ref, _ = train_losses("torch", device, steps=1)
     torch.testing.assert_close(auto, ref, rtol=1e-4, atol=1e-4)
 
 
