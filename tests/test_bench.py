@@ -16,6 +16,9 @@ from bench import bench_layer_norm
 from kernels import add_layer_norm, layer_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmarks' CPU paths run the kernels on CPU tensors, in the interpreter, which
+# conftest turns on only where there is no GPU; there the benchmarks themselves check.
+cpu_smoke = pytest.mark.skipif(torch.cuda.is_available(), reason="a benchmark's CPU path: needs the Triton interpreter")
 
 
 def wrong_gradient(x, w, b, eps):
@@ -30,6 +33,7 @@ def run_with(monkeypatch, ln: dict):
     bench_layer_norm.run(sizes=[32], elements=64, dtype=torch.float32, device="cpu", use_compile=False, plot_suffix="")
 
 
+@cpu_smoke
 def test_a_peer_with_a_wrong_gradient_is_left_out(monkeypatch, capsys):
     run_with(monkeypatch, {"triton": layer_norm, "torch": bench_layer_norm.torch_layer_norm, "liger": wrong_gradient})
     out = capsys.readouterr().out
@@ -85,6 +89,7 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
             train.parse_args(cmd[2:])
 
 
+@cpu_smoke
 def test_the_compiled_sampling_peer_is_one_graph(monkeypatch):
     """bench_sampling's torch.compile peer ran sample_next, whose NaN check syncs with the host:
     two graphs and a sync a draw, which kernels.sample does not pay (and the CUDA-graph peer
@@ -101,6 +106,7 @@ def test_the_compiled_sampling_peer_is_one_graph(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
+@cpu_smoke
 def test_the_ffn_on_triton_generation_row_runs_the_triton_ffn(monkeypatch):
     """bench_sample's "FFN on Triton" row lowered FFN_MIN_ROWS only, which "auto" reads only
     once AUTO_TRITON_FFN is on: the row timed cuBLAS's FFN again. Its steps must call the
@@ -120,3 +126,35 @@ def test_the_ffn_on_triton_generation_row_runs_the_triton_ffn(monkeypatch):
     bench_sample.with_triton_ffn(lambda: bench_sample.run_ours(model, [[1, 2, 3]], 2, "cpu"))
     assert calls
     assert not ops.AUTO_TRITON_FFN and ops.FFN_MIN_ROWS == 256  # restored
+
+
+@cpu_smoke
+def test_the_layer_norm_sweep_times_with_no_autograd_graph_alive(monkeypatch):
+    """A live output keeps its autograd graph, and with it x's AccumulateGrad node from the
+    default stream: a backward captured into a CUDA graph beside it fails (run 6, the
+    sweep's Liger row). Every output is dead by the time anything is timed."""
+    import gc
+    import weakref
+
+    outputs = []
+
+    def recorded(fn):
+        def wrapper(*args):
+            y = fn(*args)
+            outputs.append(weakref.ref(y))
+            return y
+        return wrapper
+
+    def timed(fn, grad_to_none=None):
+        gc.collect()
+        alive = [ref() for ref in outputs if ref() is not None]
+        assert not alive, f"{len(alive)} outputs alive while timing"
+        return 1.0
+
+    monkeypatch.setattr(bench_layer_norm, "torch_layer_norm", recorded(bench_layer_norm.torch_layer_norm))
+    monkeypatch.setattr(bench_layer_norm, "layer_norm", recorded(layer_norm))
+    monkeypatch.setattr(bench_layer_norm, "bench_graph", timed)
+    for name, value in dict(SWEEP_TILES=(1024,), SWEEP_PER_THREAD=(8,), SWEEP_STAGES=(1,), SWEEP_FWD=((2, 2),)).items():
+        monkeypatch.setattr(bench_layer_norm, name, value)
+    bench_layer_norm.sweep([64], 64 * 8, torch.float32, "cpu")
+    assert len(outputs) >= 3  # the reference and at least two candidates were checked
