@@ -173,8 +173,9 @@ def _sum_partials_kernel(DW, DB, OutW, OutB, P, N, BLOCK_P: tl.constexpr, BLOCK_
 
 # Elements one program covers per step; short rows are stacked to reach it.
 _TILE = 4096
-# Rows of this block width take one row a forward program (_settings).
-_ONE_ROW_FWD_N = 1024
+# Rows of this block width take their own forward tile, _NARROW_FWD_TILE (_settings).
+_NARROW_FWD_N = 1024
+_NARROW_FWD_TILE = (2, 2)  # (rows, warps): 32 elements of the block a thread
 # 16-bit rows of this block width run the persistent forward on Hopper (_settings).
 _PERSISTENT_FWD_N = 8192
 # Backward programs when interpreting: each costs milliseconds there.
@@ -208,13 +209,13 @@ def _settings(N: int, element_size: int) -> _Settings:
     flight per thread without spilling in the backward, which keeps ~6 fp32 values per
     element live (compiled for sm90: 117-128 registers, two 8-warp programs per SM).
     The forward has its own tile (fwd_block_m, fwd_warps): it keeps ~2 fp32 values per
-    element live. Rows of 513-1024 take one row a program over 4 warps, Liger's forward tile,
-    which run 5 (H200) timed 4-6% ahead of our stacked 4-row, 8-warp programs at N = 768 and
-    1024 (3011 and 3532 GB/s against 2900 and 3317, same run); the sm90 build shows why: the
-    stacked tile gives weight and bias a layout of their own and moves them into x's
-    through 2 KiB of shared memory and four more barriers a program, the one-row tile needs
-    16 bytes (tests/codegen.py). Narrower rows stay stacked (each one-row program would move
-    under 1 KiB), wider ones need no such move and matched or led Liger stacked.
+    element live. Rows of 513-1024 take two rows a program over 2 warps, 32 elements of
+    the block a thread: in run 6's sweep (H200, bf16, copy and Liger timed beside) that read
+    3667 and 3833 GB/s at N = 768 and 1024, against 2976 and 3585 for Liger's tile (one row,
+    4 warps, 8 a thread; the default from run 5 to 6), Liger's own 3018 and 3552, and
+    4018 for a copy; more warps a tile were slower at every row count (bench/RESULTS.md).
+    Narrower and wider rows keep the backward's tile, which matched or led Liger (run 5);
+    few warps a tile there is untimed.
     16-bit rows of 8192 (one 16-warp program a tile, two resident per SM) take the
     persistent forward instead: two programs per SM walk the tiles with three rows of x
     (and residual) in flight, 96 KiB of shared memory each, which only Hopper's 228 KiB per
@@ -232,7 +233,7 @@ def _settings(N: int, element_size: int) -> _Settings:
     stage_bytes = 3 * block_m * block_n * element_size
     budget = min(_SHARED_PER_PROGRAM, _SHARED_PER_SM // _programs_per_sm(num_warps))
     bwd_stages = max(1, min(3, budget // stage_bytes))
-    fwd_block_m, fwd_warps = (1, 4) if block_n == _ONE_ROW_FWD_N else (block_m, num_warps)
+    fwd_block_m, fwd_warps = _NARROW_FWD_TILE if block_n == _NARROW_FWD_N else (block_m, num_warps)
     cfg = _Settings(block_n, fwd_block_m, fwd_warps, block_m, num_warps, bwd_stages)
     if element_size == 2 and block_n == _PERSISTENT_FWD_N:
         return cfg._replace(fwd_stages=3, fwd_programs_per_sm=2)

@@ -18,15 +18,15 @@ GPU_TOLERANCES = TOLERANCES + [pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16
 
 # Leading shape, N and how x reaches the kernel: edges of the blocking heuristic
 # (M=1, N=1, N not a power of two, several rows per program, one row per program, a
-# one-row forward beside a stacked backward, several backward programs each looping over
-# tiles, the largest fp32 row).
+# forward tile of its own beside the backward's, with a ragged last tile, several backward
+# programs each looping over tiles, the largest fp32 row).
 SHAPES = [
     pytest.param((1,), 64, "contiguous", id="M1"),
     pytest.param((37,), 100, "contiguous", id="N100"),
     pytest.param((5,), 1, "contiguous", id="N1"),
     pytest.param((2, 3), 48, "contiguous", id="3d"),
     pytest.param((1000,), 32, "contiguous", id="many-programs"),
-    pytest.param((5,), 768, "contiguous", id="N768-one-row-forward"),
+    pytest.param((5,), 768, "contiguous", id="N768-narrow-forward-tile"),
     pytest.param((3,), 5000, "contiguous", id="N5000"),
     pytest.param((2,), 16384, "contiguous", id="N16384"),
     pytest.param((24,), 40, "transposed", id="transposed"),
