@@ -13,19 +13,17 @@
 #       bench-attention bench-layer-norm
 #   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
 #       bench-train train-triton train-torch
-# With one session's 15 minutes (the machine's start, ~40 s, included), run 5 fitted the
-# sweeps in one call (~210 s) and the tests and benchmarks on the new defaults in a second
-# (~350 s). What is open after it: the warp-specialised FFN (its tests pass now), the
-# LayerNorm forward's own tile (Liger's one row a program, which led at N = 768/1024, is
-# the default there since, untimed as ours; the stacked one stays a candidate) and the
-# D = 128 attention's TMA dQ beside FlexAttention; then, on what the sweeps chose, the
-# tests, the benchmarks they change and the GPT-2 124M training step (N = 768):
-#   bash bench/gpu_check.sh "$OUT" 420 ws-check ffn-sweep ln-sweep bench-attention
-#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests bench-layer-norm bench-ffn bench-train bench-sample-fast
-# (bench-sample-fast: generation has not been timed since the Decoder captures under no_grad,
-# which puts the decode attention kernel and the GELU epilogue back in its graph.)
+# With one session's 15 minutes (the machine's start, ~30 s, included), run 6 ran the tests
+# and the kernel, training and generation benchmarks in one call (266 s), then ws-check,
+# bench-attention and the sweeps in a second (194 s), both on a warm machine: call the
+# second within the 30 s the machine stays warm. Its LayerNorm sweep chose a new forward
+# tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next:
+#   bash bench/gpu_check.sh "$OUT" 400 ln-sweep gpu-tests bench-layer-norm bench-train bench-attention-dropout \
+#       bench-sampling
+#   bash bench/gpu_check.sh "$OUT" 330 bench-train-small bench-train-compile train-triton train-torch
+# then, on what the sweep chose, bench-layer-norm again.
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
-# goes before the FFN's, whose warp-specialised candidates are untimed and may take its whole limit.
+# goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
 # they fail or hang, the sweeps leave those candidates out rather than hang on them too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
@@ -109,9 +107,9 @@ for k in triton torch; do
         --lr 1e-3 --warmup 50 --eval-interval 150 --eval-iters 20 --log-interval 50 --seed 1 \
         --kernels "$k" --out-dir "/tmp/train-$k" --cache-dir /tmp/train-cache
 done
-# The forward's candidates (its own tiles, the persistent forward) at every width, those whose
-# forward trails Liger's first (run 5: 0.94x at 1024, 0.96x at 768); the backward's are tuned.
-step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 1024 768 2048 4096 8192
+# The forward's candidates (its own tiles, the persistent forward) at every width, those run 6
+# did not sweep first (it chose N = 513-1024's tile); the backward's are tuned.
+step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 2048 4096 8192 1024 768
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
 step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
 # The kernel tests with the Hopper variants forced on everywhere (tests/candidates.py).
