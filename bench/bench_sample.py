@@ -45,11 +45,12 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False, torch_sampling=False) -> tuple[float, float]:
+def run_ours(model, prompts, new_tokens, device, cuda_graph=False, compile=False, torch_sampling=False,
+             top_p=None) -> tuple[float, float]:
     decoder = Decoder(model, len(prompts), cuda_graph=cuda_graph, compile=compile)
     if torch_sampling:  # draw with torch's ops outside the graph, as before kernels.sample
-        decoder.kernels = reference
-    go = lambda n: generate(model, prompts, n, temperature=1.0, top_k=200, decoder=decoder, check_every=64)
+        decoder.sampler = reference
+    go = lambda n: generate(model, prompts, n, temperature=1.0, top_k=200, top_p=top_p, decoder=decoder, check_every=64)
     go(8)  # warm-up (compilation, graph capture, allocator)
     ttft = timed(lambda: go(1), device)
     return ttft, timed(lambda: go(new_tokens), device)
@@ -156,7 +157,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-torch-sampling fast-gelu fast-ffn compile cached uncached hf")
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out: fast fast-torch-sampling fast-top-p fast-gelu fast-ffn compile cached uncached hf")
     p.add_argument("--profile", action="store_true", help="per-kernel time of a decode step instead of the table")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
@@ -181,6 +182,9 @@ def main() -> None:
             "ours: KV cache + CUDA graph, torch sampling": lambda: run_ours(
                 model, prompts, args.new_tokens, device, cuda_graph=True, torch_sampling=True
             ),
+            "ours: KV cache + CUDA graph, top-p 0.9": lambda: run_ours(
+                model, prompts, args.new_tokens, device, cuda_graph=True, top_p=0.9
+            ),
             f"ours: KV cache + CUDA graph, GELU epilogue {'off' if ops.GELU_EPILOGUE else 'on'}": lambda: with_gelu_epilogue(
                 lambda: run_ours(model, prompts, args.new_tokens, device, cuda_graph=True)
             ),
@@ -194,7 +198,7 @@ def main() -> None:
             "no cache (nanoGPT-style loop)": lambda: run_uncached(model, prompts, args.new_tokens, device),
             "HF transformers generate": lambda: run_hf(cfg, prompts, args.new_tokens, device, dtype),
         }
-        keys = dict(zip(runs, ["fast", "fast-torch-sampling", "fast-gelu", "fast-ffn", "compile", "cached", "uncached", "hf"]))
+        keys = dict(zip(runs, ["fast", "fast-torch-sampling", "fast-top-p", "fast-gelu", "fast-ffn", "compile", "cached", "uncached", "hf"]))
         baseline = None
         for name, fn in runs.items():
             if keys[name] in args.skip or (not cuda and keys[name].startswith("fast")):

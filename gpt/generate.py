@@ -113,16 +113,19 @@ class Decoder:
 
     With cuda_graph=True the decode step (all layers, and the advance of every
     sequence's length) is captured once and replayed: one launch per token, and so is
-    the draw of the next token for each sampling setting met (temperature, top_k) when
-    it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
+    the draw of the next token for each sampling setting met (temperature, top_k, top_p)
+    when it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
     sampling in four Triton launches, two without top-k, its random state on the device) wherever the model
-    runs on the Triton kernels. top_p < 1, and the torch reference path, draw with
-    torch's ops and the caller's generator, outside any graph.
+    runs on the Triton kernels; top_p < 1 keeps the nucleus with torch's ops first (no sync
+    with the host, so they are captured too). The torch reference path draws with torch's
+    ops and the caller's generator, outside any graph: one generator a row, so one
+    multinomial a row each token.
 
     With compile=True the step goes through torch.compile(mode="reduce-overhead") instead,
     compiled when the Decoder is built, which writes its own kernels: on CUDA the model must
     run on kernels="torch" (model.set_kernels("torch") switches), since our decode attention
-    is opaque to torch.compile and would break the step into pieces.
+    is opaque to torch.compile and would break the step into pieces. Its draws run outside
+    the compiled step, on kernels.sample wherever "auto" would run the kernels.
     """
 
     def __init__(self, model: GPT, batch_size: int, cuda_graph: bool = False, compile: bool = False):
@@ -133,13 +136,18 @@ class Decoder:
         self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
         self.logits: Tensor | None = None  # the latest logits (B, V), what draw() samples from
-        self.kernels = ops.backend(p, model.config.kernels)
+        # What draws (draw()): the model's kernels; under compile=True, which leaves the draw
+        # outside the compiled step, the kernels wherever they would run. Torch's draw
+        # takes a multinomial a row, each from the row's own generator: at batch 32 on an
+        # H200, 9,350-10,589 tokens/s against 37,986 (run 6).
+        kernels = ops.backend(p, model.config.kernels)
+        self.sampler = ops.backend(p, "auto") if compile and kernels is reference else kernels
         # kernels.sample's Philox key and per-sequence draw counters (see reseed).
         self.seed = torch.zeros(1, dtype=torch.long, device=p.device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=p.device)
         self.filled = 0  # host mirror of max(cache.lengths): a full cache is refused without a sync
         self.graph = None
-        self.draw_graphs: dict[tuple[float, int | None], torch.cuda.CUDAGraph] = {}
+        self.draw_graphs: dict[tuple[float, int | None, float | None], torch.cuda.CUDAGraph] = {}
         self.step_fn = self._step
         if compile:
             # Inductor's CUDA graphs are skipped altogether for a step that updates a tensor
@@ -254,15 +262,21 @@ class Decoder:
     ) -> Tensor:
         """Samples the next token (B, 1) from the latest logits (see sample_next) into self.token."""
         top_k = top_k or None  # 0 keeps every token, as in filter_logits (kernels.sample takes None)
+        top_p = top_p if top_p is not None and 0.0 < top_p < 1.0 else None  # as filter_logits reads it
         if temperature < GREEDY_BELOW:
             draw = lambda: torch.argmax(self.logits, dim=-1, keepdim=True, out=self.token)
-        elif self.kernels is not reference and (top_p is None or top_p >= 1):
-            draw = lambda: self.kernels.sample(self.logits, self.seed, self.offsets, temperature, top_k, out=self.token)
-        else:
+        elif self.sampler is reference:
             return self.token.copy_(sample_next(self.logits, temperature, top_k, top_p, generator))
+        elif top_p is None:
+            draw = lambda: self.sampler.sample(self.logits, self.seed, self.offsets, temperature, top_k, out=self.token)
+        else:
+            # The nucleus depends on the temperature, so the kernel gets the logits already
+            # divided and filtered, and draws from their softmax.
+            draw = lambda: self.sampler.sample(filter_logits(self.logits.float() / temperature, top_k, top_p),
+                                               self.seed, self.offsets, 1.0, None, out=self.token)
         if self.graph is None:
             return draw()
-        key = (max(temperature, 0.0), top_k)
+        key = (max(temperature, 0.0), top_k, top_p)
         if key not in self.draw_graphs:
             # Warm-up (Triton compiles outside the capture), then the state it advanced back.
             saved = self.offsets.clone()
@@ -304,10 +318,10 @@ def generate(
     if not B or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     decoder = decoder or Decoder(model, B)
-    if decoder.kernels is not reference:
+    if decoder.sampler is not reference:
         decoder.reseed(generator)
     device = decoder.token.device
-    generators = row_generators(generator, B, device)  # for torch's draws (the reference path, or top_p)
+    generators = row_generators(generator, B, device)  # for torch's draws (the reference path)
     history = [list(p[-S:]) for p in prompts]
     lengths = [len(h) for h in history]  # host mirror of cache.lengths: no sync to know them
     _check_finite(decoder.prefill(history))

@@ -93,7 +93,8 @@ def test_seeded_sampling_is_reproducible(model):
     assert a[0] != a[1] or a[1] != a[2]  # parallel samples differ from each other
 
 
-@pytest.mark.parametrize("kernels, top_p", [("torch", None), ("triton", 0.9)], ids=["torch", "torch-top-p-on-triton"])
+@pytest.mark.parametrize("kernels, top_p", [("torch", None), ("torch", 0.9), ("triton", 0.9)],
+                         ids=["torch", "torch-top-p", "top-p-on-triton"])
 def test_a_sample_does_not_depend_on_its_batch(kernels, top_p, device):
     """Under one seed, the first sample is the same alone or among others (sample.py
     --num-samples 1 or 3), also where torch draws: each row has its own generator."""
@@ -264,10 +265,10 @@ def test_sampling_on_the_triton_kernel_is_seeded(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("top_k, top_p", [(20, None), (None, 0.9)], ids=["kernel-top-k", "torch-top-p"])
+@pytest.mark.parametrize("top_k, top_p", [(20, None), (None, 0.9), (50, 0.9)], ids=["top-k", "top-p", "top-k-top-p"])
 def test_cuda_graph_sampling_equals_eager_gpu(top_k, top_p):
-    """Sampling replayed in a CUDA graph (kernels.sample) draws what the eager decoder
-    draws from the same seed; top_p runs torch's sampler outside the graph."""
+    """Sampling replayed in a CUDA graph (kernels.sample, after torch's ops keep the
+    nucleus for top_p) draws what the eager decoder draws from the same seed."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128)).to("cuda").eval()
     prompts = [list(range(1, 30)), [7, 8, 9]]
@@ -467,3 +468,43 @@ def test_stop_sees_every_new_token_once_in_order_and_eot_past_the_first_check(mo
     assert seen == [free[:n] for n in (7, 14, 21, 28, 35, 40)]
     eot = next(t for t in free if free.index(t) >= 7)  # first drawn after the first check
     assert run(eot_token=eot) == free[: free.index(eot)]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.7, None), (1.3, 5)])
+def test_top_p_on_the_kernels_draws_from_the_nucleus(temperature, top_k, device, monkeypatch):
+    """On the kernels' path top_p draws on kernels.sample (one draw counter a row, no
+    multinomial: torch's per-row draws took 3.5x the time at batch 32, run 6), from the
+    softmax of the logits over the temperature restricted to filter_logits' nucleus."""
+    monkeypatch.setattr(torch, "multinomial", None)  # any torch draw fails
+    torch.manual_seed(0)
+    V, B, draws = 12, 256, 3
+    model = GPT(GPTConfig(vocab_size=V, block_size=8, n_layer=1, n_head=2, n_embd=32, kernels="triton")).to(device)
+    decoder = Decoder(model, B)
+    decoder.reseed(torch.Generator().manual_seed(0))
+    logits = torch.linspace(2.0, -2.0, V, device=device).roll(3).expand(B, V).contiguous()
+    decoder.logits = logits
+    tokens = torch.cat([decoder.draw(temperature, top_k, 0.8).clone() for _ in range(draws)])[:, 0].cpu()
+    assert decoder.offsets.tolist() == [draws] * B
+    kept = filter_logits(logits[:1].float().cpu() / temperature, top_k, 0.8)[0]
+    probs = torch.softmax(kept.double(), dim=-1)
+    assert 2 <= int(torch.isfinite(kept).sum()) < (top_k or V)  # the nucleus cuts
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[probs == 0].sum() == 0
+    n = B * draws
+    assert torch.all((counts / n - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-3), (counts / n, probs)
+
+
+def test_a_compiled_decoder_draws_on_the_kernels_where_auto_runs_them(monkeypatch):
+    """Decoder(compile=True) (sample.py --compile) leaves the draw outside the compiled step:
+    on kernels.sample wherever "auto" runs the kernels (here the interpreted module
+    stands in for CUDA), not with torch's multinomial a row."""
+    import kernels
+
+    monkeypatch.setattr(ops, "backend", lambda x, mode="auto": kernels if mode != "torch" else ops.reference)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what is compiled is not the point here
+    monkeypatch.setattr(torch, "multinomial", None)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels="torch")).eval()
+    decoder = Decoder(model, 2, compile=True)
+    out = generate(model, [[1, 2, 3], [4]], 5, top_k=10, decoder=decoder, generator=torch.Generator().manual_seed(3))
+    assert [len(o) for o in out] == [5, 5] and decoder.offsets.tolist() == [5, 5]
