@@ -4,6 +4,7 @@
     python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_ffn --sweep    # time alternative tile tables (C = 768, 1024), eager beside
     python -m bench.bench_ffn --few-rows # a decode step's FFN: 1 to 64 rows, forward, microseconds
+    python -m bench.bench_ffn --profile  # per-kernel times of forward+backward at C = 768, slowest calls too
 
 The block is linear(C -> 4C) -> GELU(tanh) -> linear(4C -> C), with biases. TFLOP/s count
 the matmuls only: forward 2 * 2*M*C*4C = 16*M*C^2, backward twice that, so
@@ -25,7 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import PLOTS, bench, compile_static, plot, print_table, unless_failing  # noqa: E402
+from bench.common import PLOTS, bench, compile_static, plot, print_table, profile_table, unless_failing  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.ffn import ffn  # noqa: E402
 
@@ -202,19 +203,45 @@ def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda", warp_spec
 def few_rows(widths: list[int], rows: list[int], dtype: torch.dtype, device: str) -> None:
     """Forward time of the FFN at generation's row counts, Triton (16-row tiles, bias and
     GELU in the epilogue) against torch eager (cuBLAS, which at one row adds a bias copy
-    to each matmul, then a separate GELU): what gpt/ops.py's FFN_MIN_ROWS should be."""
+    to each matmul, then a separate GELU) and against what kernels="auto" runs there
+    (gpt.ops.ffn: cuBLAS with the GELU in its epilogue on CUDA, under no_grad as a decode
+    step is): what gpt/ops.py's FFN_MIN_ROWS should be."""
+    from gpt import ops
+
     tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     table = []
     for C in widths:
         for M in rows:
             args = [t.detach() for t in inputs(M, C, dtype, device)]
             with torch.no_grad():
-                torch.testing.assert_close(ffn(*args), reference.ffn(*args), **tol)
+                expected = reference.ffn(*args)
+                for provider in (ffn, ops.ffn):
+                    torch.testing.assert_close(provider(*args), expected, **tol)
                 ours = bench(lambda: ffn(*args)) * 1e3
                 theirs = bench(lambda: reference.ffn(*args)) * 1e3
-            table.append([C, M, ours, theirs, theirs / ours])
+                auto = bench(lambda: ops.ffn(*args)) * 1e3
+            table.append([C, M, ours, theirs, auto, auto / ours])
     dt = str(dtype).removeprefix("torch.")
-    print_table(f"GPT MLP forward at few rows, microseconds ({dt})", ["C", "rows", "triton", "torch", "torch / triton"], table)
+    print_table(f"GPT MLP forward at few rows, microseconds ({dt})",
+                ["C", "rows", "triton", "torch", "auto (cuBLAS, GELU epilogue)", "auto / triton"], table)
+
+
+def profile(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: str, steps: int) -> None:
+    """Per-kernel time of `steps` forward+backward passes, ours and eager's, with each
+    kernel's fastest and slowest call: which product makes C = 768's forward+backward read
+    0.59x to 0.83x eager from one run to the next (runs 5 and 6)."""
+    for C in widths:
+        args = inputs(tokens[C], C, dtype, device)
+        dy = torch.randn(tokens[C], C, device=device).to(dtype)
+        for name, fn in (("triton", ffn), ("torch", reference.ffn)):
+            def step(fn: FFN = fn) -> None:
+                fn(*args).backward(dy)
+                for t in args:
+                    t.grad = None
+
+            for _ in range(3):  # warm-up: compilation, allocator
+                step()
+            profile_table(f"FFN forward+backward, {name}, C={C}, M={tokens[C]}, per step", step, steps)
 
 
 def main() -> None:
@@ -226,7 +253,17 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, metavar="C", nargs="*", help="time alternative tile tables at widths C (default 768 1024) instead (with --smoke: on CPU)")
     parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised rows")
     parser.add_argument("--few-rows", action="store_true", help="time a decode step's FFN (1 to 64 rows) instead (with --smoke: on CPU)")
+    parser.add_argument("--profile", type=int, metavar="C", nargs="*", help="per-kernel times of forward+backward at widths C (default 768), ours and eager (with --smoke: on CPU)")
     args = parser.parse_args()
+    if args.profile is not None:
+        if args.smoke:
+            profile([16], {16: 40}, torch.float32, "cpu", steps=2)
+        elif torch.cuda.is_available():
+            widths = args.profile or [768]
+            profile(widths, {C: 8192 if C >= 4096 else 16384 for C in widths}, DTYPES[args.dtype], "cuda", steps=20)
+        else:
+            parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke --profile to check the script on CPU\n")
+        return
     if args.few_rows:
         if args.smoke:
             few_rows([16], [1, 5], torch.float32, "cpu")

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench.common import print_table
+from bench.common import print_table, profile_table
 from gpt import GPT, ops, preset
 from gpt.generate import Decoder, generate, generate_uncached
 from kernels import reference
@@ -109,35 +109,19 @@ def profile_decode(model, B: int, prompt_tokens: int, steps: int, device: str) -
     """Per-kernel device time of a decode step plus its sampling (eager, so that every kernel
     is seen), against the CUDA-graph replay of the same step: the kernels to fuse first,
     and how much of a replayed step is gaps between kernels rather than kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     prompts = torch.randint(0, model.config.vocab_size, (B, prompt_tokens)).tolist()
     decoder = Decoder(model, B)
     decoder.reseed()
     decoder.prefill(prompts)
-    for _ in range(3):  # warm-up: compilation, allocator
+
+    def token() -> None:
         decoder.draw(1.0, 200)
         decoder.step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            decoder.draw(1.0, 200)
-            decoder.step()
-        sync(device)
-    cuda = device == "cuda"
-    # On CUDA only the kernels themselves: the ops that launch them carry the same time.
-    kernel = lambda e: e.device_type == torch.autograd.DeviceType.CUDA if cuda else True
-    events = [e for e in prof.key_averages() if kernel(e) and (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
-    us = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps
-    events.sort(key=us, reverse=True)
-    total = sum(us(e) for e in events)
-    calls = sum(e.count for e in events) / steps
-    rows = [[e.key[:70], e.count / steps, us(e), 100 * us(e) / total] for e in events[:25]]
-    print_table(
-        f"decode step + sampling, batch {B}, per token ({'kernels' if cuda else 'CPU ops'}: {calls:.0f} calls, {total:.0f} us)",
-        ["kernel" if cuda else "op", "calls", "us", "%"], rows,
-    )
-    if cuda:
+
+    for _ in range(3):  # warm-up: compilation, allocator
+        token()
+    total = profile_table(f"decode step + sampling, batch {B}, per token", token, steps)
+    if device == "cuda":
         graphed = Decoder(model, B, cuda_graph=True)
         graphed.reseed()
         graphed.prefill(prompts)

@@ -109,6 +109,39 @@ def unless_failing(name: str, where: str, measure: Callable[[], T]) -> T | None:
         return None
 
 
+def profile_table(title: str, fn: Callable[[], object], steps: int, top: int = 25) -> float:
+    """Runs fn `steps` times under torch.profiler and prints, per kernel (per op on the CPU),
+    its calls a step, total microseconds a step, and the fastest and slowest call: a kernel
+    whose slowest call is far off its fastest is what makes a benchmark's repeats disagree.
+    Returns the microseconds a step, summed over every kernel."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    calls: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        # On CUDA the kernels themselves: the ops that launch them carry the same time.
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        if us > 0:
+            calls[e.key].append(us)
+    ranked = sorted(calls.items(), key=lambda kv: sum(kv[1]), reverse=True)
+    total = sum(sum(t) for t in calls.values()) / steps
+    count = sum(len(t) for t in calls.values()) / steps
+    rows = [[key[:70], len(t) / steps, sum(t) / steps, 100 * sum(t) / steps / total, min(t), max(t)] for key, t in ranked[:top]]
+    print_table(f"{title} ({'kernels' if cuda else 'CPU ops'}: {count:.0f} calls, {total:.0f} us a step)",
+                ["kernel" if cuda else "op", "calls", "us", "%", "fastest call us", "slowest call us"], rows)
+    return total
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Prints and returns a Markdown table (paste-able into bench/RESULTS.md)."""
     # Ratios (small floats) keep two decimals: a 1.05x target must be readable.

@@ -20,8 +20,10 @@
 # tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next:
 #   bash bench/gpu_check.sh "$OUT" 400 ln-sweep gpu-tests bench-layer-norm bench-train bench-attention-dropout \
 #       bench-sampling
-#   bash bench/gpu_check.sh "$OUT" 330 bench-train-small bench-train-compile train-triton train-torch
-# then, on what the sweep chose, bench-layer-norm again.
+#   bash bench/gpu_check.sh "$OUT" 300 ffn-few-rows ffn-profile bench-sample train-triton train-torch
+# (bench-sample: its top-p row and its compile row draw on kernels.sample since run 6), then,
+# on what the sweep chose, bench-layer-norm again; bench-train-small and bench-train-compile
+# wait for a lease after.
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
@@ -87,6 +89,8 @@ step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ig
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
+# Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6).
+step ffn-profile 40 python3 -m bench.bench_ffn --profile 768
 step bench-attention 130 python3 -m bench.bench_attention
 # Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64

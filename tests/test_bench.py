@@ -158,3 +158,18 @@ def test_the_layer_norm_sweep_times_with_no_autograd_graph_alive(monkeypatch):
         monkeypatch.setattr(bench_layer_norm, name, value)
     bench_layer_norm.sweep([64], 64 * 8, torch.float32, "cpu")
     assert len(outputs) >= 3  # the reference and at least two candidates were checked
+
+
+@cpu_smoke
+def test_the_ffn_profile_lists_each_op_with_its_fastest_and_slowest_call(capsys):
+    """bench_ffn --profile: per kernel (per op on the CPU) its calls a step and the spread of
+    its calls, ours and eager's, the tool for C = 768's unsteady forward+backward."""
+    from bench import bench_ffn
+
+    bench_ffn.profile([16], {16: 40}, torch.float32, "cpu", steps=2)
+    out = capsys.readouterr().out
+    for name in ("triton", "torch"):
+        table = out[out.index(f"FFN forward+backward, {name}, C=16"):]
+        row = next(line for line in table.splitlines() if line.startswith("| aten::mm |") or line.startswith("| aten::addmm |"))
+        calls, us, share, fastest, slowest = (float(v) for v in row.strip("|").split("|")[1:])
+        assert calls >= 1 and 0 < fastest <= slowest and 0 < share <= 100
