@@ -3,6 +3,7 @@
     python -m bench.bench_attention            # bf16 on the GPU, B*T = 16384 tokens, hidden 2048
     python -m bench.bench_attention --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_attention --dropout 0.1 --no-flex   # training with attention dropout
+    python -m bench.bench_attention --fused-qkv  # q, k, v as the model passes them: views of one projection
 
 Peers: F.scaled_dot_product_attention with each backend forced (FlashAttention-2, cuDNN,
 memory-efficient; a backend that refuses a shape is skipped and the reason printed),
@@ -118,15 +119,29 @@ def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float,
     return None if ms is None else flops / unit / (ms * 1e-3)
 
 
+def qkv_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, fused: bool
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """q, k, v (B, H, T, D) and the leaves their gradients reach. fused: views of one
+    (B, T, 3, H, D) tensor, as the model's QKV projection gives them (a row stride of 3*H*D,
+    heads D apart), whose backward also assembles dq, dk, dv into that tensor's gradient."""
+    if not fused:
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        return (q, k, v), [q, k, v]
+    qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return (q, k, v), [qkv]
+
+
 def run(
     seq_lens: list[int], tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype,
-    device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0,
+    device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0, fused_qkv: bool = False,
 ) -> None:
     makers = peers(device == "cuda", use_flex, dtype, dropout_p > 0)
     # The interpreter runs at MFLOP/s, not TFLOP/s.
     unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
-    dt = str(dtype).removeprefix("torch.") + (f", dropout {dropout_p}" if dropout_p else "")
+    dt = (str(dtype).removeprefix("torch.") + (f", dropout {dropout_p}" if dropout_p else "")
+          + (", q/k/v views of a fused QKV" if fused_qkv else ""))
     for D in head_dims:
         H = hidden // D
         fwd: dict[str, list] = {name: [] for name in makers}
@@ -136,7 +151,7 @@ def run(
             B = max(1, tokens // T)
             shapes.append((T, B, H))
             torch.manual_seed(0)
-            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            (q, k, v), leaves = qkv_inputs(B, H, T, D, dtype, device, fused_qkv)
             do = torch.randn(B, H, T, D, device=device, dtype=dtype)
             # Never time a provider that gives wrong answers, forward or backward: the output
             # and dq, dk, dv against SDPA's, for ours and each peer.
@@ -149,7 +164,7 @@ def run(
                 check_close(outputs_and_grads(fn(q, k, v), (q, k, v), [do]), expected, f"{name} at T={T}, D={D}", **tol)
                 timed = (lambda: fn(q, k, v, dropout_p)) if dropout_p else (lambda: fn(q, k, v))
                 forward = flops_per_s(B, H, T, D, bench(timed), 1.0, unit)
-                ms = bench(lambda: timed().backward(do), grad_to_none=[q, k, v])
+                ms = bench(lambda: timed().backward(do), grad_to_none=leaves)
                 return forward, flops_per_s(B, H, T, D, ms, 3.5, unit)
 
             for name, make in makers.items():
@@ -159,7 +174,7 @@ def run(
                     result = unless_failing(name, f"T={T}, D={D}", lambda: measure(name, make))
                 fwd[name].append(result[0] if result else None)
                 both[name].append(result[1] if result else None)
-            del q, k, v, do, expected
+            del q, k, v, leaves, do, expected
             if device == "cuda":
                 torch.cuda.empty_cache()
 
@@ -266,7 +281,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
     parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised launches")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for every provider (default 0)")
+    parser.add_argument("--fused-qkv", action="store_true", help="q, k, v as views of one (B, T, 3, H, D) tensor, as the model passes them")
     args = parser.parse_args()
+    suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "")
     if args.sweep:
         if args.smoke:
             tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True), (32, 16, 4, 1, False, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
@@ -280,7 +297,7 @@ def main() -> None:
     if args.smoke:
         run(
             seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,
-            device="cpu", use_flex=False, plot_suffix="_smoke", dropout_p=args.dropout,
+            device="cpu", use_flex=False, plot_suffix="_smoke", dropout_p=args.dropout, fused_qkv=args.fused_qkv,
         )
         return
     if not torch.cuda.is_available():
@@ -288,7 +305,7 @@ def main() -> None:
     run(
         seq_lens=[1024, 2048, 4096, 8192, 16384], tokens=args.tokens, hidden=args.hidden,
         head_dims=args.head_dims, dtype=DTYPES[args.dtype], device="cuda",
-        use_flex=not args.no_flex, plot_suffix="_dropout" if args.dropout else "", dropout_p=args.dropout,
+        use_flex=not args.no_flex, plot_suffix=suffix, dropout_p=args.dropout, fused_qkv=args.fused_qkv,
     )
 
 

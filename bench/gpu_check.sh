@@ -20,7 +20,8 @@
 # tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next:
 #   bash bench/gpu_check.sh "$OUT" 400 ln-sweep gpu-tests bench-layer-norm bench-train bench-attention-dropout \
 #       bench-sampling
-#   bash bench/gpu_check.sh "$OUT" 300 ffn-few-rows ffn-profile bench-sample train-triton train-torch
+#   bash bench/gpu_check.sh "$OUT" 360 ffn-few-rows ffn-profile bench-attention-fused bench-sample \
+#       train-triton train-torch
 # (bench-sample: its top-p row and its compile row draw on kernels.sample since run 6), then,
 # on what the sweep chose, bench-layer-norm again; bench-train-small and bench-train-compile
 # wait for a lease after.
@@ -94,6 +95,9 @@ step ffn-profile 40 python3 -m bench.bench_ffn --profile 768
 step bench-attention 130 python3 -m bench.bench_attention
 # Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64
+# q, k, v as the model passes them (strided views of its QKV projection); the table above
+# times contiguous ones.
+step bench-attention-fused 70 python3 -m bench.bench_attention --fused-qkv --head-dims 64 --no-flex
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 # torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.

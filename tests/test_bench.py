@@ -173,3 +173,21 @@ def test_the_ffn_profile_lists_each_op_with_its_fastest_and_slowest_call(capsys)
         row = next(line for line in table.splitlines() if line.startswith("| aten::mm |") or line.startswith("| aten::addmm |"))
         calls, us, share, fastest, slowest = (float(v) for v in row.strip("|").split("|")[1:])
         assert calls >= 1 and 0 < fastest <= slowest and 0 < share <= 100
+
+
+def test_the_fused_qkv_layout_is_the_models(monkeypatch):
+    """bench_attention --fused-qkv times q, k, v laid out as gpt/model.py passes them (views
+    of the QKV projection's output), and their gradients reach the one projection tensor."""
+    from bench import bench_attention
+    from gpt import GPT, GPTConfig, ops
+
+    B, H, T, D = 2, 3, 5, 16
+    model = GPT(GPTConfig(vocab_size=8, block_size=T, n_layer=1, n_head=H, n_embd=H * D, kernels="torch"))
+    seen = []
+    attention = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda q, k, v, **kw: seen.append((q, k, v)) or attention(q, k, v, **kw))
+    model(torch.zeros(B, T, dtype=torch.long))
+    views, leaves = bench_attention.qkv_inputs(B, H, T, D, torch.float32, "cpu", fused=True)
+    assert [(t.shape, t.stride()) for t in views] == [(t.shape, t.stride()) for t in seen[0]]
+    sum(views).sum().backward()
+    assert len(leaves) == 1 and torch.equal(leaves[0].grad, torch.ones_like(leaves[0]))
