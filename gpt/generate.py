@@ -18,7 +18,8 @@ from kernels import reference
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """Sets to -inf every logit outside the top-k and outside the smallest set with mass >= top_p.
+    """Sets to -inf every logit outside the top-k and outside the smallest set with mass >= top_p
+    (a logit tied with the last one either keeps stays).
 
     logits (B, V), already divided by the temperature.
     """
@@ -26,12 +27,14 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits = torch.sort(logits, dim=-1, descending=True).values
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass before it already reaches top_p; the top token always stays.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # And every logit tied with the last one kept, as with top_k: the sort's order among
+        # equal logits is arbitrary, and would keep some of them and drop the others.
+        last = sorted_logits.masked_fill(drop_sorted, float("inf")).amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < last, float("-inf"))
     return logits
 
 

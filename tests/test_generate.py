@@ -28,6 +28,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {1, 3}
 
 
+def test_top_p_keeps_every_logit_tied_with_the_last_one_kept():
+    """As top_k keeps every logit tied with the k-th: which of equal logits (bf16 logits tie
+    often) torch.sort put first decided which stayed, so one of two equally likely tokens
+    was never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 2.0, 0.5, 2.0, -1.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, True, False, True, False]]
+    probs = torch.tensor([[0.1, 0.4, 0.1, 0.3, 0.1]])  # sorted: 0.4, 0.3, then three tied at 0.1
+    assert torch.isfinite(filter_logits(probs.log(), top_p=0.75)).tolist() == [[True, True, True, True, True]]
+    assert torch.isfinite(filter_logits(probs.log(), top_p=0.65)).tolist() == [[False, True, False, True, False]]
+
+
 def test_top_p_applies_on_top_of_top_k():
     """sample.py's defaults filter by both (top-k 200): neither may be dropped."""
     logits = torch.tensor([[0.6, 0.3, 0.05, 0.05]]).log()
