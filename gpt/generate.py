@@ -7,7 +7,8 @@ context every token, kept as the oracle and the benchmark baseline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -90,6 +91,28 @@ def row_generators(generator: torch.Generator | None, rows: int, device: torch.d
     return [torch.Generator(device=device).manual_seed(base + b) for b in range(rows)]
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then each module's mode as it was:
+    GPT(config) starts in train mode, and so is a model mid-training."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _in_eval_mode(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(model: GPT, *args, **kwargs):
+        with evaluating(model):
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_in_eval_mode
 @torch.no_grad()
 def generate_uncached(
     model: GPT,
@@ -159,9 +182,12 @@ class Decoder:
             for t in (*self.cache.tensors(), self.token):
                 torch._dynamo.mark_static_address(t, guard=False)
             self.step_fn = torch.compile(self._step, mode="reduce-overhead")
-            self._compile()
-        if cuda_graph:
-            self._capture()
+        # In eval mode, as generate() steps: a capture in train mode would replay dropout.
+        with evaluating(model):
+            if compile:
+                self._compile()
+            if cuda_graph:
+                self._capture()
 
     def _step(self) -> Tensor:
         logits = self.model(self.token, cache=self.cache)[:, -1]
@@ -292,6 +318,7 @@ class Decoder:
         return self.token
 
 
+@_in_eval_mode
 @torch.no_grad()
 def generate(
     model: GPT,

@@ -137,6 +137,22 @@ def test_the_output_grows_as_tokens_come(model):
     assert len(long[0]) == 2500 and long[0][:100] == generate(model, [[1, 2]], max_new_tokens=100, temperature=0)[0]
 
 
+def test_a_model_in_train_mode_samples_without_dropout():
+    """GPT(config) starts in train mode, and so is a model mid-training: its dropout stayed on
+    while sampling, so greedy decoding gave other tokens at each run. Both loops sample in
+    eval mode and leave the model's modes as they found them."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch", dropout=0.5)
+    model = GPT(cfg).eval()
+    prompt = [[1, 2, 3]]
+    want = generate(model, prompt, 10, temperature=0)
+    model.train()
+    model.transformer.h[0].mlp.eval()  # a mode set apart is kept too
+    assert generate(model, prompt, 10, temperature=0) == want
+    assert generate_uncached(model, torch.tensor(prompt), 10, temperature=0)[:, 3:].tolist() == want
+    assert model.training and not model.transformer.h[0].mlp.training and model.transformer.h[1].mlp.training
+
+
 def test_decoder_is_reusable(model):
     decoder = Decoder(model, 1)
     a = generate(model, [[4, 5]], 6, temperature=0, decoder=decoder)
@@ -301,15 +317,17 @@ def test_a_compiled_decoder_generates_as_eager():
     assert compiled == generate(model, prompts, 30, temperature=0)
 
 
-def test_a_compiled_decoder_compiles_when_built():
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_compiled_decoder_compiles_when_built(training):
     """Decoder(compile=True) compiles its step when built, as cuda_graph=True captures its graph
     then, not in the first steps of a generation: sample.py times its tokens/s from the
     prefill on, and --compile's counted the compilation (15 tokens/s against eager's 2,300
-    for 100 tokens of a tiny model on the CPU)."""
+    for 100 tokens of a tiny model on the CPU). A model built in train mode too: generate()
+    steps in eval mode, so a step compiled in train mode (dropout on) was compiled again."""
     from torch._dynamo.utils import counters
 
     cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=32, kernels="torch")
-    model = GPT(cfg).eval()
+    model = GPT(cfg).train(training)
     torch._dynamo.reset()  # a step another test compiled would pass for this one's
     counters.clear()
     decoder = Decoder(model, 2, compile=True)
