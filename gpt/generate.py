@@ -30,8 +30,10 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     if top_p is not None and 0.0 < top_p < 1.0:
         sorted_logits = torch.sort(logits, dim=-1, descending=True).values
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
+        # Drop a token when the mass before it already reaches top_p; the top token always
+        # stays, also for a top_p that is 0 in fp32 (1e-50), where 0 >= top_p would drop it.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         # And every logit tied with the last one kept, as with top_k: the sort's order among
         # equal logits is arbitrary, and would keep some of them and drop the others.
         last = sorted_logits.masked_fill(drop_sorted, float("inf")).amin(dim=-1, keepdim=True)

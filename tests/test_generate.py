@@ -39,6 +39,14 @@ def test_top_p_keeps_every_logit_tied_with_the_last_one_kept():
     assert torch.isfinite(filter_logits(probs.log(), top_p=0.65)).tolist() == [[False, True, False, True, False]]
 
 
+def test_a_top_p_below_fp32_range_keeps_the_top_token():
+    """sample.py takes any --top-p above 0: one that rounds to 0 in the logits' fp32 (1e-50)
+    dropped every token, and the sample ended in the error for diverged weights."""
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=1e-50)).tolist() == [[False, True, False]]
+    assert sample_next(logits, 1.0, top_p=1e-50).item() == 1
+
+
 def test_top_p_applies_on_top_of_top_k():
     """sample.py's defaults filter by both (top-k 200): neither may be dropped."""
     logits = torch.tensor([[0.6, 0.3, 0.05, 0.05]]).log()
