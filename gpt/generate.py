@@ -339,10 +339,11 @@ def generate(
     """Samples up to max_new_tokens after each prompt (prompts may differ in length).
 
     A sequence ends at eot_token (not included in its output) or when stop(b, new_tokens)
-    says so; both are checked every `check_every` tokens so the GPU never waits on the
-    host in between (every token when on_token streams). When a sequence fills the
-    context, its window slides: the cache is refilled from the last half of its context
-    (and the other sequences' from all of theirs, so no sample depends on its batch).
+    says so (its output ends at that check); both are checked every `check_every` tokens so
+    the GPU never waits on the host in between (every token when on_token streams). When a
+    sequence fills the context, its window slides: the cache is refilled from the last half
+    of its context (and the other sequences' from all of theirs, so no sample depends on its
+    batch).
     Nor do its draws: generator seeds each row's own (row_generators on torch's path,
     kernels.sample's per-row counters on the kernels'). Returns the new tokens of each sequence.
     """
@@ -363,6 +364,7 @@ def generate(
     every = 1 if on_token is not None else check_every
     checked = 0  # the tokens out[:, :checked] are checked for end-of-text, and in `new` for stop
     new: list[list[int]] = [[] for _ in range(B)]
+    stopped: list[int | None] = [None] * B  # the tokens a sequence had when stop() ended it
     n = 0
     for n in range(1, max_new_tokens + 1):
         token = decoder.draw(temperature, top_k, top_p, generators)
@@ -386,7 +388,9 @@ def generate(
             if stop is not None:
                 for row, tokens in zip(new, out[:, checked:n].tolist()):
                     row.extend(tokens)
-                done |= torch.tensor([stop(b, new[b]) for b in range(B)], device=device)
+                ended = [stop(b, new[b]) for b in range(B)]
+                stopped = [n if s is None and e else s for s, e in zip(stopped, ended)]
+                done |= torch.tensor(ended, device=device)
             checked = n
             finite, all_done = torch.stack([finite, done.all()]).tolist()  # one sync for both
             if not finite:
@@ -405,7 +409,9 @@ def generate(
             decoder.step()
             lengths = [x + 1 for x in lengths]
     result = []
-    for row in out[:, :n].tolist():
+    for row, end in zip(out[:, :n].tolist(), stopped):
+        # Not the tokens drawn while the batch's other sequences went on.
+        row = row[:end]
         if eot_token is not None and eot_token in row:
             row = row[: row.index(eot_token)]
         result.append(row)

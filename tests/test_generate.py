@@ -136,6 +136,16 @@ def test_end_of_text_and_stop_callback(model):
     assert stopped == free[:3]
 
 
+def test_a_stopped_sequence_ends_there_whatever_its_batch(model):
+    """A sequence that stop() ended kept every token drawn while the others went on: alone
+    it ended at the check that found its stop, among longer ones at max_new_tokens."""
+    first = lambda b, new: b == 0 and len(new) >= 3
+    alone = generate(model, [[1, 2, 3]], 20, temperature=0, stop=first, check_every=4)
+    together = generate(model, [[1, 2, 3], [4, 5]], 20, temperature=0, stop=first, check_every=4)
+    assert len(alone[0]) == 4 and together[0] == alone[0]
+    assert together[1] == generate(model, [[4, 5]], 20, temperature=0)[0]
+
+
 def test_the_output_grows_as_tokens_come(model):
     """max_new_tokens is a bound, not a size to reserve: 10^12 (8 TB of token ids) with a
     stop string that ends the sample at once; and a sample past the first buffer."""
