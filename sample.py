@@ -179,6 +179,11 @@ def sample(args: argparse.Namespace) -> None:
         model.set_kernels("torch")
     prompts = read_prompts(args)
     ids = [encode_prompt(p, tokenizer, model.config.block_size) for p in prompts]
+    rows = len(prompts) * args.num_samples
+    if rows * model.config.vocab_size >= 2**32:  # the sampling kernel's per-row noise counters
+        raise UsageError(f"{rows} samples at once (prompts x --num-samples) over a vocabulary of "
+                         f"{model.config.vocab_size} tokens is more than the sampler draws apart; "
+                         f"generate fewer than {-(-2**32 // model.config.vocab_size)} at a time")
     batch = [(p, i) for p, i in zip(prompts, ids) for _ in range(args.num_samples)]
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed if args.seed is not None else torch.seed())

@@ -387,6 +387,19 @@ def test_sample_on_diverged_weights_is_a_one_line_error(tmp_path, corpus, capsys
     assert len(err) == 1 and "logits are not finite" in err[0], err
 
 
+def test_sample_refuses_more_samples_than_the_sampler_draws_apart(tmp_path, corpus, capsys):
+    """kernels.sample numbers each row's noise b * V + i in 32 bits, and refuses a batch past
+    that with a ValueError, which sample.py showed as a traceback; it is a usage error now,
+    caught before the batch is built."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    vocab = torch.load(os.path.join(tmp_path, "out", "ckpt.pt"), weights_only=False)["config"]["vocab_size"]
+    capsys.readouterr()
+    too_many = str(-(-2**32 // vocab))
+    assert sample.main(["--checkpoint", str(tmp_path / "out"), "--num-samples", too_many, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"generate fewer than {too_many} at a time" in err
+
+
 def test_sample_out_of_memory_is_a_one_line_error(tmp_path, corpus, capsys, monkeypatch):
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
 
