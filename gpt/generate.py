@@ -350,6 +350,8 @@ def generate(
     B, S = len(prompts), model.config.block_size
     if not B or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     decoder = decoder or Decoder(model, B)
     if decoder.sampler is not reference:
         decoder.reseed(generator)

@@ -555,3 +555,10 @@ def test_a_compiled_decoder_draws_on_the_kernels_where_auto_runs_them(monkeypatc
     decoder = Decoder(model, 2, compile=True)
     out = generate(model, [[1, 2, 3], [4]], 5, top_k=10, decoder=decoder, generator=torch.Generator().manual_seed(3))
     assert [len(o) for o in out] == [5, 5] and decoder.offsets.tolist() == [5, 5]
+
+
+def test_a_negative_max_new_tokens_is_a_clear_error(model):
+    """Not torch's "zeros: Dimension size must be non-negative" from inside generate."""
+    with pytest.raises(ValueError, match="max_new_tokens must be 0 or more, got -1"):
+        generate(model, [[1, 2]], -1)
+    assert generate(model, [[1, 2]], 0) == [[]]
