@@ -193,9 +193,15 @@ def sample(args: argparse.Namespace) -> None:
     if args.compile:  # apart, as gpt-fast's generate.py reports it: the speed line leaves it out
         print(f"compiled the decode step in {time.perf_counter() - built:.1f} s", file=sys.stderr)
     stops = args.stop
+    # A stop string found at a check ends in the tokens new since the last one (else the last
+    # would have found it), and starts at most its length in bytes before them: every token
+    # is a byte or more. So each check decodes that window, not the whole sample.
+    back = max((len(s.encode()) for s in stops), default=0)
+    checked = [0] * (len(prompts) * args.num_samples)
 
     def stop(b: int, new: list[int]) -> bool:
-        text = tokenizer.decode(new)
+        text = tokenizer.decode(new[max(0, checked[b] - back):])
+        checked[b] = len(new)
         return cut_at_stop(text, stops) != text
 
     common = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=gen,

@@ -860,6 +860,34 @@ def test_several_stop_strings_cut_at_the_first_found(capsys):
     assert capsys.readouterr().out == "one\n"
 
 
+def test_a_batched_stop_check_decodes_only_the_new_tokens_and_the_stops_length(byte_checkpoint, monkeypatch, capsys):
+    """Batch mode checks for the stop string every few tokens: each check decodes what came
+    since the last one and the stop string's length in bytes before it (a long sample's
+    checks cost the same), and still finds a stop string split across two checks."""
+    from gpt.tokenizer import ByteTokenizer
+
+    decoded = []
+    decode = ByteTokenizer.decode
+    monkeypatch.setattr(ByteTokenizer, "decode", lambda self, ids: decoded.append(len(ids)) or decode(self, ids))
+    text = b"x" * 40 + b"say ST" + b"OP and more"
+    found = {}
+
+    def fake_generate(model, prompts, max_new_tokens, stop=None, **kw):
+        new = []
+        for i in range(0, len(text), 5):  # a check every 5 tokens: "say S" | "TOP a"
+            new.extend(text[i:i + 5])
+            if stop(0, new):
+                found[0] = len(new)
+                break
+        return [new, list(b"no stop here")]
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
+    assert sample.main(["--checkpoint", byte_checkpoint, "--stop", "STOP", "--device", "cpu", "--num-samples", "2"]) == 0
+    assert found == {0: 50} and max(decoded[:10]) <= 5 + len("STOP")
+    assert "--- sample 1 ---\n" + "x" * 40 + "say \n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
