@@ -1,5 +1,6 @@
 """Training that survives: exact resume, signals, failed writes, hostile files, NaNs, locks, torchrun."""
 import csv
+import json
 import os
 import pickle
 import shlex
@@ -481,6 +482,19 @@ def test_torchrun_other_ranks_wait_out_a_long_tokenization(tmp_path, corpus):
     proc = torchrun(tmp_path, *flags(tmp_path, corpus, "out", "--max-steps", "2"), script="tests/ddp_slow_data_worker.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert checkpoint.load(tmp_path / "out")["step"] == 2
+
+
+def test_torchrun_helpers_give_every_rank_the_same_answer(tmp_path):
+    """gpt.distributed's helpers on 2 ranks, each with its own value: a flag raised on rank 1
+    alone is seen by both, the max and the mean are over both ranks, rank 0's value is the one
+    broadcast, and FSDP shards each block as well as the whole model (a mutation audit: MIN in
+    place of MAX, a sum for the max, rank 1's clock, and blocks left unsharded went unseen)."""
+    proc = torchrun(tmp_path, str(tmp_path), script="tests/ddp_collectives_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "world": [rank, rank, 2, rank == 0, True], "any_one": True, "any_none": False, "max": 11,
+            "mean": [2.0, 4.0], "from_main": 100.0, "blocks_sharded": [True, True], "root_sharded": True}
 
 
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
