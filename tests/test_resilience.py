@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import train
-from gpt import checkpoint
+from gpt import GPTConfig, checkpoint
 from gpt.model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -495,6 +496,30 @@ def test_torchrun_helpers_give_every_rank_the_same_answer(tmp_path):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
             "world": [rank, rank, 2, rank == 0, True], "any_one": True, "any_none": False, "max": 11,
             "mean": [2.0, 4.0], "from_main": 100.0, "blocks_sharded": [True, True], "root_sharded": True}
+
+
+def test_torchrun_logs_the_global_batch_once_on_rank_0s_clock(tmp_path, corpus):
+    """Rank 1's clock runs 100 s a step, rank 0's 1 s: a --max-time 50 run keeps to rank 0's and
+    trains its 3 steps. Each progress line and metrics row comes once, from rank 0, with the tokens/s
+    of both ranks' batches and the MFU of one card; best.pt is written, by rank 0 alone, as is
+    ckpt.pt; each rank draws its own dropout masks each step (a mutation audit: the world size left
+    out of tokens/s or MFU, lines and rows from every rank, a new best lost when rank 1 had none,
+    every rank writing the checkpoints, and the same masks on every rank all went unseen)."""
+    proc = torchrun(tmp_path, str(tmp_path), *flags(tmp_path, corpus, "out", "--max-steps", "3", "--max-time", "50",
+                                                    "--eval-interval", "100", "--dropout", "0.1"),
+                    script="tests/ddp_clock_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = checkpoint.load(tmp_path / "out")
+    assert state["step"] == 3, proc.stdout[-3000:]
+    per_card = GPT(GPTConfig.from_dict(state["config"])).flops_per_token(32) * 256 / 2 / 1e8
+    lines = re.findall(r"^step (\d+)/3 \| .* \| ([\d,.]+) tok/s \| mfu ([\d.]+%) ", proc.stdout, re.M)
+    assert lines == [(str(s), "256", f"{per_card:.1%}") for s in (1, 2, 3)], proc.stdout[-3000:]  # 4 x 2 x 32 a second
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3", "3"]  # 3 steps and the eval
+    assert (tmp_path / "out" / "best.pt").exists()
+    probes = [json.loads((tmp_path / f"probe{rank}.json").read_text()) for rank in (0, 1)]
+    assert probes[0]["saves"] == ["best.pt", "ckpt.pt"] and probes[1]["saves"] == []
+    assert len(set(probes[0]["seeds"] + probes[1]["seeds"])) == 4, probes  # steps 2 and 3's, per rank
 
 
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
