@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import torch
 
 import train
-from gpt import GPTConfig, checkpoint
+from gpt import GPTConfig, checkpoint, distributed
 from gpt.model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -520,6 +521,29 @@ def test_torchrun_logs_the_global_batch_once_on_rank_0s_clock(tmp_path, corpus):
     probes = [json.loads((tmp_path / f"probe{rank}.json").read_text()) for rank in (0, 1)]
     assert probes[0]["saves"] == ["best.pt", "ckpt.pt"] and probes[1]["saves"] == []
     assert len(set(probes[0]["seeds"] + probes[1]["seeds"])) == 4, probes  # steps 2 and 3's, per rank
+
+
+def test_torchrun_on_gpus_each_process_takes_its_nodes_gpu(monkeypatch):
+    """Rank 5 of 8, on 2 nodes of 4 GPUs, is its node's process 1: cuda:1 over NCCL, where DDP
+    keeps its model; on CPU, gloo. The wait for rank 0's tokenizing is on a group of days, not gloo's
+    default 30 minutes (a mutation audit: on one node a rank is its local rank, CPU tests run gloo,
+    and no test waits 30 minutes, so all of it could change unseen)."""
+    calls = []
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kwargs: kwargs)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: device_ids)
+    world, device = distributed.init("cuda")
+    assert (world.rank, world.local_rank, world.size, device) == (5, 1, 8, "cuda:1")
+    assert calls == [("set_device", 1), "nccl"]
+    assert world.patient["backend"] == "gloo" and world.patient["timeout"] >= timedelta(days=1)
+    assert distributed.wrap(torch.nn.Linear(1, 1), world, device, fsdp=False) == [1]
+    world, device = distributed.init("cpu")
+    assert device == "cpu" and calls[-1] == "gloo"
+    assert distributed.wrap(torch.nn.Linear(1, 1), world, device, fsdp=False) is None
 
 
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
