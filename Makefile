@@ -13,11 +13,20 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test triton-versions gpu-machine-versions clean
 
+# The stamp holds the pins it installed: another TORCH= or TRITON= installs again (an
+# empty stamp, as the Makefile wrote before, is taken as the pins it was made with).
+PINS := $(TORCH) $(TRITON)
+INSTALLED := $(shell cat $(VENV)/.installed 2>/dev/null)
+ifneq ($(INSTALLED),)
+ifneq ($(INSTALLED),$(PINS))
+.PHONY: $(VENV)/.installed
+endif
+endif
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)" "$(TRITON)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	touch $@
+	echo '$(PINS)' > $@
 
 setup: $(VENV)/.installed
 
