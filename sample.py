@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable; escapes such as \\n are read); <|endoftext|> always ends it")
     p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA that supports it, else fp32")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch every kernel of every step instead of replaying a graph")
     p.add_argument("--compile", action="store_true", help="decode step via torch.compile(mode='reduce-overhead') on the torch reference ops, instead of our kernels in a CUDA graph")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """GPT MLP throughput over the width C: the Triton FFN against torch eager and torch.compile.
 
-    python -m bench.bench_ffn            # bf16 on the GPU, GPT-2 widths, 16384 tokens (8192 at C=4096)
+    python -m bench.bench_ffn            # bf16 on the GPU, C = 768, 1024, 1600, 4096; 16384 tokens (8192 at C=4096)
     python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_ffn --sweep    # time alternative tile tables (C = 768, 1024), eager beside
     python -m bench.bench_ffn --few-rows # a decode step's FFN: 1 to 64 rows, forward, microseconds

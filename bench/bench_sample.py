@@ -8,6 +8,7 @@ Random weights (throughput barely depends on them: only the top-k draw's candida
 does). Rows:
   - our fast path: KV cache + CUDA graph, top-k sampling on kernels.sample in the graph;
   - the same drawing with torch's ops outside the graph (the fast path before it);
+  - the same with top-p 0.9 (the nucleus kept with torch's ops inside the draw's graph);
   - the same with the decode FFN's GELU moved in or out of cuBLAS's epilogue
     (gpt/ops.py GELU_EPILOGUE);
   - the same with the FFN on our Triton kernel instead of cuBLAS (gpt/ops.py AUTO_TRITON_FFN, FFN_MIN_ROWS);
