@@ -75,8 +75,24 @@ def test_presets():
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (6, 6, 384, 256)
     model = GPT(preset("gpt2").updated(kernels="torch"))
     assert abs(model.num_params() / 1e6 - 124.0) < 1.0  # GPT-2 small, position embeddings excluded
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'; choose one of gpt2, gpt2-medium, "):
         preset("gpt5")
+
+
+def test_presets_are_the_published_architectures():
+    """--preset gpt2-medium/large/xl are GPT-2's own shapes (a mutation audit: a preset's n_layer,
+    n_head or n_embd, GPT-2's 50257-token vocabulary or 1024 positions, biases and
+    shakespeare-char's dropout of 0.2 could all change unseen: only gpt2's width and gpt2-xl's
+    depth were checked, and the 124M count to within a million)."""
+    shape = lambda name: (lambda c: (c.n_layer, c.n_head, c.n_embd, c.block_size, c.dropout, c.bias))(preset(name))
+    assert shape("gpt2-medium") == (24, 16, 1024, 1024, 0.0, True)
+    assert shape("gpt2-large") == (36, 20, 1280, 1024, 0.0, True)
+    assert shape("gpt2-xl") == (48, 25, 1600, 1024, 0.0, True)
+    assert shape("shakespeare-char") == (6, 6, 384, 256, 0.2, True)  # nanoGPT's train_shakespeare_char
+    assert shape("tiny") == (4, 4, 128, 128, 0.0, True)  # what `make demo` is sized for
+    model = GPT(preset("gpt2").updated(kernels="torch"))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # Hugging Face's count for gpt2
+    assert (GPTConfig().kernels, GPTConfig().pos_embedding, GPTConfig().layer_norm_eps) == ("auto", "learned", 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +100,13 @@ def test_presets():
     [
         (dict(n_embd=30, n_head=4), "divisible by n_head"),
         (dict(n_layer=0), "n_layer must be a positive integer"),
+        # Each size is checked, not only n_layer's (a mutation audit: vocab_size, block_size or
+        # n_embd of 0 built a model, and n_head=0 raised ZeroDivisionError, a traceback in train.py).
+        (dict(vocab_size=0), "vocab_size must be a positive integer"),
+        (dict(block_size=0), "block_size must be a positive integer"),
+        (dict(n_head=0), "n_head must be a positive integer"),
+        (dict(n_embd=-32), "n_embd must be a positive integer"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),  # as a typo of --dropout 0.1
         (dict(n_head=2.0), r"n_head must be a positive integer, got 2\.0"),  # a hand-edited config.json
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(pos_embedding="rope"), "pos_embedding"),
@@ -156,6 +179,33 @@ def test_a_config_from_another_version_drops_the_keys_it_does_not_know():
     """A checkpoint's config written by a version with more options still loads here."""
     saved = {**tiny().to_dict(), "rotary_base": 10000}
     assert GPTConfig.from_dict(saved) == tiny()
+
+
+def test_a_config_missing_keys_takes_their_defaults():
+    """A checkpoint's config from a version with fewer options loads with the defaults of the ones added since."""
+    saved = tiny(kernels="auto").to_dict()
+    del saved["layer_norm_eps"], saved["kernels"]
+    assert GPTConfig.from_dict(saved) == tiny(kernels="auto")
+
+
+def test_a_config_round_trips_through_its_dict():
+    """A checkpoint keeps config.to_dict(): a model without biases, with sinusoidal positions or
+    another LayerNorm eps loads back as itself, not as the defaults' architecture."""
+    config = tiny(bias=False, pos_embedding="sinusoidal", dropout=0.1, layer_norm_eps=1e-6)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    assert config.head_dim == 16 and isinstance(config.head_dim, int)  # a KV cache's shape
+
+
+def test_updated_applies_false_and_zero_and_keeps_what_is_none():
+    """train.py passes every model flag to updated(), None for one not given: --dropout 0 and
+    --no-bias (bias=False) still apply over a preset with dropout or biases (a mutation audit:
+    dropping falsy values instead of None went unseen), and the result is a new, checked config."""
+    base = preset("shakespeare-char")
+    new = base.updated(dropout=0.0, bias=False, n_layer=None, block_size=64)
+    assert (new.dropout, new.bias, new.n_layer, new.block_size) == (0.0, False, 6, 64)
+    assert (base.dropout, base.bias, base.block_size) == (0.2, True, 256)  # the preset is not changed
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        base.updated(n_head=5)
 
 
 def test_a_preset_is_a_copy():
