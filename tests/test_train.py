@@ -705,6 +705,58 @@ def test_a_reader_that_goes_away_stops_train_and_sample_cleanly(tmp_path, corpus
     assert proc.stderr.read().decode() == ""
 
 
+def test_the_progress_console_closes_when_the_reader_goes_only(monkeypatch):
+    """A reader gone (BrokenPipeError) closes train.py's Console: later lines are dropped and
+    stdout is pointed away. A full disk (another OSError) is not taken for one, so `train.py >
+    log` on a full disk does not stop as though `| head` had ended (a mutation audit: catching
+    every OSError, or not dropping the later lines, went unseen)."""
+    import errno
+    import io
+
+    from gpt import cli
+
+    class Stdout(io.StringIO):
+        error = None
+
+        def write(self, text):
+            if self.error:
+                raise self.error
+            return super().write(text)
+
+    out, dropped = Stdout(), []
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(cli, "drop_stdout", lambda: dropped.append(True))
+    log = cli.Console()
+    log("step 1")
+    assert out.getvalue() == "step 1\n" and not log.closed
+    out.error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        log("step 2")
+    assert not log.closed and not dropped
+    out.error = BrokenPipeError(errno.EPIPE, "Broken pipe")
+    log("step 3")
+    assert log.closed and dropped == [True]
+    out.error = None
+    log("step 4")
+    assert out.getvalue() == "step 1\n"
+
+
+def test_drop_stdout_points_stdout_at_dev_null_for_writing():
+    """Once the reader has gone, what is left to write (Python's flush at exit) goes to
+    /dev/null: opened read-only, the run would end in 'Bad file descriptor' (a mutation audit:
+    O_RDONLY went unseen, as nothing was left to flush in the tests that close the pipe)."""
+    proc = run_cli("-c", "import os; from gpt.cli import drop_stdout; drop_stdout(); os.write(1, b'gone'); print('gone')")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_a_flag_error_names_the_tool():
+    """In `train.py ... && sample.py ...` the line of a mistyped flag says which tool refused it
+    (a mutation audit: the one-line error without the program's name went unseen)."""
+    proc = run_cli("sample.py", "--topk", "3")
+    assert proc.returncode == 2
+    assert proc.stderr == "sample.py: error: unrecognized arguments: --topk 3 (see --help)\n"
+
+
 def test_a_stop_string_with_a_broken_escape_is_a_one_line_error():
     proc = run_cli("sample.py", "--stop", r"\usepackage")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
