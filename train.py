@@ -748,16 +748,25 @@ def _main(args: argparse.Namespace, started: float) -> int:
             return 1
         if where is None:
             raise
-        ckpt = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
-        # This run's checkpoint or the one it resumed, not the run an --overwrite replaces.
-        ours = os.path.exists(ckpt) and (args.resume or os.path.getmtime(ckpt) >= started)
-        then = f"then --resume from {ckpt}" if ours else "then start again (no checkpoint was written yet)"
         print(f"error: out of {where} memory at --batch-size {args.batch_size}; lower --batch-size (raise --grad-accum "
-              f"to keep the tokens per step) or --block-size, {then}", file=sys.stderr)
+              f"to keep the tokens per step) or --block-size, {_then(args, started)}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # The progress lines on a full disk (train.py > log), and the like: errno, text and path
+        # name the problem. Files the run reads or writes fail with their own errors above.
+        print(f"error: {e}; free the space or fix the path, {_then(args, started)}", file=sys.stderr)
         return 1
     # Stopped by a signal (checkpoint saved): 128 + its number, as the shell reports a killed
     # job, so that `train.py && sample.py` or a scheduler does not take it for a finished run.
     return 128 + signal.Signals[result["stopped"]] if result["stopped"] else 0
+
+
+def _then(args: argparse.Namespace, started: float) -> str:
+    """How to go on after a failure: from this run's checkpoint or the one it resumed, not the
+    run an --overwrite replaces."""
+    ckpt = os.path.join(args.out_dir, checkpoint.CKPT_NAME)
+    ours = os.path.exists(ckpt) and (args.resume or os.path.getmtime(ckpt) >= started)
+    return f"then --resume from {ckpt}" if ours else "then start again (no checkpoint was written yet)"
 
 
 if __name__ == "__main__":

@@ -691,8 +691,14 @@ def test_a_reader_that_goes_away_stops_train_and_sample_cleanly(tmp_path, corpus
     flags = ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY,
              "--max-steps", "100000", "--eval-interval", "100000"]
     proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while not proc.stdout.readline().startswith(b"step 2/"):
-        pass
+    try:
+        deadline = time.monotonic() + 300
+        while not (line := proc.stdout.readline()).startswith(b"step 2/"):
+            # At its end (b""), train.py has exited without the line: fail, not loop forever.
+            assert line and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+    except BaseException:
+        proc.kill()  # not a 100,000-step run left behind
+        raise
     proc.stdout.close()  # as head does after its lines
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in proc.stderr.read().decode()
@@ -703,6 +709,20 @@ def test_a_reader_that_goes_away_stops_train_and_sample_cleanly(tmp_path, corpus
     proc.stdout.close()
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read().decode() == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_progress_on_a_full_disk_is_a_one_line_error(tmp_path, corpus):
+    """`train.py > log` on a full disk: the progress line cannot be written. One line names
+    the error and how to go on, not a traceback (a cli audit found one)."""
+    flags = ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY,
+             "--max-steps", "3"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
+                              timeout=300)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: [Errno 28] No space left on device; free the space"), err
 
 
 def test_the_progress_console_closes_when_the_reader_goes_only(monkeypatch):
