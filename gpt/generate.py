@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -51,6 +52,10 @@ _NOT_FINITE = ("the model's logits are not finite (NaN or inf): its weights have
 # Temperatures below this draw the argmax: logits / temperature would overflow fp32, and
 # the softmax is one-hot to within rounding well before that.
 GREEDY_BELOW = 1e-5
+# CUDA graphs of the draw a Decoder keeps, one per sampling setting, the least recently
+# used dropped beyond this: a caller that varies the temperature at every request (a
+# server) would otherwise keep a graph for each value met.
+DRAW_GRAPHS = 8
 
 
 def sample_next(
@@ -141,8 +146,8 @@ class Decoder:
 
     With cuda_graph=True the decode step (all layers, and the advance of every
     sequence's length) is captured once and replayed: one launch per token, and so is
-    the draw of the next token for each sampling setting met (temperature, top_k, top_p)
-    when it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
+    the draw of the next token for each sampling setting met (temperature, top_k, top_p;
+    the DRAW_GRAPHS most recently used are kept) when it runs on a kernel: the argmax for greedy decoding, and kernels.sample (top-k
     sampling in four Triton launches, two without top-k, its random state on the device) wherever the model
     runs on the Triton kernels; top_p < 1 keeps the nucleus with torch's ops first (no sync
     with the host, so they are captured too). The torch reference path draws with torch's
@@ -175,7 +180,11 @@ class Decoder:
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=p.device)
         self.filled = 0  # host mirror of max(cache.lengths): a full cache is refused without a sync
         self.graph = None
-        self.draw_graphs: dict[tuple[float, int | None, float | None], torch.cuda.CUDAGraph] = {}
+        # Most recently used last. The draw graphs share one memory pool: their temporaries live
+        # within a replay and replays never overlap, so the pool holds one draw's worth, not
+        # one per setting.
+        self.draw_graphs: OrderedDict[tuple[float, int | None, float | None], torch.cuda.CUDAGraph] = OrderedDict()
+        self.draw_pool = None
         self.step_fn = self._step
         if compile:
             # Inductor's CUDA graphs are skipped altogether for a step that updates a tensor
@@ -308,15 +317,21 @@ class Decoder:
         if self.graph is None:
             return draw()
         key = (max(temperature, 0.0), top_k, top_p)
-        if key not in self.draw_graphs:
+        graph = self.draw_graphs.pop(key, None)
+        if graph is None:
+            if len(self.draw_graphs) >= DRAW_GRAPHS:
+                self.draw_graphs.popitem(last=False)
             # Warm-up (Triton compiles outside the capture), then the state it advanced back.
             saved = self.offsets.clone()
             draw()
             self.offsets.copy_(saved)
-            self.draw_graphs[key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.draw_graphs[key]):
+            if self.draw_pool is None:
+                self.draw_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.draw_pool):
                 draw()
-        self.draw_graphs[key].replay()
+        self.draw_graphs[key] = graph
+        graph.replay()
         return self.token
 
 

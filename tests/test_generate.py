@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, ops
-from gpt.generate import Decoder, GenerationError, filter_logits, generate, generate_uncached, sample_next
+from gpt.generate import DRAW_GRAPHS, Decoder, GenerationError, filter_logits, generate, generate_uncached, sample_next
 from gpt.model import KVCache
 from kernels import reference
 
@@ -322,6 +322,29 @@ def test_cuda_graph_sampling_equals_eager_gpu(top_k, top_p):
     graph = run(Decoder(model, 2, cuda_graph=True))
     assert graph == run(Decoder(model, 2)) and graph == run(None)
     assert len(set(map(tuple, graph))) == 2
+
+
+@pytest.mark.gpu
+def test_draw_graphs_are_bounded_and_share_one_pool_gpu():
+    """A Decoder keeps DRAW_GRAPHS draw graphs at most, the least recently used dropped, in
+    one memory pool: a caller that varies the temperature at every request kept a graph and
+    a pool of its own for each value met. Replayed in any order, they draw what the eager
+    decoder draws."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=64)).to("cuda").eval()
+    graphed, eager = Decoder(model, 4, cuda_graph=True), Decoder(model, 4)
+    run = lambda decoder, t: generate(model, [[1, 2, 3]] * 4, 3, temperature=t, top_p=0.9, decoder=decoder,
+                                      generator=torch.Generator("cuda").manual_seed(5))
+    temperatures = [0.5 + 0.1 * i for i in range(DRAW_GRAPHS + 4)]
+    assert run(graphed, temperatures[0]) == run(eager, temperatures[0])
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    for t in temperatures[1:] + temperatures[-1:] + temperatures[3:4] + temperatures[:1]:
+        assert run(graphed, t) == run(eager, t), t
+    torch.cuda.empty_cache()
+    # A pool a graph took at least one 2 MiB segment.
+    assert torch.cuda.memory_reserved() - reserved < 4 * 2**20
+    assert list(graphed.draw_graphs) == [(t, None, 0.9) for t in temperatures[6:] + temperatures[3:4] + temperatures[:1]]
 
 
 def test_a_compiled_decoder_generates_as_eager():
