@@ -4,7 +4,7 @@
     python -m bench.bench_ffn --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_ffn --sweep    # time alternative tile tables (C = 768, 1024), eager beside
     python -m bench.bench_ffn --few-rows # a decode step's FFN: 1 to 64 rows, forward, microseconds
-    python -m bench.bench_ffn --profile  # per-kernel times of forward+backward at C = 768, slowest calls too
+    python -m bench.bench_ffn --profile  # per-kernel times of forward+backward at C = 768, slowest calls, host vs device
 
 The block is linear(C -> 4C) -> GELU(tanh) -> linear(4C -> C), with biases. TFLOP/s count
 the matmuls only: forward 2 * 2*M*C*4C = 16*M*C^2, backward twice that, so
@@ -26,7 +26,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import PLOTS, bench, compile_static, plot, print_table, profile_table, unless_failing  # noqa: E402
+from bench.common import (  # noqa: E402
+    PLOTS, bench, compile_static, launch_costs, plot, print_table, profile_table, unless_failing,
+)
 from kernels import reference  # noqa: E402
 from kernels.ffn import ffn  # noqa: E402
 
@@ -228,8 +230,13 @@ def few_rows(widths: list[int], rows: list[int], dtype: torch.dtype, device: str
 
 def profile(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: str, steps: int) -> None:
     """Per-kernel time of `steps` forward+backward passes, ours and eager's, with each
-    kernel's fastest and slowest call: which product makes C = 768's forward+backward read
-    0.59x to 0.83x eager from one run to the next (runs 5 and 6)."""
+    kernel's fastest and slowest call, then each pass's host time beside its device time:
+    which product, or whether the launch path, makes C = 768's forward+backward read 0.59x
+    to 0.83x eager from one run to the next (runs 5 and 6). The main table times through
+    `bench`, launches included: a pass whose host time passes its device time (~0.55 ms at
+    C = 768 at eager's rate; ours launches ~10 kernels through Python, eager's through ATen)
+    is timed at the host's pace, which varies with the host."""
+    costs = []
     for C in widths:
         args = inputs(tokens[C], C, dtype, device)
         dy = torch.randn(tokens[C], C, device=device).to(dtype)
@@ -241,7 +248,12 @@ def profile(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, devic
 
             for _ in range(3):  # warm-up: compilation, allocator
                 step()
-            profile_table(f"FFN forward+backward, {name}, C={C}, M={tokens[C]}, per step", step, steps)
+            kernels = profile_table(f"FFN forward+backward, {name}, C={C}, M={tokens[C]}, per step", step, steps)
+            host, device_only, launched = (1e3 * ms for ms in launch_costs(lambda fn=fn: fn(*args).backward(dy), args))
+            costs.append([C, name, host, device_only, launched, kernels, launched / device_only])
+    print_table("FFN forward+backward, microseconds a pass: host (enqueueing only), device (CUDA-graph replay), "
+                "launched (bench, as the main table), kernels (the profile's sum)",
+                ["C", "provider", "host", "device", "launched", "kernels", "launched / device"], costs)
 
 
 def main() -> None:

@@ -79,6 +79,33 @@ def bench(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None 
     return sorted(times)[len(times) // 2]
 
 
+def launch_costs(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None,
+                 calls: int = 20) -> tuple[float, float, float]:
+    """Milliseconds per call of fn three ways: the host's alone (the best of three rounds of
+    `calls` calls enqueued with nothing waited on, so the device cannot hold the host back),
+    the device's alone (bench_graph), and both as `bench` times them. Where the host's time
+    passes the device's, the device waits for launches and `bench` times the host."""
+    def call() -> None:
+        for t in grad_to_none or ():
+            t.grad = None
+        fn()
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    call()
+    host = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        host.append((time.perf_counter() - start) * 1e3 / calls)
+    sync()
+    return min(host), bench_graph(fn, grad_to_none), bench(fn, grad_to_none)
+
+
 def outputs_and_grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                       cotangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """A provider's outputs, then the gradients of inputs given the outputs' cotangents:

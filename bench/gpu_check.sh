@@ -90,8 +90,9 @@ step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ig
     tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
-# Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6).
-step ffn-profile 40 python3 -m bench.bench_ffn --profile 768
+# Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6),
+# or whether its launch path does: the host's time a pass beside the device's.
+step ffn-profile 60 python3 -m bench.bench_ffn --profile 768
 step bench-attention 130 python3 -m bench.bench_attention
 # Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64
