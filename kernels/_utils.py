@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,9 @@ LAYER_NORM_MAX_ROW_BYTES = 65536
 
 
 def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # Triton's own reading of TRITON_INTERPRET, the one @triton.jit makes ("1", "true", "on" are
+    # on; "0", "false", "off" and "" off): "false" read as on let CPU tensors reach compiled kernels.
+    return bool(triton.knobs.runtime.interpret)
 
 
 # @triton.jit reads the variable when the kernels are decorated (at import): set later,

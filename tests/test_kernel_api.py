@@ -66,6 +66,22 @@ def test_interpreting_is_decided_at_import(monkeypatch):
         kernels.layer_norm(torch.randn(2, 8), torch.ones(8), None)
 
 
+@pytest.mark.parametrize("value", ["", "0", "false", "off", "False"])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """TRITON_INTERPRET values Triton reads as off are off here too: @triton.jit then built
+    compiled kernels, which cannot take CPU tensors, so a CPU call must be the ValueError that
+    points to the reference (read as on, "false" let CPU tensors through to a launch that
+    failed inside Triton, and on a GPU gave every launcher the interpreter's tiny tiles)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert not _utils.interpreting()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.layer_norm(torch.randn(2, 8), torch.ones(8), None)
+    monkeypatch.setattr(_utils, "_INTERPRET_AT_IMPORT", True)
+    for on in ("1", "true", "ON"):
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        assert _utils.interpreting(), on
+
+
 def test_decode_attention_refuses_autograd(device):
     q = torch.randn(1, 2, 16, device=device, requires_grad=True)
     cache = torch.randn(1, 2, 8, 16, device=device)
