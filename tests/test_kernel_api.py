@@ -108,6 +108,34 @@ def test_degenerate_inputs_are_value_errors(call, match, device):
         call(device)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "attention", "ffn", "decode_attention", "sample"])
+def test_an_input_that_is_not_a_tensor_is_a_value_error(op, device):
+    """A numpy array or a list where a tensor goes is named in the one-line ValueError, not
+    an AttributeError (a list's .dtype) or a dtype complaint about numpy's float32."""
+    def t(*shape):
+        return torch.zeros(*shape, device=device)
+
+    lens, counter = torch.ones(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    call = {
+        "layer_norm": lambda: kernels.layer_norm(t(2, 8), np.ones(8, dtype=np.float32), None),
+        "attention": lambda: kernels.attention(t(1, 1, 4, 16), np.zeros((1, 1, 4, 16), dtype=np.float32), t(1, 1, 4, 16)),
+        "ffn": lambda: kernels.ffn(t(2, 8), t(32, 8), None, np.zeros((8, 32), dtype=np.float32), None),
+        "decode_attention": lambda: kernels.decode_attention(t(1, 1, 16), t(1, 1, 4, 16), t(1, 1, 4, 16), lens,
+                                                             k_new=[0.0] * 16, v_new=t(1, 1, 16)),
+        "sample": lambda: kernels.sample(np.zeros((1, 5), dtype=np.float32), counter, counter),
+    }[op]
+    with pytest.raises(ValueError, match=r"must be a torch.Tensor, got (ndarray|list)"):
+        call()
+
+
+def test_launch_arithmetic():
+    """cdiv sizes the grids and next_power_of_2 the blocks: a program short leaves a tile
+    unwritten, a program too many or a block twice a row's width (an fp32 row of 16384 at
+    128 KiB of registers) costs only time in the interpreter, so its numbers do not show it."""
+    assert [_utils.cdiv(a, 4) for a in (0, 1, 3, 4, 5, 8, 9)] == [0, 1, 1, 1, 2, 2, 3]
+    assert [_utils.next_power_of_2(n) for n in (0, 1, 2, 3, 4, 5, 16, 17, 16384)] == [1, 1, 2, 4, 4, 8, 16, 32, 16384]
+
+
 def test_ffn_under_no_grad_saves_nothing(device, monkeypatch):
     """An eval model's weights require grad; under no_grad the forward must still not
     write the M x 4C pre-activation that only a backward reads."""
