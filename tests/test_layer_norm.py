@@ -262,6 +262,17 @@ def test_invalid_inputs(x_shape, w_shape, b_shape, x_dtype, w_device, match, dev
         add_layer_norm(x, x.clone(), w, b)
 
 
+def test_row_limit_is_the_widest_activations(device):
+    """add_layer_norm of an fp16 branch beside an fp32 residual stream (autocast's mix): the
+    row limit is fp32's, 16384 elements (64 KiB), whichever of the two is the wider; rows
+    are refused before anything is launched."""
+    x, r = torch.zeros(2, 16385, device=device).half(), torch.zeros(2, 16385, device=device)
+    w = torch.ones(16385, device=device)
+    for a, b in ((x, r), (r, x)):
+        with pytest.raises(ValueError, match="limit of 16384"):
+            add_layer_norm(a, b, w, None)
+
+
 def test_rows_past_int32_are_refused(monkeypatch, device):
     """2^30 rows (views: no memory) are refused before anything is allocated or launched;
     from 2^31 - 4096 the kernels' int32 row indices wrapped."""
