@@ -239,19 +239,35 @@ def test_tma_fused_qkv_and_fallback(monkeypatch, device):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_tma_falls_back_for_a_start_off_16_bytes(monkeypatch, device):
+    """q, k and v starting 4 bytes into their storage (their strides all 16-byte multiples):
+    TMA cannot address them, so every kernel takes the pointer path (Triton asserts a
+    descriptor's alignment), and the results still match."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher's choice")
+    calls = _tma_launches(monkeypatch)
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 20, 16
+    inputs = [torch.randn(1 + B * H * T * D, device=device) for _ in range(3)]
+    _compare(lambda *t: [x[1:].view(B, H, T, D) for x in t], inputs, torch.randn(B, H, T, D, device=device), 1e-5, 1e-5)
+    assert calls == [False] * 3
+
+
 @pytest.mark.parametrize(
     "q_shape, k_shape, v_shape, dtype, k_device, causal, match",
     [
         ((1, 2, 8, 24), (1, 2, 8, 24), (1, 2, 8, 24), torch.float32, None, True, "head dim 24"),
         ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16), torch.float32, None, True, "k and v must have one shape"),
         ((1, 2, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16), torch.float32, None, True, "must agree"),
+        ((1, 2, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16), torch.float32, None, True, "must agree"),
         ((1, 2, 8, 16), (1, 2, 8, 32), (1, 2, 8, 32), torch.float32, None, True, "must agree"),
         ((2, 8, 16), (2, 8, 16), (2, 8, 16), torch.float32, None, True, "4-D"),
         ((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.float32, None, True, "Tq <= Tk"),
         ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.int32, None, True, "dtype"),
         ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), torch.float32, "meta", True, "one device"),
+        ((1, 2, 8, 16), (1, 2, 0, 16), (1, 2, 0, 16), torch.float32, None, False, r"no positions \(Tk = 0\) for 8"),
     ],
-    ids=["D24", "k-v-shapes", "batch", "head-dim", "3d", "Tq>Tk-causal", "int-dtype", "devices"],
+    ids=["D24", "k-v-shapes", "batch", "heads", "head-dim", "3d", "Tq>Tk-causal", "int-dtype", "devices", "Tk0"],
 )
 def test_invalid_inputs(q_shape, k_shape, v_shape, dtype, k_device, causal, match, device):
     q = torch.ones(q_shape, device=device, dtype=dtype)
@@ -465,6 +481,9 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch, de
     with pytest.raises(ValueError, match="at most 65535"):
         wide = torch.zeros(65536, 1, 1, 16, device=device)
         attention(wide, wide, wide)
+    with pytest.raises(ValueError, match="heads 65536 must each be at most 65535"):  # the split grid's axis 1
+        tall = torch.zeros(1, 1, 1, 16, device=device).expand(1, 65536, 1, 16)
+        attention(tall, tall, tall)
     many = torch.zeros(1, 1, 1, 16, device=device).expand(46341, 46341, 1, 16)  # B * H past int32, as views
     with pytest.raises(ValueError, match=r"batch x heads \(46341 x 46341\) must be below 2\^31"):
         attention(many, many, many)
@@ -638,6 +657,7 @@ def test_dropout_under_the_split_grid_draws_the_same_mask(monkeypatch, device):
     (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1.0"),
     (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=0.1, seed=2**31), r"seed must be an int in \[0, 2\^31\)"),
+    (dict(dropout_p=0.1, seed=-1), r"seed must be an int in \[0, 2\^31\), got -1"),
     (dict(dropout_p=0.1, seed=1.5), r"seed must be an int in \[0, 2\^31\), got 1.5"),
     (dict(dropout_p=0.1, seed=True), r"seed must be an int in \[0, 2\^31\), got True"),
     (dict(dropout_p=0.1, seed=torch.tensor(3)), r"seed must be an int in \[0, 2\^31\), got tensor"),
@@ -646,6 +666,17 @@ def test_invalid_dropout(options, match, device):
     q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, **options)
+
+
+def test_dropout_p_just_below_1_stays_finite(device):
+    """A dropout_p in [0, 1) that rounds to 1 on the kernels' 2^-16 steps (1 - 2^-20) is
+    taken as 1 - 2^-16: the rare kept probabilities scaled by 2^16, never 1 / (1 - 1)."""
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 16, 16, 16, torch.float32, device))
+    o = attention(q, k, v, dropout_p=1 - 2**-20, seed=3)
+    o.square().sum().backward()
+    for name, t in zip(["output", "dq", "dk", "dv"], (o, q.grad, k.grad, v.grad)):
+        assert torch.isfinite(t).all(), name
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
