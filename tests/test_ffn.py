@@ -84,6 +84,44 @@ def test_recompute_pre_activation(device):
     _check(x, lambda t: t, _weights(32, 128, torch.float32, device), torch.float32, 1e-5, 1e-5, recompute_pre=True)
 
 
+@pytest.mark.parametrize("name", ["fc_weight", "fc_bias", "proj_weight", "proj_bias"])
+def test_one_parameter_alone_gets_its_gradient(name, device):
+    """A backward that asks for one parameter's gradient only (the rest frozen, x a
+    constant) computes it: each gradient's products run on their own needs, not on another's."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 16, device=device)
+    weights = dict(zip(("fc_weight", "fc_bias", "proj_weight", "proj_bias"), _weights(16, 64, torch.float32, device)))
+    weights[name].requires_grad_()
+    ours, want = (torch.autograd.grad(fn(x, *weights.values()).square().sum(), weights[name])[0]
+                  for fn in (ffn, reference.ffn))
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_pre_activation_is_not_stored(monkeypatch, device):
+    """recompute_pre=True trades the M x H pre-activation for a matmul in the backward: the
+    forward must not write it (the memory the option exists to save)."""
+    auxes = []
+    matmul = ffn_module._matmul
+    monkeypatch.setattr(ffn_module, "_matmul", lambda *a, **k: auxes.append(k.get("aux")) or matmul(*a, **k))
+    fc_w, fc_b, proj_w, proj_b = _weights(16, 64, torch.float32, device)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    ffn(x, fc_w, fc_b, proj_w, proj_b, recompute_pre=True)
+    assert auxes == [None, None]
+    ffn(x, fc_w, fc_b, proj_w, proj_b)
+    assert auxes[2] is not None  # saved by default
+
+
+def test_k_splits_fill_the_rounds():
+    """The split-K policy on its docstring's case, GPT-2 small's weight gradients (144 tiles on
+    132 SMs: two rounds, 55% busy): cut in four (five rounds of 4.4 tiles' work); a K too
+    short for four slices of 16 steps takes the best of fewer, too short for two is not cut,
+    nor is a product that fills its rounds already."""
+    assert ffn_module._k_splits(144, 100, 132) == 4
+    assert ffn_module._k_splits(144, 63, 132) == 3
+    assert ffn_module._k_splits(144, 31, 132) == 1
+    assert ffn_module._k_splits(132, 100, 132) == 1
+
+
 def test_partial_gradients_and_inference(device):
     """Only the gradients autograd asks for are computed; without grad nothing is saved."""
     torch.manual_seed(0)
@@ -108,7 +146,7 @@ def test_empty_input(tma, monkeypatch, device):
     y = ffn(x, fc_w, fc_b, proj_w, proj_b)
     y.sum().backward()
     assert y.shape == (0, 16) and x.grad.shape == (0, 16)
-    assert not fc_w.grad.any() and not proj_b.grad.any()
+    assert not fc_w.grad.any() and not fc_b.grad.any() and not proj_w.grad.any() and not proj_b.grad.any()
 
 
 @pytest.mark.parametrize("rows", [300, 5], ids=["many-rows", "few-rows"])
@@ -238,6 +276,27 @@ def test_tma_kernel_falls_back_where_tma_cannot_address(monkeypatch, device):
     assert len(calls) == 4  # y, dpre, dWproj, dx
 
 
+@pytest.mark.parametrize("case, tma_products", [("start-off-16-bytes", 4), ("broadcast-rows", 4), ("3-column-output", 3)])
+def test_tma_kernel_falls_back_per_operand(case, tma_products, monkeypatch, device):
+    """What a TMA descriptor cannot take goes to the pointer kernel, product by product: x
+    starting 4 bytes into its storage, x broadcast along its rows (row stride 0), or an output
+    of 3 fp32 columns (12-byte rows: y, and dWproj and dpre, which read dy). On Hopper such a
+    descriptor fails (Triton asserts alignment) or, with stride 0, cannot be described."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher's choice")
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(tma=True))
+    torch.manual_seed(0)
+    M, C = 40, 16
+    view, x = {
+        "start-off-16-bytes": (lambda t: t[1:].view(M, C), torch.randn(1 + M * C, device=device)),
+        "broadcast-rows": (lambda t: t.expand(M, C), torch.randn(C, device=device)),
+        "3-column-output": (lambda t: t, torch.randn(M, C, device=device)),
+    }[case]
+    weights = _weights(C, 64, torch.float32, device, out=3 if case == "3-column-output" else C)
+    _check(x, view, weights, torch.float32, 1e-5, 1e-5)
+    assert len(calls) == tma_products
+
+
 def _launches(monkeypatch, kernel: str, tiles) -> list:
     """Runs the FFN on `tiles` (a _Tiles, or a function like _tiles(tensor, kind)) and returns
     the list that will hold the grid of each launch of the kernel named `kernel`."""
@@ -272,10 +331,15 @@ def _gpu_tiles(capability):
         (((4, 8), (32, 8), (32,), (8, 31), (8,)), torch.float32, None, "out-features 32"),
         (((4, 8), (32, 8), (31,), (8, 32), (8,)), torch.float32, None, "fc_bias must have shape"),
         (((4, 8), (32, 8, 1), (32,), (8, 32), (8,)), torch.float32, None, "2-D"),
+        (((4, 8), (32, 8), (32,), (8, 32, 1), (8,)), torch.float32, None, "2-D"),
+        (((), (32, 8), (32,), (8, 32), (8,)), torch.float32, None, "in-features 8, got x of shape ()"),
+        (((4, 8), (32, 8), (32,), (8, 32), (7,)), torch.float32, None, r"proj_bias must have shape \(8,\)"),
+        (((4, 8), (32, 8), (32,), (0, 32), (0,)), torch.float32, None, "zero-width weights"),
         (((4, 8), (32, 8), (32,), (8, 32), (8,)), torch.int32, None, "dtype"),
         (((4, 8), (32, 8), (32,), (8, 32), (8,)), torch.float32, "meta", "one device"),
     ],
-    ids=["valid", "x-width", "proj-in", "bias-shape", "3d-weight", "int-dtype", "devices"],
+    ids=["valid", "x-width", "proj-in", "bias-shape", "3d-weight", "3d-proj-weight", "scalar-x", "proj-bias-shape",
+         "no-outputs", "int-dtype", "devices"],
 )
 def test_invalid_inputs(shapes, dtype, device_of_w, match, device):
     x, fc_w, fc_b, proj_w, proj_b = (torch.ones(s, device=device, dtype=dtype) for s in shapes)
