@@ -140,17 +140,39 @@ def test_new_key_and_value_need_each_other(device):
         decode_attention(q, k, v, lens, k_new=q)
     with pytest.raises(ValueError, match="k_new must have"):
         decode_attention(q, k, v, lens, k_new=q[:, :1], v_new=q)
+    with pytest.raises(ValueError, match="v_new must have"):
+        decode_attention(q, k, v, lens, k_new=q, v_new=q[:, :1])
+
+
+@pytest.mark.parametrize("grad", ["k_new", "v_new"])
+def test_new_key_or_value_under_autograd_is_refused(grad, device):
+    """The kernel is forward-only: a new key or value that requires grad (a projection's
+    output outside no_grad) is refused as q is, not attended to with its gradient lost."""
+    q, k, v, lens = _valid(device)
+    new = {"k_new": q.clone(), "v_new": q.clone()}
+    new[grad].requires_grad_()
+    with pytest.raises(ValueError, match="forward-only"):
+        decode_attention(q, k, v, lens, **new)
 
 
 def test_lengths_outside_cache_are_clamped(device):
     """Lengths cannot be checked without a host sync, so the kernel clamps them: beyond S
-    reads the whole cache (never past it), 0 gives zeros rather than NaN."""
+    reads the whole cache (never past it), 0 or below gives zeros rather than NaN (or the
+    output left unwritten)."""
     torch.manual_seed(4)
-    q, k, v, _ = _inputs(3, 2, 20, 16, [1, 1, 1], torch.float32, device)
-    out = decode_attention(q, k, v, torch.tensor([25, 0, 20], device=device))
-    full = decode_attention(q, k, v, torch.tensor([20, 20, 20], device=device))
+    q, k, v, _ = _inputs(4, 2, 20, 16, [1, 1, 1, 1], torch.float32, device)
+    out = decode_attention(q, k, v, torch.tensor([25, 0, 20, -3], device=device))
+    full = decode_attention(q, k, v, torch.tensor([20, 20, 20, 20], device=device))
     assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_strided_lengths(device):
+    """seq_lens as a strided view (every other entry of a longer tensor): each sequence
+    attends over its own length, not over the storage's next entry."""
+    torch.manual_seed(9)
+    q, k, v, _ = _inputs(3, 2, 40, 16, [1, 1, 1], torch.float32, device)
+    _compare(q, k, v, torch.tensor([40, 0, 7, 0, 23, 0], device=device)[::2], 1e-5, 1e-5)
 
 
 def test_a_length_of_0_writes_no_new_key(device):
@@ -193,8 +215,13 @@ def test_positions_just_below_2_30_are_taken(monkeypatch, device):
         decode_attention(q, k.expand(1, 1, 2**30 - 1, 16), v.expand(1, 1, 2**30 - 1, 16), lens)
 
 
-def test_empty_batch(device):
+def test_empty_batch(device, monkeypatch):
     q, k, v, lens = _inputs(0, 2, 8, 16, [], torch.float32, device)
+    assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
+    # The GPU's settings share the programs among the B * H pairs: with none, nothing is sized.
+    module = importlib.import_module("kernels.decode_attention")
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(module, "_sm_count", lambda index: 132)
     assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
 
 
@@ -210,6 +237,8 @@ def _valid(device="cpu", B=2, H=2, S=8, D=16):
         pytest.param(lambda q, k, v, l: (q.new_zeros(2, 2, 48), k.new_zeros(2, 2, 8, 48), v.new_zeros(2, 2, 8, 48), l),
                      "head dim 48", id="D48"),
         pytest.param(lambda q, k, v, l: (q[:, :1], k, v, l), "k_cache must be", id="H-mismatch"),
+        pytest.param(lambda q, k, v, l: (q, k[:1], v[:1], l), r"k_cache must be \(B, H, S, D\) = \(2,", id="B-mismatch"),
+        pytest.param(lambda q, k, v, l: (q, k[:, :, :0], v[:, :, :0], l), r"no positions \(S = 0\)", id="S0"),
         pytest.param(lambda q, k, v, l: (q, k, v[:, :, :5], l), "differ", id="S-mismatch"),
         pytest.param(lambda q, k, v, l: (q[:, :, None], k, v, l), "q must be", id="q-4d"),
         pytest.param(lambda q, k, v, l: (q, k, v, l.float()), "seq_lens has dtype", id="float-lens"),
