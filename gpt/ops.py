@@ -94,10 +94,12 @@ def step_backend(x: Tensor, mode: str, width: int) -> ModuleType:
     return reference if mode == "auto" and width < AUTO_MIN_WIDTH else backend(x, mode)
 
 
-def _layer_norm_backend(x: Tensor, mode: str) -> ModuleType:
+def _layer_norm_backend(x: Tensor, mode: str, residual: Tensor | None = None) -> ModuleType:
     impl = step_backend(x, mode, x.shape[-1])
+    # The kernel sizes its rows by the wider of x and the residual (an fp16 x beside an fp32 one).
+    size = x.element_size() if residual is None else max(x.element_size(), residual.element_size())
     if mode == "auto" and impl is not reference and (
-        x.dtype not in impl.FLOAT_DTYPES or x.shape[-1] * x.element_size() > impl.LAYER_NORM_MAX_ROW_BYTES
+        x.dtype not in impl.FLOAT_DTYPES or x.shape[-1] * size > impl.LAYER_NORM_MAX_ROW_BYTES
     ):
         return reference  # float64, or a row wider than the kernel holds in registers
     return impl
@@ -110,7 +112,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode:
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, mode: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    return _layer_norm_backend(x, mode).add_layer_norm(x, residual, weight, bias, eps)
+    return _layer_norm_backend(x, mode, residual).add_layer_norm(x, residual, weight, bias, eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mode: str = "auto", dropout_p: float = 0.0) -> Tensor:

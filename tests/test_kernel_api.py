@@ -205,6 +205,31 @@ def test_auto_attention_takes_the_reference_for_float64(auto_runs_kernels):
         ops.attention(q, q, q, mode="triton")
 
 
+def _record(monkeypatch, *names):
+    """The list each call of the named ops appends "reference" or "kernels" to, by which ran."""
+    used = []
+    for name, module in (("reference", reference), ("kernels", kernels)):
+        for op in names:
+            fn = getattr(module, op)
+            monkeypatch.setattr(module, op, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
+    return used
+
+
+@pytest.mark.parametrize("x_dtype, residual_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_auto_add_layer_norm_sizes_a_row_by_the_wider_of_x_and_residual(auto_runs_kernels, monkeypatch, x_dtype,
+                                                                        residual_dtype):
+    """The kernel holds a row of up to 64 KiB in the wider of x's and the residual's dtypes:
+    16448 values are past it when either is fp32, and "auto" takes the reference. Sized by x
+    alone, an fp16 x beside an fp32 residual went to the kernel, which raised its ValueError
+    (found by a mutation audit of gpt/ops.py)."""
+    used = _record(monkeypatch, "add_layer_norm")
+    N = 16384 + 64
+    x, residual = torch.randn(1, N, dtype=x_dtype), torch.randn(1, N, dtype=residual_dtype)
+    s, y = ops.add_layer_norm(x, residual, torch.ones(N), None, 1e-5, mode="auto")
+    assert used == ["reference"]
+    torch.testing.assert_close(s, x.float() + residual.float())
+
+
 def _opcheck_cases(d: str) -> list:
     """(op, args) for torch.library.opcheck: each custom op that torch.compile traces, on the
     layouts the model passes (a fused QKV projection's views, fp32 weights beside fp16
