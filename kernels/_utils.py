@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -18,9 +19,11 @@ LAYER_NORM_MAX_ROW_BYTES = 65536
 
 
 def _interpret_env() -> bool:
-    # Triton's own reading of TRITON_INTERPRET, the one @triton.jit makes ("1", "true", "on" are
-    # on; "0", "false", "off" and "" off): "false" read as on let CPU tensors reach compiled kernels.
-    return bool(triton.knobs.runtime.interpret)
+    # TRITON_INTERPRET read as Triton reads it for @triton.jit (its C++ getenv_bool, 3.6-3.9:
+    # "1", "true", "on", "yes", "y" in any case are on, anything else off): "false" read as on
+    # let CPU tensors reach compiled kernels. In Python, as torch.compile traces this (through
+    # the launchers' input checks) and cannot trace Triton's C helper.
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 # @triton.jit reads the variable when the kernels are decorated (at import): set later,

@@ -80,6 +80,12 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
     for on in ("1", "true", "ON"):
         monkeypatch.setenv("TRITON_INTERPRET", on)
         assert _utils.interpreting(), on
+    # Read in Python (torch.compile traces it), value for value as Triton's own knob reads it.
+    import triton
+
+    for other in ("yes", "Y", "2", " 1", "no", "enabled", value):
+        monkeypatch.setenv("TRITON_INTERPRET", other)
+        assert _utils.interpreting() == bool(triton.knobs.runtime.interpret), other
 
 
 def test_decode_attention_refuses_autograd(device):
