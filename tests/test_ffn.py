@@ -11,6 +11,8 @@ from kernels.ffn import ffn
 
 # The module itself: `kernels.ffn` is the function once the package has imported it.
 ffn_module = importlib.import_module("kernels.ffn")
+# The split-K policy itself, which `pytest --candidates` replaces in the module (tests/candidates.py).
+_k_splits = ffn_module._k_splits
 
 TOLERANCES = [  # dtype, atol, rtol
     pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
@@ -116,10 +118,10 @@ def test_k_splits_fill_the_rounds():
     132 SMs: two rounds, 55% busy): cut in four (five rounds of 4.4 tiles' work); a K too
     short for four slices of 16 steps takes the best of fewer, too short for two is not cut,
     nor is a product that fills its rounds already."""
-    assert ffn_module._k_splits(144, 100, 132) == 4
-    assert ffn_module._k_splits(144, 63, 132) == 3
-    assert ffn_module._k_splits(144, 31, 132) == 1
-    assert ffn_module._k_splits(132, 100, 132) == 1
+    assert _k_splits(144, 100, 132) == 4
+    assert _k_splits(144, 63, 132) == 3
+    assert _k_splits(144, 31, 132) == 1
+    assert _k_splits(132, 100, 132) == 1
 
 
 def test_partial_gradients_and_inference(device):
