@@ -190,6 +190,7 @@ def test_auto_decode_attention_takes_the_reference_under_autograd(auto_runs_kern
     (torch.float64, 768, "reference"),  # the kernels take 16- and 32-bit floats
     (torch.float32, 16384 + 64, "reference"),  # wider than a row the kernel holds in registers
     (torch.float32, 768, "kernels"),
+    (torch.float32, 16384, "kernels"),  # exactly 64 KiB: still the kernel's
 ])
 def test_auto_layer_norm_takes_the_reference_for_what_the_kernel_refuses(auto_runs_kernels, monkeypatch, dtype, width, runs):
     used = []
@@ -234,6 +235,116 @@ def test_auto_add_layer_norm_sizes_a_row_by_the_wider_of_x_and_residual(auto_run
     s, y = ops.add_layer_norm(x, residual, torch.ones(N), None, 1e-5, mode="auto")
     assert used == ["reference"]
     torch.testing.assert_close(s, x.float() + residual.float())
+
+
+def test_auto_reads_the_capability_of_the_tensors_own_gpu(monkeypatch):
+    """An sm75 as cuda:1 beside an sm90 as cuda:0: a model on cuda:1 runs on torch under "auto",
+    and kernels="triton" is refused there naming that GPU (a mutation audit: asking cuda:0's
+    capability whatever the tensor's GPU went unseen, every test's tensor being on cuda:0)."""
+    import types
+
+    from gpt import GPTConfig
+
+    monkeypatch.setattr(_utils, "device_capability", lambda index=0: {0: (9, 0), 1: (7, 5)}[index])
+    on = lambda index: types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))  # noqa: E731
+    assert ops.backend(on(1), "auto") is reference
+    assert ops.backend(on(0), "auto") is kernels
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=32, kernels="triton")
+    assert "this one is sm75" in ops.triton_unsupported(config, torch.device("cuda", 1), torch.float16)
+    assert ops.triton_unsupported(config, torch.device("cuda", 0), torch.float16) is None
+
+
+def test_an_unknown_kernels_mode_is_refused():
+    """A caller's typo is a ValueError naming the choices, not the torch reference run quietly
+    (a mutation audit: backend() returning the reference for any other mode went unseen)."""
+    with pytest.raises(ValueError, match="kernels must be 'auto', 'triton' or 'torch', got 'trition'"):
+        ops.backend(torch.zeros(1), "trition")
+
+
+@pytest.mark.parametrize("dtype, width, match", [(torch.float64, 16, "float64"), (torch.float32, 16384 + 64, "64 KiB")])
+def test_triton_layer_norm_is_refused_where_auto_takes_the_reference(dtype, width, match):
+    """kernels="triton" means the kernels: what "auto" sends to torch (float64, a row past 64 KiB)
+    is the kernel's ValueError under "triton", not torch run quietly (a mutation audit: the
+    LayerNorm's fallback taken under "triton" too went unseen)."""
+    x = torch.randn(1, width, dtype=dtype)
+    w = torch.ones(width, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        ops.layer_norm(x, w, None, 1e-5, mode="triton")
+    with pytest.raises(ValueError, match=match):
+        ops.add_layer_norm(x, x, w, None, 1e-5, mode="triton")
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_attention_is_bidirectional_with_causal_off(mode):
+    """ops.attention(causal=False) reaches the implementation (a mutation audit: causal=True
+    passed whatever the caller asked went unseen, the model always being causal)."""
+    q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
+    out = ops.attention(q, k, v, causal=False, mode=mode)
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal=False), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, ops.attention(q, k, v, causal=True, mode=mode))
+
+
+@pytest.mark.parametrize("head_dim, dtype, grad, requires_grad, runs, refused", [
+    (16, torch.float32, True, False, "kernels", None),  # a frozen model decoding with grad mode on
+    (16, torch.float32, False, True, "kernels", None),  # under no_grad nothing is recorded
+    (16, torch.float32, True, True, "reference", "forward-only"),
+    (48, torch.float32, False, False, "reference", "head dim 48"),
+    (16, torch.float64, False, False, "reference", "float64"),
+], ids=["grad-mode-only", "no-grad", "autograd", "head-dim-48", "float64"])
+def test_auto_decode_attention_takes_the_kernel_unless_it_would_refuse(auto_runs_kernels, monkeypatch, head_dim, dtype,
+                                                                       grad, requires_grad, runs, refused):
+    """"auto" decodes on the kernel unless autograd records the call (grad mode on and q
+    requiring grad), the head dim or the dtype is one it does not take; "triton" then raises
+    the kernel's error rather than run torch (a mutation audit: dropping the head-dim or
+    dtype fallback, either half of the autograd test, or falling back under "triton" too all
+    went unseen)."""
+    used = _record(monkeypatch, "decode_attention")
+    q = torch.randn(1, 2, head_dim, dtype=dtype, requires_grad=requires_grad)
+    cache = torch.randn(1, 2, 8, head_dim, dtype=dtype)
+    new = torch.randn(1, 2, head_dim, dtype=dtype)
+    with torch.set_grad_enabled(grad):
+        ops.decode_attention(q, cache, cache.clone(), torch.tensor([8]), new, new, mode="auto")
+        assert used == [runs]
+        if refused:
+            with pytest.raises(ValueError, match=refused):
+                ops.decode_attention(q, cache, cache.clone(), torch.tensor([8]), new, new, mode="triton")
+
+
+@pytest.mark.parametrize("shape, triton", [((2, 128, 16), True), ((1, 255, 16), False)], ids=["256-rows", "255-rows"])
+def test_auto_ffn_counts_rows_over_every_leading_dim(monkeypatch, shape, triton):
+    """FFN_MIN_ROWS counts tokens, batch times sequence: 2 x 128 is FFN_MIN_ROWS (256) rows and
+    takes the Triton FFN once AUTO_TRITON_FFN is on, 255 do not (a mutation audit: a boundary
+    of <= and counting the batch dim alone went unseen, the policy test's inputs being 2-D)."""
+    monkeypatch.setattr(ops, "AUTO_TRITON_FFN", True)
+    monkeypatch.setattr(ops, "step_backend", lambda x, mode, width: kernels)
+    used = _record(monkeypatch, "ffn")
+    C = shape[-1]
+    x = torch.randn(shape)
+    ops.ffn(x, torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C), mode="auto")
+    assert used == ["kernels" if triton else "reference"]
+
+
+def test_auto_ffn_folds_the_gelu_into_the_matmul_only_on_cuda_with_a_bias(monkeypatch):
+    """Under no_grad, "auto" runs a CUDA FFN's GELU in cuBLAS's epilogue (torch._addmm_activation),
+    which needs a bias to fold: a model without biases (bias=False) takes the separate GELU, and
+    CPU tensors the reference, whose tanh GELU the CPU's _addmm_activation does not compute
+    (a mutation audit: the epilogue for a bias-free FFN, a TypeError on a GPU, and on CPU
+    tensors both went unseen). CPU tensors pass for CUDA ones in the second half."""
+    calls = []
+    addmm_activation = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or addmm_activation(*a, **k))
+    C = 16
+    x = torch.randn(2, 1, C)
+    w = torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C)
+    no_bias = w[0], None, w[2], None
+    with torch.no_grad():
+        torch.testing.assert_close(ops.ffn(x, *w), reference.ffn(x, *w))
+        assert not calls
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        torch.testing.assert_close(ops.ffn(x, *no_bias), reference.ffn(x, *no_bias))
+        assert not calls
+        torch.testing.assert_close(ops.ffn(x, *w), reference.ffn(x, *w), rtol=1e-2, atol=1e-3)
+        assert calls == [1]
 
 
 def _opcheck_cases(d: str) -> list:
