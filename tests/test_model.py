@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, preset
-from gpt.model import SinusoidalPositions
+from gpt.model import LayerNorm, SinusoidalPositions
 
 
 def tiny(**kw) -> GPTConfig:
@@ -61,6 +62,52 @@ def test_tied_head_and_gpt2_init():
     scaled = 0.02 / math.sqrt(2 * 4)
     assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - scaled) < 0.001
     assert torch.equal(model.transformer.h[0].ln_1.weight, torch.ones(64))
+
+
+def test_gpt2_init_of_every_block_and_embedding():
+    """Every block's four weights at GPT-2's std (0.02; both residual projections, attention's
+    and the MLP's, over sqrt(2 * n_layer)), every bias zero, both embeddings at 0.02 (a mutation
+    audit: scaling only the MLP's c_proj, and leaving nn.Linear's uniform biases, went unseen:
+    only block 0's c_attn and mlp.c_proj were checked)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=4, n_embd=64, vocab_size=2000))
+    scaled = 0.02 / math.sqrt(2 * 4)
+    for block in model.transformer.h:
+        for linear, std in ((block.attn.c_attn, 0.02), (block.mlp.c_fc, 0.02), (block.attn.c_proj, scaled),
+                            (block.mlp.c_proj, scaled)):
+            assert abs(linear.weight.std().item() - std) < 0.1 * std
+            assert torch.equal(linear.bias, torch.zeros_like(linear.bias))
+    for embedding in (model.transformer.wte, model.transformer.wpe):
+        assert abs(embedding.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+def test_num_params_and_flops_per_token(pos_embedding):
+    """num_params() leaves out the learned position table only (a sinusoidal one has no
+    parameters), num_params(False) counts all; flops_per_token is PaLM's 6N + 12 L C T at the
+    sequence length given, block_size by default (train.py's MFU). A mutation audit: counting
+    the table either way passed the 124M preset check (the table is 0.8M), num_params() failed
+    on a sinusoidal model, and flops_per_token's seq_len and attention term went unseen."""
+    model = GPT(tiny(pos_embedding=pos_embedding))
+    total = sum(p.numel() for p in model.parameters())
+    n = total - (32 * 32 if pos_embedding == "learned" else 0)
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == n
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 32
+    assert model.flops_per_token(8) == 6 * n + 12 * 2 * 32 * 8
+
+
+def test_every_layer_norm_takes_the_configs_eps():
+    """config.layer_norm_eps (a Hugging Face checkpoint's layer_norm_epsilon) reaches each
+    LayerNorm, the final one included (a mutation audit: a fixed 1e-5 went unseen by this
+    file and the model's others, seen only by test_hf, which needs transformers)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(layer_norm_eps=0.25))
+    x = torch.randn(2, 3, 32) * 0.3
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+    assert len(norms) == 5  # two a block and ln_f
+    for m in norms:
+        torch.testing.assert_close(m(x)[1], F.layer_norm(x, (32,), m.weight, m.bias, 0.25))
 
 
 def test_no_bias():
@@ -155,6 +202,16 @@ def test_sinusoidal_table_is_vaswanis():
             angle = p / 10000 ** (2 * i / n_embd)
             assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sinusoidal_positions_take_an_odd_width():
+    """n_embd 9 over 3 heads: five sin columns, four cos (a mutation audit: not trimming the
+    cos half to n_embd // 2 columns, a shape error at any odd width, went unseen)."""
+    table = SinusoidalPositions(4, 9).table
+    assert table.shape == (4, 9)
+    assert table[3, 8].item() == pytest.approx(math.sin(3 / 10000 ** (8 / 9)), abs=1e-6)
+    assert table[3, 7].item() == pytest.approx(math.cos(3 / 10000 ** (6 / 9)), abs=1e-6)
+    GPT(tiny(n_embd=9, n_head=3, pos_embedding="sinusoidal"))(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_dropout_also_drops_attention_probabilities(monkeypatch):
