@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, preset
-from gpt.model import LayerNorm, SinusoidalPositions
+from gpt.model import KVCache, LayerNorm, SinusoidalPositions
 
 
 def tiny(**kw) -> GPTConfig:
@@ -110,6 +110,24 @@ def test_every_layer_norm_takes_the_configs_eps():
         torch.testing.assert_close(m(x)[1], F.layer_norm(x, (32,), m.weight, m.bias, 0.25))
 
 
+def test_dropout_applies_to_the_embeddings_and_each_sublayers_output():
+    """As nanoGPT: config.dropout drops the embeddings' sum and each attention and MLP output
+    in training, and none of them in eval (a mutation audit: dropping any of the three went
+    unseen: only the attention probabilities' dropout was checked)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.5))
+    zeros = {}
+    for name in ("drop", "h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp"):
+        model.transformer.get_submodule(name).register_forward_hook(
+            lambda m, args, out, _n=name: zeros.__setitem__(_n, (out == 0).float().mean().item()))
+    idx = torch.randint(0, 50, (4, 32))
+    model.train()(idx)
+    assert len(zeros) == 5 and all(0.4 < z < 0.6 for z in zeros.values()), zeros
+    zeros.clear()
+    model.eval()(idx)
+    assert len(zeros) == 5 and all(z == 0 for z in zeros.values()), zeros
+
+
 def test_no_bias():
     model = GPT(tiny(bias=False))
     assert all(not n.endswith("bias") for n, _ in model.named_parameters())
@@ -212,6 +230,70 @@ def test_sinusoidal_positions_take_an_odd_width():
     assert table[3, 8].item() == pytest.approx(math.sin(3 / 10000 ** (8 / 9)), abs=1e-6)
     assert table[3, 7].item() == pytest.approx(math.cos(3 / 10000 ** (6 / 9)), abs=1e-6)
     GPT(tiny(n_embd=9, n_head=3, pos_embedding="sinusoidal"))(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_targets_of_minus_one_are_left_out_of_the_loss():
+    """The loss is the mean over targets other than -1 (padding, a prompt's tokens), not an
+    index error (a mutation audit: cross_entropy's default ignore_index, -100, went unseen)."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx, targets = torch.randint(0, 50, (2, 2, 8))
+    logits, _ = model(idx, targets)
+    masked = targets.clone()
+    masked[:, 5:] = -1
+    expected = F.cross_entropy(logits[:, :5].reshape(-1, 50), targets[:, :5].reshape(-1))
+    torch.testing.assert_close(model(idx, masked)[1], expected)
+
+
+def test_the_loss_of_a_half_precision_model_is_fp32():
+    """A model cast to bf16 gives bf16 logits and a loss computed in fp32 (a mutation audit:
+    the cross-entropy taken in the logits' dtype went unseen)."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).to(torch.bfloat16)
+    idx = torch.randint(0, 50, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float().view(-1, 50), idx.view(-1)))
+
+
+def test_a_decode_step_updates_only_the_tensors_the_cache_lists():
+    """KVCache.tensors() is every tensor a decode step writes (gpt.generate marks them as fixed
+    addresses for compiled steps): a step changes some of the cache's tensors and none outside
+    that list (a mutation audit: leaving out step_lengths went unseen)."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 3)), cache=cache)
+        cache.lengths.fill_(3)
+        every = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)] + cache.k + cache.v
+        before = [t.clone() for t in every]
+        model(torch.randint(0, 50, (2, 1)), cache=cache)
+    changed = [t for t, b in zip(every, before) if not torch.equal(t, b)]
+    assert changed and all(any(t is u for u in cache.tensors()) for t in changed)
+
+
+@pytest.mark.parametrize("kernels_mode", ["torch", "triton"])
+def test_a_cache_decodes_on_the_models_kernels(kernels_mode, monkeypatch):
+    """A KVCache takes the model's kernels: its decode steps run where the rest of the model
+    runs, here with "auto" dispatching as on CUDA (a mutation audit: a cache on "auto" whatever
+    the config went unseen: on a GPU a kernels="torch" model decoded on the Triton kernel)."""
+    import kernels
+    from gpt import ops
+
+    monkeypatch.setattr(ops, "backend", lambda x, mode="auto": ops.reference if mode == "torch" else kernels)
+    calls = []
+    decode = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(tiny(kernels=kernels_mode)).eval()
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    idx = torch.randint(0, 50, (1, 4))
+    with torch.no_grad():
+        model(idx[:, :3], cache=cache)
+        cache.lengths.fill_(3)
+        model(idx[:, 3:], cache=cache)
+    assert len(calls) == (2 if kernels_mode == "triton" else 0)  # one a layer
 
 
 def test_dropout_also_drops_attention_probabilities(monkeypatch):
