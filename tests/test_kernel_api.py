@@ -347,6 +347,22 @@ def test_auto_ffn_folds_the_gelu_into_the_matmul_only_on_cuda_with_a_bias(monkey
         assert calls == [1]
 
 
+def test_the_triton_ffn_runs_in_the_autocast_dtype(device):
+    """Autocast does not reach into the Triton kernels: gpt.ops casts the FFN's operands as
+    F.linear's would, so a model training under autocast gets the FFN in the autocast dtype on
+    either path (a mutation audit: leaving them fp32 went unseen, the results being close).
+    The interpreter computes bf16 wrongly: fp16 on CPU."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    torch.manual_seed(0)
+    C = 16
+    x = torch.randn(2, 3, C, device=device)
+    w = [t.to(device) for t in (torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C))]
+    with torch.autocast(device, dtype=dtype):
+        got, want = ops.ffn(x, *w, mode="triton"), ops.ffn(x, *w, mode="torch")
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
 def _opcheck_cases(d: str) -> list:
     """(op, args) for torch.library.opcheck: each custom op that torch.compile traces, on the
     layouts the model passes (a fused QKV projection's views, fp32 weights beside fp16
