@@ -28,6 +28,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {1, 3}
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """The smallest set with mass >= top_p: a set whose mass equals top_p is the nucleus (the
+    token after it is dropped). Powers of two, so that fp32 sums them exactly."""
+    logits = torch.tensor([[0.125, 0.5, 0.125, 0.25]]).log()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.75)).tolist() == [[False, True, False, True]]
+
+
+def test_a_top_p_of_one_keeps_every_token():
+    """sample.py's default --top-p 1.0 filters nothing: here the fp32 mass before the last
+    token rounds to 1.0, which would drop it (probability 4e-8) as past the nucleus."""
+    logits = torch.tensor([[5.0, 0.0, -12.0]])
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+
+
 def test_top_p_keeps_every_logit_tied_with_the_last_one_kept():
     """As top_k keeps every logit tied with the k-th: which of equal logits (bf16 logits tie
     often) torch.sort put first decided which stayed, so one of two equally likely tokens
@@ -59,6 +74,13 @@ def test_top_p_applies_on_top_of_top_k():
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     assert sample_next(logits, temperature=0).flatten().tolist() == [1, 0]
+
+
+def test_a_temperature_below_greedy_below_is_the_argmax():
+    """1e-39 is above 0, but dividing the logits by it overflows fp32 (inf, then NaN in the
+    softmax): every temperature below GREEDY_BELOW takes the argmax."""
+    logits = torch.tensor([[1.0, 10.0, 5.0], [3.0, 0.0, -1.0]])
+    assert sample_next(logits, temperature=1e-39).flatten().tolist() == [1, 0]
 
 
 @pytest.fixture(params=["learned", "sinusoidal"])
@@ -478,6 +500,26 @@ def test_sample_next_draws_from_softmax_of_logits_over_temperature(temperature):
     assert torch.equal(ours, expected)
 
 
+def test_sample_next_draws_from_an_fp32_softmax_of_half_precision_logits(monkeypatch):
+    """A bf16 model's logits are divided, filtered and normalised in fp32: bf16's 8-bit
+    mantissa would move every probability by up to 0.4% and the nucleus's edge with them."""
+    logits = (3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))).bfloat16()
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: seen.append(p) or multinomial(p, *a, **k))
+    sample_next(logits, 0.7, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    want = torch.softmax(filter_logits(logits.float() / 0.7, top_p=0.9).double(), dim=-1)
+    torch.testing.assert_close(seen[0].double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_sample_next_takes_one_generator_a_row():
+    """A list of generators is one per row: a list one short is refused, not a row left out."""
+    logits = torch.zeros(3, 5)
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    assert sample_next(logits, 1.0, generator=gens).shape == (3, 1)
+    with pytest.raises(ValueError):
+        sample_next(logits, 1.0, generator=gens[:2])
+
+
 def test_window_slides_only_when_full_and_keeps_the_last_half(monkeypatch):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=30, block_size=24, n_layer=1, n_head=2, n_embd=32, kernels="torch")
@@ -585,3 +627,21 @@ def test_a_negative_max_new_tokens_is_a_clear_error(model):
     with pytest.raises(ValueError, match="max_new_tokens must be 0 or more, got -1"):
         generate(model, [[1, 2]], -1)
     assert generate(model, [[1, 2]], 0) == [[]]
+
+
+def test_a_temperature_below_greedy_below_on_the_kernels_draws_the_argmax(device):
+    """On the kernels' top_p path too: logits / 1e-39 overflow to +inf, of which kernels.sample
+    takes the first, not the largest."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=32, kernels="triton")).to(device)
+    decoder = Decoder(model, 2)
+    decoder.logits = torch.tensor([[1.0, 3.0, 2.0] * 4, [0.5, -1.0, 2.5] * 4], device=device)
+    assert decoder.draw(1e-39, None, 0.9)[:, 0].tolist() == [1, 2]
+
+
+def test_top_k_and_top_p_reach_the_draws(model):
+    """top_k=1, or a top_p that keeps only the top token, is greedy decoding."""
+    greedy = generate(model, [[1, 2, 3]], 12, temperature=0)
+    run = lambda **kw: generate(model, [[1, 2, 3]], 12, generator=torch.Generator().manual_seed(0), **kw)
+    assert run(top_k=1) == greedy and run(top_p=1e-9) == greedy
+    assert run() != greedy
