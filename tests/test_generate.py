@@ -111,6 +111,23 @@ def test_greedy_cached_equals_uncached(model):
     assert fast == slow
 
 
+def test_the_uncached_loop_crops_filters_and_seeds_as_generate(model):
+    """generate_uncached, the oracle and benchmark baseline: a prompt longer than the context
+    reads its last block_size tokens, top_k and top_p filter its draws (top_k=1 and a top_p
+    that keeps only the top token are greedy) and its generator seeds them."""
+    S = model.config.block_size
+    prompt = torch.arange(40).remainder(30)[None]
+    greedy = generate_uncached(model, prompt[:, -S:], 6, temperature=0)[0, S:].tolist()
+    assert generate_uncached(model, prompt, 6, temperature=0)[0, 40:].tolist() == greedy
+    short = prompt[:, -5:]
+    greedy = generate_uncached(model, short, 12, temperature=0)[0, 5:].tolist()
+
+    def run(seed, **kw):
+        return generate_uncached(model, short, 12, generator=torch.Generator().manual_seed(seed), **kw)[0, 5:].tolist()
+    assert run(0, top_k=1) == greedy and run(0, top_p=1e-9) == greedy
+    assert run(1) == run(1) and run(1) != run(2)
+
+
 def test_a_batch_of_different_lengths_equals_one_at_a_time(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
     batched = generate(model, prompts, 10, temperature=0)
