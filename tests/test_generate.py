@@ -250,6 +250,13 @@ def test_decoder_refuses_to_write_past_its_cache(model):
     decoder.step()
 
 
+def test_decoder_refuses_an_empty_sequence(model):
+    """An empty prompt in a batch with one-token ones took the one-token path (a decode step
+    at position 0, token 0 fed for it) and gave logits as if it held a token."""
+    with pytest.raises(GenerationError, match="1 to 24 tokens"):
+        Decoder(model, 2).prefill([[1], []])
+
+
 def test_non_finite_logits_are_an_error_not_a_token(model):
     with torch.no_grad():
         model.lm_head.weight[3, 0] = float("nan")
@@ -644,6 +651,18 @@ def test_a_negative_max_new_tokens_is_a_clear_error(model):
     with pytest.raises(ValueError, match="max_new_tokens must be 0 or more, got -1"):
         generate(model, [[1, 2]], -1)
     assert generate(model, [[1, 2]], 0) == [[]]
+
+
+def test_no_prompt_or_an_empty_one_is_a_clear_error(model):
+    for prompts in ([], [[1, 2], []]):
+        with pytest.raises(ValueError, match="every prompt needs at least one token"):
+            generate(model, prompts, 3)
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(model):
+    """The prompt's last block_size tokens are its context (sample.py passes a long prompt whole)."""
+    prompt = [t % 30 for t in range(40)]
+    assert generate(model, [prompt, [1]], 5, temperature=0) == generate(model, [prompt[-24:], [1]], 5, temperature=0)
 
 
 def test_a_temperature_below_greedy_below_on_the_kernels_draws_the_argmax(device):
