@@ -665,6 +665,31 @@ def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(model):
     assert generate(model, [prompt, [1]], 5, temperature=0) == generate(model, [prompt[-24:], [1]], 5, temperature=0)
 
 
+def test_an_end_of_text_ends_the_generation_at_the_next_check(model, monkeypatch):
+    """Each sequence ends at the check after its end of text (each check reads only the tokens
+    since the last one), and generation stops when all have ended: not drawing on to
+    max_new_tokens, which may be far more (sample.py's 256)."""
+    run = lambda **kw: generate(model, [[1, 2, 3], [4, 5]], 40, generator=torch.Generator().manual_seed(5), **kw)
+    free = run()
+    # A token both draw, first in different windows of 4.
+    eot = next(t for t in free[0] if t in free[1] and free[0].index(t) // 4 != free[1].index(t) // 4)
+    draws, draw = [], Decoder.draw
+    monkeypatch.setattr(Decoder, "draw", lambda self, *a, **k: draws.append(1) or draw(self, *a, **k))
+    out = run(eot_token=eot, check_every=4)
+    assert out == [f[: f.index(eot)] for f in free]
+    assert len(draws) == 4 * math.ceil(max(f.index(eot) + 1 for f in free) / 4)
+
+
+def test_a_stream_ends_at_its_end_of_text(model):
+    """Streaming checks every token: the stream gets the end of text, and no token drawn after it."""
+    run = lambda **kw: generate(model, [[1, 2, 3]], 40, generator=torch.Generator().manual_seed(5), **kw)[0]
+    free = run()
+    eot = free[5]
+    streamed = []
+    out = run(eot_token=eot, on_token=lambda t: streamed.append(t.item()))
+    assert out == free[: free.index(eot)] and streamed == free[: free.index(eot) + 1]
+
+
 def test_a_temperature_below_greedy_below_on_the_kernels_draws_the_argmax(device):
     """On the kernels' top_p path too: logits / 1e-39 overflow to +inf, of which kernels.sample
     takes the first, not the largest."""
@@ -681,3 +706,37 @@ def test_top_k_and_top_p_reach_the_draws(model):
     run = lambda **kw: generate(model, [[1, 2, 3]], 12, generator=torch.Generator().manual_seed(0), **kw)
     assert run(top_k=1) == greedy and run(top_p=1e-9) == greedy
     assert run() != greedy
+
+
+def test_generate_runs_the_model_only_for_tokens_it_draws(model, monkeypatch):
+    """One prefill, then one decode step a token but the last: no step (or slide) whose logits
+    nothing draws from, after the last token."""
+    calls = []
+    for name in ("prefill", "step"):
+        real = getattr(Decoder, name)
+        monkeypatch.setattr(Decoder, name, lambda self, *a, real=real, name=name: calls.append(name) or real(self, *a))
+    generate(model, [[1, 2, 3]], 5, temperature=0)
+    assert calls == ["prefill"] + ["step"] * 4
+    calls.clear()
+    generate(model, [list(range(20))], 5, temperature=0)  # the fifth token fills the context
+    assert calls == ["prefill"] + ["step"] * 4
+
+
+def test_each_refill_is_the_end_of_its_sequence_so_far(model, monkeypatch):
+    """A slide refills every sequence with the last tokens of its prompt and output, also past
+    the first block_size tokens: at token 32 here the shorter sequence, one short of full,
+    keeps 24 tokens, all of them output (a window one short took back a prompt token)."""
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    events, prefill, draw = [], Decoder.prefill, Decoder.draw
+    monkeypatch.setattr(Decoder, "draw", lambda self, *a, **k: events.append(None) or draw(self, *a, **k))
+    monkeypatch.setattr(Decoder, "prefill", lambda self, seqs: events.append(list(map(list, seqs))) or prefill(self, seqs))
+    out = generate(model, prompts, 40, generator=torch.Generator().manual_seed(3))
+    n, refills = 0, []
+    for seqs in events:
+        if seqs is None:
+            n += 1
+            continue
+        refills.append((n, [len(h) for h in seqs]))
+        for p, o, h in zip(prompts, out, seqs):
+            assert h == (p + o[:n])[-len(h):], n
+    assert (32, [24, 12]) in refills
