@@ -959,6 +959,38 @@ def test_an_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_a_folder_that_refuses_fsync_keeps_the_save_and_closes_its_descriptor(tmp_path, monkeypatch):
+    """Some file systems refuse fsync on a folder (EINVAL: some network and FUSE mounts): the
+    renamed checkpoint stands, and the folder's descriptor is closed all the same, where a
+    run saving at every eval leaked one a save until "Too many open files"."""
+    import errno
+    import stat
+
+    opened, closed = [], []
+    real_open, real_close, real_fsync = os.open, os.close, os.fsync
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if os.path.isdir(path):
+            opened.append(fd)
+        return fd
+
+    def refused(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    for fsync in (real_fsync, refused):
+        monkeypatch.setattr(os, "fsync", fsync)
+        opened.clear(), closed.clear()
+        checkpoint.save({"model": {"w": torch.ones(2)}, "config": {}, "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+        assert len(opened) == 1 and opened[0] in closed, fsync
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("state", [{"transformer.wte.weight": torch.zeros(2, 2)}, {"config": {}, "tokenizer": {"name": "byte"}}],
                          ids=["bare-state-dict", "no-model"])
 def test_a_torch_save_file_that_is_no_checkpoint_is_named_so(tmp_path, state):
@@ -989,6 +1021,7 @@ def test_a_lock_from_another_host_is_never_taken_as_stale(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"in use by another trainer \\(another-host pid {gone.pid}\\)"):
         checkpoint.OutDirLock(tmp_path).acquire()
     assert (tmp_path / "train.lock").read_text() == f"another-host {gone.pid}"
+
 
 def test_a_lock_held_by_another_users_process_is_not_stale(tmp_path, monkeypatch):
     """Signalling another user's process is refused (EPERM): it runs, and its lock holds."""
