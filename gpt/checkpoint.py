@@ -109,7 +109,8 @@ def _read(p: Path, map_location: str | torch.device = "cpu") -> object:
             f"{p} holds objects other than tensors and plain data, refused for safety "
             f"({str(e).splitlines()[0][:120]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
+    # Damage inside a whole zip (flipped bits, a zeroed block) shows as any of these.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{p} is truncated or not a tritongpt checkpoint ({type(e).__name__})") from None
     return state
 

@@ -39,6 +39,11 @@ def run_train(tmp_path, corpus, out, *extra):
     return train.train(train.parse_args(flags(tmp_path, corpus, out, *extra)))
 
 
+def tiny_checkpoint(path):
+    cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "byte"}}, path)
+
+
 def logged_losses(path):
     with open(path / "metrics.csv") as f:
         return {int(r["step"]): r["train_loss"] for r in csv.DictReader(f) if not r["val_loss"]}
@@ -163,6 +168,24 @@ def test_corrupt_or_foreign_files_name_the_file(tmp_path, content):
     if content != pickle.dumps({"a": 1}):  # not misreported as unsafe: it is no checkpoint at all
         with pytest.raises(checkpoint.CheckpointError, match="not a torch.save archive"):
             checkpoint.load(path)
+
+
+@pytest.mark.parametrize("member, data", [("data.pkl", b"\x80\x02h\x05."), (".storage_alignment", b"\x00\x00"),
+                                          ("data.pkl", b"\x80\x02X\x02\x00\x00\x00\xff\xfe.")],
+                         ids=["memo-key", "zeroed-record", "not-utf8"])
+def test_a_damaged_archive_names_the_file(tmp_path, member, data):
+    """Damage inside a whole zip (flipped bits, a zeroed block) makes torch.load raise a KeyError
+    or a ValueError as well as a RuntimeError: each is the one line naming the file, not a
+    traceback out of sample.py or train.py --resume."""
+    import zipfile
+
+    path = tmp_path / "ckpt.pt"
+    tiny_checkpoint(tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as good, zipfile.ZipFile(path, "w") as damaged:
+        for info in good.infolist():
+            damaged.writestr(info, data if info.filename.endswith("/" + member) else good.read(info))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path} is truncated or not a tritongpt checkpoint"):
+        checkpoint.load(path)
 
 
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
