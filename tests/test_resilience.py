@@ -982,6 +982,20 @@ def test_an_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_a_save_writes_beside_the_checkpoint_under_the_name_cleanup_removes(tmp_path, monkeypatch):
+    """The rename is atomic within one file system only: the temporary file is in the
+    checkpoint's folder (not /tmp), under a name that remove_partial_saves finds when a
+    SIGKILL leaves it there."""
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(a) or real_replace(a, b))
+    path = tmp_path / "run" / "ckpt.pt"
+    checkpoint.save({"model": {}, "config": {}, "tokenizer": {"name": "byte"}}, path)
+    tmp = path.parent / os.path.basename(renamed[0])
+    assert os.path.samefile(os.path.dirname(renamed[0]), path.parent)
+    tmp.write_bytes(b"PK half a zip")  # what a save killed mid-write leaves
+    assert checkpoint.remove_partial_saves(path) == 1 and not tmp.exists() and path.exists()
+
+
 def test_a_folder_that_refuses_fsync_keeps_the_save_and_closes_its_descriptor(tmp_path, monkeypatch):
     """Some file systems refuse fsync on a folder (EINVAL: some network and FUSE mounts): the
     renamed checkpoint stands, and the folder's descriptor is closed all the same, where a
