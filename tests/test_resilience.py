@@ -1028,13 +1028,29 @@ def test_a_folder_that_refuses_fsync_keeps_the_save_and_closes_its_descriptor(tm
     assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["w"], torch.ones(2))
 
 
-@pytest.mark.parametrize("state", [{"transformer.wte.weight": torch.zeros(2, 2)}, {"config": {}, "tokenizer": {"name": "byte"}}],
-                         ids=["bare-state-dict", "no-model"])
+@pytest.mark.parametrize("state", [{"transformer.wte.weight": torch.zeros(2, 2)}, {"config": {}, "tokenizer": {"name": "byte"}},
+                                   {"model": {}, "config": {}}, torch.zeros(2), [{"model": {}}]],
+                         ids=["bare-state-dict", "no-model", "no-tokenizer", "a-tensor", "a-list"])
 def test_a_torch_save_file_that_is_no_checkpoint_is_named_so(tmp_path, state):
-    """torch.save(model.state_dict()) or a dict without weights: not called another version's checkpoint."""
+    """torch.save(model.state_dict()), a dict without weights or tokenizer, or no dict at all (an
+    AttributeError's traceback): not called another version's checkpoint."""
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.pt is not a tritongpt checkpoint \(missing model"):
         checkpoint.load_model(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("key, value", [("config", {"n_embd": 0}), ("config", [2, 2]), ("tokenizer", {"name": "char"}),
+                                        ("tokenizer", "byte"), ("tokenizer", {"name": "char", "chars": 5})],
+                         ids=["config-value", "config-not-a-dict", "char-without-chars", "tokenizer-not-a-dict",
+                              "chars-not-a-string"])
+def test_a_config_or_tokenizer_this_version_cannot_read_is_one_line(tmp_path, key, value):
+    """Each way GPTConfig.from_dict or tokenizer_from_state fails (ValueError, AttributeError,
+    KeyError, TypeError) is the CheckpointError, at load, before any caller rebuilds them."""
+    cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    state = {"model": {}, "config": cfg.to_dict(), "tokenizer": {"name": "byte"}, key: value}
+    checkpoint.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt.pt holds a config or tokenizer this version cannot read"):
+        checkpoint.load(tmp_path)
 
 
 def test_rng_state_brings_back_every_global_stream():
