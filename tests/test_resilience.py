@@ -1053,6 +1053,13 @@ def test_a_config_or_tokenizer_this_version_cannot_read_is_one_line(tmp_path, ke
         checkpoint.load(tmp_path)
 
 
+def test_load_model_puts_the_model_on_the_device_asked_for(tmp_path):
+    """Here the meta device stands in for a GPU."""
+    tiny_checkpoint(tmp_path / "ckpt.pt")
+    model, _, _ = checkpoint.load_model(tmp_path, device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+
+
 def test_rng_state_brings_back_every_global_stream():
     import random
 
