@@ -1083,6 +1083,14 @@ def test_a_lock_from_another_host_is_never_taken_as_stale(tmp_path):
     assert (tmp_path / "train.lock").read_text() == f"another-host {gone.pid}"
 
 
+def test_a_lock_without_a_pid_is_held_not_a_traceback(tmp_path):
+    """A lock whose pid is not a number (written by hand, or cut short) on this host: taken as
+    held, with the way out, not int()'s ValueError."""
+    (tmp_path / "train.lock").write_text(f"{os.uname().nodename} ?")
+    with pytest.raises(checkpoint.CheckpointError, match=r"in use by another trainer .*or delete .*train.lock"):
+        checkpoint.OutDirLock(tmp_path).acquire()
+
+
 def test_a_lock_held_by_another_users_process_is_not_stale(tmp_path, monkeypatch):
     """Signalling another user's process is refused (EPERM): it runs, and its lock holds."""
     def not_permitted(pid, sig):
