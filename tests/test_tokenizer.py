@@ -151,6 +151,22 @@ def test_byte_tokenizer_has_all_256_bytes_and_replaces_invalid_utf8():
     assert tok.decode(tok.encode("\u00e9")[:1]) == "\ufffd"
 
 
+def test_gpt2_decodes_part_of_a_character_as_replacement():
+    """A streamed sample decodes ids that end inside a character; that is U+FFFD, not an error."""
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("\U0001f642")  # two tokens, the character's bytes split between them
+    assert len(ids) == 2 and tok.decode(ids[:1]) == "\ufffd"
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 1 << 20])
+def test_gpt2_array_path_encodes_end_of_text(chunk_chars):
+    """Corpora of documents joined by <|endoftext|> get the special token on the corpus path too."""
+    tok = get_tokenizer("gpt2")
+    text = "a<|endoftext|>b c <|endoftext|>"
+    assert tok.encode_array(text, chunk_chars=chunk_chars).tolist() == tok.encode(text)
+    assert tok.encode_array(text, chunk_chars=chunk_chars).tolist().count(50256) == 2
+
+
 @pytest.mark.parametrize("state", [{}, {"name": "sentencepiece"}, {"name": None}], ids=["no-name", "unknown", "none"])
 def test_state_naming_no_known_tokenizer_is_a_clear_error(state):
     with pytest.raises(ValueError, match="checkpoint names an unknown tokenizer"):
