@@ -111,8 +111,6 @@ def test_char_array_path_names_an_unknown_character(vocabulary, text, unknown):
         tok.encode_array(text)
 
 
-
-
 def test_char_vocabulary_is_sorted_unique_and_never_empty():
     """The vocabulary is each character once, in code point order, whatever order or repeats it
     comes in; an empty one (a checkpoint's "chars": "") is the clear ValueError, not max()'s."""
@@ -190,3 +188,16 @@ def test_gpt2_without_its_package_is_a_clear_error(monkeypatch):
 def test_state_naming_no_known_tokenizer_is_a_clear_error(state):
     with pytest.raises(ValueError, match="checkpoint names an unknown tokenizer"):
         tokenizer_from_state(state)
+
+
+@pytest.mark.parametrize("space", list("\t\n\x0b\x0c\r "), ids=["tab", "lf", "vt", "ff", "cr", "space"])
+def test_gpt2_cuts_before_each_ascii_space_and_keeps_chunks_near_chunk_chars(space):
+    """Words split only by tabs (or only by any one ASCII space) are cut into chunks too, and
+    chunks are at least chunk_chars long (not one per word)."""
+    text = ("word" + space) * 400
+    assert 10 < chunks_encoding_like_the_whole(get_tokenizer("gpt2"), text, 100) <= len(text) // 100 + 1
+
+
+@pytest.mark.parametrize("stop", list("\u3001\u3002\uff01\uff0c\uff1a\uff1b\uff1f"))
+def test_gpt2_cuts_after_each_full_width_punctuation(stop):
+    assert chunks_encoding_like_the_whole(get_tokenizer("gpt2"), ("\u4e2d\u6587" + stop) * 300, 50) > 10
