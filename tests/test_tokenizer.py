@@ -201,3 +201,12 @@ def test_gpt2_cuts_before_each_ascii_space_and_keeps_chunks_near_chunk_chars(spa
 @pytest.mark.parametrize("stop", list("\u3001\u3002\uff01\uff0c\uff1a\uff1b\uff1f"))
 def test_gpt2_cuts_after_each_full_width_punctuation(stop):
     assert chunks_encoding_like_the_whole(get_tokenizer("gpt2"), ("\u4e2d\u6587" + stop) * 300, 50) > 10
+
+
+def test_char_array_path_holds_ids_of_a_large_vocabulary():
+    """A corpus of many scripts has more characters than int8 or int16 ids hold: the corpus
+    path gives the ids encode does up to the last one."""
+    tok = CharTokenizer("".join(map(chr, range(0x100, 0x100 + 40000))))  # below the surrogates
+    text = "".join(map(chr, range(0x100, 0x100 + 40000, 97))) + chr(0x100 + 39999)
+    ids = tok.encode_array(text)
+    assert ids.tolist() == tok.encode(text) and ids[-1] == 39999
