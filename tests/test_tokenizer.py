@@ -210,3 +210,12 @@ def test_char_array_path_holds_ids_of_a_large_vocabulary():
     text = "".join(map(chr, range(0x100, 0x100 + 40000, 97))) + chr(0x100 + 39999)
     ids = tok.encode_array(text)
     assert ids.tolist() == tok.encode(text) and ids[-1] == 39999
+
+
+def test_char_array_path_stays_on_its_table_for_known_text():
+    """Text within the vocabulary never takes encode's per-character fallback (a list of
+    Python ints the size of the corpus), whatever its first or highest character."""
+    text = "".join(TEXTS)
+    tok = get_tokenizer("char", text)
+    tok.encode = lambda t: pytest.fail("encode_array fell back to encode")
+    assert tok.encode_array(text).tolist() == CharTokenizer(text).encode(text)
