@@ -219,3 +219,10 @@ def test_char_array_path_stays_on_its_table_for_known_text():
     tok = get_tokenizer("char", text)
     tok.encode = lambda t: pytest.fail("encode_array fell back to encode")
     assert tok.encode_array(text).tolist() == CharTokenizer(text).encode(text)
+
+
+def test_byte_tokenizer_refuses_a_lone_surrogate():
+    """A --prompt byte that is not UTF-8 reaches Python as a lone surrogate: a ValueError
+    (sample.py's "prompt cannot be encoded"), not silently dropped."""
+    with pytest.raises(ValueError):
+        get_tokenizer("byte").encode("a\udcffb")
