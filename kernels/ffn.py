@@ -30,7 +30,11 @@ SMs; with its tiles (_TMA_TILES) it is Hopper's default for 16-bit inputs since 
 (H200: 0.89-0.95x cuBLAS forward against the pointer kernel's 0.69-0.73x, fwd+bwd
 0.83-0.86x against 0.74-0.77x). _matmul_ws_kernel, a candidate (_WS_TILES), runs the same
 work warp-specialised: a producer warp group loads while two consumer groups multiply and
-run the epilogue.
+run the epilogue. A product cut along K stores fp32 slices that _sum_slices_kernel adds
+and rounds into the output in one pass. Cutting every tile (the default) evens out the
+rounds at the cost of fp32 slices for the whole output; the tail split (`tail_split`, a
+candidate, _split_plan) runs the tiles of the whole rounds uncut and cuts only the last
+round's few.
 
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
@@ -222,7 +226,7 @@ def _matmul_persistent_kernel(
 @triton.jit
 def _matmul_tma_kernel(
     DescA, DescB, DescOut, DescAux, Bias, ColSum,
-    M, N, K, num_programs, splits, split_rows,
+    M, N, K, num_programs, first_tile, tile_count, splits, split_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
@@ -246,8 +250,13 @@ def _matmul_tma_kernel(
     BLOCK_M (a 2-D stack: warp specialisation cannot split a 3-D tile); the caller sums
     them. For weight gradients whose few output tiles would leave SMs idle in the last
     round (GPT-2 small: 144 tiles on 132 SMs).
+
+    A launch covers tile_count tiles from first_tile on (in the grouped order): with
+    _split_plan's tail split, one launch takes the tiles of the whole rounds unsplit and a
+    second cuts only the last round's few tiles.
     """
-    _tma_units(DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+    _tma_units(DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, first_tile, tile_count,
+               splits, split_rows,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
                PRECISION, HALVES, False)
 
@@ -255,7 +264,7 @@ def _matmul_tma_kernel(
 @triton.jit
 def _matmul_ws_kernel(
     A, B, Out, Aux, Bias, ColSum,
-    M, N, K, num_programs, splits, split_rows, out_rows, stride_a, stride_b, stride_aux,
+    M, N, K, num_programs, first_tile, tile_count, splits, split_rows, out_rows, stride_a, stride_b, stride_aux,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
@@ -285,21 +294,21 @@ def _matmul_ws_kernel(
         desc_b = tl.make_tensor_descriptor(B, [N, K], [stride_b, 1], [BLOCK_N, BLOCK_K])
     desc_out = tl.make_tensor_descriptor(Out, [out_rows, N], [N, 1], [BLOCK_M, BLOCK_N])
     desc_aux = tl.make_tensor_descriptor(Aux, [M, N], [stride_aux, 1], [BLOCK_M, BLOCK_N])
-    _tma_units(desc_a, desc_b, desc_out, desc_aux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+    _tma_units(desc_a, desc_b, desc_out, desc_aux, Bias, ColSum, M, N, K, num_programs, first_tile, tile_count,
+               splits, split_rows,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
                PRECISION, False, True)
 
 
 @triton.jit
 def _tma_units(
-    DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, splits, split_rows,
+    DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, first_tile, tile_count, splits, split_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
     PRECISION: tl.constexpr, HALVES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """The work of _matmul_tma_kernel and _matmul_ws_kernel, given their descriptors."""
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     # Every slice walks the same number of K steps, so the flattened loop keeps a fixed trip
     # count; steps past K read zero fill.
     k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)
@@ -309,12 +318,12 @@ def _tma_units(
     # Units run slice-major: the programs running side by side share a K slice and,
     # through the grouped tile order, the operand tiles in L2.
     # Warp specialisation needs the tile loop unflattened (Triton 3.6, Hopper).
-    for unit in tl.range(start, tiles * splits, num_programs, flatten=not WARP_SPECIALIZE,
+    for unit in tl.range(start, tile_count * splits, num_programs, flatten=not WARP_SPECIALIZE,
                          warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(unit % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _tile_coords(first_tile + unit % tile_count, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        k_first = (unit // tiles) * k_steps
+        k_first = (unit // tile_count) * k_steps
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_steps):
             off_k = (k_first + k) * BLOCK_K
@@ -329,8 +338,8 @@ def _tma_units(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
         unit_out += num_programs
-        pid_m, pid_n = _tile_coords(unit_out % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        first_row = (unit_out // tiles) * split_rows  # of this unit's K slice in DescOut
+        pid_m, pid_n = _tile_coords(first_tile + unit_out % tile_count, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        first_row = (unit_out // tile_count) * split_rows  # of this unit's K slice in DescOut
         if HALVES:
             # The epilogue a half-width tile at a time: half the staging buffers in shared
             # memory (at 128 x 256 they would not fit beside three pipeline stages) and half
@@ -370,6 +379,27 @@ def _tma_epilogue(acc, out_first_row, pid_m, out_n, DescOut, DescAux, Bias, ColS
     DescOut.store([out_first_row + out_m, out_n], acc.to(DescOut.dtype))
 
 
+@triton.jit
+def _sum_slices_kernel(Part, Out, M, N, slice_size, splits, first_tile,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ROWS: tl.constexpr):
+    """A split product's output tile first_tile + program_id(0) (the matmul's tile order),
+    ROWS of its rows a program (program_id(1)): the sum of its `splits` fp32 K slices,
+    (M, N) each and slice_size elements apart in Part, rounded once into Out (M, N), both
+    contiguous. One pass over the slices, where torch's sum then copy made three."""
+    pid_m, pid_n = _tile_coords(first_tile + tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    part = Part + offs  # stepped a slice at a time: 64-bit addresses, whatever slice_size's type
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    # Pipelined: the next slices' loads are in flight while this one is added.
+    for _ in tl.range(splits, num_stages=3):
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += slice_size
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
 class _Tiles(NamedTuple):
     block_m: int
     block_n: int
@@ -382,6 +412,7 @@ class _Tiles(NamedTuple):
     tma: bool = False  # operands through TMA descriptors, persistent (`persistent` or 1 program per SM), any layout
     split_k: bool = False  # cut K where the output tiles alone would leave SMs idle (products without bias or epilogue)
     warp_specialize: bool = False  # with tma: a producer warp group loads, consumers multiply (Hopper, 4 warps)
+    tail_split: bool = False  # with tma and split_k: cut only the last round's tiles (_split_plan)
 
 
 # The kinds of product, which take different tiles.
@@ -435,6 +466,9 @@ _WS_TILES: dict[str, _Tiles] = {
     _WEIGHT_GRAD: _Tiles(128, 128, 64, 8, 4, 4, tma=True, split_k=True, warp_specialize=True),
 }
 _FP32 = _Tiles(64, 64, 32, 8, 4, 3)
+# Rows of one tile a program of _sum_slices_kernel sums: 8 programs a 128 x 128 tile, so
+# that even a few tiles' slices are read by many SMs.
+_SUM_ROWS = 16
 # The interpreter pays per program: tiles as large as the tests' shapes, K still tiled so
 # that the tests walk several K steps with a ragged last one.
 _INTERPRETER = _Tiles(32, 64, 16, 2, 4, 1)
@@ -508,12 +542,12 @@ def _matmul(
     # Programs a persistent launch keeps resident (two stand for the SMs when interpreting).
     slots = max(t.persistent, 1) * (_sm_count(a.device.index or 0) if a.is_cuda else 2)
     programs = min(tiles, slots)
-    splits = 1
-    if t.split_k and epilogue == _NONE and bias is None:
-        splits = _k_splits(tiles, cdiv(K, t.block_k), slots)
     views = _tma_views(a, b) if t.tma else None
+    whole, splits = tiles, 1  # tiles [0, whole) take all of K, the others are cut into `splits` slices
+    if t.split_k and epilogue == _NONE and bias is None:
+        whole, splits = _split_plan(tiles, cdiv(K, t.block_k), slots, t.tail_split and views is not None)
     if views is not None:
-        _launch_tma(a, b, views, out, aux_arg, outputs[1], outputs[3], t, splits, min(tiles * splits, slots), flags)
+        _launch_tma(a, b, views, out, aux_arg, outputs[1], outputs[3], t, tiles, whole, splits, slots, flags)
     else:
         # A split product's slices store fp32 partials, summed below.
         target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
@@ -531,7 +565,7 @@ def _matmul(
             ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
         )
         if splits > 1:
-            out.copy_(target.sum(0))
+            _sum_slices(target, out, 0, tiles, M, splits, t)
     return out, None if partial is None else partial.sum(0)
 
 
@@ -554,31 +588,65 @@ def _k_splits(tiles: int, k_steps: int, slots: int) -> int:
     return best
 
 
+def _split_plan(tiles: int, k_steps: int, slots: int, tail_only: bool) -> tuple[int, int]:
+    """(whole, splits): tiles [0, whole) take all of K, the others are cut into `splits` K
+    slices. Where _k_splits cuts a product, every tile is cut (whole = 0), unless
+    `tail_only` and the tiles fill a round: then only the last round's are, into as many
+    slices as there are programs for them (each 16 or more K steps). 144 tiles on 132 SMs:
+    132 whole, then 12 cut in 11 (132 units of 1/11 the work): 1.09 rounds' time against
+    1.25 for all cut in four, and fp32 slices of 12 tiles, not 144 (dWproj at C = 768:
+    8 MiB written and summed against 36 MiB)."""
+    splits = _k_splits(tiles, k_steps, slots)
+    if splits == 1:
+        return tiles, 1
+    if not tail_only or tiles < slots:
+        return 0, splits
+    left = tiles % slots
+    splits = min(slots // left, k_steps // 16)
+    return (tiles - left, splits) if splits > 1 else (tiles, 1)
+
+
 def _launch_tma(a: Tensor, b: Tensor, views: tuple[tuple[Tensor, bool], ...], out: Tensor, aux: Tensor,
-                bias: Tensor, col_sums: Tensor, t: _Tiles, splits: int, programs: int, flags: dict) -> None:
+                bias: Tensor, col_sums: Tensor, t: _Tiles, tiles: int, whole: int, splits: int, slots: int,
+                flags: dict) -> None:
     """out = a @ b (epilogue in flags) on _matmul_tma_kernel, or _matmul_ws_kernel if
-    t.warp_specialize; `views` from _tma_views. Split products stack their fp32 slices in
-    a scratch tensor, each slice padded to whole row tiles, and sum them into out."""
+    t.warp_specialize; `views` from _tma_views. Tiles [0, whole) are launched whole into
+    out; the others, cut into `splits` K slices, stack their fp32 slices in a scratch
+    tensor, each slice padded to whole row tiles, then summed into out."""
     (M, K), N = a.shape, b.shape[1]
     (view_a, a_rows_first), (view_b, b_k_first) = views
     split_rows = cdiv(M, t.block_m) * t.block_m
-    target = out if splits == 1 else torch.empty((splits * split_rows, N), dtype=torch.float32, device=a.device)
     flags = dict(flags, A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first)
-    if t.warp_specialize:
-        with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
-            view_a, view_b, target, aux, bias, col_sums, M, N, K, programs, splits, split_rows, target.shape[0],
-            view_a.stride(0), view_b.stride(0), aux.stride(0), **flags))
-    else:
-        halves = t.block_n >= 256
-        width = t.block_n // (1 + halves)
-        block_a = (t.block_m, t.block_k) if a_rows_first else (t.block_k, t.block_m)
-        block_b = (t.block_k, t.block_n) if b_k_first else (t.block_n, t.block_k)
-        _matmul_tma_kernel[(programs,)](
-            _descriptor(view_a, block_a), _descriptor(view_b, block_b), _descriptor(target, (t.block_m, width)),
-            _descriptor(aux, (t.block_m, width)), bias, col_sums, M, N, K, programs, splits, split_rows,
-            HALVES=halves, **flags)
+    slices = None if splits == 1 else torch.empty((splits * split_rows, N), dtype=torch.float32, device=a.device)
+    for first, count, s, target in ((0, whole, 1, out), (whole, tiles - whole, splits, slices)):
+        if count == 0:
+            continue
+        programs = min(count * s, slots)
+        if t.warp_specialize:
+            with_device_scratch(a.device, lambda: _matmul_ws_kernel[(programs,)](
+                view_a, view_b, target, aux, bias, col_sums, M, N, K, programs, first, count, s, split_rows,
+                target.shape[0], view_a.stride(0), view_b.stride(0), aux.stride(0), **flags))
+        else:
+            halves = t.block_n >= 256
+            width = t.block_n // (1 + halves)
+            block_a = (t.block_m, t.block_k) if a_rows_first else (t.block_k, t.block_m)
+            block_b = (t.block_k, t.block_n) if b_k_first else (t.block_n, t.block_k)
+            _matmul_tma_kernel[(programs,)](
+                _descriptor(view_a, block_a), _descriptor(view_b, block_b), _descriptor(target, (t.block_m, width)),
+                _descriptor(aux, (t.block_m, width)), bias, col_sums, M, N, K, programs, first, count, s, split_rows,
+                HALVES=halves, **flags)
     if splits > 1:
-        out.copy_(target.view(splits, split_rows, N)[:, :M].sum(0))
+        _sum_slices(slices, out, whole, tiles - whole, split_rows, splits, t)
+
+
+def _sum_slices(slices: Tensor, out: Tensor, first_tile: int, tile_count: int, split_rows: int, splits: int,
+                t: _Tiles) -> None:
+    """out's tiles [first_tile, first_tile + tile_count) = the sums of their fp32 K slices."""
+    M, N = out.shape
+    rows = min(t.block_m, _SUM_ROWS)
+    _sum_slices_kernel[(tile_count, t.block_m // rows)](
+        slices, out, M, N, split_rows * N, splits, first_tile,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, GROUP_M=t.group_m, ROWS=rows, num_warps=4)
 
 
 def _tma_views(a: Tensor, b: Tensor) -> tuple[tuple[Tensor, bool], ...] | None:

@@ -3,8 +3,9 @@
 every kernel test then runs them (in the interpreter, or on a Hopper GPU) over all its
 shapes and edge cases, not only the few the candidates' own tests pick.
 
-- FFN: TMA and split K (in the interpreter each eligible product cut in two; on Hopper
-  the _TMA_TILES table for 16-bit inputs);
+- FFN: TMA and split K, the last round's tiles alone cut (in the interpreter each eligible
+  product's second half of tiles cut in two; on Hopper the _TMA_TILES table for 16-bit
+  inputs with tail_split);
 - attention: TMA in the forward and both backward kernels;
 - LayerNorm: the persistent, pipelined forward.
 """
@@ -21,12 +22,15 @@ def force(monkeypatch: pytest.MonkeyPatch) -> None:
     ffn = importlib.import_module("kernels.ffn")
     tiles = ffn._tiles
     if torch.cuda.is_available():  # fp32 keeps its own small tiles, as the launcher's table does
+        tma = {kind: t._replace(tail_split=True) for kind, t in ffn._TMA_TILES.items()}
         monkeypatch.setattr(ffn, "_tiles", lambda t, kind: (
-            ffn._TMA_TILES.get(kind) if t.dtype != torch.float32 else None) or tiles(t, kind))
+            tma.get(kind) if t.dtype != torch.float32 else None) or tiles(t, kind))
     else:
-        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(tma=True, split_k=True))
-        # The interpreter's two stand-in SMs rarely call for a split: force one wherever K allows.
-        monkeypatch.setattr(ffn, "_k_splits", lambda tiles, k_steps, slots: 2 if k_steps >= 2 else 1)
+        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(tma=True, split_k=True, tail_split=True))
+        # The interpreter's two stand-in SMs rarely call for a split: force one wherever K
+        # allows, the tail split's (half the tiles whole, half cut) where TMA runs the product.
+        monkeypatch.setattr(ffn, "_split_plan", lambda tiles, k_steps, slots, tail_only: (
+            (tiles, 1) if k_steps < 2 else (tiles // 2, 2) if tail_only else (0, 2)))
     attention = importlib.import_module("kernels.attention")
     settings = attention._settings
 

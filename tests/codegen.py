@@ -212,10 +212,18 @@ def ffn_cases(arch: int) -> dict[str, dict]:
                 num_warps=t.num_warps, num_stages=t.num_stages)
         if arch == 90 and kind != ffn._FEW_ROWS:
             cases[f"ffn tma {name}"] = _ffn_tma_case(ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1)
+            if kind == ffn._WEIGHT_GRAD:  # cut along K (GPT-2 small): fp32 slices staged for the store
+                cases[f"ffn tma {name} split K"] = _ffn_tma_case(
+                    ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1, out="fp32")
             # The warp-specialised candidate; the launcher gives it dpre only without the
             # column sums (no fc bias), as the specialisation cannot sum across its consumers.
             ws_tiles = ffn._specialised(ffn._WS_TILES[kind], epilogue, col_sums=False)
             cases[f"ffn ws {name}"] = _ffn_ws_case(ws_tiles, epilogue, name, ak == 1, bn == 1)
+    for kind in (ffn._WEIGHT_GRAD, ffn._PLAIN):  # the split products' tiles, 128 wide and 256 on Hopper
+        t = ffn._TMA_TILES[kind] if arch == 90 else ffn._TILES[(arch // 10, kind)]
+        cases[f"ffn sum K slices {t.block_m}x{t.block_n}"] = compile_case(
+            arch, ffn._sum_slices_kernel, {"Part": "fp32", "Out": "bf16"},
+            dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, GROUP_M=t.group_m, ROWS=min(t.block_m, ffn._SUM_ROWS)))
     return cases
 
 
@@ -232,14 +240,15 @@ def _ffn_ws_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: boo
                         num_stages=t.num_stages)
 
 
-def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool) -> dict:
-    """An FFN product on the TMA kernel for sm90, its descriptors' tiles in storage order."""
+def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool, out: str = "bf16") -> dict:
+    """An FFN product on the TMA kernel for sm90, its descriptors' tiles in storage order,
+    its output of dtype `out`."""
     halves = t.block_n >= 256
     width = t.block_n // (1 + halves)
     a_block = [t.block_m, t.block_k] if a_rows_first else [t.block_k, t.block_m]
     b_block = [t.block_k, t.block_n] if b_k_first else [t.block_n, t.block_k]
     descriptors = {"DescA": f"tensordesc<bf16{a_block}>", "DescB": f"tensordesc<bf16{b_block}>",
-                   "DescOut": f"tensordesc<bf16{[t.block_m, width]}>",
+                   "DescOut": f"tensordesc<{out}{[t.block_m, width]}>",
                    "DescAux": f"tensordesc<bf16{[t.block_m, width]}>"}
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,

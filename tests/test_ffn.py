@@ -13,6 +13,7 @@ from kernels.ffn import ffn
 ffn_module = importlib.import_module("kernels.ffn")
 # The split-K policy itself, which `pytest --candidates` replaces in the module (tests/candidates.py).
 _k_splits = ffn_module._k_splits
+_split_plan = ffn_module._split_plan
 
 TOLERANCES = [  # dtype, atol, rtol
     pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
@@ -122,6 +123,20 @@ def test_k_splits_fill_the_rounds():
     assert _k_splits(144, 63, 132) == 3
     assert _k_splits(144, 31, 132) == 1
     assert _k_splits(132, 100, 132) == 1
+
+
+def test_split_plan_cuts_the_last_round_alone():
+    """The tail split on the same case: the 132 tiles of the whole round uncut, the 12 left
+    cut into as many slices as there are programs for them (11; 4 where K has 64 steps, each
+    slice 16 or more); fewer tiles than programs, or the tail split not asked for, cut every
+    tile as _k_splits does; a product whose rounds are full is not cut at all."""
+    assert _split_plan(144, 256, 132, True) == (132, 11)
+    assert _split_plan(144, 64, 132, True) == (132, 4)
+    assert _split_plan(400, 256, 132, True) == (396, 16)  # GPT-2 large's weight gradients (C = 1280)
+    assert _split_plan(144, 256, 132, False) == (0, 4)
+    assert _split_plan(72, 256, 132, True) == (0, _k_splits(72, 256, 132)) == (0, 5)
+    assert _split_plan(144, 31, 132, True) == (144, 1)
+    assert _split_plan(264, 256, 132, True) == (264, 1)
 
 
 def test_partial_gradients_and_inference(device):
@@ -256,6 +271,7 @@ def test_split_k_in_interpreter(kernel, monkeypatch, device):
     if device == "cuda":
         pytest.skip("interpreter check; test_tma_kernel_gpu covers the GPU's choice")
     asked = []
+    monkeypatch.setattr(ffn_module, "_split_plan", _split_plan)  # every tile cut, even under --candidates
     monkeypatch.setattr(ffn_module, "_k_splits", lambda tiles, k_steps, slots: asked.append(k_steps) or 3)
     _launches(monkeypatch, "_matmul_tma_kernel", ffn_module._INTERPRETER._replace(
         tma=kernel != "pointers", split_k=True, warp_specialize=kernel == "warp-specialized"))
@@ -263,6 +279,35 @@ def test_split_k_in_interpreter(kernel, monkeypatch, device):
     x = torch.randn(300, 48, device=device)  # K = 300 tokens: 19 steps of 16, 7 per slice
     _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
     assert sorted(asked) == [18, 19, 19]  # dx (K = 280), dWproj and dWfc (K = 300); never the biased ones
+
+
+@pytest.mark.parametrize("kernel", ["tma", "warp-specialized"])
+def test_tail_split_in_interpreter(kernel, monkeypatch, device):
+    """The tail split: the first tiles launched whole into the output, the others cut
+    along K in a second launch (their tile numbers offset) and summed into it, give the
+    same gradients; the plan is asked for it only where TMA runs the product."""
+    if device == "cuda":
+        pytest.skip("interpreter check; test_split_plans_gpu runs both plans on Hopper")
+    asked = []
+
+    def plan(tiles, k_steps, slots, tail_only):
+        asked.append(tail_only)
+        return (tiles // 2, 3) if tail_only else (0, 3)
+
+    monkeypatch.setattr(ffn_module, "_split_plan", plan)
+    tiles = ffn_module._INTERPRETER._replace(tma=True, split_k=True, tail_split=True,
+                                             warp_specialize=kernel == "warp-specialized")
+    calls = _launches(monkeypatch, "_matmul_tma_kernel", tiles)
+    ws_calls = _launches(monkeypatch, "_matmul_ws_kernel", tiles)
+    sums = _launches(monkeypatch, "_sum_slices_kernel", tiles)
+    torch.manual_seed(0)
+    x = torch.randn(300, 48, device=device)  # dWproj 2 x 5 tiles, dWfc 9 x 1, dx 10 x 1 (32 x 64)
+    _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
+    assert asked == [True] * 3  # dWproj, dWfc, dx; never the biased ones
+    # A launch for each half of each split product, one for each of the others (h, y, dpre).
+    assert len(calls) + len(ws_calls) == 3 + 2 * 3
+    # The sums cover the cut tiles alone: 5 of dWproj's 10, 5 of dWfc's 9, 5 of dx's 10.
+    assert sorted(grid[0] for grid in sums) == [5, 5, 5]
 
 
 def test_tma_kernel_falls_back_where_tma_cannot_address(monkeypatch, device):
@@ -430,6 +475,27 @@ def test_tma_kernel_gpu(M, C, candidate, monkeypatch):
     # the column-summing dpre product to the TMA kernel.
     assert len(calls) + len(ws_calls) == (6 if C > 64 else 5)
     assert len(ws_calls) == (len(calls + ws_calls) - 1 if candidate == "warp-specialized" else 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail_split", [False, True], ids=["every-tile-cut", "tail-split"])
+def test_split_plans_gpu(tail_split, monkeypatch):
+    """The weight gradients cut along K on Hopper, as GPT-2 small's are in training (144
+    tiles on 132 SMs; 4096 tokens: 64 K steps, cut in 4), every tile or the last round's
+    alone, in bf16. test_ffn_gpu's 1000 tokens are too few K steps to cut."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the split tiles are Hopper's")
+    plans = []
+    original = ffn_module._split_plan
+    monkeypatch.setattr(ffn_module, "_split_plan", lambda *args: plans.append(original(*args)) or plans[-1])
+    table = {kind: t._replace(tail_split=tail_split) for kind, t in ffn_module._TMA_TILES.items()}
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: table.get(kind) or ffn_module._TILES[(9, kind)])
+    torch.manual_seed(0)
+    x = torch.randn(4096, 768, device="cuda").bfloat16()
+    _check(x, lambda t: t, _weights(768, 3072, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
+    if ffn_module._sm_count(torch.cuda.current_device()) == 132:
+        assert sorted(plans) == [(0, 4), (0, 4), (384, 1)] if not tail_split else [(132, 4), (132, 4), (384, 1)]
+    assert any(splits > 1 for _, splits in plans)
 
 
 @pytest.mark.gpu
