@@ -132,7 +132,8 @@ def run(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: s
 
 # Alternative tiles for --sweep, per kind of product (plain: y and dx; epilogue: the GELU
 # and GELU-gradient kernels; weight_grad: dW), each block_m, block_n, block_k, group_m,
-# warps, stages[, register cap, persistent programs per SM, TMA, split K, warp-specialised];
+# warps, stages[, register cap, persistent programs per SM, TMA, split K, warp-specialised,
+# tail split];
 # a kind left out keeps the default. The pointer kernel's variants (persistent forward,
 # split K, 128-register epilogues, 4-warp 128 x 128 tiles) all ran at 0.70-0.84x eager in
 # run 5, below the TMA kernel, and are gone from the list; the pointer table stays as the
@@ -148,6 +149,11 @@ _WS = dict(plain=(128, 128, 64, 8, 4, 4, None, 1, True, True, True),
            weight_grad=(128, 128, 64, 8, 4, 4, None, 1, True, True, True))
 SWEEP = {
     "table": None,
+    # Only the last round's tiles cut along K (kernels/ffn.py _split_plan): at C = 768 the
+    # weight gradients' 132 whole tiles, then 12 in 11 slices, against all 144 in four;
+    # C = 1280 (GPT-2 large): 396 whole, 4 in 16, against all 400 in three.
+    "TMA + tail split K": {kind: t + (False, True) for kind, t in _TMA.items()},
+    "warp-specialized + tail split K": {kind: t + (True,) for kind, t in _WS.items()},
     "pointer kernel (kernels/ffn.py _TILES, Hopper's default before run 5)": {
         kind: (128, 256, 64, 8, 8, 3) if kind == "plain" else (128, 128, 64, 8, 8, 3) for kind in _TMA},
     "warp-specialized TMA + split K (kernels/ffn.py _WS_TILES)": _WS,
@@ -165,12 +171,14 @@ SWEEP = {
 }
 
 
-def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda", warp_specialized: bool = True) -> None:
+def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda", warp_specialized: bool = True,
+          only: list[str] | None = None) -> None:
     """Times the Triton FFN with each alternative tile table (for re-tuning kernels/ffn.py),
     beside torch eager in the same run; time_providers checks every gradient before it times.
     Candidates run in SWEEP's order, each at every width, so that a run cut short has timed
     the first ones everywhere. warp_specialized=False leaves out the warp-specialised rows
-    (for a GPU on which their tests failed or hung: bench/gpu_check.sh)."""
+    (for a GPU on which their tests failed or hung: bench/gpu_check.sh); `only` keeps the
+    rows whose names contain one of its strings."""
     module = importlib.import_module("kernels.ffn")
     original = module._tiles
     unit = 1e12 if device == "cuda" else 1e6
@@ -179,6 +187,8 @@ def sweep(widths: list[int], dtype: torch.dtype, device: str = "cuda", warp_spec
     rows = {C: [["torch eager", eager[C][0]["torch"], eager[C][1]["torch"], 1.0, 1.0]] for C in widths}
     for name, changes in SWEEP.items():
         if not warp_specialized and any(len(t) > 10 and t[10] for t in (changes or {}).values()):
+            continue
+        if only and not any(part in name for part in only):
             continue
         overrides = {kind: module._Tiles(*t) for kind, t in (changes or {}).items()}
         module._tiles = lambda t, kind, o=overrides: o[kind] if kind in o else original(t, kind)
@@ -233,7 +243,7 @@ def profile(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, devic
     kernel's fastest and slowest call, then each pass's host time beside its device time:
     which product, or whether the launch path, makes C = 768's forward+backward read 0.59x
     to 0.83x eager from one run to the next (runs 5 and 6). The main table times through
-    `bench`, launches included: a pass whose host time passes its device time (~0.55 ms at
+    `bench`, launches included: a pass whose host time passes its device time (~0.9 ms at
     C = 768 at eager's rate; ours launches ~10 kernels through Python, eager's through ATen)
     is timed at the host's pace, which varies with the host."""
     costs = []
@@ -264,6 +274,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
     parser.add_argument("--sweep", type=int, metavar="C", nargs="*", help="time alternative tile tables at widths C (default 768 1024) instead (with --smoke: on CPU)")
     parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised rows")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="--sweep: only the rows whose names contain one of these")
     parser.add_argument("--few-rows", action="store_true", help="time a decode step's FFN (1 to 64 rows) instead (with --smoke: on CPU)")
     parser.add_argument("--profile", type=int, metavar="C", nargs="*", help="per-kernel times of forward+backward at widths C (default 768), ours and eager (with --smoke: on CPU)")
     args = parser.parse_args()
@@ -285,7 +296,7 @@ def main() -> None:
             parser.exit(1, "bench_ffn: no CUDA GPU; use --smoke --few-rows to check the script on CPU\n")
         return
     if args.smoke and args.sweep is not None:
-        sweep([16], torch.float32, "cpu")
+        sweep([16], torch.float32, "cpu", only=args.only)
         return
     if args.smoke:
         run([16, 32], {16: 40, 32: 40}, torch.float32, "cpu", use_compile=False, plot_suffix="_smoke")
@@ -295,7 +306,7 @@ def main() -> None:
                        f"to check the script on CPU\n")
     dtype = DTYPES[args.dtype]
     if args.sweep is not None:
-        sweep(args.sweep or [768, 1024], dtype, warp_specialized=not args.no_warp_specialized)
+        sweep(args.sweep or [768, 1024], dtype, warp_specialized=not args.no_warp_specialized, only=args.only)
         return
     tokens = {C: 8192 if C >= 4096 else 16384 for C in args.widths}
     run(args.widths, tokens, dtype, "cuda", use_compile=not args.no_compile, plot_suffix="")

@@ -17,14 +17,14 @@
 # and the kernel, training and generation benchmarks in one call (266 s), then ws-check,
 # bench-attention and the sweeps in a second (194 s), both on a warm machine: call the
 # second within the 30 s the machine stays warm. Its LayerNorm sweep chose a new forward
-# tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next:
-#   bash bench/gpu_check.sh "$OUT" 400 ln-sweep gpu-tests bench-layer-norm bench-train bench-attention-dropout \
-#       bench-sampling
-#   bash bench/gpu_check.sh "$OUT" 360 ffn-few-rows ffn-profile bench-attention-fused bench-sample \
-#       train-triton train-torch
-# (bench-sample: its top-p row and its compile row draw on kernels.sample since run 6), then,
-# on what the sweep chose, bench-layer-norm again; bench-train-small and bench-train-compile
-# wait for a lease after.
+# tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next
+# (the FFN's tail split, its split-K sum kernel and profile first: C = 768 is the FFN's worst):
+#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests ffn-profile ffn-tail ln-sweep
+#   bash bench/gpu_check.sh "$OUT" 360 bench-ffn bench-layer-norm bench-train bench-attention-dropout \
+#       bench-sampling train-triton train-torch
+# then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
+# rows draw on kernels.sample since run 6), ffn-few-rows, bench-attention-fused,
+# bench-train-small and bench-train-compile wait for a lease after.
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
@@ -93,6 +93,9 @@ step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 # Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6),
 # or whether its launch path does: the host's time a pass beside the device's.
 step ffn-profile 60 python3 -m bench.bench_ffn --profile 768
+# The weight gradients with only the last round's tiles cut along K (C = 768: 12 of 144;
+# GPT-2 large's 1280: 4 of 400) beside the table's every tile cut, untimed so far.
+step ffn-tail 60 python3 -m bench.bench_ffn --sweep 768 1280 --only table "TMA + tail split"
 step bench-attention 130 python3 -m bench.bench_attention
 # Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64
