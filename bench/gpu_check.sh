@@ -18,8 +18,8 @@
 # bench-attention and the sweeps in a second (194 s), both on a warm machine: call the
 # second within the 30 s the machine stays warm. Its LayerNorm sweep chose a new forward
 # tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next
-# (the FFN's tail split, its split-K sum kernel and profile first: C = 768 is the FFN's worst):
-#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests ffn-profile ffn-tail ln-sweep
+# (the FFN's profile, split-K sum kernel and candidates first: its C = 768 is the worst number):
+#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests ffn-profile ffn-candidates ln-sweep
 #   bash bench/gpu_check.sh "$OUT" 360 bench-ffn bench-layer-norm bench-train bench-attention-dropout \
 #       bench-sampling train-triton train-torch
 # then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
@@ -93,9 +93,10 @@ step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 # Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6),
 # or whether its launch path does: the host's time a pass beside the device's.
 step ffn-profile 60 python3 -m bench.bench_ffn --profile 768
-# The weight gradients with only the last round's tiles cut along K (C = 768: 12 of 144;
-# GPT-2 large's 1280: 4 of 400) beside the table's every tile cut, untimed so far.
-step ffn-tail 60 python3 -m bench.bench_ffn --sweep 768 1280 --only table "TMA + tail split"
+# The FFN candidates untimed so far, beside the table: the weight gradients with only the
+# last round's tiles cut along K (C = 768: 12 of 144; GPT-2 large's 1280: 4 of 400), and
+# the GELU epilogues on the hardware's approximate tanh.
+step ffn-candidates 70 python3 -m bench.bench_ffn --sweep 768 1280 --only table "TMA + tail split" "TMA + approx GELU"
 step bench-attention 130 python3 -m bench.bench_attention
 # Training with attention dropout: ours (one Philox call for 8 scores, untimed so far) against SDPA's.
 step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 --no-flex --head-dims 64

@@ -34,7 +34,8 @@ run the epilogue. A product cut along K stores fp32 slices that _sum_slices_kern
 and rounds into the output in one pass. Cutting every tile (the default) evens out the
 rounds at the cost of fp32 slices for the whole output; the tail split (`tail_split`, a
 candidate, _split_plan) runs the tiles of the whole rounds uncut and cuts only the last
-round's few.
+round's few. Another candidate, `approx_gelu`, runs the GELU epilogues of 16-bit
+products on the hardware's approximate tanh (half the forward GELU's instructions).
 
 Saving the pre-activation costs one M x 4C write in the forward and one read in the
 backward; recomputing it (recompute_pre=True) costs a seventh matmul instead. bench_ffn
@@ -52,7 +53,8 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import (
-    cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward, with_device_scratch,
+    cdiv, check_inputs, device_capability, interpreting, on_input_device, refuse_double_backward,
+    with_device_scratch,
 )
 
 _OP = "ffn"
@@ -63,20 +65,39 @@ _NONE, _GELU, _GELU_GRAD = 0, 1, 2
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
+# The interpreter cannot run inline PTX: there _tanh_approx computes tanh exactly.
+_INTERPRETING = tl.constexpr(interpreting())
+
+
 @triton.jit
-def _gelu(x):
+def _tanh_approx(x):
+    # One MUFU.TANH (PTX tanh.approx.f32, sm75+), relative error ~2^-11: below the rounding
+    # of the 16-bit outputs it is used for, where sigmoid costs an exp and a division.
+    if _INTERPRETING:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gelu(x, APPROX: tl.constexpr):
     # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u): one sigmoid, no tanh
-    # (libdevice tanh fails in the interpreter).
+    # (libdevice tanh fails in the interpreter); APPROX: the hardware's approximate tanh.
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    if APPROX:
+        half_x = 0.5 * x
+        return half_x + half_x * _tanh_approx(u)
     return x * tl.sigmoid(2.0 * u)
 
 
 @triton.jit
-def _gelu_grad(x):
+def _gelu_grad(x, APPROX: tl.constexpr):
     """d gelu_tanh / dx, at the rounded pre-activation the forward stored, as autograd would use."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    s = tl.sigmoid(2.0 * u)
     du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    if APPROX:
+        t = _tanh_approx(u)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    s = tl.sigmoid(2.0 * u)
     return s + x * s * (1.0 - s) * 2.0 * du
 
 
@@ -138,7 +159,8 @@ def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid
 def _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N,
               stride_om, stride_on, stride_xm, stride_xn,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr):
+              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+              APPROX_GELU: tl.constexpr):
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -149,10 +171,10 @@ def _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N,
     if EPILOGUE == 1:
         if STORE_PRE:
             tl.store(Aux + om * stride_xm + on * stride_xn, acc.to(Aux.dtype.element_ty), mask=mask)
-        acc = _gelu(acc)
+        acc = _gelu(acc, APPROX_GELU)
     if EPILOGUE == 2:
         pre = tl.load(Aux + om * stride_xm + on * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(pre)
+        acc = acc * _gelu_grad(pre, APPROX_GELU)
     if COL_SUM:
         # Wrapped rows repeat real ones: they must not count twice.
         sums = tl.sum(tl.where((rm < M)[:, None], acc, 0.0), axis=0)
@@ -167,7 +189,7 @@ def _matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """Out = epilogue(A @ B + Bias), one output tile (of one K slice) per program; A (M, K),
     B (K, N), any strides; fp32 accumulation.
@@ -191,7 +213,7 @@ def _matmul_kernel(
     acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
                         k_first, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
     _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
-              BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+              BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
 
 
 @triton.jit
@@ -201,7 +223,7 @@ def _matmul_persistent_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """_matmul_kernel with num_programs programs that each walk tiles num_programs apart.
 
@@ -220,7 +242,7 @@ def _matmul_persistent_kernel(
         tile_out += num_programs
         pid_m, pid_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
-                  BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+                  BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
 
 
 @triton.jit
@@ -230,7 +252,7 @@ def _matmul_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr, HALVES: tl.constexpr,
+    PRECISION: tl.constexpr, HALVES: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """_matmul_persistent_kernel with every tile moved by the TMA engine (host tensor
     descriptors) instead of the threads: one instruction a tile, no per-element addresses
@@ -258,7 +280,7 @@ def _matmul_tma_kernel(
     _tma_units(DescA, DescB, DescOut, DescAux, Bias, ColSum, M, N, K, num_programs, first_tile, tile_count,
                splits, split_rows,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
-               PRECISION, HALVES, False)
+               PRECISION, HALVES, False, APPROX_GELU)
 
 
 @triton.jit
@@ -268,7 +290,7 @@ def _matmul_ws_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """_matmul_tma_kernel warp-specialised (Triton's automatic warp specialisation on
     Hopper): a producer warp group issues the TMA loads while consumer warp groups run the
@@ -297,7 +319,7 @@ def _matmul_ws_kernel(
     _tma_units(desc_a, desc_b, desc_out, desc_aux, Bias, ColSum, M, N, K, num_programs, first_tile, tile_count,
                splits, split_rows,
                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, A_ROWS_FIRST, B_K_FIRST, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM,
-               PRECISION, False, True)
+               PRECISION, False, True, APPROX_GELU)
 
 
 @triton.jit
@@ -306,7 +328,7 @@ def _tma_units(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_ROWS_FIRST: tl.constexpr, B_K_FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    PRECISION: tl.constexpr, HALVES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PRECISION: tl.constexpr, HALVES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """The work of _matmul_tma_kernel and _matmul_ws_kernel, given their descriptors."""
     # Every slice walks the same number of K steps, so the flattened loop keeps a fixed trip
@@ -346,18 +368,19 @@ def _tma_units(
             # the GELU's temporaries in registers.
             left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _tma_epilogue(left, first_row, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
-                          BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+                          BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
             _tma_epilogue(right, first_row, pid_m, pid_n * BLOCK_N + BLOCK_N // 2, DescOut, DescAux, Bias,
-                          ColSum, M, N, BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+                          ColSum, M, N, BLOCK_M, BLOCK_N // 2, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
         else:
             _tma_epilogue(acc, first_row, pid_m, pid_n * BLOCK_N, DescOut, DescAux, Bias, ColSum, M, N,
-                          BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM)
+                          BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
 
 
 @triton.jit
 def _tma_epilogue(acc, out_first_row, pid_m, out_n, DescOut, DescAux, Bias, ColSum, M, N,
                   BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
+                  APPROX_GELU: tl.constexpr):
     """_epilogue for _matmul_tma_kernel: the (BLOCK_M, WIDTH) tile at row tile pid_m and
     column out_n, its pre-activation and output moved by TMA (stores clipped at M and N),
     the output at rows from out_first_row (its K slice's)."""
@@ -368,9 +391,9 @@ def _tma_epilogue(acc, out_first_row, pid_m, out_n, DescOut, DescAux, Bias, ColS
     if EPILOGUE == 1:
         if STORE_PRE:
             DescAux.store([out_m, out_n], acc.to(DescAux.dtype))
-        acc = _gelu(acc)
+        acc = _gelu(acc, APPROX_GELU)
     if EPILOGUE == 2:
-        acc = acc * _gelu_grad(DescAux.load([out_m, out_n]).to(tl.float32))
+        acc = acc * _gelu_grad(DescAux.load([out_m, out_n]).to(tl.float32), APPROX_GELU)
     if COL_SUM:
         # Rows past M read zero fill, but a bias would not be zero there: mask them.
         rm = out_m + tl.arange(0, BLOCK_M)
@@ -413,6 +436,7 @@ class _Tiles(NamedTuple):
     split_k: bool = False  # cut K where the output tiles alone would leave SMs idle (products without bias or epilogue)
     warp_specialize: bool = False  # with tma: a producer warp group loads, consumers multiply (Hopper, 4 warps)
     tail_split: bool = False  # with tma and split_k: cut only the last round's tiles (_split_plan)
+    approx_gelu: bool = False  # 16-bit outputs: GELU and its gradient on the hardware's approximate tanh
 
 
 # The kinds of product, which take different tiles.
@@ -536,6 +560,7 @@ def _matmul(
         COL_SUM=col_sums,
         # tl.dot would round fp32 inputs to tf32; 16-bit inputs take the backend's default.
         PRECISION="ieee" if a.dtype == torch.float32 else None,
+        APPROX_GELU=t.approx_gelu and a.dtype != torch.float32,
         num_warps=t.num_warps, num_stages=t.num_stages,
         **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )

@@ -3,9 +3,10 @@
 every kernel test then runs them (in the interpreter, or on a Hopper GPU) over all its
 shapes and edge cases, not only the few the candidates' own tests pick.
 
-- FFN: TMA and split K, the last round's tiles alone cut (in the interpreter each eligible
-  product's second half of tiles cut in two; on Hopper the _TMA_TILES table for 16-bit
-  inputs with tail_split);
+- FFN: TMA and split K, the last round's tiles alone cut, the GELU on the approximate tanh
+  (in the interpreter each eligible product's second half of tiles cut in two, and that
+  tanh computed exactly; on Hopper the _TMA_TILES table for 16-bit inputs with tail_split
+  and approx_gelu);
 - attention: TMA in the forward and both backward kernels;
 - LayerNorm: the persistent, pipelined forward.
 """
@@ -22,11 +23,12 @@ def force(monkeypatch: pytest.MonkeyPatch) -> None:
     ffn = importlib.import_module("kernels.ffn")
     tiles = ffn._tiles
     if torch.cuda.is_available():  # fp32 keeps its own small tiles, as the launcher's table does
-        tma = {kind: t._replace(tail_split=True) for kind, t in ffn._TMA_TILES.items()}
+        tma = {kind: t._replace(tail_split=True, approx_gelu=True) for kind, t in ffn._TMA_TILES.items()}
         monkeypatch.setattr(ffn, "_tiles", lambda t, kind: (
             tma.get(kind) if t.dtype != torch.float32 else None) or tiles(t, kind))
     else:
-        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(tma=True, split_k=True, tail_split=True))
+        monkeypatch.setattr(ffn, "_tiles", lambda t, kind: tiles(t, kind)._replace(
+            tma=True, split_k=True, tail_split=True, approx_gelu=True))
         # The interpreter's two stand-in SMs rarely call for a split: force one wherever K
         # allows, the tail split's (half the tiles whole, half cut) where TMA runs the product.
         monkeypatch.setattr(ffn, "_split_plan", lambda tiles, k_steps, slots, tail_only: (

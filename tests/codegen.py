@@ -85,6 +85,8 @@ def compile_case(arch: int, kernel, pointers: dict[str, str], constexprs: dict, 
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         # Philox's rounds (attention dropout, sampling): two 32-bit mul.hi each, ten a call.
         "mul_hi": len(re.findall(r"mul\.hi\.u32", ptx)),
+        # The FFN's approximate-tanh GELU candidate: MUFU.TANH through inline PTX.
+        "tanh_approx": len(re.findall(r"tanh\.approx\.f32", ptx)),
         # Warp specialisation adds warp groups and moves registers between them.
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
         "setmaxnreg": len(re.findall(r"setmaxnreg", ptx)),
@@ -203,7 +205,7 @@ def ffn_cases(arch: int) -> dict[str, dict]:
         constexprs = {k: 1 for k, v in strides.items() if v == 1} | dict(
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
             HAS_BIAS=name.startswith(("fwd", "decode")), EPILOGUE=epilogue, STORE_PRE=name == "fwd fc+gelu",
-            COL_SUM=epilogue == ffn._GELU_GRAD, ALIGNED=True, PRECISION=None, SPLIT_K=False)
+            COL_SUM=epilogue == ffn._GELU_GRAD, ALIGNED=True, PRECISION=None, SPLIT_K=False, APPROX_GELU=False)
         cases[f"ffn {name}"] = compile_case(
             arch, ffn._matmul_kernel, ptrs, constexprs, num_warps=t.num_warps, num_stages=t.num_stages)
         if kind == ffn._WEIGHT_GRAD:  # the split-K sweep candidate, on the same tiles
@@ -215,6 +217,9 @@ def ffn_cases(arch: int) -> dict[str, dict]:
             if kind == ffn._WEIGHT_GRAD:  # cut along K (GPT-2 small): fp32 slices staged for the store
                 cases[f"ffn tma {name} split K"] = _ffn_tma_case(
                     ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1, out="fp32")
+            if epilogue != ffn._NONE:  # the approximate-tanh GELU candidate
+                cases[f"ffn tma {name} approx GELU"] = _ffn_tma_case(
+                    ffn._TMA_TILES[kind], epilogue, name, ak == 1, bn == 1, approx_gelu=True)
             # The warp-specialised candidate; the launcher gives it dpre only without the
             # column sums (no fc bias), as the specialisation cannot sum across its consumers.
             ws_tiles = ffn._specialised(ffn._WS_TILES[kind], epilogue, col_sums=False)
@@ -233,14 +238,15 @@ def _ffn_ws_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: boo
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
-        STORE_PRE=name == "fwd fc+gelu", COL_SUM=False, PRECISION=None)
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=False, PRECISION=None, APPROX_GELU=False)
     out = "fp32" if "dW" in name else "bf16"
     pointers = {"A": "bf16", "B": "bf16", "Out": out, "Aux": "bf16", "Bias": "bf16", "ColSum": "fp32"}
     return compile_case(90, ffn._matmul_ws_kernel, pointers, constexprs, num_warps=t.num_warps,
                         num_stages=t.num_stages)
 
 
-def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool, out: str = "bf16") -> dict:
+def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bool, out: str = "bf16",
+                  approx_gelu: bool = False) -> dict:
     """An FFN product on the TMA kernel for sm90, its descriptors' tiles in storage order,
     its output of dtype `out`."""
     halves = t.block_n >= 256
@@ -253,7 +259,8 @@ def _ffn_tma_case(t, epilogue: int, name: str, a_rows_first: bool, b_k_first: bo
     constexprs = dict(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         A_ROWS_FIRST=a_rows_first, B_K_FIRST=b_k_first, HAS_BIAS=name.startswith("fwd"), EPILOGUE=epilogue,
-        STORE_PRE=name == "fwd fc+gelu", COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, HALVES=halves)
+        STORE_PRE=name == "fwd fc+gelu", COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, HALVES=halves,
+        APPROX_GELU=approx_gelu)
     return compile_case(90, ffn._matmul_tma_kernel, {"Bias": "bf16", "ColSum": "fp32"}, constexprs,
                         num_warps=t.num_warps, num_stages=t.num_stages, descriptors=descriptors)
 

@@ -183,14 +183,14 @@ def test_the_ffn_profile_lists_each_op_with_its_fastest_and_slowest_call(capsys)
 
 @cpu_smoke
 def test_the_ffn_sweep_times_only_the_rows_asked_for(capsys):
-    """bench_ffn --sweep --only (gpu_check's ffn-tail): eager and the rows named, no other."""
+    """bench_ffn --sweep --only (gpu_check's ffn-candidates): eager and the rows named, no other."""
     from bench import bench_ffn
 
     bench_ffn.sweep([16], torch.float32, "cpu", only=["table", "TMA + tail split"])
     out = capsys.readouterr().out
     table = out[out.index("FFN tile sweep"):]
     names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert names[1:] == ["torch eager", "table", "TMA + tail split K"]
+    assert names[1:] == ["torch eager", "table", "TMA + tail split K", "TMA + tail split K + approx GELU"]
 
 
 def test_the_fused_qkv_layout_is_the_models(monkeypatch):

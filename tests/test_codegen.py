@@ -69,13 +69,23 @@ def test_loops_are_pipelined(cases):
 
 
 def test_ffn_tma_kernels_load_through_tma(cases):
-    """The TMA kernels' products (six, the weight gradients also with fp32 K slices, and
-    the warp-specialised six) issue TMA copies (operand tiles, and the stored
-    pre-activation for the GELU gradient), never per-thread cp.async."""
+    """The TMA kernels' products (six, the weight gradients also with fp32 K slices, the
+    GELU epilogues also on the approximate tanh, and the warp-specialised six) issue TMA
+    copies (operand tiles, and the stored pre-activation for the GELU gradient), never
+    per-thread cp.async."""
     tma = {name: c for name, c in cases.items() if "ffn tma" in name or "ffn ws" in name}
-    assert len(tma) == 14
+    assert len(tma) == 16
     for name, c in tma.items():
         assert c["tma_loads"] >= 2 and c["cp_async"] == 0, (name, c)
+
+
+def test_approx_gelu_runs_the_hardware_tanh(cases):
+    """The approximate-GELU candidate's epilogues (forward GELU, backward GELU gradient) run
+    tanh.approx, which the interpreter cannot (it computes that tanh exactly there), and no
+    other FFN kernel does."""
+    ffn = {name: c for name, c in cases.items() if " ffn " in name}
+    approx = {name for name, c in ffn.items() if c["tanh_approx"]}
+    assert approx == {name for name in ffn if name.endswith("approx GELU")} and len(approx) == 2
 
 
 def test_ws_kernels_are_warp_specialized(cases):

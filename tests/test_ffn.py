@@ -310,6 +310,41 @@ def test_tail_split_in_interpreter(kernel, monkeypatch, device):
     assert sorted(grid[0] for grid in sums) == [5, 5, 5]
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_approx_gelu_in_interpreter(tma, monkeypatch, device):
+    """The GELU epilogues on the approximate tanh (the interpreter computes that tanh
+    exactly: this checks the formulas around it, forward and gradient), asked for 16-bit
+    outputs only: fp32 keeps the exact GELU."""
+    if device == "cuda":
+        pytest.skip("interpreter check; test_approx_gelu_gpu runs the hardware's tanh")
+    seen = []
+    tiles = ffn_module._INTERPRETER._replace(tma=tma, approx_gelu=True)
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: tiles)
+    for name in ("_matmul_kernel", "_matmul_tma_kernel"):
+        kernel = getattr(ffn_module, name)
+        monkeypatch.setattr(ffn_module, name, _FlagRecorder(kernel, seen))
+    torch.manual_seed(0)
+    for dtype, atol, rtol in ((torch.float16, 2e-3, 2e-3), (torch.float32, 1e-5, 1e-5)):
+        seen.clear()
+        x = torch.randn(70, 32, device=device).to(dtype)
+        _check(x, lambda t: t, _weights(32, 128, dtype, device), dtype, atol, rtol)
+        gelu_flags = [flags["APPROX_GELU"] for flags in seen if flags["EPILOGUE"] != ffn_module._NONE]
+        assert gelu_flags == [dtype == torch.float16] * 2  # h's GELU, dpre's GELU gradient
+
+
+class _FlagRecorder:
+    """A kernel that records the constexpr flags of each launch and runs it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **flags):
+            self.seen.append(flags)
+            return self.kernel[grid](*args, **flags)
+        return launch
+
+
 def test_tma_kernel_falls_back_where_tma_cannot_address(monkeypatch, device):
     """x sliced from rows of 52 fp16 values (104 bytes, not a multiple of 16): TMA cannot
     describe it, so the two products that read x take the pointer kernel, the other four
@@ -496,6 +531,19 @@ def test_split_plans_gpu(tail_split, monkeypatch):
     if ffn_module._sm_count(torch.cuda.current_device()) == 132:
         assert sorted(plans) == [(0, 4), (0, 4), (384, 1)] if not tail_split else [(132, 4), (132, 4), (384, 1)]
     assert any(splits > 1 for _, splits in plans)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, C", [pytest.param(1000, 768, id="gpt2"), pytest.param(77, 48, id="small")])
+def test_approx_gelu_gpu(M, C, monkeypatch):
+    """The GELU epilogues on the hardware's approximate tanh (tanh.approx.f32), a candidate
+    (bench_ffn --sweep times it), within bf16's tolerance of float64, on the table's tiles
+    (Hopper's TMA kernel, the pointer kernel elsewhere)."""
+    original = ffn_module._tiles
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: original(t, kind)._replace(approx_gelu=True))
+    torch.manual_seed(0)
+    x = torch.randn(M, C, device="cuda").bfloat16()
+    _check(x, lambda t: t, _weights(C, 4 * C, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
 
 
 @pytest.mark.gpu
