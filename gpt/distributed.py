@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun: DDP (NCCL on GPU, gloo on CPU) or FSDP2."""
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -108,3 +109,9 @@ def shutdown(world: World, clean: bool = True) -> None:
         if clean:
             dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+    # The groups' C++ objects must be freed while Python still runs: one still referenced at
+    # exit (world.patient, or an FSDP model's device mesh inside a reference cycle) is
+    # destroyed during the interpreter's finalisation, where gloo's pending work aborts the
+    # process ("terminate called without an active exception", SIGABRT; pytorch#179291).
+    world.patient = None
+    gc.collect()

@@ -3,6 +3,7 @@ each given its own value; writes what this rank got back to OUT/rank{RANK}.json.
 import json
 import os
 import sys
+import weakref
 
 import torch
 
@@ -26,6 +27,9 @@ got = {
     "root_sharded": isinstance(sharded, FSDPModule),
 }
 distributed.barrier(world, patient=True)
+patient = weakref.ref(world.patient)
+del sharded, model  # as train.py's model is gone by then
 distributed.shutdown(world)
+got["patient_group_freed"] = patient() is None  # before exit, not in the interpreter's teardown
 with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
     json.dump(got, f)
