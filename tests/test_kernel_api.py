@@ -424,7 +424,7 @@ def test_the_custom_ops_are_sound(device):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "add_layer_norm", "add_layer_norm-eps",
+@pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "layer_norm-strided-weight", "add_layer_norm", "add_layer_norm-eps",
                                   "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "ffn"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
@@ -434,6 +434,8 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
     op = {
         "layer_norm": lambda x: kernels.layer_norm(x, w, w),
         "layer_norm-eps": lambda x: kernels.layer_norm(x, w, w, eps=0.5),
+        # The backward's custom op gets the weight as the forward saw it, a stride-2 view here.
+        "layer_norm-strided-weight": lambda x: kernels.layer_norm(x, w.repeat(2)[::2], w),
         "add_layer_norm": lambda x: torch.cat(kernels.add_layer_norm(x, x.flip(0), w, None)),
         "add_layer_norm-eps": lambda x: torch.cat(kernels.add_layer_norm(x, x.flip(0), w, None, eps=0.5)),
         "add_layer_norm-fp16": lambda x: torch.cat(kernels.add_layer_norm(x.half(), x.flip(0), w, None)),

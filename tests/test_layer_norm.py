@@ -98,6 +98,9 @@ def test_mixed_dtypes(device):
     # torch's CUDA layer_norm refuses mixed dtypes (autocast runs it in fp32): so does the oracle.
     mixed_reference = lambda x, w, b: reference.layer_norm(x.to(w.dtype), w, b).to(x.dtype)
     _compare(layer_norm, mixed_reference, [x16, w, b], [torch.randn_like(x16)], 1e-3, 1e-3)
+    # Weight and bias of two dtypes: each gradient is rounded to its own parameter's dtype.
+    one_dtype = lambda x, w, b: reference.layer_norm(x, w.to(x.dtype), b.to(x.dtype))
+    _compare(layer_norm, one_dtype, [x32, w.half(), b], [torch.randn_like(x32)], 1e-5, 1e-5)
     _compare(add_layer_norm, reference.add_layer_norm, [x32, x16, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
     # The low-precision one first: the outputs take the promoted dtype, not x's.
     _compare(add_layer_norm, reference.add_layer_norm, [x16, x32, w, b], [torch.randn_like(x32)] * 2, 1e-3, 1e-3)
@@ -367,3 +370,22 @@ def test_add_layer_norm_residual_with_its_own_row_stride(device):
         _compare(lambda a, c, w, b: add_layer_norm(fx(a), fr(c), w, b, 1e-5),
                  lambda a, c, w, b: reference.add_layer_norm(fx(a), fr(c), w, b, 1e-5),
                  [xx, rr, w, b], [ds, dy], 1e-5, 1e-5)
+
+
+def test_add_layer_norm_upstream_gradients_with_their_own_row_strides(device):
+    """The backward reads dy and the sum's gradient through one row stride each: here the
+    sum's gradient is rows of a wider tensor and dy contiguous (and the other way round),
+    handed to autograd as they are (compare.run's clones would make them contiguous)."""
+    torch.manual_seed(0)
+    M, N = 9, 40
+    x, r = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    narrow, wide = torch.randn(M, N, device=device), torch.randn(M, N + 7, device=device)[:, :N]
+    for upstream in [(wide, narrow), (narrow, wide)]:
+        grads = []
+        for op in (add_layer_norm, reference.add_layer_norm):
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            torch.autograd.backward(op(*leaves, 1e-5), upstream)
+            grads.append([t.grad for t in leaves])
+        for ours, ref in zip(*grads):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
