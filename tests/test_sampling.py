@@ -71,6 +71,26 @@ def test_ties_at_the_kth_logit_are_all_kept(device):
     assert set(tokens[:, 0].tolist()) == {1, 3, 4, 6}
 
 
+def test_top_1_among_many_close_candidates_is_the_argmax(device):
+    """40 logits within 0.04 of the max, 60 far below: the narrowest window holds the 40,
+    more candidates than the interpreter's draw keeps in registers (32), so the k-th largest
+    is found through scratch; top-1 must still be the argmax."""
+    row = torch.cat([torch.arange(40, device=device) * 1e-3 + 10.0, torch.zeros(60, device=device)])
+    seed, offsets = state(16, device)
+    tokens = sample(row.expand(16, -1), seed, offsets, temperature=1e4, top_k=1)
+    assert tokens[:, 0].tolist() == [39] * 16
+
+
+def test_top_k_reaching_far_below_the_max(device):
+    """The windows narrow from the row's max by multiples of (max - mean); the last holds
+    every logit. Here the top 33 reach 5 logits far below that spread (30 at 0, 5 at -100,
+    mean -14): all 5 stay (ties at the 33rd), so the kept set is the whole row."""
+    row = torch.tensor([0.0] * 30 + [-100.0] * 5, device=device)
+    seed, offsets = state(100, device)
+    tokens = sample(row.expand(100, -1), seed, offsets, temperature=1e4, top_k=33)
+    assert set(tokens[:, 0].tolist()) & set(range(30, 35))
+
+
 def test_flat_rows_go_through_scratch(device):
     """A row of equal logits keeps every token (ties), more candidates than the registers
     hold (32 in the interpreter, 2048 on a GPU): the scratch path must still draw across all."""
@@ -99,14 +119,30 @@ def test_frequencies_match_the_softmax(device, top_k):
     assert_frequencies(tokens, kept_probs(row, temperature, top_k))
 
 
+@pytest.mark.parametrize("top_k", [None, 8], ids=["all", "top-8-tied"])
+def test_frequencies_with_a_long_tail(device, top_k):
+    """One likely token and a tail of 30 equal ones (an LM's usual row): the tail's mass is
+    drawn at the softmax's 0.6. Frequencies of a few tokens of distinct logits cannot tell
+    the Gumbel noise from its negation, which keeps every two tokens' odds (the difference
+    of two Gumbels is logistic either way) yet draws the top token here twice as often.
+    With top-8 the tail's ties at the 8th logit all stay."""
+    row = torch.tensor([3.0] + [0.0] * 30, device=device)
+    B = 120
+    seed, offsets = state(B, device, seed=4)
+    tokens = sample(row.expand(B, -1), seed, offsets, temperature=1.0, top_k=top_k)
+    assert_frequencies(tokens, kept_probs(row, 1.0, None), min_expected=10)
+
+
 def test_strided_logits_and_out_buffer(device):
     torch.manual_seed(2)
     wide = torch.randn(3, 2 * 37, device=device)
     logits = wide[:, ::2]  # a strided view along the vocabulary
-    out = torch.full((3, 1), -1, dtype=torch.long, device=device)
+    columns = torch.full((3, 2), -1, dtype=torch.long, device=device)
+    out = columns[:, :1]  # a column of a wider tensor: row stride 2
     seed, offsets = state(3, device)
     assert sample(logits, seed, offsets, 1.0, top_k=1, out=out) is out
     assert out[:, 0].tolist() == logits.argmax(dim=1).tolist()
+    assert columns[:, 1].tolist() == [-1] * 3
 
 
 @pytest.mark.parametrize("top_k", [None, 1], ids=["all", "top-1"])
@@ -120,17 +156,20 @@ def test_vocabulary_offsets_past_2_31(device, top_k):
     assert sample(logits, seed, offsets, 1.0, top_k=top_k)[:, 0].tolist() == [2, 0]
 
 
-def test_same_state_same_tokens_and_offsets_advance(device):
+@pytest.mark.parametrize("top_k", [None, 20], ids=["all", "top-20"])
+def test_same_state_same_tokens_and_offsets_advance(device, top_k):
+    """Each path (top-k or not) advances the counters itself: a second call draws afresh."""
     torch.manual_seed(3)
-    logits = torch.randn(4, 50, device=device)
+    logits = torch.randn(4, 50, device=device) / 4
     seed, offsets = state(4, device, seed=11)
-    first = sample(logits, seed, offsets, 1.0)
+    first = sample(logits, seed, offsets, 1.0, top_k)
     assert offsets.tolist() == [1, 1, 1, 1]
-    second = sample(logits, seed, offsets, 1.0)
+    second = sample(logits, seed, offsets, 1.0, top_k)
+    assert offsets.tolist() == [2, 2, 2, 2]
     offsets.zero_()
-    assert torch.equal(sample(logits, seed, offsets, 1.0), first)
-    assert not torch.equal(first, second)  # 4 draws from 50 tokens: equal with chance ~1e-4 (fixed seed)
-    other = sample(logits, torch.tensor([12], device=device), torch.zeros_like(offsets), 1.0)
+    assert torch.equal(sample(logits, seed, offsets, 1.0, top_k), first)
+    assert not torch.equal(first, second)  # 4 draws from 20+ near-even tokens: equal with chance < 1e-5 (fixed seed)
+    other = sample(logits, torch.tensor([12], device=device), torch.zeros_like(offsets), 1.0, top_k)
     assert not torch.equal(first, other)
 
 
