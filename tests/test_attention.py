@@ -428,6 +428,23 @@ def test_ws_forward_fused_qkv_and_fallback(monkeypatch, device):
     assert calls == ["_attn_fwd_ws_kernel", "_attn_fwd_kernel"]
 
 
+def test_ws_forward_leaves_dropout_to_the_pointer_kernel(monkeypatch, device):
+    """The warp-specialised forward draws no dropout mask: with dropout_p > 0 the launcher
+    takes _attn_fwd_kernel even where the settings ask for the candidate, so the forward
+    drops what the backward kernels redraw (else the output is undropped attention and the
+    gradients those of another function)."""
+    if device == "cuda":
+        pytest.skip("interpreter check of the launcher's choice")
+    p, seed = 0.3, 11
+    keep = _kept(1, 2, 20, 37, True, p, seed, device)
+    calls = _ws_launches(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _qkv(1, 2, 20, 37, 16, torch.float32, device)
+    do = torch.randn(1, 2, 20, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_with_dropout(keep, p, True), dropout_p=p, seed=seed)
+    assert calls == ["_attn_fwd_kernel"]
+
+
 @pytest.mark.gpu
 @pytest.mark.xfail(strict=True, reason="non-finite outputs on an H200 under Triton 3.6 (run 5, 2026-11-26), though "
                    "right in the interpreter: the candidate stays out of the sweep until this passes")
@@ -531,6 +548,41 @@ def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
     inputs = _qkv(2, 3, 17, 17, 16, torch.float32, device)
     do = torch.randn(2, 3, 17, 16, device=device)
     _compare(_separate, inputs, do, 1e-5, 1e-5, causal=causal)
+
+
+
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["fwd", "ws-fwd"])
+def test_causal_last_row_of_a_query_tile_opens_a_key_tile(warp_specialized, monkeypatch, device):
+    """Tk = Tq + 1: the last row of each full query tile (start_m + BLOCK_M - 1) sees key
+    start_m + BLOCK_M, the first of a new key tile in every tiling (BLOCK_M and BLOCK_N
+    divide 128 in the interpreter's and the GPU's tables). The forward's (either kernel's)
+    and dQ's key loops must reach that tile: a bound one short skips it, and with it that
+    row's last key, which the other causal shapes (key offsets 0, 25, 31, 32, 46, 69) never
+    put on a tile start."""
+    if warp_specialized:
+        if device == "cuda":
+            pytest.skip("test_ws_forward_gpu runs it on Hopper")
+        calls = _ws_launches(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _qkv(1, 2, 128, 129, 16, torch.float32, device)
+    do = torch.randn(1, 2, 128, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, causal=True)
+    if warp_specialized:
+        assert calls == ["_attn_fwd_ws_kernel"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_q_k_v_in_different_layouts(causal, device):
+    """q, k and v each with strides of its own: q contiguous, k a slice of a wider
+    (B, H, T, 2D) tensor, v stored (B, T, H, D) (and so dv, in v's layout). Every kernel
+    must read each through its own strides; the other tests pass k and v with one set of
+    strides, where V read with K's row stride (a copy-paste slip) goes unseen."""
+    torch.manual_seed(0)
+    B, H, Tq, Tk, D = 2, 3, 20, 45, 16  # rows 2D apart in k, HD in v: H = 2 would make them equal
+    inputs = [torch.randn(B, H, Tq, D, device=device), torch.randn(B, H, Tk, 2 * D, device=device),
+              torch.randn(B, Tk, H, D, device=device)]
+    do = torch.randn(B, H, Tq, D, device=device)
+    _compare(lambda q, k, v: (q, k[..., :D], v.transpose(1, 2)), inputs, do, 1e-5, 1e-5, causal=causal)
 
 
 def _kept(B, H, Tq, Tk, causal, dropout_p, seed, device):
