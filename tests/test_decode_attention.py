@@ -225,6 +225,23 @@ def test_empty_batch(device, monkeypatch):
     assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
 
 
+
+def test_gpu_split_counts_in_interpreter(monkeypatch, device):
+    """The GPU's settings (sized by the SM count) give 3 splits here, which the interpreter's
+    own (at most 2, always a power of 2) never do: the combine's tile is padded to
+    SPLITS_P2 = 4, and each (batch, head) must find its partials at bh * NUM_SPLITS, not at
+    the padded count, and mask the padding and the splits a short sequence leaves idle."""
+    if device == "cuda":
+        pytest.skip("the GPU runs its own settings in the other tests")
+    module = importlib.import_module("kernels.decode_attention")
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(module, "_sm_count", lambda index: 4)  # 16 programs over B * H = 6: 3 splits
+    B, H, S, D = 2, 3, 90, 128  # 32-key tiles at D = 128: a tile a split
+    assert module._settings(B, H, S, D, torch.device(device))[1:3] == (32, 3)
+    torch.manual_seed(10)
+    _compare(*_inputs(B, H, S, D, [90, 40], torch.float32, device), 1e-5, 1e-5)
+
+
 def _valid(device="cpu", B=2, H=2, S=8, D=16):
     return (torch.zeros(B, H, D, device=device), torch.zeros(B, H, S, D, device=device),
             torch.zeros(B, H, S, D, device=device), torch.ones(B, dtype=torch.long, device=device))
