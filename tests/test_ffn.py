@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from compare import compare
+from compare import compare, far_apart
 from kernels import reference
 from kernels.ffn import ffn
 
@@ -70,6 +70,33 @@ def test_non_contiguous_input(layout, device):
     else:
         x, view = torch.randn(2, 20, C + 8, device=device), lambda t: t[..., 4 : 4 + C]
     _check(x, view, _weights(C, 4 * C, torch.float32, device), torch.float32, 1e-5, 1e-5)
+
+
+class _FarApart(torch.autograd.Function):
+    """x laid out by far_apart (rows `stride` elements apart), its gradient passed through:
+    compare's leaves are contiguous clones, and autograd through the view itself would
+    materialise a gradient for the whole storage."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        return far_apart(x.detach(), (stride, 1), sentinel=50.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def test_row_offsets_past_2_31(device):
+    """x with its rows 2^27 elements apart (a view; the kernels take any strides): from row
+    16 on, row * stride passes 2^31, and an int32 product read another element (50.0 here)
+    in its place -- in the forward, where x is A and the row its M index, and in dWfc =
+    dpre^T @ x, where x is B and the row its K index."""
+    torch.manual_seed(0)
+    M, C = 20, 16
+    x = torch.randn(M, C, device=device).half()
+    dy = torch.randn(M, C, device=device).half()
+    compare(lambda x, *w: ffn(_FarApart.apply(x, 2**27), *w), reference.ffn,
+            [x, *_weights(C, 4 * C, torch.float16, device)], [dy], 2e-3, 2e-3)
 
 
 @pytest.mark.parametrize("C, hidden, out", [(8, 24, 8), (5, 7, 3), (48, 40, 20)], ids=["K8", "K5-odd", "rect"])
