@@ -114,6 +114,17 @@ def test_recompute_pre_activation(device):
     _check(x, lambda t: t, _weights(32, 128, torch.float32, device), torch.float32, 1e-5, 1e-5, recompute_pre=True)
 
 
+def test_recompute_pre_activation_under_torch_compile(device):
+    """Compiled, the forward op returns an empty pre-activation when recompute_pre is set:
+    the backward op must recompute it, not read the empty tensor as the saved one (the
+    compiled path saves its tensors itself, apart from the eager Function)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, device=device)
+    dy = torch.randn(2, 9, 32, device=device)
+    compiled = torch.compile(lambda x, *w: ffn(x, *w, recompute_pre=True), fullgraph=True, backend="aot_eager")
+    compare(compiled, reference.ffn, [x, *_weights(32, 128, torch.float32, device)], [dy], 1e-5, 1e-5)
+
+
 @pytest.mark.parametrize("name", ["fc_weight", "fc_bias", "proj_weight", "proj_bias"])
 def test_one_parameter_alone_gets_its_gradient(name, device):
     """A backward that asks for one parameter's gradient only (the rest frozen, x a
