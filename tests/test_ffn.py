@@ -370,6 +370,25 @@ def test_approx_gelu_in_interpreter(tma, monkeypatch, device):
         assert gelu_flags == [dtype == torch.float16] * 2  # h's GELU, dpre's GELU gradient
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_launch_flags_only_a_gpu_build_acts_on(dtype, atol, rtol, monkeypatch, device):
+    """Two flags of the pointer kernel's launches that the interpreter ignores (it multiplies
+    in full precision and drops alignment hints): fp32 products ask tl.dot for IEEE
+    precision, without which a GPU rounds their inputs to tf32 (16-bit ones take the
+    default); ALIGNED, the promise that the wrapped row and column indices come in aligned
+    runs of 16, is made only where M and N are both multiples of 16 (37 tokens: only the
+    weight gradients, C x 4C and 4C x C)."""
+    seen = []
+    monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._INTERPRETER)
+    monkeypatch.setattr(ffn_module, "_matmul_kernel", _FlagRecorder(ffn_module._matmul_kernel, seen))
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, device=device).to(dtype)
+    _check(x, lambda t: t, _weights(16, 64, dtype, device), dtype, atol, rtol)
+    # h (37 x 64), y (37 x 16); then dWproj (16 x 64), dpre (37 x 64), dWfc (64 x 16), dx (37 x 16).
+    assert [flags["ALIGNED"] for flags in seen] == [False, False, True, False, True, False]
+    assert [flags["PRECISION"] for flags in seen] == ["ieee" if dtype == torch.float32 else None] * 6
+
+
 class _FlagRecorder:
     """A kernel that records the constexpr flags of each launch and runs it."""
 
