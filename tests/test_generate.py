@@ -665,6 +665,17 @@ def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(model):
     assert generate(model, [prompt, [1]], 5, temperature=0) == generate(model, [prompt[-24:], [1]], 5, temperature=0)
 
 
+def test_a_long_prompt_slides_on_its_last_tokens(model, monkeypatch):
+    """A prompt longer than the context fills it at once, so the first token drawn slides
+    the window: the refill is the end of prompt + output, not of the prompt's first
+    block_size tokens (a greedy continuation may not show the difference)."""
+    prompt = [t % 30 for t in range(40)]
+    seen, prefill = [], Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, seqs: seen.append(list(map(list, seqs))) or prefill(self, seqs))
+    out = generate(model, [prompt], 2, temperature=0)
+    assert seen == [[prompt[-24:]], [(prompt + out[0][:1])[-12:]]]
+
+
 def test_an_end_of_text_ends_the_generation_at_the_next_check(model, monkeypatch):
     """Each sequence ends at the check after its end of text (each check reads only the tokens
     since the last one), and generation stops when all have ended: not drawing on to
