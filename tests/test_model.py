@@ -128,6 +128,18 @@ def test_dropout_applies_to_the_embeddings_and_each_sublayers_output():
     assert len(zeros) == 5 and all(z == 0 for z in zeros.values()), zeros
 
 
+def test_the_embedding_dropout_drops_the_sum_of_token_and_position_embeddings():
+    """As nanoGPT: in training the first block's input is dropout(wte + wpe), about half of it
+    zero at dropout 0.5 (a mutation audit: dropout(wte) + wpe, the positions never dropped, went
+    unseen: the hook on transformer.drop saw its output's zeros, not what the blocks get)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.5)).train()
+    seen = []
+    model.transformer.h[0].ln_1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model(torch.randint(0, 50, (4, 32)))
+    assert 0.4 < (seen[0] == 0).float().mean().item() < 0.6
+
+
 def test_no_bias():
     model = GPT(tiny(bias=False))
     assert all(not n.endswith("bias") for n, _ in model.named_parameters())
@@ -230,6 +242,15 @@ def test_sinusoidal_positions_take_an_odd_width():
     assert table[3, 8].item() == pytest.approx(math.sin(3 / 10000 ** (8 / 9)), abs=1e-6)
     assert table[3, 7].item() == pytest.approx(math.cos(3 / 10000 ** (6 / 9)), abs=1e-6)
     GPT(tiny(n_embd=9, n_head=3, pos_embedding="sinusoidal"))(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_sinusoidal_table_is_not_in_the_state_dict():
+    """The sinusoidal table is rebuilt from the config, not saved: a sinusoidal model's
+    state_dict is its parameters, so its checkpoints load strictly into this and earlier
+    versions and carry no block_size x n_embd copy (a mutation audit: the table registered as
+    a persistent buffer went unseen; a checkpoint then fails load_state_dict without it)."""
+    model = GPT(tiny(pos_embedding="sinusoidal"))
+    assert list(model.state_dict()) == [n for n, _ in model.named_parameters(remove_duplicate=False)]
 
 
 def test_targets_of_minus_one_are_left_out_of_the_loss():
