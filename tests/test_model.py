@@ -224,6 +224,51 @@ def test_logits_at_chosen_positions():
     torch.testing.assert_close(model(idx, at=at)[:, 0], full[torch.arange(3), at])
 
 
+def gpt2_reference(model, idx):
+    """GPT-2's forward written out in float64 from the model's weights, nothing shared with
+    gpt.model or gpt.ops: positions 0..T-1, pre-LN blocks, softmax(q k^T / sqrt(D)) under a
+    causal mask, a tanh-GELU MLP, the final LayerNorm, and the token embedding as the head."""
+    c, (B, T) = model.config, idx.shape
+    H, D = c.n_head, c.n_embd // c.n_head
+    p = {n: t.detach().double() for n, t in model.named_parameters()}
+    lin = lambda x, name: x @ p[name + ".weight"].T + p.get(name + ".bias", 0)
+    ln = lambda x, name: F.layer_norm(x, (c.n_embd,), p[name + ".weight"], p.get(name + ".bias"), c.layer_norm_eps)
+    if c.pos_embedding == "learned":
+        wpe = p["transformer.wpe.weight"][:T]
+    else:
+        wpe = torch.tensor([[math.sin(t / 10000 ** (j / c.n_embd)) if j % 2 == 0 else math.cos(t / 10000 ** ((j - 1) / c.n_embd))
+                             for j in range(c.n_embd)] for t in range(T)], dtype=torch.float64)
+    x = p["transformer.wte.weight"][idx] + wpe
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for i in range(c.n_layer):
+        h = f"transformer.h.{i}."
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in lin(ln(x, h + "ln_1"), h + "attn.c_attn").split(c.n_embd, -1))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(future, float("-inf")).softmax(-1)
+        x = x + lin((att @ v).transpose(1, 2).reshape(B, T, c.n_embd), h + "attn.c_proj")
+        x = x + lin(F.gelu(lin(ln(x, h + "ln_2"), h + "mlp.c_fc"), approximate="tanh"), h + "mlp.c_proj")
+    return ln(x, "transformer.ln_f") @ p["transformer.wte.weight"].T
+
+
+@pytest.mark.parametrize("pos_embedding, bias", [("learned", True), ("sinusoidal", True), ("learned", False)])
+def test_forward_is_gpt2_written_out_in_float64(pos_embedding, bias):
+    """The model in float64 gives GPT-2's logits, computed by hand from its weights (all drawn at
+    std 0.3, so that biases, LayerNorm gains and a sharp attention all count), at every position
+    of the block and through `at=`. A mutation audit: positions counted from 1, the final
+    LayerNorm dropped and q scaled twice were seen only by test_hf, which needs transformers;
+    the sinusoidal table read one row short at the block's last position went unseen."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_embedding=pos_embedding, bias=bias, n_layer=2, n_head=4, block_size=16)).double().eval()
+    with torch.no_grad():
+        for t in model.parameters():
+            t.normal_(0, 0.3)
+    idx = torch.randint(0, 50, (2, 16))
+    expected = gpt2_reference(model, idx)
+    tol = 1e-9 if pos_embedding == "learned" else 1e-6  # the sinusoidal table is built in fp32
+    torch.testing.assert_close(model(idx), expected, rtol=tol, atol=tol)
+    at = torch.tensor([15, 3])
+    torch.testing.assert_close(model(idx, at=at)[:, 0], expected[torch.arange(2), at], rtol=tol, atol=tol)
+
+
 def test_sinusoidal_table_is_vaswanis():
     n_embd, T = 10, 7
     table = SinusoidalPositions(T, n_embd).table
