@@ -1119,3 +1119,53 @@ def test_the_metrics_log_has_one_header_however_many_rows(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0][0] == "step" and [r[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_the_metrics_log_columns_are_in_their_documented_order(tmp_path):
+    """metrics.csv's header and each row's values come in one fixed order: a resumed run appends
+    under the header its first run wrote, so a reordered FIELDS would put tokens/s under
+    elapsed_s in every log from an earlier version (a mutation audit: swapping two columns went
+    unseen, as every reader here looks columns up by name)."""
+    from gpt.metrics import Metrics
+
+    Metrics(str(tmp_path)).append(step=7, train_loss=2.5, lr=1e-3, tokens_per_s=900.0, elapsed_s=12.0, skipped=1)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "skipped"],
+                    ["7", "2.5", "", "0.001", "900.0", "12.0", "1"]]
+
+
+def test_truncating_a_metrics_log_that_is_not_there_writes_and_warns_nothing(tmp_path):
+    """A resume whose out dir has no metrics.csv (deleted, or never written) truncates nothing
+    quietly, and a later failure still gets its one warning (a mutation audit: reading the
+    missing file warned of a write that never failed, and used up the one warning)."""
+    from gpt.metrics import Metrics
+
+    warnings = []
+    Metrics(str(tmp_path), warn=warnings.append).truncate_after(3)
+    assert warnings == [] and not (tmp_path / "metrics.csv").exists()
+
+
+def test_a_damaged_val_loss_or_an_overlong_line_in_the_metrics_log_does_not_stop_training(tmp_path):
+    """A row whose val_loss does not parse is dropped like one whose train_loss does not, and a
+    NUL tail longer than the csv module's field limit is a warning, not a traceback, in both
+    truncate_after and plot (a mutation audit: _parses checking train_loss only, and
+    truncate_after catching OSError only, went unseen: the damaged-log test writes a short
+    tail in train_loss)."""
+    from gpt.metrics import Metrics
+
+    warnings = []
+    log = Metrics(str(tmp_path), warn=warnings.append)
+    log.append(step=1, train_loss=3.0, val_loss=3.1)
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("2,,2.9\x00\x00\x00\n")
+    log.truncate_after(5)
+    log.plot()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+    assert (tmp_path / "loss.png").exists() and warnings == []
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("3," + "\x00" * 200_000)
+    log.truncate_after(5)
+    log.plot()
+    assert len(warnings) == 1 and "field larger than field limit" in warnings[0]
