@@ -106,6 +106,17 @@ def test_sampling_is_reproducible(tmp_path, corpus, capsys):
     assert capsys.readouterr().out != outputs[0]  # the seed is what repeats them
 
 
+def test_seed_zero_makes_the_samples_reproducible(byte_checkpoint, capsys):
+    """--seed 0 is a seed like any other: the same samples each run (a mutation audit: a seed
+    taken by truthiness, `args.seed or torch.seed()`, drew fresh samples for --seed 0 unseen)."""
+    outputs = []
+    for _ in range(2):
+        assert sample.main(["--checkpoint", byte_checkpoint, "--prompt", "ab", "--max-new-tokens", "12", "--seed", "0",
+                            "--device", "cpu"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("ab")
+
+
 def test_sample_py_reports_its_speed_on_stderr(tmp_path, corpus, capsys):
     """As gpt-fast's generate.py: the tokens drawn, the time and the rate, one line on stderr
     (stdout holds the samples only), streamed or in a batch."""
@@ -1009,3 +1020,27 @@ def test_sample_runs_the_model_in_the_dtype_asked_for(byte_checkpoint, monkeypat
     monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
     assert sample.main(["--checkpoint", byte_checkpoint, "--dtype", dtype, "--device", "cpu", "--num-samples", "2"]) == 0
     assert seen == [want]
+
+
+def test_sample_runs_in_fp32_on_a_cpu_by_default(byte_checkpoint, monkeypatch, capsys):
+    """Without --dtype, bf16 is for a CUDA GPU that supports it; on a CPU the model samples in
+    fp32, as --help says (a mutation audit: a bf16 default everywhere went unseen, as the
+    dtype test passes --dtype)."""
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, **kw: seen.append(model.lm_head.weight.dtype) or [[]] * len(prompts))
+    monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
+    assert sample.main(["--checkpoint", byte_checkpoint, "--device", "cpu", "--num-samples", "2"]) == 0
+    assert seen == [torch.float32]
+
+
+def test_compile_runs_the_decode_step_on_the_torch_ops(byte_checkpoint, monkeypatch, capsys):
+    """--compile hands torch.compile the reference ops (Inductor writes its own kernels; ours
+    are opaque to it, and Decoder refuses them on CUDA): the model is on kernels="torch" when
+    its Decoder is built, and stays on its own otherwise (a mutation audit: dropping
+    set_kernels("torch") went unseen, as on a CPU "auto" runs the torch ops anyway)."""
+    seen = []
+    monkeypatch.setattr(sample, "Decoder", lambda model, *a, **kw: seen.append((model.config.kernels, kw["compile"])))
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, **kw: [[]] * len(prompts))
+    for flags in (["--compile"], []):
+        assert sample.main(["--checkpoint", byte_checkpoint, "--device", "cpu", "--num-samples", "2", *flags]) == 0
+    assert seen == [("torch", True), ("auto", False)]
