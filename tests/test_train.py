@@ -374,6 +374,17 @@ def test_sample_flags(tmp_path, corpus, capsys):
     assert outputs[0] == outputs[1]
 
 
+def test_sample_defaults_are_nanogpts(monkeypatch):
+    """With no flags, sample.py samples as nanoGPT's sample.py and the README's example do:
+    temperature 0.8 over the top 200 tokens, no nucleus cut, one streamed sample, 256 new
+    tokens, unseeded (a mutation audit: a changed default temperature, top-k or length went
+    unseen, as every test passes its own)."""
+    args = sample.parse_args([])
+    assert (args.temperature, args.top_k, args.top_p, args.num_samples, args.max_new_tokens, args.seed, args.stop) == \
+        (0.8, 200, 1.0, 1, 256, None, [])
+    assert (args.checkpoint, args.device, args.dtype, args.prompt, args.prompt_file) == ("out", "auto", None, None, None)
+
+
 def test_sample_errors_are_one_line(tmp_path, corpus):
     assert_one_line_error(run_cli("sample.py", "--checkpoint", str(tmp_path / "none")), "no checkpoint")
     run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
@@ -980,6 +991,7 @@ def test_a_batched_stop_check_decodes_only_the_new_tokens_and_the_stops_length(b
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
     (["--seed", "-1"], "--seed must be in [0, 2^63)"),
     (["--seed", str(2**63)], "--seed must be in [0, 2^63)"),
+    (["--top-k", "-1"], "--top-k must be 0 (all tokens) or positive"),
     (["--stop", ""], "--stop \"\" would end every sample before its first token"),
 ])
 def test_sample_flags_out_of_range_are_refused_before_loading(tmp_path, capsys, flags, message):
