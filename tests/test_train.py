@@ -707,6 +707,23 @@ def test_sample_reads_prompts_as_bytes_and_starts_a_newline_free_vocabulary(tmp_
     assert sample.encode_prompt("", CharTokenizer("xyz"), 8) == [0]  # no "\n" in the vocabulary
 
 
+def test_a_prompt_file_adds_to_the_prompts_given(tmp_path):
+    """--prompt and --prompt-file together are one batch of all of them, the file's last (a
+    mutation audit: the file's prompt replacing those of --prompt went unseen)."""
+    (tmp_path / "p.txt").write_bytes(b"from file")
+    args = sample.parse_args(["--prompt", "one", "--prompt", "two", "--prompt-file", str(tmp_path / "p.txt")])
+    assert sample.read_prompts(args) == ["one", "two", "from file"]
+
+
+def test_a_prompt_file_that_is_not_utf8_is_a_usage_error(tmp_path):
+    """A prompt file in latin-1 (a byte that is no UTF-8) is the one-line "cannot read prompt
+    file", not a UnicodeDecodeError's traceback (a mutation audit: catching OSError alone went
+    unseen)."""
+    (tmp_path / "p.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(train.UsageError, match=f"cannot read prompt file {tmp_path / 'p.txt'}: 'utf-8' codec"):
+        sample.read_prompts(sample.parse_args(["--prompt-file", str(tmp_path / "p.txt")]))
+
+
 def test_a_reader_that_goes_away_stops_train_and_sample_cleanly(tmp_path, corpus):
     """`train.py | head` saves and stops as on Ctrl-C; `sample.py | head` just ends. Both
     exit with 141 (128 + SIGPIPE), no traceback."""
