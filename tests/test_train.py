@@ -999,6 +999,30 @@ def test_a_batched_stop_check_decodes_only_the_new_tokens_and_the_stops_length(b
     assert "--- sample 1 ---\n" + "x" * 40 + "say \n" in capsys.readouterr().out
 
 
+def test_a_batched_stop_check_looks_back_the_stops_length_in_bytes(byte_checkpoint, monkeypatch, capsys):
+    """The window a batched check decodes reaches back the stop string's length in bytes, not
+    in characters: "\u00e9\u00e9" is 4 bytes, and here starts 3 tokens before the check that completes
+    it (a mutation audit: len(s) for len(s.encode()) went unseen, as the existing test stops
+    at ASCII; the sample then ran on to --max-new-tokens)."""
+    text = b"xx" + "\u00e9\u00e9".encode() + b"yyyyyyyyyyyyyyy"
+    found = {}
+
+    def fake_generate(model, prompts, max_new_tokens, stop=None, **kw):
+        new = []
+        for i in range(0, len(text), 5):  # checks after "xx\xc3\xa9\xc3" and "\xa9yyyy"
+            new.extend(text[i:i + 5])
+            if stop(0, new):
+                found[0] = len(new)
+                break
+        return [new, list(b"no stop here")]
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
+    assert sample.main(["--checkpoint", byte_checkpoint, "--stop", "\u00e9\u00e9", "--device", "cpu", "--num-samples", "2"]) == 0
+    assert found == {0: 10}
+    assert "--- sample 1 ---\nxx\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
@@ -1073,3 +1097,29 @@ def test_compile_runs_the_decode_step_on_the_torch_ops(byte_checkpoint, monkeypa
     for flags in (["--compile"], []):
         assert sample.main(["--checkpoint", byte_checkpoint, "--device", "cpu", "--num-samples", "2", *flags]) == 0
     assert seen == [("torch", True), ("auto", False)]
+
+
+def test_the_sampling_flags_reach_generate(tmp_path, monkeypatch, capsys):
+    """--max-new-tokens, --temperature, --top-k, --top-p and the tokenizer's end of text are
+    what generate() draws with, batched and streamed (a mutation audit: a --top-p or an
+    end-of-text token left out of the call went unseen, as generate's own tests pass them)."""
+    cfg = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    checkpoint.save({"model": GPT(cfg).state_dict(), "config": cfg.to_dict(), "tokenizer": {"name": "gpt2"}},
+                    tmp_path / "ckpt.pt")
+    calls = []
+
+    def fake_generate(model, prompts, max_new_tokens, on_token=None, **kw):
+        calls.append((len(prompts), max_new_tokens, kw["temperature"], kw["top_k"], kw["top_p"], kw["eot_token"]))
+        if on_token is not None:  # streamed: the end of text ends the sample, and is not printed
+            for t in (64, 50256, 65):
+                on_token(torch.tensor([[t]]))
+        return [[64]] * len(prompts)
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(sample, "Decoder", lambda *a, **kw: None)
+    flags = ["--checkpoint", str(tmp_path), "--device", "cpu", "--max-new-tokens", "9", "--temperature", "0.5",
+             "--top-k", "7", "--top-p", "0.9", "--prompt", "x"]
+    assert sample.main([*flags, "--num-samples", "2"]) == 0
+    assert sample.main(flags) == 0
+    assert calls == [(2, 9, 0.5, 7, 0.9, 50256), (1, 9, 0.5, 7, 0.9, 50256)]
+    assert capsys.readouterr().out.endswith("\nxa\n")
