@@ -366,3 +366,14 @@ def test_export_refuses_a_folder_holding_only_a_best_checkpoint(tmp_path, capsys
     assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "run"), "--format", "safetensors"]) == 2
     assert "holds a training run (best.pt)" in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_export_into_a_path_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    """Any OSError writing the folder is the one line, not only the FileExistsError of a file
+    at the path itself: a path under a file (NotADirectoryError) too (a mutation audit:
+    catching FileExistsError alone went unseen)."""
+    _small_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "file").write_text("x")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "file" / "exp"), "--format", "safetensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'file' / 'exp'}: Not a directory"), err
