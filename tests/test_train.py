@@ -971,6 +971,20 @@ def test_several_stop_strings_cut_at_the_first_found(capsys):
     assert capsys.readouterr().out == "one\n"
 
 
+def test_a_streamed_sample_cuts_at_the_stop_string_that_starts_first(capsys):
+    """Two stop strings completed by the same token: the sample ends where the earlier one
+    starts, as in a batch ("xab" under --stop b --stop ab is "x"; a mutation audit: the
+    streamer cutting at the later one went unseen, as the existing test's stops come one
+    token apart)."""
+    from gpt.tokenizer import ByteTokenizer
+
+    stream = sample.Streamer(ByteTokenizer(), ["b", "ab"], None)
+    for b in b"xab and more":
+        stream(torch.tensor([[b]]))
+    stream.finish()
+    assert capsys.readouterr().out == "x\n" == sample.cut_at_stop("xab and more", ["b", "ab"]) + "\n"
+
+
 def test_a_batched_stop_check_decodes_only_the_new_tokens_and_the_stops_length(byte_checkpoint, monkeypatch, capsys):
     """Batch mode checks for the stop string every few tokens: each check decodes what came
     since the last one and the stop string's length in bytes before it (a long sample's
