@@ -217,7 +217,7 @@ def test_the_build_lock_opens_for_other_users(tmp_path):
     assert lock.stat().st_mode & 0o444 == 0o444
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no meta"])
+@pytest.mark.parametrize("damage", ["truncated", "grown", "no meta", "empty meta"])
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
     corpus = tmp_path / "c.txt"
     corpus.write_text("abcdefghij" * 50)
@@ -227,8 +227,13 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
     if damage == "truncated":
         with open(entry / "train.bin", "r+b") as f:
             f.truncate(100)
-    else:
+    elif damage == "grown":  # more tokens than its meta.json counts
+        with open(entry / "train.bin", "ab") as f:
+            f.write(b"\0" * 10)
+    elif damage == "no meta":
         (entry / "meta.json").unlink()
+    else:  # what a power loss can leave: the folder's rename kept, its meta.json's text never synced
+        (entry / "meta.json").write_text("")
     logs = []
     again = load_dataset(str(corpus), "char", str(tmp_path / "cache"), log=logs.append)
     assert any("rebuilding the damaged cache" in line for line in logs)
