@@ -552,3 +552,14 @@ def test_a_cache_entry_is_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     (entry,) = (tmp_path / "cache").glob("*-char")
     assert entry.stat().st_mode & 0o777 == 0o755
+
+
+
+def test_two_weights_vocabularies_on_one_corpus_each_get_their_own_ids(tmp_path):
+    """Two char models fine-tuned on one corpus: each is encoded with its own vocabulary, not
+    with the one the other cached."""
+    (tmp_path / "c.txt").write_text("bd" * 100)
+    cache = str(tmp_path / "cache")
+    for chars, ids in (("abcd", {1, 3}), ("bdxy", {0, 1})):
+        d = load_dataset(str(tmp_path / "c.txt"), "char", cache, log=lambda *a: None, chars=chars)
+        assert d.tokenizer.chars == chars and set(d.train.tolist()) == ids
