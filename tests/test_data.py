@@ -1,9 +1,11 @@
+import argparse
 import os
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -553,6 +555,63 @@ def test_a_cache_entry_is_readable_as_the_umask_allows(tmp_path):
     (entry,) = (tmp_path / "cache").glob("*-char")
     assert entry.stat().st_mode & 0o777 == 0o755
 
+
+def test_data_default_names_the_built_in_corpus(tmp_path, monkeypatch):
+    """--data default (what a run on the built-in corpus saves for its resume) is that corpus,
+    not a path ./default that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "default_corpus_files", lambda: [Path(argparse.__file__)])
+    corpus = scan_corpus("default")
+    assert corpus.text() == Path(argparse.__file__).read_text() and "standard library" in corpus.description
+
+
+def test_a_byte_order_mark_inside_the_text_is_a_character(tmp_path, small_reads):
+    """U+FEFF is a byte-order mark only where a file starts; inside the text (here just where a
+    read block starts) it is a zero-width no-break space, kept like any other character."""
+    text = "a" * 60 + "\ufeff" + "b"  # the mark's 3 bytes straddle the first 61-byte block
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    assert scan_corpus(str(tmp_path / "c.txt")).text() == text
+
+
+def test_a_blank_file_in_a_folder_of_text_is_read(tmp_path):
+    """A corpus is empty when all of it is blank, not when its last file is."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("\n\n")
+    assert scan_corpus(str(tmp_path)).text() == "hello\n\n\n"
+
+
+def test_a_folder_is_read_in_one_order_whatever_order_it_is_listed_in(tmp_path, monkeypatch):
+    """A folder reached twice (by a link and by its own name) is read where the sorted walk
+    first meets it, so the corpus (and its cache key) is the same on every file system."""
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "x.txt").write_text("x")
+    (tmp_path / "m.txt").write_text("m")
+    (tmp_path / "a").symlink_to(tmp_path / "z")
+    scandir, texts = os.scandir, set()
+
+    class Listing:  # os.walk enters a listing as a context and takes its entries with next()
+        def __init__(self, entries):
+            self.entries = iter(entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def __next__(self):
+            return next(self.entries)
+
+    def listed(reverse):
+        def scan(p="."):
+            with scandir(p) as entries:
+                return Listing(sorted(entries, key=lambda e: e.name, reverse=reverse))
+        return scan
+
+    for reverse in (False, True):
+        monkeypatch.setattr(os, "scandir", listed(reverse))
+        texts.add(scan_corpus(str(tmp_path)).text())
+    assert texts == {"x\nm"}  # a/x.txt, then m.txt
 
 
 def test_two_weights_vocabularies_on_one_corpus_each_get_their_own_ids(tmp_path):
