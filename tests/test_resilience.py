@@ -1044,6 +1044,21 @@ def test_a_torch_save_file_that_is_no_checkpoint_is_named_so(tmp_path, state):
         checkpoint.load_model(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_weights_named_otherwise_than_the_model_are_refused(tmp_path, change):
+    """Another version's weights, a name missing or one more: the one-line error, not a model
+    whose missing weights stay at their random init."""
+    cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch")
+    weights = GPT(cfg).state_dict()
+    if change == "missing":
+        del weights["transformer.ln_f.weight"]
+    else:
+        weights["transformer.ln_f.scale"] = torch.ones(16)
+    checkpoint.save({"model": weights, "config": cfg.to_dict(), "tokenizer": {"name": "byte"}}, tmp_path / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"ckpt.pt: the weights do not match its config .*{change.title()} key"):
+        checkpoint.load_model(tmp_path)
+
+
 @pytest.mark.parametrize("key, value", [("config", {"n_embd": 0}), ("config", [2, 2]), ("tokenizer", {"name": "char"}),
                                         ("tokenizer", "byte"), ("tokenizer", {"name": "char", "chars": 5})],
                          ids=["config-value", "config-not-a-dict", "char-without-chars", "tokenizer-not-a-dict",
