@@ -172,6 +172,13 @@ def test_the_dropout_of_model_args_comes_with_the_weights(char_run):
     assert loaded.config.dropout == 0.2 and not loaded.training
 
 
+def test_load_model_puts_a_nanogpt_model_on_the_device_asked_for(char_run):
+    """As it does our own checkpoints' (the meta device stands in for a GPU)."""
+    out, _, _ = char_run
+    model, _, _ = checkpoint.load_model(out, device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+
+
 def test_a_meta_pkl_under_the_current_folder_is_found(char_run, tmp_path, monkeypatch):
     """Sampling from inside a nanoGPT checkout a checkpoint kept elsewhere: data/<dataset>/meta.pkl
     is looked for under the current folder too."""
