@@ -248,6 +248,15 @@ def test_export_converts_an_export_and_names_a_missing_config(tmp_path):
         checkpoint.resolve(tmp_path / "hf")
 
 
+def test_a_folder_of_pytorch_model_bin_without_its_config_names_the_config(tmp_path):
+    """Hugging Face's older layout keeps the weights in pytorch_model.bin: without config.json
+    beside it the error names what is missing, not a ckpt.pt the folder was never meant to hold."""
+    (tmp_path / "hf").mkdir()
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2)}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(checkpoint.CheckpointError, match="holds pytorch_model.bin but no config.json"):
+        checkpoint.resolve(tmp_path / "hf")
+
+
 def test_a_padded_vocabulary_samples_only_real_tokens(tmp_path):
     """nanoGPT pads GPT-2's 50257 tokens to 50304 rows; ids past the tokenizer's cannot be
     decoded, so the model is read without those rows (sample.py ended in a KeyError)."""
