@@ -254,6 +254,15 @@ def test_auto_reads_the_capability_of_the_tensors_own_gpu(monkeypatch):
     assert ops.triton_unsupported(config, torch.device("cuda", 0), torch.float16) is None
 
 
+def test_auto_runs_cpu_tensors_on_torch_beside_a_gpu(monkeypatch):
+    """A model on the CPU of a machine with an sm90 GPU: "auto" runs its CPU tensors on the
+    reference, not on the kernels, which need CUDA tensors outside the interpreter (a mutation
+    audit: asking only the GPU's capability went unseen, the interpreter's (0, 0) sending CPU
+    tensors to torch anyway)."""
+    monkeypatch.setattr(_utils, "device_capability", lambda index=0: (9, 0))
+    assert ops.backend(torch.zeros(1), "auto") is reference
+
+
 def test_an_unknown_kernels_mode_is_refused():
     """A caller's typo is a ValueError naming the choices, not the torch reference run quietly
     (a mutation audit: backend() returning the reference for any other mode went unseen)."""
@@ -347,16 +356,62 @@ def test_auto_ffn_folds_the_gelu_into_the_matmul_only_on_cuda_with_a_bias(monkey
         assert calls == [1]
 
 
-def test_the_triton_ffn_runs_in_the_autocast_dtype(device):
+@pytest.mark.parametrize("grad, epilogue", [(True, True), (False, False)], ids=["training", "switched-off"])
+def test_auto_ffn_takes_the_separate_gelu_when_training_or_switched_off(monkeypatch, grad, epilogue):
+    """The epilogue is for inference with GELU_EPILOGUE on: torch._addmm_activation has no
+    derivative, so a CUDA FFN that autograd records takes the separate GELU and trains (a
+    mutation audit: the epilogue with grad on, and GELU_EPILOGUE = False ignored, both went
+    unseen, the epilogue test running under no_grad alone). CPU tensors pass for CUDA ones."""
+    calls = []
+    addmm_activation = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or addmm_activation(*a, **k))
+    monkeypatch.setattr(ops, "GELU_EPILOGUE", epilogue)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    C = 16
+    x = torch.randn(2, 1, C)
+    w = [t.requires_grad_() for t in (torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C))]
+    with torch.set_grad_enabled(grad):
+        out = ops.ffn(x, *w)
+    torch.testing.assert_close(out, reference.ffn(x, *w))
+    assert not calls
+    if grad:
+        out.sum().backward()
+        assert all(t.grad is not None for t in w)
+
+
+def test_auto_ffn_folds_the_gelu_in_the_autocast_dtype(monkeypatch):
+    """Autocast has no rule for _addmm_activation: gpt.ops casts its operands, so an fp32 model
+    generating under autocast runs the epilogue's matmul in the autocast dtype, not in fp32 (a
+    mutation audit: leaving them uncast went unseen, the output being cast by the second
+    matmul). CPU tensors pass for CUDA ones, bf16 autocast on the CPU for CUDA's."""
+    dtypes = []
+    addmm_activation = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation",
+                        lambda *a, **k: dtypes.append({t.dtype for t in a}) or addmm_activation(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    C = 16
+    x = torch.randn(2, 1, C)
+    w = torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.ffn(x, *w)
+    assert dtypes == [{torch.bfloat16}] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.ffn(x, *w), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_triton_ffn_runs_in_the_autocast_dtype(device, bias):
     """Autocast does not reach into the Triton kernels: gpt.ops casts the FFN's operands as
     F.linear's would, so a model training under autocast gets the FFN in the autocast dtype on
-    either path (a mutation audit: leaving them fp32 went unseen, the results being close).
-    The interpreter computes bf16 wrongly: fp16 on CPU."""
+    either path (a mutation audit: leaving them fp32 went unseen, the results being close; a
+    later one: the missing biases of a bias=False model dropped from the cast operands, which
+    then no longer unpacked, went unseen too). The interpreter computes bf16 wrongly: fp16 on CPU."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     torch.manual_seed(0)
     C = 16
     x = torch.randn(2, 3, C, device=device)
     w = [t.to(device) for t in (torch.randn(4 * C, C) / 4, torch.randn(4 * C), torch.randn(C, 4 * C) / 8, torch.randn(C))]
+    if not bias:
+        w[1] = w[3] = None
     with torch.autocast(device, dtype=dtype):
         got, want = ops.ffn(x, *w, mode="triton"), ops.ffn(x, *w, mode="torch")
     assert got.dtype == want.dtype == dtype
