@@ -134,7 +134,7 @@ def test_a_checkpoint_without_biases_exports_to_transformers(tmp_path):
 def test_a_meta_pkl_in_any_character_order_loads(char_run):
     """A dataset's own prepare.py may number its characters in any order: the ids are meta.pkl's."""
     out, model, chars = char_run
-    order = chars[::-1]
+    order = chars[3:] + chars[:3]  # not its own inverse, as a reversal would be
     (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(order), "itos": dict(enumerate(order))}))
     loaded, tokenizer = load_any(out, kernels="torch")
     text = "Before we proceed"
@@ -151,10 +151,13 @@ def test_a_meta_pkl_of_another_vocabulary_names_both_sizes(char_run):
         load_any(out)
 
 
-def test_weights_saved_from_a_ddp_wrapper_load(char_run):
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module."], ids=["ddp-of-compiled", "compiled-ddp"])
+def test_weights_saved_from_a_ddp_wrapper_load(char_run, prefix):
+    """DDP's "module." outside torch.compile's "_orig_mod." or inside it (a mutation audit:
+    stripping it only outside went unseen)."""
     out, model, _ = char_run
     state = torch.load(out / "ckpt.pt", weights_only=True)
-    state["model"] = {"module." + k: v for k, v in state["model"].items()}
+    state["model"] = {prefix + k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     torch.save(state, out / "ckpt.pt")
     loaded, tokenizer = load_any(out, kernels="torch")
     x = torch.tensor([tokenizer.encode("First")])
@@ -200,3 +203,53 @@ def test_a_meta_pkl_of_other_than_distinct_characters_is_refused(char_run, chang
     (out / "meta.pkl").write_bytes(pickle.dumps({"itos": itos}))
     with pytest.raises(checkpoint.CheckpointError, match="does not map ids to distinct single characters"):
         load_any(out)
+
+
+def test_an_older_checkpoint_of_gpt2s_vocabulary_loads(tmp_path):
+    """nanoGPT's model_args named no bias before bias=False came in (its models had biases), and
+    one fine-tuned from GPT-2 (init_from='gpt2') keeps GPT-2's 50257 tokens, no padding (a
+    mutation audit: a missing bias read as False, and 50257 tokens refused as fewer than
+    GPT-2's, went unseen)."""
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=16, kernels="torch")).eval()
+    save_nanogpt(tmp_path / "out", model, "openwebtext", compiled=False)
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    del state["model_args"]["bias"]
+    torch.save(state, tmp_path / "out" / "ckpt.pt")
+    loaded, tokenizer = load_any(tmp_path / "out", kernels="torch")
+    assert tokenizer.name == "gpt2" and loaded.config.bias is True
+    x = torch.tensor([tokenizer.encode("Hello world")])
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_layer": None}, "its model_args cannot be read .*n_layer"),  # None: the key deleted
+    ({"n_head": 3}, "its model_args cannot be read .*divisible"),
+    ({"n_layer": 3}, "the weights do not match its model_args .*Missing key"),
+], ids=["missing-key", "bad-heads", "other-depth"])
+def test_model_args_that_do_not_fit_are_one_line_errors(char_run, change, message):
+    """A hand-edited or damaged ckpt.pt: a CheckpointError naming the file, not a KeyError or
+    load_state_dict's traceback (a mutation audit: letting either through went unseen)."""
+    out, _, _ = char_run
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    for key, value in change.items():
+        if value is None:
+            del state["model_args"][key]
+        else:
+            state["model_args"][key] = value
+    torch.save(state, out / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"ckpt.pt: {message}"):
+        load_any(out)
+
+
+def test_a_meta_pkl_beside_a_checkpoint_without_its_run_config_is_found(char_run):
+    """A ckpt.pt whose run config (and with it the dataset's name) was dropped, say to make it
+    smaller: the meta.pkl beside it is still read (a mutation audit: looking beside the
+    checkpoint only when the dataset is named went unseen)."""
+    out, _, chars = char_run
+    (out / "meta.pkl").write_bytes((out.parent / "data" / "shakespeare_char" / "meta.pkl").read_bytes())
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    del state["config"]
+    torch.save(state, out / "ckpt.pt")
+    _, tokenizer = load_any(out, kernels="torch")
+    assert tokenizer.name == "char" and tokenizer.vocab_size == len(chars)
