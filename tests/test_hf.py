@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from gpt import GPT, GPTConfig, checkpoint  # noqa: E402
 from gpt.export import main as export_main  # noqa: E402
 from gpt.generate import generate  # noqa: E402
-from gpt.hf import HFError, load_any, load_hf, save_hf  # noqa: E402
+from gpt.hf import HFError, config_from_hf, load_any, load_hf, save_hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,9 @@ def test_fine_tuning_from_hf_lowers_the_loss(hf_dir):
         ({"model_type": "llama"}, "only GPT-2"),
         ({"n_head": 3}, r"config.json: n_embd \(\d+\) must be divisible by n_head \(3\)"),
         ({"tie_word_embeddings": False}, "tie_word_embeddings=false is not supported"),
+        ({"scale_attn_weights": False}, "scale_attn_weights=False is not supported"),
+        ({"add_cross_attention": True}, "add_cross_attention=True is not supported"),
+        ({"activation_function": "gelu"}, "activation_function='gelu' is not supported"),  # erf, not tanh
     ],
 )
 def test_unsupported_architectures_are_refused(hf_dir, change, message):
@@ -106,6 +109,26 @@ def test_unsupported_architectures_are_refused(hf_dir, change, message):
     (hf_dir / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(HFError, match=message):
         load_hf(hf_dir)
+
+
+@pytest.mark.parametrize("change", [{"activation_function": "gelu_pytorch_tanh"}, {"activation_function": "gelu_fast"},
+                                    {"n_inner": 128}], ids=["gelu_pytorch_tanh", "gelu_fast", "n_inner"])
+def test_other_spellings_of_gpt2s_config_are_read(hf_model, change):
+    """The tanh GELU under each of its names, and the MLP width written out (4 * 32) rather
+    than null (a mutation audit: refusing either went unseen, transformers writing neither)."""
+    config = config_from_hf({**hf_model.config.to_dict(), **change})
+    assert (config.n_embd, config.n_layer, config.block_size) == (32, 2, 64)
+
+
+def test_a_config_without_optional_fields_reads_with_gpt2s_defaults():
+    """GPT-2's defaults for what a hand-written config.json leaves out: 1024 positions (or
+    n_ctx, the older name), epsilon 1e-5 (a mutation audit: another default epsilon, or n_ctx
+    read before n_positions, went unseen, transformers writing every field)."""
+    minimal = {"model_type": "gpt2", "vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2}
+    config = config_from_hf(minimal)
+    assert (config.block_size, config.layer_norm_eps, config.dropout) == (1024, 1e-5, 0.0)
+    assert config_from_hf({**minimal, "n_ctx": 128}).block_size == 128
+    assert config_from_hf({**minimal, "n_ctx": 128, "n_positions": 64}).block_size == 64
 
 
 def test_missing_directory_and_weights(tmp_path):
@@ -205,6 +228,9 @@ def test_damaged_model_folders_are_one_line_errors(tmp_path):
     with pytest.raises(HFError, match="no model.safetensors"):
         load_any(tmp_path / "exp")
     (tmp_path / "exp" / "config.json").write_text("{bad json")
+    with pytest.raises(HFError, match="cannot read .*config.json"):
+        load_any(tmp_path / "exp")
+    (tmp_path / "exp" / "config.json").write_bytes(b"\xff\xfe{}")  # not UTF-8
     with pytest.raises(HFError, match="cannot read .*config.json"):
         load_any(tmp_path / "exp")
     (tmp_path / "exp" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
@@ -386,3 +412,37 @@ def test_export_into_a_path_under_a_file_is_a_one_line_error(tmp_path, capsys):
     assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "file" / "exp"), "--format", "safetensors"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'file' / 'exp'}: Not a directory"), err
+
+
+def test_a_hf_directory_loads_on_the_kernels_asked_for_in_eval_mode(tmp_path):
+    """As our checkpoints and exports do (tests/test_train.py): load_any and load_hf pass the
+    kernels on (a mutation audit: either dropping them went unseen, on a CPU every mode
+    running the same ops, and so did load_any's model left in training mode)."""
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16)).save_pretrained(
+        tmp_path / "hf")
+    model, _ = load_any(tmp_path / "hf", kernels="triton")
+    assert model.config.kernels == "triton" and not model.training
+    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"triton"}
+    assert load_hf(tmp_path / "hf", kernels="torch").config.kernels == "torch"
+
+
+def test_a_safetensors_export_keeps_its_tokenizer(tmp_path):
+    """A byte-level model exported and read back is read with its own tokenizer, not GPT-2's (a
+    mutation audit: the export naming GPT-2's went unseen, the round-trip test's model using it)."""
+    model = _small_checkpoint(tmp_path / "ckpt.pt", tokenizer="byte")
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "exp"), "--format", "safetensors"]) == 0
+    loaded, tokenizer = load_any(tmp_path / "exp", kernels="torch")
+    assert tokenizer.name == "byte" and tokenizer.encode("hé") == list("hé".encode())
+    x = torch.tensor([tokenizer.encode("hello")])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_model_paths_may_start_with_a_tilde(hf_model, tmp_path, monkeypatch):
+    """~/models/gpt2, as a shell would not expand it inside quotes (a mutation audit: the
+    expansion dropped from load_hf or load_any went unseen)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_pretrained(hf_model, tmp_path / "hf", safe=True)
+    assert load_hf("~/hf", kernels="torch").config.n_layer == 2
+    with pytest.raises(HFError, match="vocab_size=100, fewer than"):  # read, and refused for its vocabulary
+        load_any("~/hf")
