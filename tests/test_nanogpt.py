@@ -253,3 +253,14 @@ def test_a_meta_pkl_beside_a_checkpoint_without_its_run_config_is_found(char_run
     torch.save(state, out / "ckpt.pt")
     _, tokenizer = load_any(out, kernels="torch")
     assert tokenizer.name == "char" and tokenizer.vocab_size == len(chars)
+
+
+@pytest.mark.parametrize("content", [b"", pickle.dumps({"vocab_size": 65})], ids=["empty", "no-itos"])
+def test_a_damaged_meta_pkl_is_a_one_line_error(char_run, content):
+    """An interrupted copy (empty) or a meta.pkl of another kind: a CheckpointError naming the
+    file, not an EOFError or KeyError (a mutation audit: catching only OSError and pickle's
+    own error went unseen)."""
+    out, _, _ = char_run
+    (out / "meta.pkl").write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match="meta.pkl is not a nanoGPT meta.pkl of characters"):
+        load_any(out)
