@@ -333,16 +333,27 @@ def test_a_residual_row_past_the_layer_norm_kernel_is_refused():
         (["--grad-clip", "inf"], "--grad-clip must be a non-negative number, got inf"),
         (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
         (["--resume", "--overwrite"], "pass one of them"),
+        (["--resume", "--init-from", "gpt2"], "--resume continues a run and --init-from starts one"),
+        (["--max-skips", "0"], "--max-skips must be positive, got 0"),
+        (["--eval-iters", "0"], "--eval-iters must be positive, got 0"),
+        (["--save-interval", "-1"], "--save-interval must be a non-negative number, got -1"),
+        (["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr between 0 and --lr"),
+        (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+        (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is visible"),
     ],
     ids=["empty-data", "nan-lr", "beta2", "fsdp-alone", "out-dir-file", "triton-on-cpu", "nan-decay", "inf-clip", "seed",
-         "resume-overwrite"],
+         "resume-overwrite", "resume-init-from", "no-skips", "no-eval-iters", "negative-save-interval", "min-lr-above-lr",
+         "beta2-one", "dropout-one", "cuda-without-gpu"],
 )
 def test_train_flag_errors_are_one_line(tmp_path, corpus, capsys, monkeypatch, extra, phrase):
     monkeypatch.setattr(train, "interpreting", lambda: False)  # conftest sets TRITON_INTERPRET for the kernel tests
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("RANK", raising=False)
     (tmp_path / "FILE").write_text("not a folder")
     extra = [str(tmp_path / "FILE") if a == "FILE" else a for a in extra]
-    args = ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *TINY, *extra]
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *TINY,
+            "--max-steps", "1", *extra]  # a flag wrongly taken trains one step, not 5000
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and phrase in err[0], err
@@ -463,6 +474,30 @@ def test_learning_rate_schedule():
     # With --max-time the cosine follows the clock when it runs out first.
     timed = train.parse_args(["--lr", "1.0", "--min-lr", "0.2", "--warmup", "0", "--max-steps", "1000", "--max-time", "60"])
     assert train.learning_rate(1, 30.0, timed) == pytest.approx(0.6) and train.learning_rate(1, 60.0, timed) == pytest.approx(0.2)
+
+
+def test_flags_at_the_edges_of_their_ranges_are_taken():
+    """The ends of each range that are in it: --seed 0, --min-lr equal to --lr or 0, --beta2 0,
+    no warm-up, clip, decay, time limit or dropout (a mutation audit: < for <= went unseen)."""
+    for argv in (["--seed", "0"], ["--seed", str(2**63 - 1)], ["--lr", "1e-3", "--min-lr", "1e-3"], ["--min-lr", "0"],
+                 ["--beta2", "0"], ["--warmup", "0", "--grad-clip", "0", "--weight-decay", "0", "--max-time", "0",
+                                    "--save-interval", "0", "--dropout", "0"]):
+        train.check_args(train.parse_args(argv))
+
+
+def test_train_defaults_are_its_help(monkeypatch):
+    """With no flags, train.py runs as its --help says: lr 1e-3 to lr / 10 over 5000 steps after
+    100 of warm-up, AdamW (0.9, 0.99) with decay 0.1, clip 1.0, 10 skips, an eval of 20 batches every
+    250 steps, a line every 10, batch 32, seed 1337 (a mutation audit: a changed default went unseen,
+    as every test passes its own)."""
+    args = train.parse_args([])
+    assert (args.lr, args.min_lr, args.warmup, args.max_steps, args.decay_steps, args.max_time) == \
+        (1e-3, None, 100, 5000, None, 0)
+    assert (args.weight_decay, args.beta2, args.grad_clip, args.max_skips, args.batch_size, args.grad_accum) == \
+        (0.1, 0.99, 1.0, 10, 32, 1)
+    assert (args.eval_interval, args.eval_iters, args.save_interval, args.log_interval, args.seed) == (250, 20, 0, 10, 1337)
+    assert (args.out_dir, args.device, args.dtype, args.kernels, args.preset, args.tokenizer) == \
+        ("out", "auto", None, "auto", None, None)
 
 
 def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
