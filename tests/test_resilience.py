@@ -746,6 +746,21 @@ def test_resume_with_no_other_flags_continues_the_run_as_it_was_set_up(tmp_path,
     assert split["args"]["batch_size"] == 4 and split["args"]["seed"] == 5
 
 
+def test_resume_keeps_every_run_setting_not_given_again(tmp_path, corpus):
+    """Each run setting off its default comes back on a bare --resume: --min-lr, --max-time,
+    --grad-clip, --max-skips, --eval-iters, --save-interval and --dtype as well as those the test
+    above sets (a mutation audit: any of them dropped from RUN_FLAGS went unseen)."""
+    run = {"batch_size": 3, "grad_accum": 2, "lr": 2e-3, "min_lr": 1e-4, "warmup": 1, "decay_steps": 7, "max_time": 1000.0,
+           "weight_decay": 0.05, "beta2": 0.95, "grad_clip": 0.5, "max_skips": 4, "eval_interval": 2, "eval_iters": 1,
+           "save_interval": 5, "log_interval": 2, "dtype": "fp16", "seed": 5}
+    given = [a for k, v in run.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    run_train(tmp_path, corpus, "out", *given, "--max-steps", "1")
+    train.train(train.parse_args(["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                                  "--device", "cpu", "--kernels", "torch", "--resume", "--max-steps", "2"]))
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 2 and {k: saved["args"][k] for k in run} == run
+
+
 def test_an_out_dir_that_cannot_be_written_is_a_clear_error(tmp_path, corpus, monkeypatch):
     """An existing --out-dir without write permission (root ignores chmod, so the lock's open
     is refused here as the kernel would refuse it)."""
