@@ -320,6 +320,19 @@ def test_a_retried_step_draws_a_fresh_batch(tmp_path, corpus):
     assert torch.equal(first, again) and not torch.equal(first, retried)
 
 
+def test_each_step_draws_its_own_batch_in_micro_batches(tmp_path, corpus):
+    """Step 6 trains on other sequences than step 5, and --grad-accum 3 splits a step's 12 into
+    3 micro-batches of --batch-size 4, each target its input shifted by one (a mutation audit: the
+    same batch every step, and the whole batch as one micro-batch, went unseen)."""
+    args = train.parse_args(flags(tmp_path, corpus, "out", "--grad-accum", "3"))
+    data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
+    world = train.distributed.World()
+    five, six = (train.train_batches(data, step, args, world, 32) for step in (5, 6))
+    assert [tuple(x.shape) for x, _ in five] == [(4, 32)] * 3
+    assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in five)
+    assert not torch.equal(torch.cat([x for x, _ in five]), torch.cat([x for x, _ in six]))
+
+
 def test_any_seed_draws_batches(tmp_path, corpus):
     args = train.parse_args(flags(tmp_path, corpus, "out", "--seed", str(2**63 - 1)))
     data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
