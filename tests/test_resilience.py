@@ -284,6 +284,31 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tmp_path, corpus, m
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
 
 
+def test_under_fp16_an_overflowing_gradient_is_the_loss_scales_not_a_skipped_step(tmp_path, corpus, monkeypatch):
+    """fp16: an infinite gradient is an overflow, which the GradScaler skips (halving its scale):
+    not a skipped step, which --max-skips would count. A NaN loss still is one, and the scaler
+    updates after it, else its next unscale_ raises (a mutation audit: both went unseen)."""
+    monkeypatch.setattr(train, "GPT", InfGradAt)
+    InfGradAt.calls, InfGradAt.bad_calls = 0, {2}
+    result = run_train(tmp_path, corpus, "inf", "--max-steps", "3", "--eval-interval", "3", "--dtype", "fp16")
+    assert result["step"] == 3 and result["skipped"] == 0
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    monkeypatch.setattr(train, "GPT", NaNAfter)
+    NaNAfter.calls, NaNAfter.bad_calls = 0, {2}
+    result = run_train(tmp_path, corpus, "nan", "--max-steps", "3", "--eval-interval", "3", "--dtype", "fp16")
+    assert result["step"] == 3 and result["skipped"] == 1
+
+
+def test_under_fp16_the_gradient_is_clipped_unscaled(tmp_path, corpus, monkeypatch):
+    """The norm --grad-clip bounds is the gradient's, not the loss scale (65536) times it: fp16's
+    first step sees about fp32's (a mutation audit: clipping before unscale_ went unseen)."""
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: (lambda n: norms.append(n.item()) or n)(clip(ps, m)))
+    for dtype in ("fp32", "fp16"):
+        run_train(tmp_path, corpus, dtype, "--max-steps", "1", "--eval-interval", "1", "--dropout", "0", "--dtype", dtype)
+    assert norms[1] == pytest.approx(norms[0], rel=0.05), norms
+
+
 def test_repeated_non_finite_steps_stop_and_keep_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(train, "GPT", NaNAfter)
     NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(4, 100))
