@@ -686,6 +686,24 @@ def test_running_out_of_memory_is_a_one_line_error_naming_the_fix(tmp_path, corp
         train.main(flags(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "2", "--resume"))
 
 
+def test_a_resumed_run_that_fails_before_it_saves_says_to_resume_again(tmp_path, corpus, monkeypatch, capsys):
+    """The checkpoint a run resumed from is still the one to go on from when it fails before
+    saving: the non-finite steps' error (exit 1, the model's fault, not the flags') and running out
+    of memory both say --resume, not "start again" (a mutation audit: each judged by this run's
+    saves or the file's time alone, and exit 2 for training's errors, went unseen)."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2")
+    args = flags(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "2", "--max-skips", "2", "--resume")
+    capsys.readouterr()
+    monkeypatch.setattr(train, "GPT", NaNAfter)
+    NaNAfter.calls, NaNAfter.bad_calls = 0, set(range(1, 100))
+    assert train.main(args) == 1
+    assert capsys.readouterr().err.strip().endswith(f"then --resume from the last checkpoint, {tmp_path / 'out' / 'ckpt.pt'}")
+    monkeypatch.setattr(train, "GPT", OutOfMemoryAt)
+    OutOfMemoryAt.error, OutOfMemoryAt.calls, OutOfMemoryAt.at = MemoryError(), 0, 1
+    assert train.main(args) == 1
+    assert capsys.readouterr().err.strip().endswith(f"then --resume from {tmp_path / 'out' / 'ckpt.pt'}")
+
+
 def test_fp16_resume_keeps_the_loss_scale(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2", "--dtype", "fp16")
     path = tmp_path / "out" / "ckpt.pt"
