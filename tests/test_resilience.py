@@ -704,6 +704,28 @@ def test_a_resumed_run_that_fails_before_it_saves_says_to_resume_again(tmp_path,
     assert capsys.readouterr().err.strip().endswith(f"then --resume from {tmp_path / 'out' / 'ckpt.pt'}")
 
 
+def test_resume_refuses_an_optimizer_state_of_other_parameters(tmp_path, corpus):
+    """An optimizer state naming other parameters than the model's (another version's model) is
+    the one-line error, not a traceback from torch's loader (a mutation audit: the check went unseen)."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    state["optimizer"]["param_groups"][1]["params"].pop()
+    checkpoint.save(state, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(train.UsageError, match="the optimizer state in .*ckpt.pt does not match this model's parameters"):
+        run_train(tmp_path, corpus, "out", "--max-steps", "2", "--resume")
+
+
+def test_resume_refuses_a_preset_or_no_bias_the_run_was_not(tmp_path, corpus):
+    """--preset and --no-bias are architecture too: on --resume, ones the weights were not trained
+    with are refused (a mutation audit: only the size flags were checked)."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "1", "--eval-interval", "1")
+    base = ["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--resume"]
+    with pytest.raises(train.UsageError, match="trained with n_layer=2, not 4"):
+        train.train(train.parse_args([*base, "--preset", "tiny"]))
+    with pytest.raises(train.UsageError, match="trained with bias=True, not False"):
+        train.train(train.parse_args([*base, "--no-bias"]))
+
+
 def test_fp16_resume_keeps_the_loss_scale(tmp_path, corpus):
     run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "2", "--dtype", "fp16")
     path = tmp_path / "out" / "ckpt.pt"
