@@ -244,6 +244,8 @@ def test_a_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch):
     result = run_train(tmp_path, corpus, "out", "--max-steps", "5", "--eval-interval", "5")
     assert result["step"] == 5 and result["skipped"] == 1
     assert retries == [0, 0, 0, 1, 0, 0]  # the retried step 3 draws a fresh batch
+    with open(tmp_path / "out" / "metrics.csv") as f:  # skipped: the run's count so far, not the streak
+        assert [r["skipped"] for r in csv.DictReader(f) if not r["val_loss"]] == ["0", "0", "1", "1", "1"]
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
     # The count of skipped steps survives a resume.
     assert run_train(tmp_path, corpus, "out", "--max-steps", "6", "--eval-interval", "5", "--resume")["skipped"] == 1
@@ -925,6 +927,8 @@ def test_a_resumed_timed_run_counts_the_time_before_the_resume(tmp_path, corpus,
     assert run_train(tmp_path, corpus, "out", "--max-steps", "3", "--max-time", "10", "--eval-interval", "100")["step"] == 3
     assert run_train(tmp_path, corpus, "out", "--max-steps", "1000", "--resume")["step"] == 10
     assert checkpoint.load(tmp_path / "out")["elapsed"] == pytest.approx(10.0)
+    with open(tmp_path / "out" / "metrics.csv") as f:  # the evals' rows at the run's time too, as a plot by time needs
+        assert [(r["step"], r["elapsed_s"]) for r in csv.DictReader(f) if r["val_loss"]] == [("3", "3.0"), ("10", "10.0")]
 
 
 def test_sigterm_while_the_corpus_is_read_cleans_up(tmp_path, corpus):

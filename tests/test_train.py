@@ -500,6 +500,14 @@ def test_train_defaults_are_its_help(monkeypatch):
         ("out", "auto", None, "auto", None, None)
 
 
+def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path, corpus):
+    """metrics.csv's lr for step s is the schedule's at s - 1, the update it made: 1/5 and 2/5 of
+    --lr in a warm-up of 4 (a mutation audit: the next step's lr logged went unseen)."""
+    run_train(tmp_path, corpus, "out", "--max-steps", "2", "--eval-interval", "100", "--warmup", "4", "--lr", "1e-3")
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        assert [r["lr"] for r in csv.DictReader(f) if r["lr"]] == ["2.000e-04", "4.000e-04"]
+
+
 def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
     """--max-steps 3 under the default --warmup 100 is all warm-up: the lr never reaches --lr
     nor decays, the schedule --decay-steps 3 would be refused for. It runs, but says so."""
