@@ -508,6 +508,16 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path, corpus):
         assert [r["lr"] for r in csv.DictReader(f) if r["lr"]] == ["2.000e-04", "4.000e-04"]
 
 
+def test_a_cpu_run_is_fp32_unless_asked_and_other_dtypes_are_said_to_be_slow(tmp_path, corpus, capsys):
+    """--dtype's default on a CPU is fp32, and bf16 asked for there is taken with a note (a
+    mutation audit: a bf16 default, and the note dropped, went unseen)."""
+    run_train(tmp_path, corpus, "fp32", "--max-steps", "1", "--eval-interval", "1")
+    out = capsys.readouterr().out
+    assert "| dtype fp32 |" in out and "on CPU is slow" not in out
+    run_train(tmp_path, corpus, "bf16", "--max-steps", "1", "--eval-interval", "1", "--dtype", "bf16")
+    assert "note: bf16 on CPU is slow; fp32 is the CPU default" in capsys.readouterr().out
+
+
 def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
     """--max-steps 3 under the default --warmup 100 is all warm-up: the lr never reaches --lr
     nor decays, the schedule --decay-steps 3 would be refused for. It runs, but says so."""
@@ -516,6 +526,8 @@ def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, corpus, capsys):
         in capsys.readouterr().out
     run_train(tmp_path, corpus, "long", "--max-steps", "3", "--eval-interval", "3", "--warmup", "2")
     assert "ends within --warmup" not in capsys.readouterr().out
+    run_train(tmp_path, corpus, "equal", "--max-steps", "3", "--eval-interval", "3", "--warmup", "3")
+    assert "note: --max-steps 3 ends within --warmup 3: the lr rises to 7.5e-04" in capsys.readouterr().out
 
 
 def test_best_pt_holds_the_step_with_the_lowest_val_loss(tmp_path, corpus, monkeypatch):
@@ -700,6 +712,8 @@ def test_resume_stays_on_the_runs_corpus(tmp_path, corpus, capsys):
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert f"resuming on --data {corpus}" in out and f"data: {corpus}:" in out
+    assert train.main([*args, "--data", corpus, "--max-steps", "4"]) == 0  # the same corpus again: nothing to note
+    assert "note: resuming on --data" not in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path, corpus, capsys):
