@@ -73,9 +73,10 @@ def test_tokens_per_second_leave_out_the_eval_time(tmp_path, corpus, monkeypatch
 
 
 def test_checkpoint_round_trip(tmp_path, corpus):
-    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "4", "--pos-embedding", "sinusoidal")
+    run_train(tmp_path, corpus, "out", "--max-steps", "4", "--eval-interval", "4", "--pos-embedding", "sinusoidal",
+              "--no-bias")
     model, tok, state = checkpoint.load_model(tmp_path / "out")
-    assert state["step"] == 4 and model.config.pos_embedding == "sinusoidal"
+    assert state["step"] == 4 and model.config.pos_embedding == "sinusoidal" and model.config.bias is False
     raw = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw["model"][k])
@@ -897,6 +898,18 @@ def test_a_char_model_fine_tunes_on_a_corpus_within_its_vocabulary(tmp_path, cor
                        *TINY, "--max-steps", "1", "--init-from", str(tmp_path / "base")]) == 2
     err = capsys.readouterr().err
     assert "cannot be encoded with the weights' char vocabulary: character 'z' is not in" in err and len(err.splitlines()) == 1
+
+
+def test_init_from_trains_with_the_dropout_asked_for_and_refuses_no_bias(tmp_path, corpus):
+    """--dropout is the fine-tuning's, whatever the weights were trained with; --no-bias on weights
+    with biases is refused (a mutation audit: the dropout left out, and the bias check dropped, went
+    unseen)."""
+    run_train(tmp_path, corpus, "base", "--max-steps", "1", "--eval-interval", "1")
+    tuned = run_train(tmp_path, corpus, "tuned", "--max-steps", "1", "--eval-interval", "1", "--init-from",
+                      str(tmp_path / "base"), "--dropout", "0.1")
+    assert tuned["model"].config.dropout == 0.1
+    with pytest.raises(train.UsageError, match="has biases; drop --no-bias"):
+        run_train(tmp_path, corpus, "biased", "--max-steps", "1", "--init-from", str(tmp_path / "base"), "--no-bias")
 
 
 def test_resuming_on_too_short_a_corpus_asks_for_more_text(tmp_path, corpus, capsys):
