@@ -912,6 +912,21 @@ def test_init_from_trains_with_the_dropout_asked_for_and_refuses_no_bias(tmp_pat
         run_train(tmp_path, corpus, "biased", "--max-steps", "1", "--init-from", str(tmp_path / "base"), "--no-bias")
 
 
+def test_a_corpus_folder_holding_the_out_dir_is_read_without_the_runs_files(tmp_path, capsys):
+    """--data . --out-dir out: the run's own files (its lock, metrics.csv, checkpoints) are not
+    corpus, so its resume reads the same text (a mutation audit: the out-dir left out of what
+    the corpus scan excludes went unseen; the cache dir, excluded too, is outside here)."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "add.py").write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    args = ["--data", str(folder), "--out-dir", str(folder / "out"), "--cache-dir", str(tmp_path / "cache"), *TINY,
+            "--eval-interval", "1"]
+    assert train.main([*args, "--max-steps", "1"]) == 0
+    first = re.search(r"^data: .*$", capsys.readouterr().out, re.M)[0]
+    assert train.main([*args, "--max-steps", "2", "--resume"]) == 0
+    assert re.search(r"^data: .*$", capsys.readouterr().out, re.M)[0] == first
+
+
 def test_resuming_on_too_short_a_corpus_asks_for_more_text(tmp_path, corpus, capsys):
     """The run's block size is its model's, which --resume does not change: the error does
     not suggest --block-size there."""
