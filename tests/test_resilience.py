@@ -339,8 +339,9 @@ def test_grad_clip_bounds_the_update(tmp_path, corpus):
 
 def test_an_eval_is_the_mean_over_its_batches_and_repeats_exactly(tmp_path, corpus):
     """Evals compare from one to the next: the same weights give the same losses, each the
-    mean over --eval-iters batches (a mutation audit: an unseeded draw or the last batch alone)."""
-    args = train.parse_args(flags(tmp_path, corpus, "out", "--eval-iters", "4"))
+    mean over --eval-iters batches, without dropout (a mutation audit: an unseeded draw, the
+    last batch alone, or an eval left in training mode)."""
+    args = train.parse_args(flags(tmp_path, corpus, "out", "--eval-iters", "4", "--dropout", "0.5"))
     data = train.load_dataset(corpus, "char", str(tmp_path / "cache"), log=lambda *a: None)
     torch.manual_seed(0)
     model = GPT(train.model_config(args, data.tokenizer.vocab_size))
