@@ -101,7 +101,7 @@ def layer_norm_cases(arch: int) -> dict[str, dict]:
         cfg = layer_norm._settings(N, 2)
         ptrs = {n: "bf16" for n in ("X", "R", "S", "Y", "W", "B", "DY", "DS", "DX")} | {
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
-        fwd = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_RESIDUAL=True)
+        fwd = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_RESIDUAL=True, SHIFT=False)
         # The launcher keeps the persistent forward for Hopper.
         cases[f"layer_norm fwd N={N}"] = compile_case(
             arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=cfg.fwd_stages if arch == 90 else 0),

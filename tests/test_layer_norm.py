@@ -120,24 +120,43 @@ def test_eps_and_empty_input(device):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))  # no rows, no gradient
 
 
-@pytest.mark.xfail(strict=True, reason="known: a constant row's mean is rounded, and rstd = 1 / sqrt(eps) "
-                   "magnifies the offset; fixing it cost registers on Triton 3.6 (see the docstring)")
 @pytest.mark.parametrize("eps", [1e-5, 1e-12], ids=["eps1e-5", "eps1e-12"])
-def test_constant_rows(eps, device):
-    """Rows with no spread (variance 0): torch gives x_hat exactly 0 and y the bias. Here an
-    fp32 sum / N is off the row's value by ulps, which rstd = 1 / sqrt(eps) (316 at 1e-5,
-    1e6 at 1e-12, BERT's eps) magnifies into y, dx and dweight (+-4e-4 in y at 1e-5, as
-    in Triton's tutorial and Liger-Kernel, which compute the mean alike). A corrected
-    two-pass (the mean of x - mean taken off) or a shift by each row's first element fixes
-    it, but took 75-83 registers at N = 8192 on sm90 under Triton 3.6/3.7, against 63-64:
-    one 16-warp program an SM where two run now, untimed; a GPU run decides."""
+@pytest.mark.parametrize("dtype, N", [(torch.float32, 768), (torch.float32, 16384), (torch.float16, 768),
+                                      (torch.float16, 12289)], ids=["fp32-768", "fp32-16384", "fp16-768", "fp16-12289"])
+@pytest.mark.parametrize("residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_constant_rows(residual, dtype, N, eps, device):
+    """Rows with no spread (variance 0): torch gives x_hat exactly 0, so y is the bias and
+    dx the centred w * dy times rstd. A mean an ulp off the row's value is magnified by
+    rstd = 1 / sqrt(eps) (316 at 1e-5, 1e6 at 1e-12, BERT's eps) into y, dx and dweight, as
+    in Triton's tutorial and Liger-Kernel (+-4e-4 in y at 1e-5). fp32 rows, and fp16 rows
+    past 8192, whose sums can round, are shifted by their first element; the others' sums
+    are exact (an fp16 row of 12289 rounds where 16384 would not)."""
     torch.manual_seed(0)
-    M, N = 6, 768
-    x = torch.randn(M, 1, device=device).expand(M, N).contiguous()
-    w, b = _params(N, torch.float32, device)
-    dy = torch.randn(M, N, device=device)
-    _compare(lambda x, w, b: layer_norm(x, w, b, eps), lambda x, w, b: reference.layer_norm(x, w, b, eps),
-             [x, w, b], [dy], 1e-5, 1e-5)
+    M = 6
+    # Random values, and values with every mantissa bit set (whose multiples round soonest).
+    full = (2.0 - 2.0 ** -{torch.float32: 23, torch.float16: 10}[dtype]) * torch.tensor([[1.0], [-4.0], [0.25]])
+    values = torch.cat([torch.randn(M - 3, 1), full]).to(device, dtype)
+    x = values.expand(M, N).contiguous()
+    w, b = _params(N, dtype, device)
+    if dtype == torch.float16 and eps < 1e-6:
+        pytest.skip("dx ~ dy / sqrt(eps) passes fp16's range, and torch's own fp16 result is NaN")
+    dy = torch.randn(M, N, device=device).to(dtype)
+    atol = rtol = 1e-5 if dtype == torch.float32 else 1e-3
+    if not residual:
+        ours = lambda x, w, b: layer_norm(x, w, b, eps)
+        _compare(ours, lambda x, w, b: reference.layer_norm(x, w, b, eps), [x, w, b], [dy], atol, rtol)
+        assert torch.equal(ours(x, w, b), b.expand(M, N))
+        return
+    # Neither x nor the residual is constant, their sum is: steps of an eighth of the
+    # value's binade, taken off toward 0, keep x exact and x + r the value.
+    binade = 2.0 ** values.double().abs().log2().floor()
+    r = (values.double().sign() * torch.randint(0, 4, (M, N), device=device) * binade / 8).to(dtype)
+    x = (x.double() - r.double()).to(dtype)
+    assert torch.equal(x + r, values.expand(M, N))
+    ds = torch.randn_like(dy)
+    ours = lambda x, r, w, b: add_layer_norm(x, r, w, b, eps)
+    _compare(ours, lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, eps), [x, r, w, b], [ds, dy], atol, rtol)
+    assert torch.equal(ours(x, r, w, b)[1], b.expand(M, N))
 
 
 def test_broadcast_upstream_gradient_and_strided_weight(device):
@@ -321,6 +340,22 @@ def test_cpu_without_interpreter_points_to_reference(monkeypatch):
         layer_norm(x, w, None)
     with pytest.raises(ValueError, match="kernels.reference.add_layer_norm"):
         add_layer_norm(x, x, w, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("N", [768, 1024, 4096, 8192])
+def test_constant_rows_gpu(N, dtype):
+    """A constant row normalises to exactly the bias on the GPU too, where the fp32 division
+    the mean takes is approximate (div.full): each tile, the persistent one at 8192."""
+    torch.manual_seed(0)
+    M = 4096
+    values = torch.randn(M, 1, device="cuda").to(dtype)
+    x = values.expand(M, N).contiguous()
+    w, b = _params(N, dtype, "cuda")
+    for eps in (1e-5, 1e-12):
+        assert torch.equal(layer_norm(x, w, b, eps), b.expand(M, N)), eps
+        assert torch.equal(add_layer_norm(x, torch.zeros_like(x), w, b, eps)[1], b.expand(M, N)), eps
 
 
 @pytest.mark.gpu
