@@ -14,6 +14,7 @@ from gpt import GPT, GPTConfig, distributed  # noqa: E402
 
 world, device = distributed.init("cpu")
 r = world.rank
+own = torch.tensor([1.0 + 2 * r, 4.0])
 model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, kernels="torch"))
 sharded = distributed.wrap(model, world, device, fsdp=True)
 got = {
@@ -21,7 +22,8 @@ got = {
     "any_one": distributed.any_rank(r == 1, world, device),  # rank 1's flag alone
     "any_none": distributed.any_rank(False, world, device),
     "max": distributed.max_over_ranks(10 * r + 1, world, device),  # 1 and 11
-    "mean": distributed.mean(torch.tensor([1.0 + 2 * r, 4.0]), world).tolist(),  # [1, 4] and [3, 4]
+    "mean": distributed.mean(own, world).tolist(),  # [1, 4] and [3, 4]
+    "own_kept": own.tolist() == [1.0 + 2 * r, 4.0],  # the rank's own value, not summed in place
     "from_main": distributed.from_main(100.0 + r, world, device),
     "blocks_sharded": [isinstance(b, FSDPModule) for b in sharded.transformer.h],
     "root_sharded": isinstance(sharded, FSDPModule),

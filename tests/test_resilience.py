@@ -570,7 +570,8 @@ def test_torchrun_helpers_give_every_rank_the_same_answer(tmp_path):
     """gpt.distributed's helpers on 2 ranks, each with its own value: a flag raised on rank 1
     alone is seen by both, the max and the mean are over both ranks, rank 0's value is the one
     broadcast, and FSDP shards each block as well as the whole model (a mutation audit: MIN in
-    place of MAX, a sum for the max, rank 1's clock, and blocks left unsharded went unseen).
+    place of MAX, a sum for the max, rank 1's clock, blocks left unsharded, and later the mean
+    summed into the rank's own tensor went unseen).
     shutdown frees the gloo group it made: held until the interpreter's teardown, a group
     there aborted the process ("terminate called without an active exception", SIGABRT,
     after the results were written) in 1 run of 40 on the 2-core machine and once in CI;
@@ -580,7 +581,7 @@ def test_torchrun_helpers_give_every_rank_the_same_answer(tmp_path):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
             "world": [rank, rank, 2, rank == 0, True], "any_one": True, "any_none": False, "max": 11,
-            "mean": [2.0, 4.0], "from_main": 100.0, "blocks_sharded": [True, True], "root_sharded": True,
+            "mean": [2.0, 4.0], "own_kept": True, "from_main": 100.0, "blocks_sharded": [True, True], "root_sharded": True,
             "patient_group_freed": True}
 
 
@@ -612,7 +613,8 @@ def test_torchrun_on_gpus_each_process_takes_its_nodes_gpu(monkeypatch):
     """Rank 5 of 8, on 2 nodes of 4 GPUs, is its node's process 1: cuda:1 over NCCL, where DDP
     keeps its model; on CPU, gloo. The wait for rank 0's tokenizing is on a group of days, not gloo's
     default 30 minutes (a mutation audit: on one node a rank is its local rank, CPU tests run gloo,
-    and no test waits 30 minutes, so all of it could change unseen)."""
+    and no test waits 30 minutes, so all of it could change unseen; torchrun always sets
+    LOCAL_RANK, so its default went unseen too)."""
     calls = []
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -629,6 +631,26 @@ def test_torchrun_on_gpus_each_process_takes_its_nodes_gpu(monkeypatch):
     world, device = distributed.init("cpu")
     assert device == "cpu" and calls[-1] == "gloo"
     assert distributed.wrap(torch.nn.Linear(1, 1), world, device, fsdp=False) is None
+    # A launcher that sets RANK and WORLD_SIZE alone (one process a node) runs on the node's first GPU.
+    monkeypatch.delenv("LOCAL_RANK")
+    world, device = distributed.init("cuda")
+    assert (world.rank, world.local_rank, device) == (5, 0, "cuda:0") and calls[-2] == ("set_device", 0)
+
+
+def test_shutdown_waits_for_every_rank_unless_a_rank_failed(monkeypatch):
+    """A clean shutdown meets the other ranks before it tears the group down (one that leaves
+    first can cut off another's last collective); after a failure, when a rank may never come,
+    it tears down at once (a mutation audit: the barrier dropped went unseen, as the race is rare)."""
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(distributed.World(0, 0, 2))
+    assert calls == ["barrier", "destroy"]
+    distributed.shutdown(distributed.World(0, 0, 2), clean=False)
+    assert calls == ["barrier", "destroy", "destroy"]
+    distributed.shutdown(distributed.World())  # one process: nothing to tear down
+    assert calls == ["barrier", "destroy", "destroy"]
 
 
 def test_checkpoint_is_synced_before_the_rename(tmp_path, monkeypatch):
