@@ -263,6 +263,48 @@ def test_auto_runs_cpu_tensors_on_torch_beside_a_gpu(monkeypatch):
     assert ops.backend(torch.zeros(1), "auto") is reference
 
 
+@pytest.mark.parametrize("capability, hopper", [((8, 0), False), ((9, 0), True), ((10, 0), False), ((12, 0), False)])
+def test_only_sm90_takes_the_hopper_paths(monkeypatch, capability, hopper):
+    """The Hopper-only settings (tiles timed on an H200, the persistent LayerNorm forward's
+    two 96 KiB programs an SM) are for sm90 alone, not every newer GPU (sm120 has 100 KiB of
+    shared memory an SM); a mutation audit: sm90 "or newer" went unseen."""
+    import types
+
+    monkeypatch.setattr(_utils, "device_capability", lambda index=0: capability)
+    assert _utils.is_hopper(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))) is hopper
+    assert not _utils.is_hopper(torch.zeros(1))
+
+
+@pytest.mark.skipif(not _utils.interpreting(), reason="the interpreter's capability")
+def test_the_interpreter_has_no_gpu_capability(monkeypatch):
+    """Under TRITON_INTERPRET on a machine with a GPU, kernels run on CPU tensors with the
+    interpreter's settings, not the GPU's (a mutation audit: reading the GPU's capability
+    there went unseen, CI having no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    _utils.device_capability.cache_clear()
+    try:
+        assert _utils.device_capability(0) == (0, 0)
+    finally:
+        _utils.device_capability.cache_clear()
+
+
+@pytest.mark.parametrize("causal, Tq, Tk", [(False, 16, 16), (True, 16, 16), (True, 8, 16)],
+                         ids=["full", "causal", "causal-cache"])
+def test_the_reference_attention_drops_out_in_each_branch(causal, Tq, Tk):
+    """kernels.reference.attention, the oracle and the CPU path, drops probabilities whichever
+    SDPA call it makes: about half at p = 0.5, the rest doubled (a mutation audit: the
+    non-causal branch ignoring dropout_p went unseen, the model being causal)."""
+    torch.manual_seed(0)
+    q, k, v = torch.zeros(1, 1, Tq, Tk), torch.zeros(1, 1, Tk, Tk), torch.eye(Tk).view(1, 1, Tk, Tk)
+    plain = reference.attention(q, k, v, causal=causal)  # v = I: the probabilities themselves
+    out = reference.attention(q, k, v, causal=causal, dropout_p=0.5)
+    seen, kept = plain > 0, out > 0
+    assert not (kept & ~seen).any()
+    assert 0.3 < (out[seen] == 0).float().mean() < 0.7
+    torch.testing.assert_close(out[kept], 2 * plain[kept])
+
+
 def test_an_unknown_kernels_mode_is_refused():
     """A caller's typo is a ValueError naming the choices, not the torch reference run quietly
     (a mutation audit: backend() returning the reference for any other mode went unseen)."""
