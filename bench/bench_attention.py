@@ -194,7 +194,7 @@ def run(
         )
 
 
-# Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma, warp-specialized]) per
+# Alternative launches for --sweep, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]) per
 # kernel; each is timed with the other two kernels at the table's setting. The TMA rows
 # move the tiles each kernel loops over (forward: q, k, v; dK/dV: q, dO; dQ: k, v)
 # through tensor descriptors (Hopper): no per-thread address arithmetic (a third fewer
@@ -206,8 +206,7 @@ SWEEP = {
     # at D = 64 and dQ at both head dims 4.5-11% faster fwd+bwd; the TMA rows came within
     # 1-3% of the pointer ones (ahead only for dQ, taken at D = 128).
     # (128, 128, 4, 3) is what FlexAttention's Hopper table gives 16-bit D = 64 -- it spills
-    # 40 bytes with pointers and fits with TMA (254 registers). The warp-specialised forward
-    # (a sixth field True) is out of the list while its gpu test fails.
+    # 40 bytes with pointers and fits with TMA (254 registers).
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 64, 8, 3, True),
             (64, 64, 4, 3), (128, 64, 4, 3)],
     "dkdv": [(32, 128, 4, 5), (32, 128, 8, 3), (32, 128, 8, 5), (64, 128, 8, 3), (32, 64, 4, 4), (32, 128, 4, 5, True)],
@@ -216,11 +215,9 @@ SWEEP = {
 
 
 def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype, device: str,
-          sweep_table: dict[str, list[tuple]] = SWEEP, warp_specialized: bool = True) -> None:
+          sweep_table: dict[str, list[tuple]] = SWEEP) -> None:
     """Times the Triton kernel under alternative launch settings, kernel by kernel, for
-    re-tuning kernels/attention.py's table; every candidate is checked against SDPA.
-    warp_specialized=False leaves out the warp-specialised launches (for a GPU on which
-    their tests failed or hung: bench/gpu_check.sh)."""
+    re-tuning kernels/attention.py's table; every candidate is checked against SDPA."""
     module = importlib.import_module("kernels.attention")
     original = module._settings
     unit = 1e12 if device == "cuda" else 1e6
@@ -239,8 +236,6 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
     try:
         for kernel, launches in sweep_table.items():
             for launch in launches:
-                if not warp_specialized and len(launch) > 5 and launch[5]:
-                    continue
                 for D, (B, H, q, k, v, do, expected) in cases.items():
                     base = original(D, dtype, module.device_capability(q.device.index or 0))
                     settings = base._replace(**{kernel: module._Launch(*launch)})
@@ -266,7 +261,7 @@ def sweep(T: int, tokens: int, hidden: int, head_dims: list[int], dtype: torch.d
     dt = str(dtype).removeprefix("torch.")
     print_table(
         f"attention launch sweep, {'TFLOP/s' if device == 'cuda' else 'MFLOP/s'} ({dt}, T={T}, B*T={tokens}, H*D={hidden})",
-        ["D", "kernel", "BLOCK_M, BLOCK_N, warps, stages[, tma, warp-specialized]", "forward", "forward+backward"], rows,
+        ["D", "kernel", "BLOCK_M, BLOCK_N, warps, stages[, tma]", "forward", "forward+backward"], rows,
     )
 
 
@@ -279,18 +274,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048, help="H*D held fixed (default 2048)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
     parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
-    parser.add_argument("--no-warp-specialized", action="store_true", help="--sweep without the warp-specialised launches")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for every provider (default 0)")
     parser.add_argument("--fused-qkv", action="store_true", help="q, k, v as views of one (B, T, 3, H, D) tensor, as the model passes them")
     args = parser.parse_args()
     suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "")
     if args.sweep:
         if args.smoke:
-            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True), (32, 16, 4, 1, False, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
+            tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
             sweep(48, 48, 32, [16], torch.float32, "cpu", tiny)
         elif torch.cuda.is_available():
-            sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda",
-                  warp_specialized=not args.no_warp_specialized)
+            sweep(4096, args.tokens, args.hidden, args.head_dims, DTYPES[args.dtype], "cuda")
         else:
             parser.exit(1, "bench_attention: no CUDA GPU; use --smoke --sweep to check the script on CPU\n")
         return

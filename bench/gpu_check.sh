@@ -27,8 +27,8 @@
 # bench-train-small and bench-train-compile wait for a lease after.
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
-# ws-check runs the warp-specialised candidates' gpu tests alone under a short limit: if
-# they fail or hang, the sweeps leave those candidates out rather than hang on them too.
+# ws-check runs the warp-specialised FFN's gpu tests alone under a short limit: if they
+# fail or hang, the FFN sweep leaves that candidate out rather than hang on it too.
 # OUTDIR receives all.log (every step's full output) and plots.tar (bench/plots).
 # Runs from the repository root with the machine's own torch and triton (PYTHONPATH=.).
 # GPU_CHECK_DRY=1 runs nothing and prints each step's name and command, as if every step
@@ -74,13 +74,12 @@ step() {  # name seconds command...
 } >>"$log" 2>&1
 [[ -n "$dry" ]] || tail -n 3 "$log"
 
-ws_tests="warp-specialized or ws_forward"
-step ws-check 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "$ws_tests" tests/test_ffn.py \
-    tests/test_attention.py
+ws_tests="warp-specialized"
+step ws-check 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "$ws_tests" tests/test_ffn.py
 no_ws=()
 if [[ -n "$rc" && "$rc" != 0 ]]; then
     no_ws=(--no-warp-specialized)
-    [[ -n "$dry" ]] || echo "== the warp-specialised candidates failed their tests: the sweeps leave them out" | tee -a "$log"
+    [[ -n "$dry" ]] || echo "== the warp-specialised FFN failed its tests: the FFN sweep leaves it out" | tee -a "$log"
 fi
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "not ($ws_tests)" tests/test_ffn.py \
     tests/test_model_kernels.py tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py \
@@ -124,7 +123,7 @@ done
 # did not sweep first (it chose N = 513-1024's tile); the backward's are tuned.
 step ln-sweep 120 python3 -m bench.bench_layer_norm --sweep --forward-only --sizes 2048 4096 8192 1024 768
 step ffn-sweep 200 python3 -m bench.bench_ffn --sweep 768 1024 "${no_ws[@]}"
-step attention-sweep 200 python3 -m bench.bench_attention --sweep "${no_ws[@]}"
+step attention-sweep 200 python3 -m bench.bench_attention --sweep
 # The kernel tests with the Hopper variants forced on everywhere (tests/candidates.py).
 step candidate-tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" --candidates \
     tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py

@@ -25,9 +25,8 @@ Dropout (training): each kernel redraws the keep mask from Philox at the score's
 (_dropout_keep, one call for 8 scores), so it is never stored; O is P∘mask V / (1 - p), and
 delta = rowsum(dO O) stays the softmax's correction term as in FlashAttention-2.
 
-Hopper candidates, timed by bench_attention --sweep: TMA descriptors for the tiles each
-kernel loops over (_Launch.tma; the default only for the D = 128 dQ), and a
-warp-specialised forward (_attn_fwd_ws_kernel, _Launch.warp_specialize; not a default).
+On Hopper, TMA descriptors can move the tiles each kernel loops over (_Launch.tma, timed
+by bench_attention --sweep; the default only for the D = 128 dQ).
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import (
-    HEAD_DIMS, cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward, with_device_scratch,
+    HEAD_DIMS, cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward,
 )
 
 
@@ -240,90 +239,6 @@ def _attn_fwd_kernel(
     o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None])
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
-
-
-@triton.jit
-def _attn_fwd_ws_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    H, Tq, Tk, qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SCALE_FIRST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SPLIT_GRID: tl.constexpr,
-):
-    """_attn_fwd_kernel warp-specialised (Triton's automatic warp specialisation, Hopper):
-    a producer warp group streams K and V tiles by TMA while two consumer warp groups,
-    64 query rows each, run the matmuls and the softmax, free to drift apart so that one's
-    softmax overlaps the other's matmuls (FlashAttention-3's ping-pong, here left to the
-    warp schedulers).
-
-    Triton (3.6, 3.7) specialises one loop per kernel and no loop with a branch in it: a
-    second key loop (the masked diagonal tiles), before or after, aborts the compiler, so
-    the one loop masks every tile -- a compare and a select per score, which the unmasked
-    tiles of _attn_fwd_kernel do without. The mask is one bound per row, the last key it
-    sees (causal, and Tk - 1 for the ragged end). Descriptors are built here, per head,
-    over (T, D) rows (zero fill past T), as Triton specialises no loop over host ones.
-    SCALE_FIRST (scale <= 0): scores are scaled before the mask, as masking first would
-    take a negative scale's row maxima from the raw scores and make -inf * 0 a NaN.
-    """
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest tiles first, as _attn_fwd_kernel
-    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
-    b = pid_b.to(tl.int64)
-    h = pid_h.to(tl.int64)
-    q_tiles = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Tq, HEAD_DIM], [stride_qt, 1],
-                                        [BLOCK_M, HEAD_DIM])
-    k_tiles = tl.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, [Tk, HEAD_DIM], [stride_kt, 1],
-                                        [BLOCK_N, HEAD_DIM])
-    v_tiles = tl.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, [Tk, HEAD_DIM], [stride_vt, 1],
-                                        [BLOCK_N, HEAD_DIM])
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = q_tiles.load([start_m, 0])
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M + Tk - Tq, Tk)
-        last = tl.minimum(offs_m + (Tk - Tq), Tk - 1)
-    else:
-        hi = Tk
-        last = tl.zeros([BLOCK_M], dtype=tl.int32) + (Tk - 1)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        k = k_tiles.load([start_n, 0])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        # Every row sees key 0, so m_i is finite after the first tile (no NaN from -inf - -inf).
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if SCALE_FIRST:
-            qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_ij[:, None])
-        else:
-            # Masked before scaling (-inf stays -inf), so the scale stays folded into one FMA
-            # per score, as in _attn_fwd_inner: the mask adds a compare and a select.
-            qk = tl.where(offs_n[None, :] <= last[:, None], qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_tiles.load([start_n, 0])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_ij
-    o = acc / l_i[:, None]
-    m_ok = offs_m < Tq
-    offs_d = tl.arange(0, HEAD_DIM)
-    O += b * stride_ob + h * stride_oh
-    tl.store(O + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=m_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
 
 
 @triton.jit
@@ -614,7 +529,6 @@ class _Launch(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # the tiles moved by TMA descriptors where TMA can address them (Hopper)
-    warp_specialize: bool = False  # forward only: _attn_fwd_ws_kernel (Hopper, 4 warps, TMA-addressable inputs)
 
 
 class _Settings(NamedTuple):
@@ -797,13 +711,6 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0).fwd
     grid = _grid(cdiv(Tq, cfg.BLOCK_M), B, H)
     split = len(grid) == 3
-    if cfg.warp_specialize and not dropout_p and _tma_addressable(q) and _tma_addressable(k) and _tma_addressable(v):
-        with_device_scratch(q.device, lambda: _attn_fwd_ws_kernel[grid](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, Tq, Tk, scale * _LOG2E, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal,
-            SCALE_FIRST=scale <= 0, SPLIT_GRID=split, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages))
-        return o, lse, q, k, v, scale
     descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
     tma = descriptors[0] is not None
     _attn_fwd_kernel[grid](

@@ -171,12 +171,6 @@ def attention_cases(arch: int) -> dict[str, dict]:
                     common | dict(BLOCK_M=dq.BLOCK_M, BLOCK_N=dq.BLOCK_N, TMA=True, DROPOUT=True),
                     floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned, num_warps=dq.num_warps,
                     num_stages=dq.num_stages, descriptors={n: f"tensordesc<bf16[1, 1, {dq.BLOCK_N}, {D}]>" for n in "KV"})
-            # The warp-specialised forward candidate, with its sweep tiles.
-            cases[f"attention fwd ws D={D}"] = compile_case(
-                arch, attention._attn_fwd_ws_kernel, ptrs,
-                dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, BLOCK_M=128,
-                     BLOCK_N=64 if D == 128 else 128, SCALE_FIRST=False),
-                floats=("qk_scale",), unaligned=unaligned, num_warps=4, num_stages=3)
     return cases
 
 

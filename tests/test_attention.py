@@ -357,115 +357,6 @@ def test_tma_gpu(D, dtype, atol, rtol, monkeypatch):
     assert calls == [True] * 12
 
 
-def _ws_launches(monkeypatch, fwd=None):
-    """Settings whose forward is the warp-specialised kernel (`fwd`, or the table's tiles);
-    returns the names of the forward kernels launched, in order."""
-    original, calls = attention_module._settings, []
-
-    def settings(*args):
-        s = original(*args)
-        return s._replace(fwd=(fwd or s.fwd)._replace(warp_specialize=True))
-
-    class Launcher:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(attention_module, name)
-
-        def __getitem__(self, grid):
-            calls.append(self.name)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(attention_module, "_settings", settings)
-    for name in ("_attn_fwd_kernel", "_attn_fwd_ws_kernel"):
-        monkeypatch.setattr(attention_module, name, Launcher(name))
-    return calls
-
-
-@pytest.mark.parametrize("B, H, Tq, Tk, D, causal", [
-    pytest.param(2, 2, 50, 50, 16, True, id="T50-B2-H2"),
-    pytest.param(1, 1, 19, 65, 32, True, id="Tq19-Tk65"),
-    pytest.param(1, 1, 40, 21, 16, False, id="Tq40-Tk21-full"),
-    pytest.param(1, 2, 1, 1, 16, True, id="T1"),
-])
-def test_ws_forward_in_interpreter(B, H, Tq, Tk, D, causal, monkeypatch, device):
-    """The warp-specialised forward (one key loop, every tile masked by each row's last
-    visible key; per-head descriptors built in the kernel) on ragged, multi-tile shapes,
-    its output and log-sum-exp feeding the usual backward. The interpreter runs it
-    unspecialised: the test checks the masks, descriptors and softmax."""
-    if device == "cuda":
-        pytest.skip("test_ws_forward_gpu runs it on Hopper")
-    calls = _ws_launches(monkeypatch)
-    torch.manual_seed(0)
-    inputs = _qkv(B, H, Tq, Tk, D, torch.float32, device)
-    _compare(_separate, inputs, torch.randn(B, H, Tq, D, device=device), 1e-5, 1e-5, causal=causal)
-    assert calls == ["_attn_fwd_ws_kernel"]
-
-
-@pytest.mark.parametrize("scale", [0.0, -8.0], ids=["zero", "negative"])
-def test_ws_forward_custom_scale(scale, monkeypatch, device):
-    """The warp-specialised forward masks before scaling; a negative scale (row maxima of the
-    scaled scores, not of the raw ones) and zero take their own path."""
-    if device == "cuda":
-        pytest.skip("interpreter check")
-    calls = _ws_launches(monkeypatch)
-    torch.manual_seed(0)
-    inputs = _qkv(1, 2, 9, 40, 32, torch.float32, device)
-    _compare(_separate, inputs, torch.randn(1, 2, 9, 32, device=device), 1e-5, 1e-5, causal=True, scale=scale)
-    assert calls == ["_attn_fwd_ws_kernel"]
-
-
-def test_ws_forward_fused_qkv_and_fallback(monkeypatch, device):
-    """The warp-specialised forward reads the model's fused-QKV views; rows 196 bytes apart,
-    which TMA cannot address, take the pointer kernel."""
-    if device == "cuda":
-        pytest.skip("interpreter check of the launcher's choice")
-    calls = _ws_launches(monkeypatch)
-    torch.manual_seed(0)
-    B, T, H, D = 2, 33, 2, 16
-    do = torch.randn(B, H, T, D, device=device)
-    _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [torch.randn(B, T, 3, H, D, device=device)], do, 1e-5, 1e-5)
-    _compare(lambda x: x[..., :48].unflatten(-1, (3, H // 2, D)).permute(2, 0, 3, 1, 4).unbind(0),
-             [torch.randn(B, T, 49, device=device)], torch.randn(B, 1, T, D, device=device), 1e-5, 1e-5)
-    assert calls == ["_attn_fwd_ws_kernel", "_attn_fwd_kernel"]
-
-
-def test_ws_forward_leaves_dropout_to_the_pointer_kernel(monkeypatch, device):
-    """The warp-specialised forward draws no dropout mask: with dropout_p > 0 the launcher
-    takes _attn_fwd_kernel even where the settings ask for the candidate, so the forward
-    drops what the backward kernels redraw (else the output is undropped attention and the
-    gradients those of another function)."""
-    if device == "cuda":
-        pytest.skip("interpreter check of the launcher's choice")
-    p, seed = 0.3, 11
-    keep = _kept(1, 2, 20, 37, True, p, seed, device)
-    calls = _ws_launches(monkeypatch)
-    torch.manual_seed(0)
-    inputs = _qkv(1, 2, 20, 37, 16, torch.float32, device)
-    do = torch.randn(1, 2, 20, 16, device=device)
-    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_with_dropout(keep, p, True), dropout_p=p, seed=seed)
-    assert calls == ["_attn_fwd_kernel"]
-
-
-@pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="non-finite outputs on an H200 under Triton 3.6 (run 5, 2026-11-26), though "
-                   "right in the interpreter: the candidate stays out of the sweep until this passes")
-@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES[1:])
-@pytest.mark.parametrize("D", [16, 64, 128])
-def test_ws_forward_gpu(D, dtype, atol, rtol, monkeypatch):
-    """The warp-specialised forward (bench_attention --sweep times it) on Hopper with the
-    sweep's tiles, ragged and full-size, fused-QKV layout and separate tensors."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the warp-specialised forward is Hopper's")
-    calls = _ws_launches(monkeypatch, attention_module._Launch(128, 64 if D == 128 else 128, 4, 3))
-    torch.manual_seed(0)
-    for Tq, Tk, causal in [(1000, 1000, True), (333, 1024, True), (257, 257, False)]:
-        inputs = _qkv(2, 3, Tq, Tk, D, dtype, "cuda")
-        _compare(_separate, inputs, torch.randn(2, 3, Tq, D, device="cuda").to(dtype), atol, rtol, causal=causal)
-    qkv = torch.randn(2, 1024, 3, 4, D, device="cuda").to(dtype)
-    _compare(lambda x: x.permute(2, 0, 3, 1, 4).unbind(0), [qkv], torch.randn(2, 4, 1024, D, device="cuda").to(dtype),
-             atol, rtol)
-    assert calls == ["_attn_fwd_ws_kernel"] * 4
-
-
 @pytest.mark.gpu
 def test_backward_is_deterministic():
     torch.manual_seed(0)
@@ -510,8 +401,7 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch, de
 def test_positions_past_int32_are_refused(monkeypatch, big, device):
     """2^30 queries or keys (views: no memory) are refused before anything is allocated or
     launched; from a tile short of 2^31 the kernels' int32 positions wrapped."""
-    for name in ("_attn_fwd_kernel", "_attn_fwd_ws_kernel"):
-        monkeypatch.setattr(attention_module, name, None)
+    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", None)
     q = k = torch.zeros(1, 1, 1, 16, device=device)
     if big == "Tq":
         q = q.expand(1, 1, 2**30, 16)
@@ -531,8 +421,7 @@ def test_positions_just_below_2_30_are_taken(monkeypatch, device):
         def __getitem__(self, grid):
             raise Reached
 
-    for name in ("_attn_fwd_kernel", "_attn_fwd_ws_kernel"):
-        monkeypatch.setattr(attention_module, name, Launch())
+    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", Launch())
     q = torch.zeros(1, 1, 1, 16, device=device)
     k = q.expand(1, 1, 2**30 - 1, 16)
     with pytest.raises(Reached):
@@ -551,24 +440,17 @@ def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
 
 
 
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["fwd", "ws-fwd"])
-def test_causal_last_row_of_a_query_tile_opens_a_key_tile(warp_specialized, monkeypatch, device):
+def test_causal_last_row_of_a_query_tile_opens_a_key_tile(device):
     """Tk = Tq + 1: the last row of each full query tile (start_m + BLOCK_M - 1) sees key
     start_m + BLOCK_M, the first of a new key tile in every tiling (BLOCK_M and BLOCK_N
-    divide 128 in the interpreter's and the GPU's tables). The forward's (either kernel's)
-    and dQ's key loops must reach that tile: a bound one short skips it, and with it that
-    row's last key, which the other causal shapes (key offsets 0, 25, 31, 32, 46, 69) never
-    put on a tile start."""
-    if warp_specialized:
-        if device == "cuda":
-            pytest.skip("test_ws_forward_gpu runs it on Hopper")
-        calls = _ws_launches(monkeypatch)
+    divide 128 in the interpreter's and the GPU's tables). The forward's and dQ's key loops
+    must reach that tile: a bound one short skips it, and with it that row's last key,
+    which the other causal shapes (key offsets 0, 25, 31, 32, 46, 69) never put on a tile
+    start."""
     torch.manual_seed(0)
     inputs = _qkv(1, 2, 128, 129, 16, torch.float32, device)
     do = torch.randn(1, 2, 128, 16, device=device)
     _compare(_separate, inputs, do, 1e-5, 1e-5, causal=True)
-    if warp_specialized:
-        assert calls == ["_attn_fwd_ws_kernel"]
 
 
 @pytest.mark.parametrize("causal", [True, False])
