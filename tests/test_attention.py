@@ -428,6 +428,20 @@ def test_positions_just_below_2_30_are_taken(monkeypatch, device):
         attention(q, k, k, causal=False)
 
 
+def test_scores_far_below_zero_with_a_ragged_end(device):
+    """Every score of every row far below zero (q against k, times 3), keys not a multiple
+    of the tiles, no mask: the log-sum-exp is then near -200 (log2 units), and a padding
+    key past Tk (a zero row, score 0) would get P = 2^200, inf in fp32, in dQ's last tile
+    unless masked out -- and inf times its zero key is NaN. The other shapes' scores sit
+    near 0, where an unmasked padding key's P stays finite and its zero row hides it."""
+    torch.manual_seed(0)
+    B, H, Tq, Tk, D = 1, 2, 5, 21, 16
+    k = torch.randn(B, H, Tk, D, device=device).abs() + 1
+    q = -3 * (torch.randn(B, H, Tq, D, device=device).abs() + 1)
+    v = torch.randn(B, H, Tk, D, device=device)
+    _compare(_separate, [q, k, v], torch.randn(B, H, Tq, D, device=device), 1e-5, 1e-5, causal=False, scale=1.0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_grid_gives_the_same_results(monkeypatch, causal, device):
     """The (tiles, H, B) grid that B * H past the cap takes, forced here on a small shape by
@@ -611,6 +625,20 @@ def test_dropout_p_just_below_1_stays_finite(device):
     o.square().sum().backward()
     for name, t in zip(["output", "dq", "dk", "dv"], (o, q.grad, k.grad, v.grad)):
         assert torch.isfinite(t).all(), name
+
+
+def test_dropout_p_is_taken_on_2_to_the_minus_16_steps(device):
+    """dropout_p is rounded to the nearest multiple of 2^-16, as documented: 0.3 gives what
+    19661 / 65536 gives, bit for bit (the kernels' draws resolve 2^-16, and the kept scores
+    are scaled by the rounded p's 1 / (1 - p), so the output's expectation stays exact).
+    Unrounded, the threshold truncated to 19660 and the scale was 1 / 0.7, 4e-6 off:
+    within the tolerance of every comparison with the float64 reference."""
+    torch.manual_seed(0)
+    inputs = _qkv(1, 2, 24, 24, 16, torch.float32, device)
+    do = torch.randn(1, 2, 24, 16, device=device)
+    rounded = _run(lambda *t: attention(*t, dropout_p=19661 / 65536, seed=5), inputs, do)
+    for got, want in zip(_run(lambda *t: attention(*t, dropout_p=0.3, seed=5), inputs, do), rounded):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
