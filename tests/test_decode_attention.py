@@ -158,13 +158,28 @@ def test_new_key_or_value_under_autograd_is_refused(grad, device):
 def test_lengths_outside_cache_are_clamped(device):
     """Lengths cannot be checked without a host sync, so the kernel clamps them: beyond S
     reads the whole cache (never past it), 0 or below gives zeros rather than NaN (or the
-    output left unwritten)."""
+    output left unwritten), with several splits or one (S = 8: one tile, so one split,
+    which must write those zeros itself)."""
     torch.manual_seed(4)
-    q, k, v, _ = _inputs(4, 2, 20, 16, [1, 1, 1, 1], torch.float32, device)
-    out = decode_attention(q, k, v, torch.tensor([25, 0, 20, -3], device=device))
-    full = decode_attention(q, k, v, torch.tensor([20, 20, 20, 20], device=device))
-    assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
-    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[3], torch.zeros_like(out[3]))
+    for S in (20, 8):
+        q, k, v, _ = _inputs(4, 2, S, 16, [1, 1, 1, 1], torch.float32, device)
+        out = decode_attention(q, k, v, torch.tensor([S + 5, 0, S, -3], device=device))
+        full = decode_attention(q, k, v, torch.tensor([S, S, S, S], device=device))
+        assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_scores_far_below_zero_with_idle_splits(device):
+    """Every score far below zero (q against k, times 3: near -200 in log2 units) and lengths
+    that leave splits idle: the combine's row of partials is padded to a power of two of
+    splits, and a padded or idle split's maximum must count as -inf, else it sets the
+    common maximum at 0, every real split's weight underflows to 0 and the output is 0/0."""
+    torch.manual_seed(8)
+    B, H, S, D = 3, 2, 40, 16
+    q = -3 * (torch.randn(B, H, D, device=device).abs() + 1)
+    k = torch.randn(B, H, S, D, device=device).abs() + 1
+    v = torch.randn(B, H, S, D, device=device)
+    _compare(q, k, v, torch.tensor([10, 40, 17], device=device), 1e-5, 1e-5, scale=1.0)
 
 
 def test_strided_lengths(device):
