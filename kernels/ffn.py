@@ -117,33 +117,18 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, k_first, k_steps,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) fp32 tile (pid_m, pid_n) of A @ B over the K steps
-    [k_first, k_first + k_steps); steps past K add zeros.
-
-    ALIGNED: M and N are multiples of 16, so wrapped indices still come in aligned runs of
-    16 -- said explicitly, because the persistent kernel's flattened loop carries the
-    tile's indices from step to step and the compiler no longer sees it; without it the
-    loads along M or N (transposed operands, row-major weights) are neither vectorised
-    nor pipelined there.
-    """
+    [k_first, k_first + k_steps); steps past K add zeros."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Wrapped indices stay in bounds; the rows and columns they duplicate are never stored,
     # and only K is masked, so the common loads are unpredicated.
-    am = rm % M
-    bn = rn % N
-    if ALIGNED:
-        am = tl.max_contiguous(tl.multiple_of(am, 16), 16)
-        bn = tl.max_contiguous(tl.multiple_of(bn, 16), 16)
-    am = am.to(tl.int64)
-    bn = bn.to(tl.int64)
+    am = (rm % M).to(tl.int64)
+    bn = (rn % N).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_first, k_first + k_steps):
-        # Pointers from k, not incremented: the persistent kernel's flattened loop
-        # (tl.range flatten) wants no loop-carried pointers between tiles.
         kk = k * BLOCK_K + rk
         k_ok = kk < K
         # int64: in the weight gradients K is the token count and stride_ak/bk a row of the
@@ -189,7 +174,7 @@ def _matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, APPROX_GELU: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
     """Out = epilogue(A @ B + Bias), one output tile (of one K slice) per program; A (M, K),
     B (K, N), any strides; fp32 accumulation.
@@ -211,38 +196,9 @@ def _matmul_kernel(
         k_first = 0
         k_steps = tl.cdiv(K, BLOCK_K)
     acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                        k_first, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
+                        k_first, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
               BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
-
-
-@triton.jit
-def _matmul_persistent_kernel(
-    A, B, Out, Bias, Aux, ColSum,
-    M, N, K, num_programs,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_xm, stride_xn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    ALIGNED: tl.constexpr, PRECISION: tl.constexpr, APPROX_GELU: tl.constexpr,
-):
-    """_matmul_kernel with num_programs programs that each walk tiles num_programs apart.
-
-    The tile loop is flattened into the K loop (the Triton persistent-matmul tutorial's
-    schedule), so the pipeliner loads the next tile's first K steps during this tile's
-    epilogue instead of leaving the tensor cores idle through it.
-    """
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    start = tl.program_id(0)
-    # The epilogue's own tile counter, so that it does not depend on the prologue's.
-    tile_out = start - num_programs
-    for tile in tl.range(start, tiles, num_programs, flatten=True):
-        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _tile_product(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                            0, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, PRECISION)
-        tile_out += num_programs
-        pid_m, pid_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _epilogue(acc, pid_m, pid_n, Out, Bias, Aux, ColSum, M, N, stride_om, stride_on, stride_xm, stride_xn,
-                  BLOCK_M, BLOCK_N, HAS_BIAS, EPILOGUE, STORE_PRE, COL_SUM, APPROX_GELU)
 
 
 @triton.jit
@@ -254,10 +210,13 @@ def _matmul_tma_kernel(
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
     PRECISION: tl.constexpr, HALVES: tl.constexpr, APPROX_GELU: tl.constexpr,
 ):
-    """_matmul_persistent_kernel with every tile moved by the TMA engine (host tensor
-    descriptors) instead of the threads: one instruction a tile, no per-element addresses
-    in registers, and zero fill past every edge for loads (clipping for stores), so
-    neither M, N nor K needs a mask or a wrap.
+    """_matmul_kernel with every tile moved by the TMA engine (host tensor descriptors)
+    instead of the threads -- one instruction a tile, no per-element addresses in
+    registers, and zero fill past every edge for loads (clipping for stores), so neither
+    M, N nor K needs a mask or a wrap -- on a persistent schedule: num_programs programs
+    each walk units num_programs apart, the tile loop flattened into the K loop (the
+    Triton persistent-matmul tutorial's schedule), so that the next tile's first loads
+    run during this tile's epilogue.
 
     A_ROWS_FIRST: DescA holds A as stored, (M, K) row-major; else A^T, (K, M) row-major, a
     tile of which is read and transposed in shared memory (dW = dy^T @ h). B_K_FIRST: DescB
@@ -431,8 +390,8 @@ class _Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     max_registers: int | None = None  # ptxas's cap, e.g. 128 for two 8-warp programs per SM
-    persistent: int = 0  # programs per SM of the persistent kernel (K-contiguous products); 0: one per tile
-    tma: bool = False  # operands through TMA descriptors, persistent (`persistent` or 1 program per SM), any layout
+    persistent: int = 0  # with tma: programs per SM (0: one)
+    tma: bool = False  # operands through TMA descriptors, on a persistent schedule, any layout
     split_k: bool = False  # cut K where the output tiles alone would leave SMs idle (products without bias or epilogue)
     warp_specialize: bool = False  # with tma: a producer warp group loads, consumers multiply (Hopper, 4 warps)
     tail_split: bool = False  # with tma and split_k: cut only the last round's tiles (_split_plan)
@@ -564,9 +523,8 @@ def _matmul(
         num_warps=t.num_warps, num_stages=t.num_stages,
         **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )
-    # Programs a persistent launch keeps resident (two stand for the SMs when interpreting).
+    # Programs the TMA kernel keeps resident (two stand for the SMs when interpreting).
     slots = max(t.persistent, 1) * (_sm_count(a.device.index or 0) if a.is_cuda else 2)
-    programs = min(tiles, slots)
     views = _tma_views(a, b) if t.tma else None
     whole, splits = tiles, 1  # tiles [0, whole) take all of K, the others are cut into `splits` slices
     if t.split_k and epilogue == _NONE and bias is None:
@@ -576,18 +534,10 @@ def _matmul(
     else:
         # A split product's slices store fp32 partials, summed below.
         target = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
-        args = (a, b, target, *outputs[1:], M, N, K)
-        # The persistent kernel's flattened loop is pipelined only when both operands are
-        # contiguous along K (x @ W^T, h @ W^T: the forward); with rows or columns contiguous
-        # the sm90 build issues plain, unpipelined loads, so those products take one tile per program.
-        if t.persistent and splits == 1 and a.stride(1) == 1 and b.stride(0) == 1:
-            kernel, grid, args = _matmul_persistent_kernel, (programs,), (*args, programs)
-        else:
-            kernel, grid, args = _matmul_kernel, (tiles * splits,), (*args, splits)
-            flags["SPLIT_K"] = splits > 1
-        kernel[grid](
-            *args, a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, aux_arg.stride(0), aux_arg.stride(1),
-            ALIGNED=M % 16 == 0 and N % 16 == 0, **flags,
+        _matmul_kernel[(tiles * splits,)](
+            a, b, target, *outputs[1:], M, N, K, splits,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, aux_arg.stride(0), aux_arg.stride(1),
+            SPLIT_K=splits > 1, **flags,
         )
         if splits > 1:
             _sum_slices(target, out, 0, tiles, M, splits, t)

@@ -199,7 +199,7 @@ def ffn_cases(arch: int) -> dict[str, dict]:
         constexprs = {k: 1 for k, v in strides.items() if v == 1} | dict(
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
             HAS_BIAS=name.startswith(("fwd", "decode")), EPILOGUE=epilogue, STORE_PRE=name == "fwd fc+gelu",
-            COL_SUM=epilogue == ffn._GELU_GRAD, ALIGNED=True, PRECISION=None, SPLIT_K=False, APPROX_GELU=False)
+            COL_SUM=epilogue == ffn._GELU_GRAD, PRECISION=None, SPLIT_K=False, APPROX_GELU=False)
         cases[f"ffn {name}"] = compile_case(
             arch, ffn._matmul_kernel, ptrs, constexprs, num_warps=t.num_warps, num_stages=t.num_stages)
         if kind == ffn._WEIGHT_GRAD:  # the split-K sweep candidate, on the same tiles

@@ -219,18 +219,6 @@ def test_gpu_tile_shapes_in_interpreter(capability, rows, monkeypatch, device):
     _check(x, lambda t: t, _weights(48, 280, torch.float16, device), torch.float16, 2e-3, 2e-3)
 
 
-def test_persistent_kernel_in_interpreter(monkeypatch, device):
-    """The persistent schedule (programs walking tiles, flattened loop) gives the same
-    results; it runs the products contiguous along K, the others keep one tile a program."""
-    if device == "cuda":
-        pytest.skip("the GPU tables do not use it yet; bench_ffn --sweep times it")
-    calls = _launches(monkeypatch, "_matmul_persistent_kernel", ffn_module._INTERPRETER._replace(persistent=1))
-    torch.manual_seed(0)
-    x = torch.randn(300, 48, device=device)  # 10 x 5 tiles of 32 x 64 on 2 programs: ragged
-    _check(x, lambda t: t, _weights(48, 280, torch.float32, device), torch.float32, 1e-5, 1e-5)
-    assert len(calls) == 2  # forward: x @ Wfc^T and h @ Wproj^T
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
 def test_tma_kernel_in_interpreter(dtype, atol, rtol, monkeypatch, device):
     """The TMA kernel (descriptors, persistent schedule) runs all six products, the
@@ -372,20 +360,16 @@ def test_approx_gelu_in_interpreter(tma, monkeypatch, device):
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
 def test_launch_flags_only_a_gpu_build_acts_on(dtype, atol, rtol, monkeypatch, device):
-    """Two flags of the pointer kernel's launches that the interpreter ignores (it multiplies
-    in full precision and drops alignment hints): fp32 products ask tl.dot for IEEE
-    precision, without which a GPU rounds their inputs to tf32 (16-bit ones take the
-    default); ALIGNED, the promise that the wrapped row and column indices come in aligned
-    runs of 16, is made only where M and N are both multiples of 16 (37 tokens: only the
-    weight gradients, C x 4C and 4C x C)."""
+    """A flag of the pointer kernel's launches that the interpreter ignores (it multiplies
+    in full precision): fp32 products ask tl.dot for IEEE precision, without which a GPU
+    rounds their inputs to tf32 (16-bit ones take the default)."""
     seen = []
     monkeypatch.setattr(ffn_module, "_tiles", lambda t, kind: ffn_module._INTERPRETER)
     monkeypatch.setattr(ffn_module, "_matmul_kernel", _FlagRecorder(ffn_module._matmul_kernel, seen))
     torch.manual_seed(0)
     x = torch.randn(37, 16, device=device).to(dtype)
     _check(x, lambda t: t, _weights(16, 64, dtype, device), dtype, atol, rtol)
-    # h (37 x 64), y (37 x 16); then dWproj (16 x 64), dpre (37 x 64), dWfc (64 x 16), dx (37 x 16).
-    assert [flags["ALIGNED"] for flags in seen] == [False, False, True, False, True, False]
+    # h, y; then dWproj, dpre, dWfc, dx.
     assert [flags["PRECISION"] for flags in seen] == ["ieee" if dtype == torch.float32 else None] * 6
 
 
