@@ -1,0 +1,120 @@
+"""Guard pages around the kernels' inputs: each kernel reads only inside its tensors.
+
+    TRITON_INTERPRET=1 python tests/bounds.py CASE      # CASE in CASES; exits 0 if every read stayed inside
+
+The interpreter loads from wherever a kernel's pointers point, unchecked. An unmasked load
+past a tensor's end (a tile's ragged edge, a wrap or stride gone wrong) reads whatever
+lies there, and no comparison with the reference sees it where that value is then masked
+out or multiplied by zero -- on a GPU the same load may fault. Here every input is copied
+against a page that cannot be read, once right after its last byte and once right before
+its first, so such a load ends the process with SIGSEGV. tests/test_bounds.py runs each
+case in a process of its own. Linux (mmap, mprotect). Only the inputs are guarded: the
+buffers a launcher allocates itself (outputs, statistics, scratch) are torch's.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_PROT_NONE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_buffers: list[mmap.mmap] = []  # the guarded copies' memory, kept for the process
+
+
+def guarded(t: Tensor, after: bool) -> Tensor:
+    """A contiguous copy of t whose last byte (after=True) or first byte is next to a page
+    the process may not read."""
+    page = mmap.PAGESIZE
+    nbytes = t.numel() * t.element_size()
+    pages = -(-nbytes // page)
+    buf = mmap.mmap(-1, (pages + 1) * page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if _libc.mprotect(start + pages * page if after else start, page, _PROT_NONE):
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+    copy = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=pages * page - nbytes if after else page)
+    _buffers.append(buf)
+    return copy.view(t.shape).copy_(t)
+
+
+def _backward(out: Tensor, inputs: list[Tensor], after: bool) -> None:
+    out.backward(guarded(torch.randn(out.shape, dtype=out.dtype), after))
+    for t in inputs:
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+def ffn(after: bool) -> None:
+    """37 tokens, 16 wide, 72 hidden: every tile ragged in M, N and K (the interpreter's 32 x 64 x 16)."""
+    from kernels import ffn
+
+    tensors = [torch.randn(37, 16), torch.randn(72, 16), torch.randn(72), torch.randn(16, 72), torch.randn(16)]
+    inputs = [guarded(t, after).requires_grad_() for t in tensors]
+    _backward(ffn(*inputs), inputs, after)
+
+
+def attention(after: bool) -> None:
+    """Causal with Tq < Tk, full with Tq > Tk, dropout, and q, k, v as views of one fused
+    projection (the model's layout), whose last head of v ends the buffer."""
+    from kernels import attention
+
+    for Tq, Tk, causal, dropout_p in ((19, 37, True, 0.0), (21, 13, False, 0.0), (21, 21, True, 0.25)):
+        q, k, v = (guarded(torch.randn(1, 2, T, 16), after).requires_grad_() for T in (Tq, Tk, Tk))
+        _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3), [q, k, v], after)
+    qkv = guarded(torch.randn(2, 19, 3, 2, 16), after).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _backward(attention(q, k, v), [qkv], after)
+
+
+def layer_norm(after: bool) -> None:
+    """Rows of 100 (not a power of two), 5 of them; layer_norm and add_layer_norm, with and without a bias."""
+    from kernels import add_layer_norm, layer_norm
+
+    for bias in (True, False):
+        x, w = guarded(torch.randn(5, 100), after).requires_grad_(), guarded(torch.randn(100), after).requires_grad_()
+        b = guarded(torch.randn(100), after).requires_grad_() if bias else None
+        _backward(layer_norm(x, w, b), [x, w, b] if bias else [x, w], after)
+        r = guarded(torch.randn(5, 100), after).requires_grad_()
+        s, y = add_layer_norm(x, r, w, b)
+        _backward(s + y, [x, r, w], after)
+
+
+def decode_attention(after: bool) -> None:
+    """A cache of 40 (two splits of 16-key tiles, the second ragged) with lengths inside it,
+    at it and past it (clamped), this step's key and value written in by the kernel."""
+    from kernels import decode_attention
+
+    B, H, S, D = 3, 2, 40, 16
+    q, k_new, v_new = (guarded(torch.randn(B, H, D), after) for _ in range(3))
+    k_cache, v_cache = (guarded(torch.randn(B, H, S, D), after) for _ in range(2))
+    lens = guarded(torch.tensor([10, S, S + 15]), after)
+    out = decode_attention(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new)
+    assert torch.isfinite(out).all()
+
+
+def sample(after: bool) -> None:
+    """Rows of 1000 logits (not a multiple of the chunks), all kept and the top 50."""
+    from kernels import sample
+
+    logits = guarded(torch.randn(3, 1000), after)
+    seed, offsets = guarded(torch.tensor([7]), after), guarded(torch.zeros(3, dtype=torch.int64), after)
+    for top_k in (None, 50):
+        ids = sample(logits, seed, offsets, top_k=top_k)
+        assert ((0 <= ids) & (ids < 1000)).all()
+
+
+CASES: dict[str, Callable[[bool], None]] = {
+    f.__name__: f for f in (ffn, attention, layer_norm, decode_attention, sample)
+}
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    for after in (True, False):
+        CASES[sys.argv[1]](after)
