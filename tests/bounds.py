@@ -1,4 +1,4 @@
-"""Guard pages around the kernels' inputs: each kernel reads only inside its tensors.
+"""Guard pages around the kernels' tensors: each kernel reads and writes only inside them.
 
     TRITON_INTERPRET=1 python tests/bounds.py CASE      # CASE in CASES; exits 0 if every read stayed inside
 
@@ -7,9 +7,10 @@ past a tensor's end (a tile's ragged edge, a wrap or stride gone wrong) reads wh
 lies there, and no comparison with the reference sees it where that value is then masked
 out or multiplied by zero -- on a GPU the same load may fault. Here every input is copied
 against a page that cannot be read, once right after its last byte and once right before
-its first, so such a load ends the process with SIGSEGV. tests/test_bounds.py runs each
-case in a process of its own. Linux (mmap, mprotect). Only the inputs are guarded: the
-buffers a launcher allocates itself (outputs, statistics, scratch) are torch's.
+its first, so such a load ends the process with SIGSEGV. The buffers the launchers allocate
+(outputs, statistics, scratch: torch.empty, empty_like and zeros, patched in this process)
+are guarded the same way, which catches their loads and stores too. tests/test_bounds.py
+runs each case in a process of its own. Linux (mmap, mprotect).
 """
 from __future__ import annotations
 
@@ -114,7 +115,20 @@ CASES: dict[str, Callable[[bool], None]] = {
     f.__name__: f for f in (ffn, attention, layer_norm, decode_attention, sample)
 }
 
+def _guarding(make: Callable[..., Tensor], after: bool) -> Callable[..., Tensor]:
+    """torch.empty (or zeros, empty_like) whose CPU tensors are guarded copies."""
+    def guarded_make(*args, **kwargs) -> Tensor:
+        t = make(*args, **kwargs)
+        return guarded(t, after) if t.device.type == "cpu" and t.numel() else t
+    return guarded_make
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "zeros")}
     for after in (True, False):
+        # The launchers' own buffers too (outputs, statistics, scratch): a store past them
+        # would otherwise overwrite other memory unseen.
+        for name, make in originals.items():
+            setattr(torch, name, _guarding(make, after))
         CASES[sys.argv[1]](after)
