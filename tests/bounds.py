@@ -14,6 +14,7 @@ runs each case in a process of its own. Linux (mmap, mprotect).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -46,6 +47,19 @@ def guarded(t: Tensor, after: bool) -> Tensor:
     return copy.view(t.shape).copy_(t)
 
 
+@contextlib.contextmanager
+def _patched(module, values: dict):
+    """module's attributes set to values for the block (a launcher's tables, say)."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def _backward(out: Tensor, inputs: list[Tensor], after: bool) -> None:
     out.backward(guarded(torch.randn(out.shape, dtype=out.dtype), after))
     for t in inputs:
@@ -53,12 +67,20 @@ def _backward(out: Tensor, inputs: list[Tensor], after: bool) -> None:
 
 
 def ffn(after: bool) -> None:
-    """37 tokens, 16 wide, 72 hidden: every tile ragged in M, N and K (the interpreter's 32 x 64 x 16)."""
+    """37 tokens, 16 wide, 72 hidden: every tile ragged in M, N and K (the interpreter's
+    32 x 64 x 16); then with every product that may be cut along K cut in two (split K's
+    fp32 slices and their sum)."""
     from kernels import ffn
 
+    module = sys.modules["kernels.ffn"]
     tensors = [torch.randn(37, 16), torch.randn(72, 16), torch.randn(72), torch.randn(16, 72), torch.randn(16)]
-    inputs = [guarded(t, after).requires_grad_() for t in tensors]
-    _backward(ffn(*inputs), inputs, after)
+    tiles = module._tiles
+    split = dict(_tiles=lambda t, kind: tiles(t, kind)._replace(split_k=True),
+                 _split_plan=lambda tiles, k_steps, slots, tail_only: (tiles, 1) if k_steps < 2 else (0, 2))
+    for patches in ({}, split):
+        with _patched(module, patches):
+            inputs = [guarded(t, after).requires_grad_() for t in tensors]
+            _backward(ffn(*inputs), inputs, after)
 
 
 def attention(after: bool) -> None:
@@ -75,16 +97,23 @@ def attention(after: bool) -> None:
 
 
 def layer_norm(after: bool) -> None:
-    """Rows of 100 (not a power of two), 5 of them; layer_norm and add_layer_norm, with and without a bias."""
+    """Rows of 100 (not a power of two); layer_norm and add_layer_norm, with and without a
+    bias; with the one-tile forward, then the persistent one (Hopper's at 8192), whose 4
+    programs walk 10 tiles."""
     from kernels import add_layer_norm, layer_norm
 
-    for bias in (True, False):
-        x, w = guarded(torch.randn(5, 100), after).requires_grad_(), guarded(torch.randn(100), after).requires_grad_()
-        b = guarded(torch.randn(100), after).requires_grad_() if bias else None
-        _backward(layer_norm(x, w, b), [x, w, b] if bias else [x, w], after)
-        r = guarded(torch.randn(5, 100), after).requires_grad_()
-        s, y = add_layer_norm(x, r, w, b)
-        _backward(s + y, [x, r, w], after)
+    module = sys.modules["kernels.layer_norm"]
+    settings = module._settings
+    persistent = dict(_settings=lambda n, e: settings(n, e)._replace(fwd_stages=2, fwd_programs_per_sm=2))
+    for bias, patches in ((True, {}), (False, {}), (True, persistent)):
+        with _patched(module, patches):
+            x = guarded(torch.randn(300, 100), after).requires_grad_()
+            w = guarded(torch.randn(100), after).requires_grad_()
+            b = guarded(torch.randn(100), after).requires_grad_() if bias else None
+            _backward(layer_norm(x, w, b), [x, w, b] if bias else [x, w], after)
+            r = guarded(torch.randn(300, 100), after).requires_grad_()
+            s, y = add_layer_norm(x, r, w, b)
+            _backward(s + y, [x, r, w], after)
 
 
 def decode_attention(after: bool) -> None:
