@@ -54,7 +54,7 @@ test: setup
 TRITON_VERSIONS ?= 3.6.0 3.8.0 3.9.0
 KERNEL_TESTS := tests/test_layer_norm.py tests/test_attention.py tests/test_ffn.py \
 	tests/test_decode_attention.py tests/test_sampling.py tests/test_model_kernels.py tests/test_kernel_api.py \
-	tests/test_codegen.py
+	tests/test_codegen.py tests/test_bounds.py
 triton-versions:
 	set -e; for v in $(TRITON_VERSIONS); do \
 	  d=$(VENV)-triton-$$v; \
