@@ -1,6 +1,6 @@
 """Guard pages around the kernels' tensors: each kernel reads and writes only inside them.
 
-    TRITON_INTERPRET=1 python tests/bounds.py CASE      # CASE in CASES; exits 0 if every read stayed inside
+    TRITON_INTERPRET=1 python tests/bounds.py CASE      # CASE in CASES; exits 0 if every access stayed inside
 
 The interpreter loads from wherever a kernel's pointers point, unchecked. An unmasked load
 past a tensor's end (a tile's ragged edge, a wrap or stride gone wrong) reads whatever
@@ -34,7 +34,7 @@ _buffers: list[mmap.mmap] = []  # the guarded copies' memory, kept for the proce
 
 def guarded(t: Tensor, after: bool) -> Tensor:
     """A contiguous copy of t whose last byte (after=True) or first byte is next to a page
-    the process may not read."""
+    the process may neither read nor write."""
     page = mmap.PAGESIZE
     nbytes = t.numel() * t.element_size()
     pages = -(-nbytes // page)
@@ -45,6 +45,14 @@ def guarded(t: Tensor, after: bool) -> Tensor:
     copy = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=pages * page - nbytes if after else page)
     _buffers.append(buf)
     return copy.view(t.shape).copy_(t)
+
+
+def _guarding(make: Callable[..., Tensor], after: bool) -> Callable[..., Tensor]:
+    """torch.empty (or zeros, empty_like) whose CPU tensors are guarded copies."""
+    def guarded_make(*args, **kwargs) -> Tensor:
+        t = make(*args, **kwargs)
+        return guarded(t, after) if t.device.type == "cpu" and t.numel() else t
+    return guarded_make
 
 
 @contextlib.contextmanager
@@ -69,28 +77,41 @@ def _backward(out: Tensor, inputs: list[Tensor], after: bool) -> None:
 def ffn(after: bool) -> None:
     """37 tokens, 16 wide, 72 hidden: every tile ragged in M, N and K (the interpreter's
     32 x 64 x 16); then with every product that may be cut along K cut in two (split K's
-    fp32 slices and their sum)."""
+    fp32 slices and their sum); then on the Hopper and Ampere pointer tables' tiles, fp16,
+    at 37 tokens (their few-row tiles) and 150."""
     from kernels import ffn
 
     module = sys.modules["kernels.ffn"]
-    tensors = [torch.randn(37, 16), torch.randn(72, 16), torch.randn(72), torch.randn(16, 72), torch.randn(16)]
+    weights = [torch.randn(72, 16), torch.randn(72), torch.randn(16, 72), torch.randn(16)]
     tiles = module._tiles
     split = dict(_tiles=lambda t, kind: tiles(t, kind)._replace(split_k=True),
                  _split_plan=lambda tiles, k_steps, slots, tail_only: (tiles, 1) if k_steps < 2 else (0, 2))
-    for patches in ({}, split):
+    runs = [({}, 37, torch.float32), (split, 37, torch.float32)]
+    for major in (9, 8):  # 37 tokens take the few-row tiles, 150 the others
+        gpu = dict(_tiles=lambda t, kind, major=major: module._TILES[(major, kind)])
+        runs += [(gpu, 37, torch.float16), (gpu, 150, torch.float16)]
+    for patches, tokens, dtype in runs:
         with _patched(module, patches):
-            inputs = [guarded(t, after).requires_grad_() for t in tensors]
+            inputs = [guarded(t.to(dtype), after).requires_grad_() for t in (torch.randn(tokens, 16), *weights)]
             _backward(ffn(*inputs), inputs, after)
 
 
 def attention(after: bool) -> None:
     """Causal with Tq < Tk, full with Tq > Tk, dropout, and q, k, v as views of one fused
-    projection (the model's layout), whose last head of v ends the buffer."""
+    projection (the model's layout), whose last head of v ends the buffer; then the same
+    on the Hopper and Ampere tables' tiles (fp16, D = 64 and 128)."""
     from kernels import attention
 
     for Tq, Tk, causal, dropout_p in ((19, 37, True, 0.0), (21, 13, False, 0.0), (21, 21, True, 0.25)):
         q, k, v = (guarded(torch.randn(1, 2, T, 16), after).requires_grad_() for T in (Tq, Tk, Tk))
         _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3), [q, k, v], after)
+    module = sys.modules["kernels.attention"]
+    for capability in ((9, 0), (8, 0)):  # the GPU tables' tiles (fp16), with and without dropout's own
+        with _patched(module, dict(device_capability=lambda index=0, c=capability: c)):
+            for D in (64, 128):
+                for Tq, Tk, causal, dropout_p in ((77, 150, True, 0.0), (150, 100, False, 0.0), (77, 77, True, 0.1)):
+                    q, k, v = (guarded(torch.randn(1, 1, T, D).half(), after).requires_grad_() for T in (Tq, Tk, Tk))
+                    _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3), [q, k, v], after)
     qkv = guarded(torch.randn(2, 19, 3, 2, 16), after).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     _backward(attention(q, k, v), [qkv], after)
@@ -99,19 +120,20 @@ def attention(after: bool) -> None:
 def layer_norm(after: bool) -> None:
     """Rows of 100 (not a power of two); layer_norm and add_layer_norm, with and without a
     bias; with the one-tile forward, then the persistent one (Hopper's at 8192), whose 4
-    programs walk 10 tiles."""
+    programs walk 10 tiles; then rows of 1000 (the two-row tile of 513-1024) and 3000."""
     from kernels import add_layer_norm, layer_norm
 
     module = sys.modules["kernels.layer_norm"]
     settings = module._settings
     persistent = dict(_settings=lambda n, e: settings(n, e)._replace(fwd_stages=2, fwd_programs_per_sm=2))
-    for bias, patches in ((True, {}), (False, {}), (True, persistent)):
+    for N, bias, patches in ((100, True, {}), (100, False, {}), (100, True, persistent), (1000, True, {}),
+                             (3000, True, {})):
         with _patched(module, patches):
-            x = guarded(torch.randn(300, 100), after).requires_grad_()
-            w = guarded(torch.randn(100), after).requires_grad_()
-            b = guarded(torch.randn(100), after).requires_grad_() if bias else None
+            x = guarded(torch.randn(30000 // N, N), after).requires_grad_()
+            w = guarded(torch.randn(N), after).requires_grad_()
+            b = guarded(torch.randn(N), after).requires_grad_() if bias else None
             _backward(layer_norm(x, w, b), [x, w, b] if bias else [x, w], after)
-            r = guarded(torch.randn(300, 100), after).requires_grad_()
+            r = guarded(torch.randn(x.shape), after).requires_grad_()
             s, y = add_layer_norm(x, r, w, b)
             _backward(s + y, [x, r, w], after)
 
@@ -127,6 +149,14 @@ def decode_attention(after: bool) -> None:
     lens = guarded(torch.tensor([10, S, S + 15]), after)
     out = decode_attention(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new)
     assert torch.isfinite(out).all()
+    # The GPU's splits and tiles (132 SMs): 64-key tiles at D = 64, a split a tile.
+    module = sys.modules["kernels.decode_attention"]
+    with _patched(module, dict(interpreting=lambda: False, _sm_count=lambda index: 132)):
+        B, H, S, D = 2, 2, 300, 64
+        q = guarded(torch.randn(B, H, D), after)
+        k_cache, v_cache = (guarded(torch.randn(B, H, S, D), after) for _ in range(2))
+        out = decode_attention(q, k_cache, v_cache, guarded(torch.tensor([S, 77]), after))
+        assert torch.isfinite(out).all()
 
 
 def sample(after: bool) -> None:
@@ -135,21 +165,17 @@ def sample(after: bool) -> None:
 
     logits = guarded(torch.randn(3, 1000), after)
     seed, offsets = guarded(torch.tensor([7]), after), guarded(torch.zeros(3, dtype=torch.int64), after)
-    for top_k in (None, 50):
-        ids = sample(logits, seed, offsets, top_k=top_k)
-        assert ((0 <= ids) & (ids < 1000)).all()
+    module = sys.modules["kernels.sampling"]
+    for patches in ({}, dict(interpreting=lambda: False)):  # the interpreter's chunks, then the GPU's
+        with _patched(module, patches):
+            for top_k in (None, 50):
+                ids = sample(logits, seed, offsets, top_k=top_k)
+                assert ((0 <= ids) & (ids < 1000)).all()
 
 
 CASES: dict[str, Callable[[bool], None]] = {
     f.__name__: f for f in (ffn, attention, layer_norm, decode_attention, sample)
 }
-
-def _guarding(make: Callable[..., Tensor], after: bool) -> Callable[..., Tensor]:
-    """torch.empty (or zeros, empty_like) whose CPU tensors are guarded copies."""
-    def guarded_make(*args, **kwargs) -> Tensor:
-        t = make(*args, **kwargs)
-        return guarded(t, after) if t.device.type == "cpu" and t.numel() else t
-    return guarded_make
 
 
 if __name__ == "__main__":
