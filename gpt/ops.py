@@ -5,6 +5,7 @@ mode (GPTConfig.kernels):
            faster on the GPU (our Triton kernels for LayerNorm and attention; torch's
            cuBLAS FFN while AUTO_TRITON_FFN is off), the pure-torch reference otherwise;
            decode attention and sampling (CUDA-graph replays) stay on Triton at any width
+           (all on the reference where Triton is missing: macOS, Windows, CPU wheels)
   "triton" always the Triton kernels (on CPU this needs TRITON_INTERPRET=1)
   "torch"  always the reference
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import reference
+from kernels import TRITON_MISSING, reference
 
 if TYPE_CHECKING:
     from gpt.config import GPTConfig
@@ -61,7 +62,7 @@ def _before_ampere(x: Tensor) -> bool:
 
 
 def backend(x: Tensor, mode: str = "auto") -> ModuleType:
-    if mode == "torch" or (mode == "auto" and (not x.is_cuda or _before_ampere(x))):
+    if mode == "torch" or (mode == "auto" and (not x.is_cuda or TRITON_MISSING or _before_ampere(x))):
         return reference
     if mode in ("auto", "triton"):
         return _triton_kernels()
@@ -73,6 +74,8 @@ def triton_unsupported(config: GPTConfig, device: torch.device, dtype: torch.dty
     "auto" runs such models on torch; this is for refusing kernels="triton" at startup."""
     from kernels._utils import HEAD_DIMS, LAYER_NORM_MAX_ROW_BYTES, device_capability, interpreting
 
+    if TRITON_MISSING:
+        return TRITON_MISSING
     head_dim = config.n_embd // config.n_head
     if head_dim not in HEAD_DIMS:
         return (f"the attention kernel takes head dims {', '.join(map(str, HEAD_DIMS))}, and n_embd {config.n_embd} "

@@ -4,10 +4,10 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import re
 from collections.abc import Callable
 
 import torch
-import triton
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -16,6 +16,24 @@ HEAD_DIMS = (16, 32, 64, 128)
 # A LayerNorm row lives in registers: at most 64 KiB of it (16384 fp32 or 32768 fp16/bf16
 # elements).
 LAYER_NORM_MAX_ROW_BYTES = 65536
+
+
+def _triton_missing() -> str | None:
+    """Why the Triton kernels cannot run in this install, or None. Triton has no macOS or
+    Windows build, and torch's CPU wheels go without it: there the model runs its torch ops
+    (kernels.reference), and nothing that path imports may need Triton."""
+    try:
+        import triton
+    except ImportError:
+        return "Triton is not installed (pip install 'triton>=3.6'; it is built for Linux only)"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < (3, 6):
+        return f"Triton {triton.__version__} is installed and the kernels need 3.6 or newer (pip install 'triton>=3.6')"
+    return None
+
+
+# None where the Triton kernels can run; else the reason, for the errors that refuse them.
+TRITON_MISSING = _triton_missing()
 
 
 def _interpret_env() -> bool:
@@ -126,6 +144,8 @@ def with_device_scratch(device: torch.device, launch: Callable[[], object]) -> N
     descriptors on the device need) taken from torch's caching allocator.
     triton.set_allocator sets a context variable, so setting it in a copy of the context
     leaves any allocator the caller set untouched."""
+    import triton
+
     def run() -> None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
         launch()

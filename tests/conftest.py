@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import candidates  # noqa: E402
+from kernels._utils import TRITON_MISSING  # noqa: E402
+
+# The kernels' own test modules. Where Triton is missing (macOS, Windows, torch's CPU wheels)
+# they are skipped whole and the tests marked `triton` (the model on the kernels) are skipped:
+# the rest of the suite tests the model on its torch path, the one that runs there.
+KERNEL_MODULES = ["test_attention.py", "test_bench.py", "test_bounds.py", "test_codegen.py", "test_decode_attention.py",
+                  "test_ffn.py", "test_kernel_api.py", "test_layer_norm.py", "test_model_kernels.py", "test_sampling.py"]
 
 
 def pytest_addoption(parser):
@@ -23,13 +30,32 @@ def _candidates(request, monkeypatch):
         candidates.force(monkeypatch)
 
 
+class _SkippedModule(pytest.Module):
+    def collect(self):
+        pytest.skip(TRITON_MISSING)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    # Also for modules named on the command line (make test's --candidates run), which
+    # collect_ignore would not leave out.
+    if TRITON_MISSING and module_path.name in KERNEL_MODULES:
+        return _SkippedModule.from_parent(parent, path=module_path)
+    return None
+
+
+def pytest_report_header(config):
+    if TRITON_MISSING:
+        return f"the Triton kernels' tests are skipped: {TRITON_MISSING}"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason=TRITON_MISSING or "")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "triton" in item.keywords and TRITON_MISSING:
+            item.add_marker(skip_triton)
 
 
 @pytest.fixture

@@ -151,7 +151,8 @@ def test_seeded_sampling_is_reproducible(model):
     assert a[0] != a[1] or a[1] != a[2]  # parallel samples differ from each other
 
 
-@pytest.mark.parametrize("kernels, top_p", [("torch", None), ("torch", 0.9), ("triton", 0.9)],
+@pytest.mark.parametrize("kernels, top_p",
+                         [("torch", None), ("torch", 0.9), pytest.param("triton", 0.9, marks=pytest.mark.triton)],
                          ids=["torch", "torch-top-p", "top-p-on-triton"])
 def test_a_sample_does_not_depend_on_its_batch(kernels, top_p, device):
     """Under one seed, the first sample is the same alone or among others (sample.py
@@ -277,6 +278,7 @@ def test_non_finite_prompt_logits_stream_no_token(model):
     assert streamed == []
 
 
+@pytest.mark.triton
 def test_triton_kernels_generate_like_the_reference(device):
     """Prefill (flash attention) and decode steps (decode attention) on the Triton kernels,
     in the interpreter on CPU, give the reference path's greedy tokens and logits."""
@@ -296,6 +298,7 @@ def test_triton_kernels_generate_like_the_reference(device):
     torch.testing.assert_close(step[:, 0], ref(seq[:, :7])[:, -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.triton
 def test_a_decoder_runs_the_kernels_outside_no_grad(device, monkeypatch):
     """sample.py builds and steps its Decoder with autograd on, over parameters that require
     grad: the steps must still run on the decode kernel (under "auto" they fell back to
@@ -324,6 +327,7 @@ def test_a_decoder_runs_the_kernels_outside_no_grad(device, monkeypatch):
         assert len(calls) >= cfg.n_layer, kernels_mode
 
 
+@pytest.mark.triton
 def test_generate_under_autocast_on_the_triton_kernels(device):
     """nanoGPT's sample.py generates from an fp32 model under torch.autocast: the decode step's
     query, key and value then come in the autocast dtype and the cache stays fp32, which the
@@ -340,6 +344,7 @@ def test_generate_under_autocast_on_the_triton_kernels(device):
         assert generate(tri, prompts, 8, temperature=0) == generate(ref, prompts, 8, temperature=0)
 
 
+@pytest.mark.triton
 def test_sampling_on_the_triton_kernel_is_seeded(device):
     """On the Triton kernels, generate draws with kernels.sample, whose random state lives
     on the device and is seeded from the generator: the same seed gives the same tokens."""
@@ -560,7 +565,7 @@ def test_window_slides_only_when_full_and_keeps_the_last_half(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN logits in the interpreter
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_logits_that_turn_non_finite_while_decoding_are_an_error(device, kernels):
     """Prefill is fine (positions 0-1), the decode step at position 5 is NaN: every sampling
     path -- greedy, torch's (top-p), and kernels.sample on the Triton kernels -- must stop
@@ -607,6 +612,7 @@ def test_stop_sees_every_new_token_once_in_order_and_eot_past_the_first_check(mo
 
 
 @pytest.mark.parametrize("temperature, top_k", [(0.7, None), (1.3, 5)])
+@pytest.mark.triton
 def test_top_p_on_the_kernels_draws_from_the_nucleus(temperature, top_k, device, monkeypatch):
     """On the kernels' path top_p draws on kernels.sample (one draw counter a row, no
     multinomial: torch's per-row draws took 3.5x the time at batch 32, run 6), from the
@@ -630,6 +636,7 @@ def test_top_p_on_the_kernels_draws_from_the_nucleus(temperature, top_k, device,
     assert torch.all((counts / n - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-3), (counts / n, probs)
 
 
+@pytest.mark.triton
 def test_a_compiled_decoder_draws_on_the_kernels_where_auto_runs_them(monkeypatch):
     """Decoder(compile=True) (sample.py --compile) leaves the draw outside the compiled step:
     on kernels.sample wherever "auto" runs the kernels (here the interpreted module

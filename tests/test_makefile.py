@@ -32,3 +32,13 @@ def test_other_pins_install_again_and_the_same_pins_do_not(tmp_path):
     stamp.write_text("")
     os.utime(stamp, (future, future))
     assert "pip install" not in setup_plan(venv)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_triton_is_installed_on_linux_only(tmp_path):
+    """Triton has no macOS or Windows build: pip would fail the whole setup on one."""
+    venv = tmp_path / "venv"
+    assert '"torch==2.13.0" "triton==3.7.1"' in setup_plan(venv, "UNAME=Linux")
+    plan = setup_plan(venv, "UNAME=Darwin")
+    assert '"torch==2.13.0"' in plan and "triton==" not in plan
+    assert "triton==" not in setup_plan(venv, "UNAME=Linux", "TRITON=")

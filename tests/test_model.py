@@ -340,6 +340,7 @@ def test_a_decode_step_updates_only_the_tensors_the_cache_lists():
 
 
 @pytest.mark.parametrize("kernels_mode", ["torch", "triton"])
+@pytest.mark.triton
 def test_a_cache_decodes_on_the_models_kernels(kernels_mode, monkeypatch):
     """A KVCache takes the model's kernels: its decode steps run where the rest of the model
     runs, here with "auto" dispatching as on CUDA (a mutation audit: a cache on "auto" whatever

@@ -278,6 +278,7 @@ def test_train_bad_flags_are_one_line(tmp_path, corpus):
     ],
     ids=["head-dim-12", "bf16-interpreted"],
 )
+@pytest.mark.triton
 def test_what_the_triton_kernels_cannot_run_is_refused_at_startup(tmp_path, corpus, capsys, extra, phrase):
     """--kernels triton on a model the kernels do not take: one line before the first step,
     not the kernel's ValueError from inside it. (auto runs such a model on torch.)"""
@@ -288,6 +289,7 @@ def test_what_the_triton_kernels_cannot_run_is_refused_at_startup(tmp_path, corp
     assert len(err) == 1 and phrase in err[0] and "use --kernels auto" in err[0], err
 
 
+@pytest.mark.triton
 def test_kernels_need_ampere_or_newer(monkeypatch):
     """Older GPUs (a T4 is sm75) have too little shared memory for our tiles: auto runs every
     op on torch there, and kernels="triton" is refused naming the GPU."""
@@ -308,6 +310,7 @@ def test_kernels_need_ampere_or_newer(monkeypatch):
         assert got == why or why in got, got
 
 
+@pytest.mark.triton
 def test_a_residual_row_past_the_layer_norm_kernel_is_refused():
     """The residual stream is fp32 whatever --dtype: 16384 values (64 KiB) is the widest row
     the LayerNorm kernel holds, so n_embd 16512 (129 heads of 128) is refused at startup and
@@ -330,7 +333,8 @@ def test_a_residual_row_past_the_layer_norm_kernel_is_refused():
         (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
         (["--fsdp"], "launch with torchrun"),
         (["--out-dir", "FILE"], "is a file, not a folder"),
-        (["--kernels", "triton"], "--kernels triton needs a CUDA GPU, and the device is cpu"),
+        pytest.param(["--kernels", "triton"], "--kernels triton needs a CUDA GPU, and the device is cpu",
+                     marks=pytest.mark.triton),
         (["--weight-decay", "nan"], "--weight-decay must be a non-negative number, got nan"),
         (["--grad-clip", "inf"], "--grad-clip must be a non-negative number, got inf"),
         (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
