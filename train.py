@@ -152,6 +152,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, path in (("--out-dir", args.out_dir), ("--cache-dir", args.cache_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a file, not a folder; pass a folder path")
+    if args.fsdp and not distributed.has_fsdp2():
+        raise UsageError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.6 or newer) and this is "
+                         f"torch {torch.__version__}; upgrade torch, or drop --fsdp for DDP")
     if args.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp shards the model across torchrun's processes; launch with "
                          "torchrun --nproc-per-node N train.py ... or drop --fsdp")

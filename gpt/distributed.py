@@ -43,6 +43,16 @@ def init(device: str) -> tuple[World, str]:
     return world, device
 
 
+def has_fsdp2() -> bool:
+    """Whether this torch has FSDP2 where wrap() takes it: public from torch 2.6 (earlier,
+    under a private module), while the rest of this project runs on torch 2.4."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def wrap(model: nn.Module, world: World, device: str, fsdp: bool) -> nn.Module:
     """DDP or FSDP2 around the model; the plain model when not distributed."""
     if fsdp:

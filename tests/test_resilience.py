@@ -20,6 +20,8 @@ from gpt import GPTConfig, checkpoint, distributed
 from gpt.model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# FSDP2 (fully_shard) is public from torch 2.6; the rest runs on torch 2.4 too.
+needs_fsdp2 = pytest.mark.skipif(not distributed.has_fsdp2(), reason="FSDP2 needs torch 2.6 or newer")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
         "--eval-iters", "2", "--log-interval", "1", "--device", "cpu", "--kernels", "torch"]
 
@@ -200,6 +202,8 @@ def test_a_damaged_archive_names_the_file(tmp_path, member, data):
     with zipfile.ZipFile(tmp_path / "good.pt") as good, zipfile.ZipFile(path, "w") as damaged:
         for info in good.infolist():
             damaged.writestr(info, data if info.filename.endswith("/" + member) else good.read(info))
+        if not any(info.filename.endswith("/" + member) for info in good.infolist()):
+            pytest.skip(f"this torch writes no {member}")  # torch 2.4 writes no .storage_alignment
     with pytest.raises(checkpoint.CheckpointError, match=f"{path} is truncated or not a tritongpt checkpoint"):
         checkpoint.load(path)
 
@@ -469,6 +473,7 @@ def test_torchrun_failure_on_rank_0_is_one_line_on_every_rank(tmp_path, corpus):
     assert "error: data path" in proc.stderr and "error on rank 1: " in proc.stderr
 
 
+@needs_fsdp2
 def test_torchrun_fsdp2_matches_one_process_and_resumes_anywhere(tmp_path, corpus):
     common = ["--max-steps", "4", "--eval-interval", "4", "--warmup", "1"]
     single = run_train(tmp_path, corpus, "single", *common, "--grad-accum", "2")
@@ -566,6 +571,7 @@ def test_torchrun_other_ranks_wait_out_a_long_tokenization(tmp_path, corpus):
     assert checkpoint.load(tmp_path / "out")["step"] == 2
 
 
+@needs_fsdp2
 def test_torchrun_helpers_give_every_rank_the_same_answer(tmp_path):
     """gpt.distributed's helpers on 2 ranks, each with its own value: a flag raised on rank 1
     alone is seen by both, the max and the mean are over both ranks, rank 0's value is the one
@@ -1046,6 +1052,10 @@ def test_resumed_optimizer_steps_are_where_this_optimizer_keeps_them(saved_fused
     AdamW (one process, DDP) and the reverse: load_state_dict places the counts by the saved
     groups' fused flag, so a fused optimizer must find them on its parameters' device (on CUDA,
     `_fused_adamw_` refuses CPU ones), a foreach one on the CPU. The meta device stands in for a GPU."""
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.empty(1, device="meta"))], fused=True)
+    except RuntimeError:
+        pytest.skip("this torch's fused AdamW refuses the meta device")  # torch 2.4
     config = train.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch")
     args = train.parse_args(["--device", "cpu"])
     source = GPT(config)
@@ -1063,6 +1073,7 @@ def test_resumed_optimizer_steps_are_where_this_optimizer_keeps_them(saved_fused
             assert optimizer.state[p]["step"].device == (p.device if fused else torch.device("cpu"))
 
 
+@needs_fsdp2
 def test_torchrun_fsdp_resumes_a_checkpoint_saved_before_any_update(tmp_path, corpus, monkeypatch):
     """Stopped before its first update (the first step non-finite and Ctrl-C during it; under fp16,
     the GradScaler skipping the first steps), a run saves no optimizer state. FSDP's loader makes

@@ -12,7 +12,7 @@ import torch
 
 import sample
 import train
-from gpt import GPT, GPTConfig, checkpoint
+from gpt import GPT, GPTConfig, checkpoint, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
@@ -331,7 +331,8 @@ def test_a_residual_row_past_the_layer_norm_kernel_is_refused():
         (["--data", ""], "--data is empty"),
         (["--lr", "nan"], "--lr must be positive"),
         (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
-        (["--fsdp"], "launch with torchrun"),
+        pytest.param(["--fsdp"], "launch with torchrun",
+                     marks=pytest.mark.skipif(not distributed.has_fsdp2(), reason="FSDP2 needs torch 2.6 or newer")),
         (["--out-dir", "FILE"], "is a file, not a folder"),
         pytest.param(["--kernels", "triton"], "--kernels triton needs a CUDA GPU, and the device is cpu",
                      marks=pytest.mark.triton),
@@ -363,6 +364,19 @@ def test_train_flag_errors_are_one_line(tmp_path, corpus, capsys, monkeypatch, e
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and phrase in err[0], err
+
+
+def test_fsdp_without_fsdp2_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    """torch 2.4 and 2.5 run everything but --fsdp: FSDP2's fully_shard is public from 2.6."""
+    major, minor = (int(n) for n in torch.__version__.split(".")[:2])
+    assert distributed.has_fsdp2() == ((major, minor) >= (2, 6))
+    monkeypatch.setattr(distributed, "has_fsdp2", lambda: False)
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: the version is what is refused
+    args = ["--data", corpus, "--out-dir", str(tmp_path / "o"), *TINY, "--max-steps", "1", "--fsdp"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.6 or newer) and this is "
+                   f"torch {torch.__version__}; upgrade torch, or drop --fsdp for DDP"]
 
 
 def test_resume_keeps_the_checkpoints_tokenizer(tmp_path, corpus, capsys):
