@@ -22,9 +22,11 @@ class Metrics:
             self.warn(f"warning: could not write {what} ({reason}); training goes on, checkpoints are saved apart")
 
     def _rows(self) -> list[dict]:
-        """The rows that parse: a damaged line (the NUL-filled tail a power loss can leave) is dropped."""
+        """The rows that parse: a damaged line (the NUL-filled tail a power loss can leave) is dropped.
+        Each NUL is read as U+FFFD, which no number parses through: Python 3.10's csv module
+        refuses a NUL ("line contains NUL"), 3.11's keeps it in the field."""
         with open(self.path, newline="") as f:
-            return [r for r in csv.DictReader(f) if _parses(r)]
+            return [r for r in csv.DictReader(line.replace("\0", "\ufffd") for line in f) if _parses(r)]
 
     def append(self, **row) -> None:
         new = not os.path.exists(self.path)

@@ -1308,6 +1308,31 @@ def test_truncating_a_metrics_log_that_is_not_there_writes_and_warns_nothing(tmp
     assert warnings == [] and not (tmp_path / "metrics.csv").exists()
 
 
+def test_a_nul_tail_in_the_metrics_log_is_dropped_under_python_3_10s_csv(tmp_path, monkeypatch):
+    """Python 3.10's csv reader raises "line contains NUL" where 3.11's keeps the NUL in the
+    field: the log's reader must drop the damaged rows either way, not warn and keep them
+    (found under Python 3.10, make torch-floor PYTHON=python3.10)."""
+    from gpt import metrics
+
+    reader = csv.DictReader
+
+    def reader_of_3_10(lines, *args, **kwargs):
+        lines = list(lines)
+        if any("\0" in line for line in lines):
+            raise csv.Error("line contains NUL")
+        return reader(lines, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.csv, "DictReader", reader_of_3_10)
+    warnings = []
+    log = metrics.Metrics(str(tmp_path), warn=warnings.append)
+    log.append(step=1, train_loss=3.0)
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("2,2.9\x00\x00\n\x00\x00\x00\n")
+    log.truncate_after(5)
+    assert warnings == []
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["1,3.0,,,,,"]
+
+
 def test_a_damaged_val_loss_or_an_overlong_line_in_the_metrics_log_does_not_stop_training(tmp_path):
     """A row whose val_loss does not parse is dropped like one whose train_loss does not, and a
     NUL tail longer than the csv module's field limit is a warning, not a traceback, in both
