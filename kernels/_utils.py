@@ -118,6 +118,13 @@ def device_capability(index: int = 0) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (the launchers size persistent and
+    split grids by it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def is_hopper(t: Tensor) -> bool:
     return t.is_cuda and device_capability(t.device.index or 0)[0] == 9
 

@@ -26,7 +26,6 @@ lengths grow in place.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -34,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._utils import HEAD_DIMS, cdiv, check_inputs, interpreting, next_power_of_2, on_input_device
+from kernels._utils import HEAD_DIMS, cdiv, check_inputs, interpreting, next_power_of_2, on_input_device, sm_count
 
 MAX_SPLITS = 64
 # K and V tiles in flight per program (shared memory: 2 x BLOCK_N x D x 2 bytes = 16 KiB a stage).
@@ -160,11 +159,6 @@ def _counters(device: torch.device, n: int) -> Tensor:
     return kept[-1]
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, chunk, NUM_SPLITS, num_warps) from the shapes and the SM count only.
 
@@ -180,7 +174,7 @@ def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int
         block_n, target_splits, num_warps = 16, 2, 1
     else:
         block_n = max(16, min(128, 4096 // D))
-        programs = 4 * _sm_count(device.index)
+        programs = 4 * sm_count(device.index)
         target_splits, num_warps = cdiv(programs, B * H), 4
     n_tiles = cdiv(S, block_n)
     splits = max(1, min(target_splits, n_tiles, MAX_SPLITS))

@@ -43,7 +43,6 @@ times both; saving is the default (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -53,7 +52,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import (
-    cdiv, check_inputs, device_capability, interpreting, on_input_device, refuse_double_backward,
+    cdiv, check_inputs, device_capability, interpreting, on_input_device, refuse_double_backward, sm_count,
     with_device_scratch,
 )
 
@@ -483,11 +482,6 @@ def _specialised(t: _Tiles, epilogue: int, col_sums: bool) -> _Tiles:
     return t
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _matmul(
     a: Tensor,
     b: Tensor,
@@ -524,7 +518,7 @@ def _matmul(
         **({} if t.max_registers is None else {"maxnreg": t.max_registers}),
     )
     # Programs the TMA kernel keeps resident (two stand for the SMs when interpreting).
-    slots = max(t.persistent, 1) * (_sm_count(a.device.index or 0) if a.is_cuda else 2)
+    slots = max(t.persistent, 1) * (sm_count(a.device.index or 0) if a.is_cuda else 2)
     views = _tma_views(a, b) if t.tma else None
     whole, splits = tiles, 1  # tiles [0, whole) take all of K, the others are cut into `splits` slices
     if t.split_k and epilogue == _NONE and bias is None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kernels._utils import (
     LAYER_NORM_MAX_ROW_BYTES, cdiv, check_inputs, interpreting, is_hopper, next_power_of_2, on_input_device,
-    refuse_double_backward,
+    refuse_double_backward, sm_count,
 )
 
 
@@ -274,11 +274,6 @@ def _programs_per_sm(num_warps: int) -> int:
     return max(1, 16 // num_warps)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _check(op: str, reference: str, weight: Tensor, bias: Tensor | None, **acts: Tensor) -> None:
     """ValueError for anything the kernels do not take; `acts` are x (and residual).
 
@@ -355,7 +350,7 @@ def _layer_norm_fwd(
         cfg = cfg._replace(fwd_stages=0)  # two programs' stages fit only Hopper's shared memory
     programs = cdiv(M, cfg.fwd_block_m)
     if cfg.fwd_stages:
-        slots = _sm_count(x2.device.index or 0) * cfg.fwd_programs_per_sm if x2.is_cuda else _INTERPRET_PROGRAMS
+        slots = sm_count(x2.device.index or 0) * cfg.fwd_programs_per_sm if x2.is_cuda else _INTERPRET_PROGRAMS
         programs = min(programs, slots)
     if M > 0:
         _layer_norm_fwd_kernel[(programs,)](
@@ -392,7 +387,7 @@ def _layer_norm_bwd(
     else:
         # Enough programs to fill every SM, few enough that the partial rows stay a small
         # share of the traffic.
-        programs = _sm_count(x2.device.index or 0) * _programs_per_sm(cfg.bwd_warps)
+        programs = sm_count(x2.device.index or 0) * _programs_per_sm(cfg.bwd_warps)
     # Whole tiles per program, so that only the last tile of the last chunk is ragged.
     rows_per_program = max(1, cdiv(tiles, min(tiles, programs))) * cfg.bwd_block_m
     P = cdiv(M, rows_per_program)  # every program gets rows

@@ -151,7 +151,7 @@ def decode_attention(after: bool) -> None:
     assert torch.isfinite(out).all()
     # The GPU's splits and tiles (132 SMs): 64-key tiles at D = 64, a split a tile.
     module = sys.modules["kernels.decode_attention"]
-    with _patched(module, dict(interpreting=lambda: False, _sm_count=lambda index: 132)):
+    with _patched(module, dict(interpreting=lambda: False, sm_count=lambda index: 132)):
         B, H, S, D = 2, 2, 300, 64
         q = guarded(torch.randn(B, H, D), after)
         k_cache, v_cache = (guarded(torch.randn(B, H, S, D), after) for _ in range(2))

@@ -8,7 +8,6 @@ shapes are tiny but put lengths on every edge: 1, the full cache, just past a ti
 split boundary, and several different lengths in one batch.
 """
 import importlib
-import math
 
 import pytest
 import torch
@@ -236,7 +235,7 @@ def test_empty_batch(device, monkeypatch):
     # The GPU's settings share the programs among the B * H pairs: with none, nothing is sized.
     module = importlib.import_module("kernels.decode_attention")
     monkeypatch.setattr(module, "interpreting", lambda: False)
-    monkeypatch.setattr(module, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(module, "sm_count", lambda index: 132)
     assert decode_attention(q, k, v, lens.long()).shape == (0, 2, 16)
 
 
@@ -250,7 +249,7 @@ def test_gpu_split_counts_in_interpreter(monkeypatch, device):
         pytest.skip("the GPU runs its own settings in the other tests")
     module = importlib.import_module("kernels.decode_attention")
     monkeypatch.setattr(module, "interpreting", lambda: False)
-    monkeypatch.setattr(module, "_sm_count", lambda index: 4)  # 16 programs over B * H = 6: 3 splits
+    monkeypatch.setattr(module, "sm_count", lambda index: 4)  # 16 programs over B * H = 6: 3 splits
     B, H, S, D = 2, 3, 90, 128  # 32-key tiles at D = 128: a tile a split
     assert module._settings(B, H, S, D, torch.device(device))[1:3] == (32, 3)
     torch.manual_seed(10)

@@ -569,7 +569,7 @@ def test_split_plans_gpu(tail_split, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(4096, 768, device="cuda").bfloat16()
     _check(x, lambda t: t, _weights(768, 3072, torch.bfloat16, "cuda"), torch.bfloat16, 1e-2, 1e-2)
-    if ffn_module._sm_count(torch.cuda.current_device()) == 132:  # H100 SXM, H200
+    if ffn_module.sm_count(torch.cuda.current_device()) == 132:  # H100 SXM, H200
         # dWproj and dWfc (144 tiles each, 64 K steps), then dx (96 tiles of 128 x 256: one round).
         whole = 132 if tail_split else 0
         assert plans == [(whole, 4), (whole, 4), (96, 1)]

@@ -183,7 +183,7 @@ def test_many_partial_rows(monkeypatch, device):
     x = torch.randn(M, N, device=device)
     w, b = _params(N, torch.float32, device)
     if device == "cuda":  # as many programs on a GPU, whatever its SM count
-        monkeypatch.setattr(module, "_sm_count", lambda index: 66 // module._programs_per_sm(module._settings(N, 4).bwd_warps))
+        monkeypatch.setattr(module, "sm_count", lambda index: 66 // module._programs_per_sm(module._settings(N, 4).bwd_warps))
     _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-5, 1e-5)
 
 
@@ -197,7 +197,7 @@ def test_persistent_forward(N, dtype, residual, monkeypatch, device):
     original = module._settings
     monkeypatch.setattr(module, "_settings", lambda n, e: original(n, e)._replace(fwd_stages=2, fwd_programs_per_sm=1))
     if device == "cuda":
-        monkeypatch.setattr(module, "_sm_count", lambda index: module._INTERPRET_PROGRAMS)
+        monkeypatch.setattr(module, "sm_count", lambda index: module._INTERPRET_PROGRAMS)
     torch.manual_seed(0)
     M = 9 * original(N, torch.tensor([], dtype=dtype).element_size()).fwd_block_m + 1
     x, r = (torch.randn(M, N, device=device).to(dtype) for _ in range(2))
