@@ -25,6 +25,11 @@ Dropout (training): each kernel redraws the keep mask from Philox at the score's
 (_dropout_keep, one call for 8 scores), so it is never stored; O is P∘mask V / (1 - p), and
 delta = rowsum(dO O) stays the softmax's correction term as in FlashAttention-2.
 
+Grouped-query attention (enable_gqa, as SDPA's flag): k and v have H / GROUP heads and
+query head h reads head h // GROUP. The forward and dQ only index K and V by it; each dK/dV
+program walks the query tiles of its group's heads in one loop (GROUP = 1 folds away), or
+of a part of the group where whole groups would leave SMs idle (_group_splits).
+
 On Hopper, TMA descriptors can move the tiles each kernel loops over (_Launch.tma, timed
 by bench_attention --sweep; the default only for the D = 128 dQ).
 """
@@ -41,7 +46,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels._utils import (
-    HEAD_DIMS, cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward,
+    HEAD_DIMS, cdiv, check_inputs, device_capability, on_input_device, refuse_double_backward, sm_count,
 )
 
 
@@ -181,18 +186,22 @@ def _attn_fwd_kernel(
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head). TMA: Q, K and V are (B, H, T, D)
     tensor descriptors, tiles moved by the TMA engine (no per-thread addresses; zero fill
-    past T), else pointers with the given strides."""
+    past T), else pointers with the given strides. GROUP query heads share a key/value head
+    (grouped-query attention; 1 for multi-head): head h reads K and V at head h // GROUP."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         # The last query tiles see the most keys: launch them first so that the short
         # ones fill the tail of the schedule (FlashAttention-2 does the same).
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    pid_hk = pid_h // GROUP
     b = pid_b.to(tl.int64)
     h = pid_h.to(tl.int64)
+    hk = pid_hk.to(tl.int64)
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * Tq
 
@@ -204,8 +213,8 @@ def _attn_fwd_kernel(
         q = Q.load([pid_b, pid_h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
     else:
         Q += b * stride_qb + h * stride_qh
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
+        K += b * stride_kb + hk * stride_kh
+        V += b * stride_vb + hk * stride_vh
         q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -223,12 +232,12 @@ def _attn_fwd_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk, offset,
         qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk, offset,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk, offset,
         qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
@@ -271,7 +280,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA,
-    stride_qt, stride_dot, b, h, bh,
+    stride_qh, stride_qt, stride_doh, stride_dot, b, h, bh,
     start_n, offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -280,39 +289,54 @@ def _attn_bwd_dkdv_inner(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """Adds the query tiles [lo, hi) to one key tile's dK (unscaled) and dV.
+    """Adds the query tiles [lo, hi) of query heads h, h + 1, ..., h + GROUP - 1 to one
+    key tile's dK (unscaled) and dV.
 
     Works on transposed scores (keys x queries) so that P^T and dS^T feed the matmuls
     directly. Query rows past Tq load zeros and a log-sum-exp of +inf: P = 0 there, so
     they add nothing; MASK applies the causal mask. TMA: Q and DO are (B, H, T, D)
-    descriptors read at head (b, h), else pointers already at the head. DROPOUT: dV takes
-    the kept probabilities, dP the kept entries scaled by 1 / (1 - dropout_p) (the caller
-    scales dV by it).
+    descriptors read at head (b, h), else pointers already at the head, as are LSE and
+    DELTA (bh: the head's b * H + h). DROPOUT: dV takes the kept probabilities, dP the
+    kept entries scaled by 1 / (1 - dropout_p) (the caller scales dV by it).
+    The group's heads run as one loop over (head, query tile), which the compiler
+    pipelines as it does one head's (a loop per head, nested, cost the D = 128 tiles
+    35-40 registers and spilled).
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    span = tl.cdiv(hi - lo, BLOCK_M) * BLOCK_M  # one head's tiles
+    for step in range(lo, lo + GROUP * span if GROUP > 1 else hi, BLOCK_M):
+        if GROUP > 1:
+            g = (step - lo) // span
+            start_m = step - g * span
+            Qg, DOg, LSEg, DELTAg, hg, bhg = Q, DO, LSE + g * Tq, DELTA + g * Tq, h + g, bh + g
+            if not TMA:
+                Qg, DOg = Q + g * stride_qh, DO + g * stride_doh
+        else:
+            start_m = step
+            Qg, DOg, LSEg, DELTAg, hg, bhg = Q, DO, LSE, DELTA, h, bh
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
         rows = offs_m.to(tl.int64)[:, None]
         if TMA:
-            q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+            q = Qg.load([b, hg, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
-            q = tl.load(Q + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+            q = tl.load(Qg + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(LSEg + offs_m, mask=m_ok, other=float("inf"))
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASK:
             pT = tl.where(offs_m[None, :] + offset >= offs_n[:, None], pT, 0.0)
         if TMA:
-            do = DO.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+            do = DOg.load([b, hg, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
-            do = tl.load(DO + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            do = tl.load(DOg + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         if DROPOUT:
-            keepT = _dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M, BLOCK_N, TRANSPOSED=True)
+            keepT = _dropout_keep(seed, dropout_p, bhg, start_m, start_n, BLOCK_M, BLOCK_N, TRANSPOSED=True)
             dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTAg + offs_m, mask=m_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
@@ -339,22 +363,33 @@ def _attn_bwd_dkdv_kernel(
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GROUP: tl.constexpr,
+    KV_SPLITS: tl.constexpr,
 ):
-    """One BLOCK_N tile of keys of one (batch, head) against the queries that see it.
-    TMA: Q and DO (the tiles of the loop) are (B, H, T, D) descriptors."""
+    """One BLOCK_N tile of keys of one (batch, key/value head) against the queries that
+    see it, in each of the GROUP query heads that share the head (GROUP is 1 for
+    multi-head attention). dK and dV sum over the group in registers: no atomics.
+    With KV_SPLITS > 1 the heads of a key/value head's group are split over KV_SPLITS
+    programs (H counts these parts; part p reads K and V at head p // KV_SPLITS) and DK,
+    DV are fp32 (B, H, Tk, D) partial sums, summed by the launcher.
+    TMA: Q and DO (the tiles of the loop) are (B, H * GROUP, T, D) descriptors."""
     # Programs in launch order hold keys 0, BLOCK_N, ...: under a causal mask the first
     # ones see the most queries, which already puts the long programs first.
     pid_n = tl.program_id(0)
-    pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    pid_b, pid_part, bpart = _batch_head(H, SPLIT_GRID)
     b = pid_b.to(tl.int64)
+    part = pid_part.to(tl.int64)
+    hk = (pid_part // KV_SPLITS).to(tl.int64)
+    pid_h = pid_part * GROUP  # the first query head of this program's part of the group
+    bh = bpart * GROUP
     h = pid_h.to(tl.int64)
     if not TMA:
         Q += b * stride_qb + h * stride_qh
         DO += b * stride_dob + h * stride_doh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DK += b * stride_dkb + part * stride_dkh
+    DV += b * stride_dvb + part * stride_dvh
     LSE += bh.to(tl.int64) * Tq
     DELTA += bh.to(tl.int64) * Tq
 
@@ -379,17 +414,19 @@ def _attn_bwd_dkdv_kernel(
         full = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
             start_n, offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            GROUP=GROUP,
         )
     else:
         offset = 0
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, pid_b, pid_h, bh,
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
         start_n, offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        GROUP=GROUP,
     )
 
     if DROPOUT:
@@ -464,19 +501,23 @@ def _attn_bwd_dq_kernel(
     TMA: tl.constexpr,
     SPLIT_GRID: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """One BLOCK_M tile of queries of one (batch, head) against the keys it sees.
-    TMA: K and V (the tiles of the loop) are (B, H, T, D) descriptors."""
+    """One BLOCK_M tile of queries of one (batch, head) against the keys it sees (at
+    key/value head h // GROUP). TMA: K and V (the tiles of the loop) are (B, H // GROUP,
+    T, D) descriptors."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
     pid_b, pid_h, bh = _batch_head(H, SPLIT_GRID)
+    pid_hk = pid_h // GROUP
     b = pid_b.to(tl.int64)
     h = pid_h.to(tl.int64)
+    hk = pid_hk.to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     if not TMA:
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
+        K += b * stride_kb + hk * stride_kh
+        V += b * stride_vb + hk * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
     LSE += bh.to(tl.int64) * Tq
@@ -502,12 +543,12 @@ def _attn_bwd_dq_kernel(
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk,
         offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_h, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk,
         offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
         PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
     )
@@ -581,14 +622,21 @@ _FP32 = _Settings(_Launch(32, 32, 8, 2), _Launch(16, 32, 8, 2), _Launch(32, 32, 
 _INTERPRETER = _Settings(_Launch(32, 16, 4, 1), _Launch(16, 32, 4, 1), _Launch(32, 16, 4, 1))
 
 
-def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dropout: bool = False) -> _Settings:
-    """Tiles and launch parameters for one call; capability (0, 0) means the interpreter."""
+def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dropout: bool = False,
+              grouped: bool = False) -> _Settings:
+    """Tiles and launch parameters for one call; capability (0, 0) means the interpreter.
+    grouped: grouped-query attention (k and v with fewer heads than q)."""
     if capability == (0, 0):
         settings = _INTERPRETER
     elif dtype == torch.float32:
         settings = _FP32
     else:
         settings = _CONFIGS[(9 if capability[0] == 9 else 8, head_dim)]
+        if grouped and capability[0] != 9:
+            # dK/dV's loop over (head, query tile) near sm8x's 255-register ceiling spills on
+            # the table's 32 queries a step (tests/codegen.py: 8 bytes at D = 128 under
+            # Triton 3.7, 4 at D = 32 under 3.6): 16, as dropout takes there.
+            settings = settings._replace(dkdv=settings.dkdv._replace(BLOCK_M=16))
     return _dropout_settings(settings, head_dim, capability[0] == 9) if dropout else settings
 
 
@@ -627,11 +675,29 @@ def _dropout_step(dropout_p: float) -> float:
     return min(round(dropout_p * 65536), 65535) / 65536
 
 
+def _dkdv_slots(device: torch.device) -> int:
+    """dK/dV programs that keep a GPU busy: two an SM (0 in the interpreter, whose programs
+    run one at a time)."""
+    return 2 * sm_count(device.index or 0) if device.type == "cuda" else 0
+
+
+def _group_splits(group: int, programs: int, slots: int) -> int:
+    """Parts to split each group of query heads into for dK/dV: 1 (a program walks the whole
+    group) unless that leaves fewer programs than slots -- multi-query attention at a small
+    batch: 16 query heads on one key/value head, B * T = 16384, T = 16384, makes 128
+    programs of 16 heads each, where multi-head attention makes 2048. Then the fewest parts
+    (a divisor of the group) that fill the slots, each summing into fp32 slices of dK and dV
+    that are added after (FlashAttention-2 writes one per query head). Untimed."""
+    if group == 1 or programs >= slots:
+        return 1
+    return next((s for s in range(2, group) if group % s == 0 and programs * s >= slots), group)
+
+
 def _grid(tiles: int, B: int, H: int) -> tuple[int, ...]:
     return (tiles, H, B) if B * H > _MAX_GRID_AXIS else (tiles, B * H)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int, enable_gqa: bool) -> None:
     check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
@@ -642,10 +708,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed
             raise ValueError(f"{_OP}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"{_OP}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"{_OP}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
-        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{_OP}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+    Hq, Hk = q.shape[1], k.shape[1]
+    if Hq != Hk and not enable_gqa:
+        raise ValueError(f"{_OP}: q has {Hq} heads and k {Hk}; they must agree, or pass enable_gqa=True "
+                         f"(grouped-query attention, as in SDPA)")
+    if Hq != Hk and (Hk == 0 or Hq % Hk):
+        raise ValueError(f"{_OP}: grouped-query attention needs q's heads ({Hq}) to be a multiple of k's ({Hk})")
     D, Tq, Tk = q.shape[3], q.shape[2], k.shape[2]
     if D not in HEAD_DIMS:
         raise ValueError(
@@ -694,9 +764,10 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
 
 
 @on_input_device
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int):
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int,
+                   enable_gqa: bool):
     """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
-    _check(q, k, v, causal, dropout_p, seed)
+    _check(q, k, v, causal, dropout_p, seed, enable_gqa)
     dropout_p = _dropout_step(dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -708,7 +779,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse, q, k, v, scale
-    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0).fwd
+    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != k.shape[1]).fwd
     grid = _grid(cdiv(Tq, cfg.BLOCK_M), B, H)
     split = len(grid) == 3
     descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
@@ -718,7 +789,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, Tq, Tk, scale * _LOG2E, seed, dropout_p,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0, SPLIT_GRID=split,
-        PRECISION=_precision(q.dtype), TMA=tma, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps,
+        PRECISION=_precision(q.dtype), TMA=tma, DROPOUT=dropout_p > 0, GROUP=H // k.shape[1], num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
@@ -731,7 +802,7 @@ def _attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v."""
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    Hk, Tk = k.shape[1], k.shape[2]
     do = _unit_stride(do.to(o.dtype))
     dropout_p = _dropout_step(dropout_p)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -739,7 +810,7 @@ def _attention_bwd(
         return dq, dk, dv
     if q.numel() == 0:  # no queries: nothing flows back to the keys
         return dq, dk.zero_(), dv.zero_()
-    settings = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0)
+    settings = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != Hk)
     precision = _precision(q.dtype)
     split = B * H > _MAX_GRID_AXIS
     delta = torch.empty_like(lse)
@@ -750,13 +821,23 @@ def _attention_bwd(
     )
     cfg = settings.dkdv
     q_tiles, do_tiles = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (do, cfg.BLOCK_M))
-    _attn_bwd_dkdv_kernel[_grid(cdiv(Tk, cfg.BLOCK_N), B, H)](
-        q_tiles or q, k, v, do_tiles or do, dk, dv, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
-        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
-        TMA=q_tiles is not None, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    tiles = cdiv(Tk, cfg.BLOCK_N)
+    splits = _group_splits(H // Hk, tiles * B * Hk, _dkdv_slots(q.device))
+    # A program per key tile of a key/value head, or of a part of its group of query heads.
+    grid = _grid(tiles, B, Hk * splits)
+    dk_out, dv_out = (dk, dv) if splits == 1 else (
+        torch.empty((B, Hk * splits, Tk, D), dtype=torch.float32, device=q.device) for _ in range(2))
+    _attn_bwd_dkdv_kernel[grid](
+        q_tiles or q, k, v, do_tiles or do, dk_out, dv_out, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_out), *_strides(dv_out),
+        Hk * splits, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
+        HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
+        SPLIT_GRID=len(grid) == 3, TMA=q_tiles is not None, DROPOUT=dropout_p > 0, GROUP=H // Hk // splits,
+        KV_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:  # the parts' fp32 sums, rounded once
+        dk.copy_(dk_out.unflatten(1, (Hk, splits)).sum(2))
+        dv.copy_(dv_out.unflatten(1, (Hk, splits)).sum(2))
     cfg = settings.dq
     k_tiles, v_tiles = _descriptors(cfg.tma, (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
     _attn_bwd_dq_kernel[_grid(cdiv(Tq, cfg.BLOCK_M), B, H)](
@@ -764,7 +845,8 @@ def _attention_bwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
-        TMA=k_tiles is not None, DROPOUT=dropout_p > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=k_tiles is not None, DROPOUT=dropout_p > 0, GROUP=H // Hk, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 
@@ -772,10 +854,11 @@ def _attention_bwd(
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
+        ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None,
+        enable_gqa: bool,
     ) -> Tensor:
         seed = _seed(seed, dropout_p)
-        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
+        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
         return o
@@ -785,7 +868,7 @@ class AttentionFunction(torch.autograd.Function):
         refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # Eager calls go through torch.compiler.disable: where Dynamo runs the public function's
@@ -812,17 +895,19 @@ def _seed(seed: int | None, dropout_p: float) -> int:
 # in a CUDA graph (mode="reduce-overhead"), the forward would repeat the first step's
 # mask, the backward redraw the first step's, so Inductor leaves them out of its graphs.
 def _attention_impl(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None,
+    enable_gqa: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     seed = _seed(seed, dropout_p)
-    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed)
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa)
     return o, lse, torch.tensor(seed) if dropout_p else _no_seed(q)
 
 
 def _attention_dropout_impl(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: Tensor
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: Tensor,
+    enable_gqa: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, int(seed))
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, int(seed), enable_gqa)
     return o, lse, seed.clone()  # an op's output may not alias its input
 
 
@@ -837,7 +922,7 @@ def _dropout_seed_fake(cpu: Tensor) -> Tensor:
 
 
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float,
-                    seed: int | None) -> tuple[Tensor, Tensor, Tensor]:
+                    seed: int | None, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     seed = torch.empty((), dtype=torch.int64) if dropout_p else _no_seed(q)
@@ -862,7 +947,7 @@ def _attention_backward_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
 
 
 def _attention_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, causal, scale, dropout_p, _ = inputs
+    q, k, v, causal, scale, dropout_p, _, _ = inputs
     o, lse, seed = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
     ctx.causal, ctx.dropout_p = causal, dropout_p
@@ -873,7 +958,7 @@ def _attention_backward(ctx, do: Tensor, _dlse: Tensor, _dseed: Tensor) -> tuple
     q, k, v, o, lse, seed = ctx.saved_tensors
     op = _attention_dropout_backward_op if ctx.dropout_p else _attention_backward_op
     dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 def _custom_op(name: str, impl, fake, unsafe_in_cuda_graphs: bool = False, tags: tuple = ()) -> torch.library.CustomOpDef:
@@ -900,12 +985,12 @@ _attention_dropout_op.register_autograd(_attention_backward, setup_context=_atte
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
-    dropout_p: float = 0.0, seed: int | None = None,
+    dropout_p: float = 0.0, seed: int | None = None, enable_gqa: bool = False,
 ) -> Tensor:
     """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
 
     Same result as F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-    dropout_p=dropout_p), except that a causal mask with Tq < Tk is aligned to the end
+    dropout_p=dropout_p, enable_gqa=enable_gqa), except that a causal mask with Tq < Tk is aligned to the end
     (query i is position Tk - Tq + i), as kernels.reference.attention; causal needs
     Tq <= Tk. scale defaults to 1/sqrt(D). D must be 16, 32, 64 or 128; any T >= 1.
 
@@ -915,7 +1000,13 @@ def attention(
     torch.manual_seed makes runs repeat). Pass 0.0 outside training, as with SDPA.
 
     fp16 or bf16 on CUDA (fp32 works too, as exact but slow fp32 matmuls); CPU tensors only
-    under TRITON_INTERPRET=1. Inputs may be strided views (the model passes slices of one
+    under TRITON_INTERPRET=1.
+
+    enable_gqa: grouped-query (or multi-query) attention, as SDPA's flag: k and v have
+    H // G heads, each shared by G consecutive query heads (query head h reads key/value
+    head h // G), with no copy of k and v; dk and dv sum over each group's query heads.
+
+    Inputs may be strided views (the model passes slices of one
     fused QKV projection): only a non-unit stride in the last dim costs a copy. The output
     is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
     Differentiable in q, k and v.
@@ -924,9 +1015,10 @@ def attention(
         seed = int(seed)  # a numpy integer too; anything else _check refuses
     if torch.compiler.is_compiling():
         scale = None if scale is None else float(scale)  # eager's float(scale): a numpy float, a 0-d tensor
-        _check(q, k, v, causal, dropout_p, 0 if seed is None else seed)  # eager's ValueError, while tracing
+        # eager's ValueError, while tracing
+        _check(q, k, v, causal, dropout_p, 0 if seed is None else seed, bool(enable_gqa))
         if not dropout_p:
-            return _attention_op(q, k, v, bool(causal), scale, 0.0, seed)[0]
+            return _attention_op(q, k, v, bool(causal), scale, 0.0, seed, bool(enable_gqa))[0]
         drawn = _dropout_seed_op(torch.empty(0, dtype=torch.int64)) if seed is None else torch.tensor(seed)
-        return _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn)[0]
-    return _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed)
+        return _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn, bool(enable_gqa))[0]
+    return _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed, bool(enable_gqa))

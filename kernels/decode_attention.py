@@ -55,7 +55,11 @@ def _decode_attention_kernel(
     HAS_NEW: tl.constexpr,
     STAGES: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
+    """Split `program_id(1)` of query head (b, h) = divmod(program_id(0), H); the head reads
+    the caches (and K_NEW, V_NEW) at key/value head h // GROUP (grouped-query attention;
+    GROUP = 1 for multi-head)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -73,20 +77,21 @@ def _decode_attention_kernel(
 
     b = b.to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // GROUP
     # int64: q, the caches and the new key and value take any strides, and d times a head-dim
     # stride passes 2^31 where D is the outer dim of a tensor of 2^31 elements or more.
     d64 = offs_d.to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + d64 * stride_qd).to(tl.float32)
     q = q * qk_scale  # scores come out in log2 units, ready for exp2
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     if HAS_NEW:
         # This step's key and value belong at position seq_len - 1: the tiles below use the
         # register copy in place of that row, and the split that covers it stores it after
         # its loop (a store before the loads would race with them across threads).
         pos = seq_len - 1
-        k_new = tl.load(K_NEW + b * stride_knb + h * stride_knh + d64 * stride_knd).to(K.dtype.element_ty)
-        v_new = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + d64 * stride_vnd).to(V.dtype.element_ty)
+        k_new = tl.load(K_NEW + b * stride_knb + hk * stride_knh + d64 * stride_knd).to(K.dtype.element_ty)
+        v_new = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + d64 * stride_vnd).to(V.dtype.element_ty)
 
     # 0-d fp32 running max and sum; the first tile always holds a valid key (start < end),
     # so m_i is finite after it and alpha = exp2(-inf) = 0 wipes the empty initial state.
@@ -116,7 +121,8 @@ def _decode_attention_kernel(
         m_i = m_new
 
     if HAS_NEW:
-        if (pos >= start) & (pos < end):
+        # One head of a group writes the shared row (the others use the register copy).
+        if (pos >= start) & (pos < end) & (h % GROUP == 0):
             tl.store(K + pos.to(tl.int64) * stride_ks + d64 * stride_kd, k_new)
             tl.store(V + pos.to(tl.int64) * stride_vs + d64 * stride_vd, v_new)
     num_splits = tl.num_programs(1)
@@ -183,22 +189,29 @@ def _settings(B: int, H: int, S: int, D: int, device: torch.device) -> tuple[int
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
-           k_new: Tensor | None, v_new: Tensor | None) -> None:
+           k_new: Tensor | None, v_new: Tensor | None, enable_gqa: bool) -> None:
     op, ref = "decode_attention", "kernels.reference.decode_attention"
     check_inputs(op, ref, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: give both k_new and v_new, or neither")
-    for name, t in (("k_new", k_new), ("v_new", v_new)):
-        if t is not None and t.shape != q.shape:
-            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be (B, H, D), got shape {tuple(q.shape)}")
     B, H, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
+        if t.dim() != 4 or (t.shape[0], t.shape[3]) != (B, D):
             raise ValueError(f"{op}: {name} must be (B, H, S, D) = ({B}, {H}, S, {D}) to match q, got {tuple(t.shape)}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    Hk = k_cache.shape[1]
+    if Hk != H and not enable_gqa:
+        raise ValueError(f"{op}: k_cache must be (B, H, S, D) = ({B}, {H}, S, {D}) to match q, got "
+                         f"{tuple(k_cache.shape)}; or pass enable_gqa=True (grouped-query attention)")
+    if Hk != H and (Hk == 0 or H % Hk):
+        raise ValueError(f"{op}: grouped-query attention needs q's heads ({H}) to be a multiple of the caches' ({Hk})")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is not None and t.shape != (B, Hk, D):
+            raise ValueError(f"{op}: {name} must have shape {(B, Hk, D)} (q's batch and head dim, the caches' "
+                             f"heads), got {tuple(t.shape)}")
     if k_cache.shape[2] == 0:
         raise ValueError(f"{op}: the cache has no positions (S = 0)")
     # Positions are int32 and a split's end runs up to a chunk past S: from 2^31 lengths
@@ -224,9 +237,10 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
 
 @on_input_device
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None,
-                      k_new: Tensor | None, v_new: Tensor | None) -> Tensor:
-    _check(q, k_cache, v_cache, seq_lens, k_new, v_new)
-    B, H, S, D = k_cache.shape
+                      k_new: Tensor | None, v_new: Tensor | None, enable_gqa: bool) -> Tensor:
+    _check(q, k_cache, v_cache, seq_lens, k_new, v_new, enable_gqa)
+    B, H, D = q.shape
+    S = k_cache.shape[2]
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     if B * H == 0:
         return out
@@ -245,7 +259,7 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         H, S, chunk, scale * math.log2(math.e),
         HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=has_new, STAGES=_STAGES, SPLITS_P2=next_power_of_2(splits),
-        num_warps=num_warps,
+        GROUP=H // k_cache.shape[1], num_warps=num_warps,
     )
     return out
 
@@ -253,7 +267,7 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Ten
 @torch.compiler.disable  # see kernels/__init__.py
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None,
-    k_new: Tensor | None = None, v_new: Tensor | None = None,
+    k_new: Tensor | None = None, v_new: Tensor | None = None, enable_gqa: bool = False,
 ) -> Tensor:
     """Attention of one new query per sequence over its cached keys and values.
 
@@ -268,8 +282,13 @@ def decode_attention(
     at position seq_lens[b] - 1 by the kernel itself (saving a scatter per cache) and
     attended to like the rest; a length of 0 writes nothing.
 
+    enable_gqa: grouped-query attention, as SDPA's flag: the caches (and k_new, v_new) may
+    have H // G heads, query head h reading head h // G. Each query head is still a
+    program of its own, which reads its group's cache (from L2 where the group's
+    programs run together, as they are launched side by side).
+
     Forward only (inference), so no autograd. No host synchronisation: with fixed shapes
     the call can be captured in a CUDA graph (call it once before capturing, so Triton
     compiles outside the capture) and replayed after seq_lens is updated in place.
     """
-    return _decode_attention(q, k_cache, v_cache, seq_lens, scale, k_new, v_new)
+    return _decode_attention(q, k_cache, v_cache, seq_lens, scale, k_new, v_new, enable_gqa)

@@ -35,13 +35,18 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tenso
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
 
     dropout_p: the chance that each attention probability is zeroed (the rest scaled by
-    1 / (1 - dropout_p)), drawn from torch's generator.
+    1 / (1 - dropout_p)), drawn from torch's generator. enable_gqa: k and v may have
+    H // G heads, query head h reading head h // G (SDPA's flag, which torch 2.4 lacks).
     """
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     t_q, t_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not causal:
@@ -70,14 +75,15 @@ def ffn(
 
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None,
-    k_new: Tensor | None = None, v_new: Tensor | None = None,
+    k_new: Tensor | None = None, v_new: Tensor | None = None, enable_gqa: bool = False,
 ) -> Tensor:
     """One query per sequence against its KV cache; q (B, H, D), k/v_cache (B, H, S, D) -> (B, H, D).
 
     seq_lens (B,), integer, on q's device: sequence b attends to cache positions
     [0, seq_lens[b]) (its new token included). A length of 0 gives NaN. k_new, v_new
     (B, H, D), if given, are first written into the caches at position seq_lens[b] - 1
-    (nowhere for a length of 0, as the kernel).
+    (nowhere for a length of 0, as the kernel). enable_gqa: the caches and k_new, v_new
+    may have H // G heads, query head h reading head h // G.
     """
     if k_new is not None:
         rows, at = torch.arange(q.shape[0], device=q.device), (seq_lens - 1).clamp(min=0)
@@ -85,6 +91,9 @@ def decode_attention(
         # An index_put, which torch.compile does in place; it copied the whole cache for a scatter_.
         for cache, new in ((k_cache, k_new), (v_cache, v_new)):
             cache[rows, :, at] = torch.where(written, new.to(cache.dtype), cache[rows, :, at])
+    if enable_gqa and q.shape[1] != k_cache.shape[1]:
+        group = q.shape[1] // k_cache.shape[1]
+        k_cache, v_cache = k_cache.repeat_interleave(group, 1), v_cache.repeat_interleave(group, 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
     positions = torch.arange(k_cache.shape[2], device=q.device)

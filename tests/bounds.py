@@ -97,14 +97,18 @@ def ffn(after: bool) -> None:
 
 
 def attention(after: bool) -> None:
-    """Causal with Tq < Tk, full with Tq > Tk, dropout, and q, k, v as views of one fused
-    projection (the model's layout), whose last head of v ends the buffer; then the same
-    on the Hopper and Ampere tables' tiles (fp16, D = 64 and 128)."""
+    """Causal with Tq < Tk, full with Tq > Tk, dropout, grouped-query (4 query heads on 2
+    and on 1 key/value head), and q, k, v as views of one fused projection (the model's
+    layout), whose last head of v ends the buffer; then the same on the Hopper and Ampere
+    tables' tiles (fp16, D = 64 and 128; grouped at 128, sm80's own dK/dV tile); then
+    grouped with each group split over dK/dV programs (fp32 partial sums)."""
     from kernels import attention
 
-    for Tq, Tk, causal, dropout_p in ((19, 37, True, 0.0), (21, 13, False, 0.0), (21, 21, True, 0.25)):
-        q, k, v = (guarded(torch.randn(1, 2, T, 16), after).requires_grad_() for T in (Tq, Tk, Tk))
-        _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3), [q, k, v], after)
+    for Tq, Tk, causal, dropout_p, H, Hk in ((19, 37, True, 0.0, 2, 2), (21, 13, False, 0.0, 2, 2),
+                                             (21, 21, True, 0.25, 2, 2), (19, 37, True, 0.0, 4, 2),
+                                             (21, 21, True, 0.25, 4, 1)):
+        q, k, v = (guarded(torch.randn(1, h, T, 16), after).requires_grad_() for h, T in ((H, Tq), (Hk, Tk), (Hk, Tk)))
+        _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3, enable_gqa=H != Hk), [q, k, v], after)
     module = sys.modules["kernels.attention"]
     for capability in ((9, 0), (8, 0)):  # the GPU tables' tiles (fp16), with and without dropout's own
         with _patched(module, dict(device_capability=lambda index=0, c=capability: c)):
@@ -112,6 +116,11 @@ def attention(after: bool) -> None:
                 for Tq, Tk, causal, dropout_p in ((77, 150, True, 0.0), (150, 100, False, 0.0), (77, 77, True, 0.1)):
                     q, k, v = (guarded(torch.randn(1, 1, T, D).half(), after).requires_grad_() for T in (Tq, Tk, Tk))
                     _backward(attention(q, k, v, causal=causal, dropout_p=dropout_p, seed=3), [q, k, v], after)
+            q, k, v = (guarded(torch.randn(1, h, T, 128).half(), after).requires_grad_() for h, T in ((2, 77), (1, 150), (1, 150)))
+            _backward(attention(q, k, v, enable_gqa=True), [q, k, v], after)
+    with _patched(module, dict(_dkdv_slots=lambda device: 10**6)):  # each group split over programs, fp32 parts
+        q, k, v = (guarded(torch.randn(1, h, T, 16), after).requires_grad_() for h, T in ((4, 19), (2, 37), (2, 37)))
+        _backward(attention(q, k, v, enable_gqa=True), [q, k, v], after)
     qkv = guarded(torch.randn(2, 19, 3, 2, 16), after).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     _backward(attention(q, k, v), [qkv], after)

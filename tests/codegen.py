@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -134,18 +135,23 @@ def attention_cases(arch: int) -> dict[str, dict]:
     unaligned = ("H", "Tq", "Tk")
     for D in (16, 32, 64, 128):
         cfg = attention._CONFIGS[(arch // 10, D)]
-        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, DROPOUT=False)
+        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, DROPOUT=False, GROUP=1)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
-            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False)),
+            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False, KV_SPLITS=1)),
             ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, dict(TMA=False)),
         ):
             # As launched; with the grid for B * H past CUDA's 65535 programs on axis 1;
             # with attention dropout (training with --dropout), on its own tiles.
             dropped = getattr(attention._dropout_settings(cfg, D, arch == 90), name.split()[-1])
+            # ... and grouped-query attention (4 query heads a key/value head), whose dK/dV
+            # loops over the group's heads (the others only index K and V by the group).
+            grouped = {dropout: getattr(attention._settings(D, torch.bfloat16, (arch // 10, 0), dropout, grouped=True),
+                                        name.split()[-1]) for dropout in (False, True)}
             for variant, tiles, changed in (
                 ("", launch, {}), (" split grid", launch, dict(SPLIT_GRID=True)), (" dropout", dropped, dict(DROPOUT=True)),
-            ):
+            ) + (((" gqa", grouped[False], dict(GROUP=4)), (" gqa dropout", grouped[True], dict(GROUP=4, DROPOUT=True)))
+                 if name == "bwd dkdv" else ()):
                 cases[f"attention {name} D={D}{variant}"] = compile_case(
                     arch, kernel, ptrs, common | extra | dict(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N) | changed,
                     floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned,
@@ -157,7 +163,7 @@ def attention_cases(arch: int) -> dict[str, dict]:
                 ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {"K": "N", "V": "N"}),
             ):
                 blocks = dict(BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N)
-                extra = dict(NEGATIVE_SCALE=False) if name == "fwd" else {}
+                extra = dict(NEGATIVE_SCALE=False) if name == "fwd" else dict(KV_SPLITS=1) if name == "bwd dkdv" else {}
                 cases[f"attention {name} tma D={D}"] = compile_case(
                     arch, kernel, ptrs, common | extra | blocks | dict(TMA=True),
                     floats=("scale", "qk_scale", "dropout_p"), unaligned=unaligned, num_warps=launch.num_warps,
@@ -268,11 +274,14 @@ def decode_attention_cases(arch: int) -> dict[str, dict]:
         "SEQ_LENS": "i64", "M": "fp32", "L": "fp32", "ACC": "fp32", "COUNTERS": "i32"}
     unit = {n: 1 for n in ("stride_qd", "stride_kd", "stride_vd", "stride_knd", "stride_vnd", "stride_od")}
     cases = {}
-    for D, strides, variant in ((64, unit, ""), (128, unit, ""), (64, dict(stride_od=1), " strided")):
+    # ... and grouped-query (4 query heads a cache head) at D = 128.
+    for D, strides, variant, group in ((64, unit, "", 1), (128, unit, "", 1), (64, dict(stride_od=1), " strided", 1),
+                                       (128, unit, " gqa", 4)):
         block_n = max(16, min(128, 4096 // D))  # as decode_attention._settings on a GPU
         cases[f"decode_attention D={D}{variant}"] = compile_case(
             arch, decode_attention._decode_attention_kernel, ptrs,
-            strides | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES, SPLITS_P2=64),
+            strides | dict(HEAD_DIM=D, BLOCK_N=block_n, HAS_NEW=True, STAGES=decode_attention._STAGES, SPLITS_P2=64,
+                           GROUP=group),
             floats=("qk_scale",), unaligned=("H", "S", "chunk"), num_warps=4)
     return cases
 
@@ -314,12 +323,12 @@ def dropout_cost(arch: int) -> None:
         cfg = attention._CONFIGS[(arch // 10, D)]
         for name, kernel, t, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False)),
-            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, {}),
+            ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(KV_SPLITS=1)),
             ("bwd dq", attention._attn_bwd_dq_kernel, cfg.dq, {}),
         ):
             count = {dropout: compile_case(
                 arch, kernel, ptrs, dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, TMA=False,
-                                         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout) | extra,
+                                         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout, GROUP=1) | extra,
                 floats=("scale", "qk_scale", "dropout_p"), unaligned=("H", "Tq", "Tk"), num_warps=t.num_warps,
                 num_stages=t.num_stages, sass=True)["instructions"] for dropout in (False, True)}
             scores = t.BLOCK_M * t.BLOCK_N / (32 * t.num_warps)

@@ -381,7 +381,7 @@ def test_launch_grids_keep_batch_times_heads_off_the_capped_axes(monkeypatch, de
     for name in ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         monkeypatch.setattr(attention_module, name, Recorder())
     q = torch.zeros(4096, 16, 1, 16, device=device)
-    o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None, 0.0, 0)
+    o, lse, *_ = attention_module._attention_fwd(q, q, q, True, None, 0.0, 0, False)
     attention_module._attention_bwd(torch.zeros_like(o), q, q, q, o, lse, True, 0.25, 0.0, 0)
     assert len(grids) == 4
     for grid in grids:
@@ -669,3 +669,144 @@ def test_dropout_gpu(D, dtype, atol, rtol):
     inputs = _qkv(2, 4, 64, 64, D, dtype, "cuda")
     do = torch.randn(2, 4, 64, D, device="cuda").to(dtype)
     _compare(_separate, inputs, do, atol, rtol, peer=_with_dropout(keep, p, True), dropout_p=p, seed=seed)
+
+
+# Grouped-query attention (enable_gqa): k and v with H // G heads, each shared by G query heads.
+
+def _gqa_inputs(B, H, Hk, Tq, Tk, D, dtype, device):
+    return [torch.randn(B, heads, T, D, device=device).to(dtype) for heads, T in ((H, Tq), (Hk, Tk), (Hk, Tk))]
+
+
+def _gqa_peer(causal):
+    return lambda q, k, v: reference.attention(q, k, v, causal=causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, Hk, Tq, Tk, D, causal", [
+    pytest.param(2, 4, 2, 17, 17, 16, True, id="H4-Hk2-T17-B2"),
+    pytest.param(1, 3, 1, 5, 37, 32, True, id="MQA-Tq5-Tk37"),
+    pytest.param(1, 4, 2, 24, 40, 16, False, id="H4-Hk2-full"),
+    pytest.param(1, 6, 2, 1, 50, 64, True, id="H6-Hk2-decode"),
+])
+def test_grouped_query_attention(B, H, Hk, Tq, Tk, D, causal, dtype, atol, rtol, device):
+    """Output and dq, dk, dv against SDPA's enable_gqa semantics (k and v repeated per
+    group, their gradients summed over it): dK/dV's loop over the group's heads, the
+    other kernels' key/value head h // G."""
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(B, H, Hk, Tq, Tk, D, dtype, device)
+    do = torch.randn(B, H, Tq, D, device=device).to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, causal=causal, peer=_gqa_peer(causal), enable_gqa=True)
+
+
+def test_grouped_query_attention_matches_repeated_heads_with_dropout(device):
+    """With dropout, query head h draws the mask multi-head attention draws for head h:
+    the output and dq are those of k and v repeated per group, bit for bit, and dk, dv
+    their gradients summed over each group."""
+    torch.manual_seed(0)
+    B, H, Hk, Tq, Tk, D = 2, 6, 2, 20, 45, 16
+    q, k, v = (t.requires_grad_() for t in _gqa_inputs(B, H, Hk, Tq, Tk, D, torch.float32, device))
+    do = torch.randn(B, H, Tq, D, device=device)
+    grouped = attention(q, k, v, dropout_p=0.3, seed=7, enable_gqa=True)
+    grads = torch.autograd.grad(grouped, (q, k, v), do)
+    repeated = [t.detach().repeat_interleave(H // Hk, 1).requires_grad_() if t is not q else q for t in (q, k, v)]
+    multi_head = attention(*repeated, dropout_p=0.3, seed=7)
+    expected = torch.autograd.grad(multi_head, repeated, do)
+    assert torch.equal(grouped, multi_head) and torch.equal(grads[0], expected[0])
+    for got, full in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(got, full.unflatten(1, (Hk, H // Hk)).sum(2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
+def test_grouped_query_attention_with_gpu_tile_shapes_in_interpreter(capability, monkeypatch, device):
+    """The GPU tables' tiles (sm80's dK/dV steps through 16 queries when grouped),
+    on ragged multi-tile sequences, causal with Tq < Tk and full."""
+    if device == "cuda":
+        pytest.skip("test_grouped_query_attention_gpu runs the GPU's own table")
+    monkeypatch.setattr(attention_module, "device_capability", lambda index=0: capability)
+    torch.manual_seed(0)
+    for Tq, Tk, causal in [(77, 150, True), (150, 100, False)]:
+        inputs = _gqa_inputs(1, 2, 1, Tq, Tk, 128, torch.float16, device)
+        do = torch.randn(1, 2, Tq, 128, device=device).half()
+        _compare(_separate, inputs, do, 1e-3, 1e-3, causal=causal, peer=_gqa_peer(causal), enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("slots, parts", [(8, 2), (10**6, 4)])
+def test_grouped_query_attention_split_over_programs(slots, parts, dtype, atol, rtol, monkeypatch, device):
+    """Where whole groups would leave the GPU's SMs idle (forced here: the interpreter's
+    slots raised), dK/dV splits each group of 4 query heads over `parts` programs whose
+    fp32 partial sums the launcher adds: the gradients are the same."""
+    launches = []
+    launch = attention_module._attn_bwd_dkdv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs["KV_SPLITS"]) or launch[grid](*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_dkdv_slots", lambda device: slots)
+    monkeypatch.setattr(attention_module, "_attn_bwd_dkdv_kernel", Recorder())
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(1, 8, 2, 20, 33, 16, dtype, device)  # 2 key tiles x 2 heads: 4 programs whole
+    do = torch.randn(1, 8, 20, 16, device=device).to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, peer=_gqa_peer(True), enable_gqa=True)
+    assert launches == [parts]
+
+
+@pytest.mark.parametrize("group, programs, slots, parts", [
+    (1, 8, 1000, 1),  # multi-head: nothing to split
+    (4, 512, 264, 1),  # enough programs with whole groups
+    (16, 128, 264, 4),  # the fewest parts that fill the slots
+    (6, 10, 25, 3),
+    (6, 10, 1000, 6),  # at most a part per query head
+])
+def test_group_splits(group, programs, slots, parts):
+    assert attention_module._group_splits(group, programs, slots) == parts
+
+
+@pytest.mark.parametrize("cap", [4, 6], ids=["every-grid-split", "dkdv-grid-whole"])
+def test_grouped_query_attention_under_the_split_grid(cap, monkeypatch, device):
+    """The split grid, forced by lowering the cap: at 4 every kernel's grid splits, at 6
+    the query-head grids (B * H = 12) split and dK/dV's (B * H // G = 6) does not. In the
+    model's (B, T, H, D) layout, where a (batch, head) pair read as another is off."""
+    monkeypatch.setattr(attention_module, "_MAX_GRID_AXIS", cap)
+    torch.manual_seed(0)
+    inputs = [t.transpose(1, 2).contiguous() for t in _gqa_inputs(3, 4, 2, 17, 17, 16, torch.float32, device)]
+    do = torch.randn(3, 4, 17, 16, device=device)
+    _compare(lambda *t: [x.transpose(1, 2) for x in t], inputs, do, 1e-5, 1e-5, peer=_gqa_peer(True),
+             enable_gqa=True)
+
+
+def test_grouped_query_attention_through_tma(monkeypatch, device):
+    """Every kernel's looped-over tiles by TMA descriptors: K and V at head h // G, dK/dV's
+    Q and dO tiles at each head of the group."""
+    if device == "cuda":
+        pytest.skip("test_grouped_query_attention_gpu runs on Hopper's own table")
+    calls = _tma_launches(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(2, 4, 2, 50, 70, 16, torch.float32, device)  # both key loops run (masked, unmasked)
+    do = torch.randn(2, 4, 50, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_gqa_peer(True), enable_gqa=True)
+    assert calls == [True] * 3
+
+
+@pytest.mark.parametrize("k_heads, enable_gqa, match", [
+    (2, False, "q has 4 heads and k 2; they must agree, or pass enable_gqa=True"),
+    (3, True, r"q's heads \(4\) to be a multiple of k's \(3\)"),
+    (0, True, r"q's heads \(4\) to be a multiple of k's \(0\)"),
+])
+def test_grouped_query_attention_refuses_heads_that_do_not_divide(k_heads, enable_gqa, match, device):
+    q = torch.ones(1, 4, 8, 16, device=device)
+    kv = torch.ones(1, k_heads, 8, 16, device=device)
+    with pytest.raises(ValueError, match=match):
+        attention(q, kv, kv, enable_gqa=enable_gqa)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_attention_gpu(D, causal, dtype, atol, rtol):
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(2, 8, 2, 1000, 1000, D, dtype, "cuda")
+    do = torch.randn(2, 8, 1000, D, device="cuda").to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, causal=causal, peer=_gqa_peer(causal), enable_gqa=True)

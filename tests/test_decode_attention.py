@@ -39,11 +39,11 @@ def _inputs(B, H, S, D, lens, dtype, device):
     return q, k, v, torch.tensor(lens, device=device)
 
 
-def _compare(q, k, v, seq_lens, atol, rtol, scale=None):
+def _compare(q, k, v, seq_lens, atol, rtol, scale=None, **options):
     """decode_attention within the FlashAttention bound of the float64 reference."""
-    ours = decode_attention(q, k, v, seq_lens, scale=scale)
-    torch_ = reference.decode_attention(q, k, v, seq_lens, scale=scale)
-    f64 = reference.decode_attention(q.double(), k.double(), v.double(), seq_lens, scale=scale)
+    ours = decode_attention(q, k, v, seq_lens, scale=scale, **options)
+    torch_ = reference.decode_attention(q, k, v, seq_lens, scale=scale, **options)
+    f64 = reference.decode_attention(q.double(), k.double(), v.double(), seq_lens, scale=scale, **options)
     assert ours.shape == q.shape and ours.dtype == q.dtype, f"{ours.shape} {ours.dtype}"
     assert torch.isfinite(ours).all(), "not finite"
     err = (ours.double() - f64).abs().max().item()
@@ -369,3 +369,59 @@ def test_outgrown_split_counters_are_kept_for_graphs_that_hold_them():
     bigger = _counters(device, _COUNTERS[device][-1].numel() + 1)
     assert bigger.data_ptr() != address
     assert any(c.data_ptr() == address for c in _COUNTERS[device])
+
+
+# Grouped-query attention (enable_gqa): caches with H // G heads, each read by G query heads.
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, Hk, S, D, lens", [
+    pytest.param(3, 4, 2, 70, 64, [1, 70, 37], id="H4-Hk2-ragged"),
+    pytest.param(2, 3, 1, 50, 32, [49, 2], id="MQA"),
+])
+def test_grouped_query_attention(B, H, Hk, S, D, lens, dtype, atol, rtol, device):
+    torch.manual_seed(5)
+    q = torch.randn(B, H, D, device=device).to(dtype)
+    k, v = (torch.randn(B, Hk, S, D, device=device).to(dtype) for _ in range(2))
+    _compare(q, k, v, torch.tensor(lens, device=device), atol, rtol, enable_gqa=True)
+
+
+def test_grouped_query_attention_writes_each_new_key_once(device):
+    """k_new and v_new (B, H // G, D) go into the shared caches at lens - 1, and every
+    query head of the group attends to them: output and caches as the reference's."""
+    torch.manual_seed(6)
+    B, H, Hk, S, D, lens = 3, 6, 2, 40, 16, [1, 40, 17]
+    q = torch.randn(B, H, D, device=device)
+    k, v = (torch.randn(B, Hk, S, D, device=device) for _ in range(2))
+    k_new, v_new = (torch.randn(B, Hk, D, device=device) for _ in range(2))
+    seq_lens = torch.tensor(lens, device=device)
+    k_ref, v_ref = k.clone(), v.clone()
+    ours = decode_attention(q, k, v, seq_lens, k_new=k_new, v_new=v_new, enable_gqa=True)
+    want = reference.decode_attention(q, k_ref, v_ref, seq_lens, k_new=k_new, v_new=v_new, enable_gqa=True)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref), "caches differ"
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param(lambda q, k, v: (q, k, v, {}), r"to match q, got \(2, 2, 8, 16\); or pass enable_gqa=True",
+                 id="no-flag"),
+    pytest.param(lambda q, k, v: (q[:, :3], k, v, {"enable_gqa": True}), r"q's heads \(3\) to be a multiple of the caches' \(2\)",
+                 id="not-a-multiple"),
+    pytest.param(lambda q, k, v: (q, k, v, {"enable_gqa": True, "k_new": q, "v_new": q}),
+                 r"k_new must have shape \(2, 2, 16\)", id="new-key-with-q-heads"),
+])
+def test_grouped_query_attention_invalid(change, message, device):
+    q = torch.zeros(2, 4, 16, device=device)
+    k = v = torch.zeros(2, 2, 8, 16, device=device)
+    q, k, v, options = change(q, k, v)
+    with pytest.raises(ValueError, match=message):
+        decode_attention(q, k, v, torch.ones(2, dtype=torch.long, device=device), **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("B, H, Hk, S, D", [(1, 32, 8, 4096, 128), (16, 12, 4, 1024, 64), (4, 8, 1, 2049, 64)])
+def test_grouped_query_attention_gpu(B, H, Hk, S, D, dtype, atol, rtol):
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(B, H, D, device="cuda").to(dtype)
+    k, v = (torch.randn(B, Hk, S, D, device="cuda").to(dtype) for _ in range(2))
+    _compare(q, k, v, _random_lengths(B, S, gen).cuda(), atol, rtol, enable_gqa=True)

@@ -480,11 +480,12 @@ def _opcheck_cases(d: str) -> list:
         (ln, (t(4, 48, dtype=torch.float16), w, b, 1e-5)),
         (add_ln, (x, t(3, 5, 48, dtype=torch.float16), w, b, 1e-5)),
         (add_ln, (t(3, 5, 48, dtype=torch.float16), x, w, None, 1e-5)),
-        (attn, (q, k, v, True, None, 0.0, None)),
-        (attn, (q2, k2, v2, True, 0.3, 0.0, None)),
+        (attn, (q, k, v, True, None, 0.0, None, False)),
+        (attn, (q2, k2, v2, True, 0.3, 0.0, None, False)),
         (attn, (t(1, 2, 5, 16, dtype=torch.float16), t(1, 2, 7, 16, dtype=torch.float16),
-                t(1, 2, 7, 16, dtype=torch.float16), True, None, 0.0, None)),
-        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234))),
+                t(1, 2, 7, 16, dtype=torch.float16), True, None, 0.0, None, False)),
+        (attn, (t(1, 4, 5, 16), k2[:, :1, :, :16], v2[:, 1:, :, :16], True, None, 0.0, None, True)),  # grouped
+        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234), False)),
         (attention_module._dropout_seed_op, (torch.empty(0, dtype=torch.int64),)),
         (ffn, (t(2, 3, 16), fc, t(64), proj, t(16), True)),
         (ffn, (t(7, 16).t().contiguous().t(), fc, None, proj, None, False)),
@@ -493,10 +494,12 @@ def _opcheck_cases(d: str) -> list:
     ]
     y, mean, rstd = ln(x, w, b, 1e-5)
     s, _, mean2, rstd2 = add_ln(x, x, w, None, 1e-5)
-    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234))
+    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234), False)
     x3 = t(6, 16)
     qt = t(1, 2, 16, 8).detach().transpose(-1, -2)  # dense, its last dim not contiguous
-    o3, lse3, no_seed = attn(qt, qt, qt, True, None, 0.0, None)
+    o3, lse3, no_seed = attn(qt, qt, qt, True, None, 0.0, None, False)
+    q4, kv4 = t(1, 4, 6, 16).detach(), t(1, 2, 6, 16).detach()
+    o4, lse4, _ = attn(q4, kv4, kv4, True, None, 0.0, None, True)
     _, pre, h = ffn(x3, fc, t(64), proj, t(16), True)
     detached = lambda *ts: [z.detach() for z in ts]  # noqa: E731
     cases += [
@@ -505,6 +508,7 @@ def _opcheck_cases(d: str) -> list:
         (layer_norm_module._layer_norm_backward_op, (*detached(s, s, s, w, mean2, rstd2), None)),
         (attention_module._attention_dropout_backward_op, (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed)),
         (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed)),
+        (attention_module._attention_backward_op, (o4, q4, kv4, kv4, o4, lse4, True, 0.25, 0.0, no_seed)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc, fc[:, 0], proj, pre, h), [True] * 5)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc), None, proj.detach(), None, h.detach(),
                                        [False, True, False, True, False])),
@@ -522,7 +526,7 @@ def test_the_custom_ops_are_sound(device):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "layer_norm-strided-weight", "add_layer_norm", "add_layer_norm-eps",
-                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "ffn"])
+                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "ffn"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
     x = torch.randn(8, 16, device=device, requires_grad=True)
@@ -539,6 +543,8 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
         "attention": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3),
         "dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, causal=False, dropout_p=0.5),
         "seeded-dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, dropout_p=0.5, seed=1234),
+        "gqa": lambda x: kernels.attention(x.view(1, 2, 4, 16), x.view(1, 1, 8, 16), x.view(1, 1, 8, 16).flip(2),
+                                           dropout_p=0.5, enable_gqa=True),
         "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
     }[name]
     results = []
@@ -557,9 +563,11 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
                                       torch.ones(8, device=d), None), "residual has shape"),
     (lambda d: kernels.attention(*[torch.randn(1, 2, 4, 48, device=d)] * 3), "head dim 48 is not supported"),
     (lambda d: kernels.attention(*[torch.randn(2, 4, 16, device=d)] * 3), "q must be 4-D"),
+    (lambda d: kernels.attention(torch.randn(1, 4, 4, 16, device=d), *[torch.randn(1, 2, 4, 16, device=d)] * 2),
+     "pass enable_gqa=True"),
     (lambda d: kernels.ffn(torch.randn(3, 8, device=d), torch.randn(32, 16, device=d), None,
                            torch.randn(16, 32, device=d), None), "in-features"),
-], ids=["layer_norm", "layer_norm-scalar", "add_layer_norm", "attention", "attention-3d", "ffn"])
+], ids=["layer_norm", "layer_norm-scalar", "add_layer_norm", "attention", "attention-3d", "attention-heads", "ffn"])
 def test_torch_compile_raises_the_eager_value_error(call, match, device):
     """Bad input under torch.compile is the eager one-line ValueError, raised while tracing,
     not a failure deep inside the fake-tensor pass."""
@@ -780,3 +788,14 @@ def test_kernels_run_on_the_gpu_of_their_tensors():
     for g, e in zip(got, expected, strict=True):
         assert g.device == torch.device("cuda", 1)
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "attention", "ffn", "decode_attention"])
+def test_the_reference_takes_each_kernels_arguments(name):
+    """kernels.reference's version of each kernel takes its arguments, in order and with
+    the same defaults, less the kernels' own seed= and recompute_pre= (as the README says):
+    code moves between the two by changing the import."""
+    ours = inspect.signature(getattr(kernels, name)).parameters.values()
+    theirs = inspect.signature(getattr(reference, name)).parameters.values()
+    assert [(p.name, p.default) for p in ours if p.name not in ("seed", "recompute_pre")] == [
+        (p.name, p.default) for p in theirs]
