@@ -4,6 +4,7 @@
     python -m bench.bench_attention --smoke    # tiny fp32 shapes on CPU (Triton interpreter)
     python -m bench.bench_attention --dropout 0.1 --no-flex   # training with attention dropout
     python -m bench.bench_attention --fused-qkv  # q, k, v as the model passes them: views of one projection
+    python -m bench.bench_attention --gqa 4    # grouped-query: k and v with a quarter of q's heads
 
 Peers: F.scaled_dot_product_attention with each backend forced (FlashAttention-2, cuDNN,
 memory-efficient; a backend that refuses a shape is skipped and the reason printed),
@@ -35,20 +36,27 @@ from bench.common import PLOTS, bench, check_close, compile_static, outputs_and_
 from kernels.attention import attention  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-Attn = Callable[..., torch.Tensor]  # (q, k, v, dropout_p=0.0) -> output
+Attn = Callable[..., torch.Tensor]  # (q, k, v, dropout_p=0.0) -> output; k, v may have fewer heads (--gqa)
 # A (T, device) -> attention function factory; returns None (and prints why) to skip.
 Maker = Callable[[int, int, int, str], "Attn | None"]
 
 
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    T = q.shape[-2]
+    T, group = q.shape[-2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     return F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout_p) @ v
 
 
 def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    return attention(q, k, v, causal=True, dropout_p=dropout_p)
+    return attention(q, k, v, causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    if q.shape[1] == k.shape[1]:  # enable_gqa is torch 2.5's
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
 
 
 def sdpa_with(backend) -> Maker:
@@ -56,7 +64,7 @@ def sdpa_with(backend) -> Maker:
 
     def fn(q, k, v, dropout_p=0.0):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            return sdpa(q, k, v, dropout_p)
 
     return lambda B, H, T, device: fn
 
@@ -71,7 +79,7 @@ def flex_maker() -> Maker:
 
     def make(B, H, T, device):
         block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-        return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+        return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
     return make
 
@@ -119,13 +127,15 @@ def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float,
     return None if ms is None else flops / unit / (ms * 1e-3)
 
 
-def qkv_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, fused: bool
+def qkv_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, fused: bool, group: int = 1
                ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
-    """q, k, v (B, H, T, D) and the leaves their gradients reach. fused: views of one
-    (B, T, 3, H, D) tensor, as the model's QKV projection gives them (a row stride of 3*H*D,
-    heads D apart), whose backward also assembles dq, dk, dv into that tensor's gradient."""
+    """q (B, H, T, D), k and v (B, H // group, T, D), and the leaves their gradients reach.
+    fused: views of one (B, T, 3, H, D) tensor, as the model's QKV projection gives them (a
+    row stride of 3*H*D, heads D apart), whose backward also assembles dq, dk, dv into that
+    tensor's gradient."""
     if not fused:
-        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(B, heads, T, D, device=device, dtype=dtype, requires_grad=True)
+                   for heads in (H, H // group, H // group))
         return (q, k, v), [q, k, v]
     qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -134,14 +144,15 @@ def qkv_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, 
 
 def run(
     seq_lens: list[int], tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype,
-    device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0, fused_qkv: bool = False,
+    device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0, fused_qkv: bool = False, group: int = 1,
 ) -> None:
     makers = peers(device == "cuda", use_flex, dtype, dropout_p > 0)
     # The interpreter runs at MFLOP/s, not TFLOP/s.
     unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     dt = (str(dtype).removeprefix("torch.") + (f", dropout {dropout_p}" if dropout_p else "")
-          + (", q/k/v views of a fused QKV" if fused_qkv else ""))
+          + (", q/k/v views of a fused QKV" if fused_qkv else "")
+          + (f", {group} query heads a key/value head" if group > 1 else ""))
     for D in head_dims:
         H = hidden // D
         fwd: dict[str, list] = {name: [] for name in makers}
@@ -151,11 +162,11 @@ def run(
             B = max(1, tokens // T)
             shapes.append((T, B, H))
             torch.manual_seed(0)
-            (q, k, v), leaves = qkv_inputs(B, H, T, D, dtype, device, fused_qkv)
+            (q, k, v), leaves = qkv_inputs(B, H, T, D, dtype, device, fused_qkv, group)
             do = torch.randn(B, H, T, D, device=device, dtype=dtype)
             # Never time a provider that gives wrong answers, forward or backward: the output
             # and dq, dk, dv against SDPA's, for ours and each peer.
-            expected = outputs_and_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), [do])
+            expected = outputs_and_grads(sdpa(q, k, v), (q, k, v), [do])
 
             def measure(name: str, make) -> tuple[float | None, float | None] | None:
                 fn = make(B, H, T, device)
@@ -276,8 +287,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time alternative launch settings at T=4096 instead (with --smoke: on CPU)")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability for every provider (default 0)")
     parser.add_argument("--fused-qkv", action="store_true", help="q, k, v as views of one (B, T, 3, H, D) tensor, as the model passes them")
+    parser.add_argument("--gqa", type=int, default=1, metavar="G",
+                        help="grouped-query attention: G query heads a key/value head (default 1: multi-head)")
     args = parser.parse_args()
-    suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "")
+    if args.gqa < 1 or any(args.hidden // D % args.gqa for D in args.head_dims) or (args.gqa > 1 and args.fused_qkv):
+        parser.error(f"--gqa {args.gqa} must divide every head count (--hidden / --head-dims), without --fused-qkv")
+    suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "") + (
+        f"_gqa{args.gqa}" if args.gqa > 1 else "")
     if args.sweep:
         if args.smoke:
             tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
@@ -291,6 +307,7 @@ def main() -> None:
         run(
             seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,
             device="cpu", use_flex=False, plot_suffix="_smoke", dropout_p=args.dropout, fused_qkv=args.fused_qkv,
+            group=args.gqa,
         )
         return
     if not torch.cuda.is_available():
@@ -299,6 +316,7 @@ def main() -> None:
         seq_lens=[1024, 2048, 4096, 8192, 16384], tokens=args.tokens, hidden=args.hidden,
         head_dims=args.head_dims, dtype=DTYPES[args.dtype], device="cuda",
         use_flex=not args.no_flex, plot_suffix=suffix, dropout_p=args.dropout, fused_qkv=args.fused_qkv,
+        group=args.gqa,
     )
 
 

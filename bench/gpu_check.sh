@@ -24,7 +24,8 @@
 #       bench-sampling train-triton train-torch
 # then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
 # rows draw on kernels.sample since run 6), ffn-few-rows, bench-attention-fused,
-# bench-train-small and bench-train-compile wait for a lease after.
+# bench-attention-gqa, bench-train-small and bench-train-compile wait for a lease after
+# (gpu-tests runs the grouped-query attention's gpu tests in the first call).
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised FFN's gpu tests alone under a short limit: if they
@@ -102,6 +103,9 @@ step bench-attention-dropout 60 python3 -m bench.bench_attention --dropout 0.1 -
 # q, k, v as the model passes them (strided views of its QKV projection); the table above
 # times contiguous ones.
 step bench-attention-fused 70 python3 -m bench.bench_attention --fused-qkv --head-dims 64 --no-flex
+# Grouped-query attention (4 query heads a key/value head; untimed so far) beside SDPA's
+# and FlexAttention's enable_gqa.
+step bench-attention-gqa 100 python3 -m bench.bench_attention --gqa 4 --head-dims 128
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 # torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.

@@ -3,6 +3,7 @@ table, wrong numbers of ours end the run (bench/common.py's check_close, unless_
 import argparse
 import importlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -209,3 +210,23 @@ def test_the_fused_qkv_layout_is_the_models(monkeypatch):
     assert [(t.shape, t.stride()) for t in views] == [(t.shape, t.stride()) for t in seen[0]]
     sum(views).sum().backward()
     assert len(leaves) == 1 and torch.equal(leaves[0].grad, torch.ones_like(leaves[0]))
+
+
+@cpu_smoke
+def test_the_grouped_query_run_checks_and_times_k_and_v_with_fewer_heads(monkeypatch, capsys):
+    """bench_attention --gqa 2: ours and the peers get k and v with half of q's heads, and
+    each is checked against SDPA's enable_gqa before it is timed; a peer that attends to
+    the wrong key/value head is left out of the table."""
+    from bench import bench_attention
+
+    shapes = []
+    monkeypatch.setattr(bench_attention, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_attention, "naive_maker", lambda budget, dtype: lambda B, H, T, device: (
+        lambda q, k, v, dropout_p=0.0: shapes.append((q.shape[1], k.shape[1]))
+        or bench_attention.naive(q, k.flip(1), v.flip(1))))  # head h // G taken from the wrong end
+    bench_attention.run(seq_lens=[16], tokens=16, hidden=64, head_dims=[16], dtype=torch.float32, device="cpu",
+                        use_flex=False, plot_suffix="", group=2)
+    out = capsys.readouterr().out
+    assert shapes == [(4, 2)] and "naive at T=16, D=16" in out
+    assert "2 query heads a key/value head" in out
+    assert re.search(r"\| 16 \| 1 \| 4 \| [0-9.]+ \| — \|", out)  # ours timed, the wrong peer left out
