@@ -698,6 +698,17 @@ def test_grouped_query_attention(B, H, Hk, Tq, Tk, D, causal, dtype, atol, rtol,
     _compare(_separate, inputs, do, atol, rtol, causal=causal, peer=_gqa_peer(causal), enable_gqa=True)
 
 
+def test_grouped_query_attention_on_views_of_one_projection(device):
+    """q, k and v as a grouped-query model's fused projection gives them: slices of one
+    (B, T, H + 2 H // G, D) tensor, transposed to (B, heads, T, D); the gradients reach it."""
+    torch.manual_seed(0)
+    B, T, H, Hk, D = 2, 21, 4, 2, 16
+    split = lambda x: [part.transpose(1, 2) for part in x.split([H, Hk, Hk], dim=2)]  # noqa: E731
+    do = torch.randn(B, H, T, D, device=device)
+    _compare(split, [torch.randn(B, T, H + 2 * Hk, D, device=device)], do, 1e-5, 1e-5, peer=_gqa_peer(True),
+             enable_gqa=True)
+
+
 def test_grouped_query_attention_matches_repeated_heads_with_dropout(device):
     """With dropout, query head h draws the mask multi-head attention draws for head h:
     the output and dq are those of k and v repeated per group, bit for bit, and dk, dv
