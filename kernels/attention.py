@@ -25,6 +25,9 @@ Dropout (training): each kernel redraws the keep mask from Philox at the score's
 (_dropout_keep, one call for 8 scores), so it is never stored; O is P∘mask V / (1 - p), and
 delta = rowsum(dO O) stays the softmax's correction term as in FlashAttention-2.
 
+return_lse hands out the log-sum-exp (in base e). Its gradient g enters the backward as
+delta - g: the lse's derivative with respect to a score is its probability.
+
 Grouped-query attention (enable_gqa, as SDPA's flag): k and v have H / GROUP heads and
 query head h reads head h // GROUP. The forward and dQ only index K and V by it; each dK/dV
 program walks the query tiles of its group's heads in one loop (GROUP = 1 folds away), or
@@ -559,6 +562,7 @@ def _attn_bwd_dq_kernel(
 _OP = "attention"
 _REFERENCE = "kernels.reference.attention"
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+_LN2 = 0.6931471805599453  # the kernels' base-2 log-sum-exp times ln(2) is the natural one
 # Elements of O (and dO) per delta program: 32 per thread at 4 warps, a few 16-byte loads
 # each, so the memory-bound preprocess keeps loads in flight without spilling.
 _PRE_ELEMENTS = 4096
@@ -797,13 +801,14 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
 
 @on_input_device
 def _attention_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, seed: int,
+    do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, seed: int, dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v."""
+    """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v. do: None where
+    only the log-sum-exp was used; dlse: the gradient of the base-2 lse, None if unused."""
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
-    do = _unit_stride(do.to(o.dtype))
+    do = torch.zeros_like(o) if do is None else _unit_stride(do.to(o.dtype))
     dropout_p = _dropout_step(dropout_p)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if dk.numel() == 0:
@@ -819,6 +824,10 @@ def _attention_bwd(
         o, do, delta, *_strides(o), *_strides(do), H, Tq,
         HEAD_DIM=D, BLOCK_M=pre_rows, SPLIT_GRID=split, num_warps=4,
     )
+    if dlse is not None:
+        # The natural lse's gradient wrt a (scaled) score is its probability P: dS gains
+        # P * dlse_e, i.e. delta loses dlse_e = dlse_2 * log2(e) (FlashAttention's trick).
+        delta.sub_(dlse * _LOG2E)
     cfg = settings.dkdv
     q_tiles, do_tiles = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (do, cfg.BLOCK_M))
     tiles = cdiv(Tk, cfg.BLOCK_N)
@@ -856,18 +865,20 @@ class AttentionFunction(torch.autograd.Function):
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None,
         enable_gqa: bool,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """o and the base-2 log-sum-exp (B, H, Tq), fp32."""
         seed = _seed(seed, dropout_p)
         o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
-        return o
+        ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, not zeros to add
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do: Tensor):
+    def backward(ctx, do: Tensor | None, dlse: Tensor | None):
         refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, dlse)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -934,15 +945,16 @@ def _no_seed(q: Tensor) -> Tensor:
 
 
 def _attention_backward_impl(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, seed: Tensor,
+    do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, seed: Tensor, dlse: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return _attention_bwd(do, q, k, v, o, lse, causal, scale, dropout_p, int(seed) if dropout_p else 0)
+    return _attention_bwd(do, q, k, v, o, lse, causal, scale, dropout_p, int(seed) if dropout_p else 0, dlse)
 
 
-def _attention_backward_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-                             scale: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_fake(do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                             scale: float, dropout_p: float, seed: Tensor, dlse: Tensor | None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(_unit_stride(t)) for t in (q, k, v))
 
 
@@ -952,12 +964,13 @@ def _attention_setup(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(q, k, v, o, lse, seed)
     ctx.causal, ctx.dropout_p = causal, dropout_p
     ctx.scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, compiled too: nothing to subtract
 
 
-def _attention_backward(ctx, do: Tensor, _dlse: Tensor, _dseed: Tensor) -> tuple:
+def _attention_backward(ctx, do: Tensor | None, dlse: Tensor | None, _dseed: Tensor) -> tuple:
     q, k, v, o, lse, seed = ctx.saved_tensors
     op = _attention_dropout_backward_op if ctx.dropout_p else _attention_backward_op
-    dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed, dlse)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -985,8 +998,8 @@ _attention_dropout_op.register_autograd(_attention_backward, setup_context=_atte
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
-    dropout_p: float = 0.0, seed: int | None = None, enable_gqa: bool = False,
-) -> Tensor:
+    dropout_p: float = 0.0, seed: int | None = None, enable_gqa: bool = False, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
 
     Same result as F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
@@ -1006,6 +1019,11 @@ def attention(
     H // G heads, each shared by G consecutive query heads (query head h reads key/value
     head h // G), with no copy of k and v; dk and dv sum over each group's query heads.
 
+    return_lse: also return each query's log-sum-exp of its scaled scores, (B, H, Tq) fp32,
+    natural log (before dropout), as FlashAttention and FlexAttention return it -- what
+    merging attention over chunks of keys needs (ring attention, split KV caches). It is
+    differentiable too: its gradient enters the backward as a correction to rowsum(dO O).
+
     Inputs may be strided views (the model passes slices of one
     fused QKV projection): only a non-unit stride in the last dim costs a copy. The output
     is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
@@ -1018,7 +1036,10 @@ def attention(
         # eager's ValueError, while tracing
         _check(q, k, v, causal, dropout_p, 0 if seed is None else seed, bool(enable_gqa))
         if not dropout_p:
-            return _attention_op(q, k, v, bool(causal), scale, 0.0, seed, bool(enable_gqa))[0]
-        drawn = _dropout_seed_op(torch.empty(0, dtype=torch.int64)) if seed is None else torch.tensor(seed)
-        return _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn, bool(enable_gqa))[0]
-    return _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed, bool(enable_gqa))
+            o, lse, _ = _attention_op(q, k, v, bool(causal), scale, 0.0, seed, bool(enable_gqa))
+        else:
+            drawn = _dropout_seed_op(torch.empty(0, dtype=torch.int64)) if seed is None else torch.tensor(seed)
+            o, lse, _ = _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn, bool(enable_gqa))
+    else:
+        o, lse = _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed, bool(enable_gqa))
+    return (o, lse * _LN2) if return_lse else o

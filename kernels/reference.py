@@ -36,19 +36,26 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tenso
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0,
-    enable_gqa: bool = False,
-) -> Tensor:
+    enable_gqa: bool = False, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
 
     dropout_p: the chance that each attention probability is zeroed (the rest scaled by
     1 / (1 - dropout_p)), drawn from torch's generator. enable_gqa: k and v may have
     H // G heads, query head h reading head h // G (SDPA's flag, which torch 2.4 lacks).
+    return_lse: also the log-sum-exp of each query's scaled, masked scores (B, H, Tq).
     """
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         group = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     t_q, t_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if return_lse:
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if causal:
+            scores = scores.masked_fill(~causal_mask(t_q, t_k, q.device), float("-inf"))
+        out = attention(q, k, v, causal, scale, dropout_p)
+        return out, torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     if not causal:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
     if t_q == t_k and scale > 0:  # is_causal scales q and k by sqrt(scale): NaN for scale <= 0

@@ -821,3 +821,82 @@ def test_grouped_query_attention_gpu(D, causal, dtype, atol, rtol):
     inputs = _gqa_inputs(2, 8, 2, 1000, 1000, D, dtype, "cuda")
     do = torch.randn(2, 8, 1000, D, device="cuda").to(dtype)
     _compare(_separate, inputs, do, atol, rtol, causal=causal, peer=_gqa_peer(causal), enable_gqa=True)
+
+
+# return_lse: the natural log-sum-exp of each query's scaled scores, differentiable.
+
+def _with_lse(B, H, Hk, Tq, Tk, D, causal, dtype, device, upstream=True, **options):
+    """(output, lse) and the gradients of q, k, v through o . do + lse . dlse (or lse . dlse
+    alone), ours and the reference's in float64."""
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(B, H, Hk, Tq, Tk, D, dtype, device)
+    do, dlse = torch.randn(B, H, Tq, D, device=device).to(dtype), torch.randn(B, H, Tq, device=device)
+    results = []
+    for fn, cast in ((attention, lambda t: t), (reference.attention, lambda t: t.double())):
+        leaves = [cast(t).detach().requires_grad_() for t in inputs]
+        o, lse = fn(*leaves, causal=causal, return_lse=True, enable_gqa=H != Hk,
+                    **(options if fn is attention else {}))
+        loss = (lse * cast(dlse)).sum() + ((o * cast(do)).sum() if upstream else 0)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append([o, lse, *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))])
+    return results
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Hk, Tq, Tk, D, causal", [
+    pytest.param(2, 2, 2, 17, 17, 16, True, id="T17"),
+    pytest.param(1, 2, 2, 5, 37, 32, True, id="Tq5-Tk37"),
+    pytest.param(1, 2, 2, 40, 21, 16, False, id="Tq40-Tk21-full"),
+    pytest.param(1, 4, 2, 19, 33, 16, True, id="gqa"),
+])
+def test_log_sum_exp_and_its_gradient(B, H, Hk, Tq, Tk, D, causal, dtype, atol, device):
+    """return_lse: the lse (B, H, Tq) fp32 in base e, and the gradients through the output
+    and the lse both (dS gains P * dlse: delta loses dlse), against float64."""
+    ours, exact = _with_lse(B, H, Hk, Tq, Tk, D, causal, dtype, device)
+    assert ours[1].dtype == torch.float32 and ours[1].shape == (B, H, Tq)
+    for name, got, want in zip(["output", "lse", "dq", "dk", "dv"], ours, exact):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=name)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradient_of_the_log_sum_exp_alone(dropout_p, device):
+    """Only the lse used (the output's gradient None): dq and dk are those of the lse, which
+    dropout does not touch, and dv is zero."""
+    ours, exact = _with_lse(1, 2, 2, 20, 45, 16, True, torch.float32, device, upstream=False, dropout_p=dropout_p,
+                            seed=3)
+    for name, got, want in zip(["lse", "dq", "dk", "dv"], ours[1:], exact[1:]):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_an_unused_log_sum_exp_costs_the_backward_nothing(monkeypatch, device):
+    """Without return_lse the backward gets no lse gradient, eager and compiled alike, so it
+    does not subtract a tensor of zeros from delta; nor eager with the lse returned and
+    unused. (A compiled region's unused output gets zeros from AOTAutograd.)"""
+    seen = []
+    backward = attention_module._attention_bwd
+    monkeypatch.setattr(attention_module, "_attention_bwd", lambda *args: seen.append(args[-1]) or backward(*args))
+    x = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+    attention(x, x, x).sum().backward()
+    attention(x, x, x, return_lse=True)[0].sum().backward()
+    torch.compile(attention, fullgraph=True, backend="aot_eager")(x, x, x).sum().backward()
+    assert seen == [None] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_log_sum_exp_gpu(D, dtype, atol, rtol):
+    """return_lse on the GPU's tiles, grouped, the output's and the lse's gradients both,
+    within twice torch's own error in the dtype (its lse in fp32) plus atol + rtol * max."""
+    torch.manual_seed(0)
+    B, H, Hk, T = 2, 8, 2, 1000
+    inputs = _gqa_inputs(B, H, Hk, T, T, D, dtype, "cuda")
+    do, dlse = torch.randn(B, H, T, D, device="cuda").to(dtype), torch.randn(B, H, T, device="cuda")
+    results = []
+    for fn, cast in ((attention, lambda t: t), (reference.attention, lambda t: t), (reference.attention, torch.Tensor.double)):
+        leaves = [cast(t).detach().requires_grad_() for t in inputs]
+        o, lse = fn(*leaves, return_lse=True, enable_gqa=True)
+        results.append([o, lse, *torch.autograd.grad((o * cast(do)).sum() + (lse * cast(dlse)).sum(), leaves)])
+    for name, ours, theirs, exact in zip(["output", "lse", "dq", "dk", "dv"], *results):
+        err, torch_err = ((t.double() - exact).abs().max().item() for t in (ours, theirs))
+        assert err <= 2 * torch_err + atol + rtol * exact.abs().max().item(), f"{name}: {err:.3g} ({torch_err:.3g})"

@@ -506,9 +506,13 @@ def _opcheck_cases(d: str) -> list:
         (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float32)),
         (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float16)),
         (layer_norm_module._layer_norm_backward_op, (*detached(s, s, s, w, mean2, rstd2), None)),
-        (attention_module._attention_dropout_backward_op, (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed)),
-        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed)),
-        (attention_module._attention_backward_op, (o4, q4, kv4, kv4, o4, lse4, True, 0.25, 0.0, no_seed)),
+        (attention_module._attention_dropout_backward_op,
+         (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed, None)),
+        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, None)),
+        (attention_module._attention_backward_op, (o4, q4, kv4, kv4, o4, lse4, True, 0.25, 0.0, no_seed, None)),
+        # the log-sum-exp's gradient (return_lse), with and without the output's
+        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3)),
+        (attention_module._attention_backward_op, (None, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc, fc[:, 0], proj, pre, h), [True] * 5)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc), None, proj.detach(), None, h.detach(),
                                        [False, True, False, True, False])),
@@ -526,7 +530,7 @@ def test_the_custom_ops_are_sound(device):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "layer_norm-strided-weight", "add_layer_norm", "add_layer_norm-eps",
-                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "ffn"])
+                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "lse", "ffn"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
     x = torch.randn(8, 16, device=device, requires_grad=True)
@@ -545,6 +549,7 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
         "seeded-dropout": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, dropout_p=0.5, seed=1234),
         "gqa": lambda x: kernels.attention(x.view(1, 2, 4, 16), x.view(1, 1, 8, 16), x.view(1, 1, 8, 16).flip(2),
                                            dropout_p=0.5, enable_gqa=True),
+        "lse": lambda x: torch.cat([t.flatten() for t in kernels.attention(*[x.view(1, 2, 4, 16)] * 3, return_lse=True)]),
         "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
     }[name]
     results = []
