@@ -290,8 +290,10 @@ def main() -> None:
     parser.add_argument("--gqa", type=int, default=1, metavar="G",
                         help="grouped-query attention: G query heads a key/value head (default 1: multi-head)")
     args = parser.parse_args()
-    if args.gqa < 1 or any(args.hidden // D % args.gqa for D in args.head_dims) or (args.gqa > 1 and args.fused_qkv):
-        parser.error(f"--gqa {args.gqa} must divide every head count (--hidden / --head-dims), without --fused-qkv")
+    if args.gqa < 1 or any(args.hidden // D % args.gqa for D in args.head_dims):
+        parser.error(f"--gqa {args.gqa} must be at least 1 and divide every head count (--hidden / --head-dims)")
+    if args.gqa > 1 and args.fused_qkv:
+        parser.error("--gqa with --fused-qkv: the fused layout is the model's, whose k and v have q's heads")
     suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "") + (
         f"_gqa{args.gqa}" if args.gqa > 1 else "")
     if args.sweep:
