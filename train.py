@@ -281,7 +281,7 @@ def estimate_loss(
         for _ in range(args.eval_iters):
             x, y = data.batch(split, args.batch_size, model.config.block_size, gen)
             with autocast:
-                losses.append(model(x.to(device), y.to(device))[1].item())
+                losses.append(model(x.to(device), y.to(device), return_logits=False)[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -525,7 +525,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 sync = contextlib.nullcontext() if last or not world.distributed or args.fsdp else wrapped.no_sync()
                 with sync:
                     with autocast:
-                        _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                        _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                      return_logits=False)
                     scaler.scale(loss / len(batches)).backward()
                 step_loss += loss.detach() / len(batches)
             step_loss = distributed.mean(step_loss, world)  # the global batch's loss, as one process logs it

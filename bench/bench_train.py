@@ -33,7 +33,7 @@ def build(cfg, batch_size: int, dtype: str, device: str, compile: bool) -> Calla
 
     def step() -> torch.Tensor:
         with autocast:
-            _, loss = fwd(x, x)
+            _, loss = fwd(x, x, return_logits=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

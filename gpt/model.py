@@ -223,11 +223,14 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, at: Tensor | None = None
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, at: Tensor | None = None,
+        return_logits: bool = True,
+    ) -> Tensor | tuple[Tensor | None, Tensor]:
         """idx (B, T) int64 -> logits (B, T, vocab); with targets (B, T), (logits, loss).
 
-        Targets equal to -1 are ignored in the loss. With a cache, T > 1 is a prefill
+        Targets equal to -1 are ignored in the loss. return_logits=False gives (None, loss)
+        from the head and loss fused (gpt/ops.py), which never hold the logits: what
+        training needs, with ~6 GB less memory at GPT-2's batch. With a cache, T > 1 is a prefill
         from position 0 and T == 1 a decode step at each sequence's cache.lengths
         (the caller sets lengths after a prefill and advances them after a step).
         With `at` (B,) positions, only those positions get logits, (B, 1, vocab): generation
@@ -251,6 +254,8 @@ class GPT(nn.Module):
             rows = torch.arange(B, device=idx.device)
             x, branch = x[rows, at].unsqueeze(1), branch[rows, at].unsqueeze(1)
         _, x = self.transformer.ln_f(x, branch)
+        if targets is not None and not return_logits:
+            return None, ops.linear_cross_entropy(x, self.lm_head.weight, targets, -1, self.config.kernels)
         logits = self.lm_head(x)
         if targets is None:
             return logits

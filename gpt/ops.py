@@ -45,6 +45,12 @@ FFN_MIN_ROWS = 256
 # 4's A/B of it (level, bench/RESULTS.md) captured its graphs with autograd on, where this
 # path is off, so both sides ran the separate GELU.
 GELU_EPILOGUE = True
+# "auto" takes the fused head and loss (kernels.linear_cross_entropy) on CUDA in bf16 and fp32
+# without a timing, by its memory traffic: torch's path writes and reads the logits' fp32
+# copy, log-softmax and their gradients, ~20 GB a GPT-2 step (12 x 1024 tokens, vocabulary
+# 50304) against ~6 GB here, the matmuls the same, and it holds ~6 GB more at its peak. Not
+# in fp16: see kernels/cross_entropy.py.
+AUTO_TRITON_LOSS = True
 
 
 def _triton_kernels() -> ModuleType:
@@ -159,6 +165,16 @@ def ffn(
         # Autocast does not reach into Triton kernels either.
         x, fc_weight, fc_bias, proj_weight, proj_bias = _autocast(x, fc_weight, fc_bias, proj_weight, proj_bias)
     return impl.ffn(x, fc_weight, fc_bias, proj_weight, proj_bias)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, mode: str = "auto") -> Tensor:
+    """The mean cross-entropy of the head F.linear(x, weight) (no bias) against targets, in fp32."""
+    impl = step_backend(x, mode, x.shape[-1])
+    if impl is not reference:
+        x, weight = _autocast(x, weight)
+        if mode == "auto" and (not AUTO_TRITON_LOSS or x.dtype not in (torch.bfloat16, torch.float32)):
+            impl = reference
+    return impl.linear_cross_entropy(x, weight, None, targets, ignore_index)
 
 
 def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

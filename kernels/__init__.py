@@ -4,7 +4,7 @@ which serve generation only, forward only).
 `kernels.reference` holds the pure-torch versions (CPU path and test oracle).
 Importing this package never touches the GPU.
 
-Under torch.compile, attention, layer_norm, add_layer_norm and ffn run as custom ops
+Under torch.compile, attention, layer_norm, add_layer_norm, ffn and linear_cross_entropy run as custom ops
 (torch.library.custom_op, namespace "tritongpt", with fake implementations and their
 backward as ops too): Dynamo and Inductor take them into one graph without tracing into
 the launches, which failed to compile in Inductor on an H200 (torch 2.11, a decode step)
@@ -19,10 +19,11 @@ asking for a kernel raises an ImportError that says so.
 from kernels import reference
 from kernels._utils import FLOAT_DTYPES, HEAD_DIMS, LAYER_NORM_MAX_ROW_BYTES, TRITON_MISSING
 
-_KERNELS = ("attention", "decode_attention", "ffn", "layer_norm", "add_layer_norm", "sample")
+_KERNELS = ("attention", "decode_attention", "ffn", "layer_norm", "add_layer_norm", "linear_cross_entropy", "sample")
 
 if TRITON_MISSING is None:
     from kernels.attention import attention
+    from kernels.cross_entropy import linear_cross_entropy
     from kernels.decode_attention import decode_attention
     from kernels.ffn import ffn
     from kernels.layer_norm import add_layer_norm, layer_norm

@@ -80,6 +80,19 @@ def ffn(
     return F.linear(gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
 
 
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the logits F.linear(x, weight, bias), taken in fp32 (or wider);
+    x (..., C), weight (V, C), targets (...) -> a scalar ("mean", "sum") or (...) ("none")."""
+    logits = F.linear(x, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor, scale: float | None = None,
     k_new: Tensor | None = None, v_new: Tensor | None = None, enable_gqa: bool = False,

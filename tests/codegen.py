@@ -27,9 +27,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The modules, not the functions of the same names that kernels/__init__.py exports.
-attention, decode_attention, ffn, layer_norm, sampling = (
+attention, cross_entropy, decode_attention, ffn, layer_norm, sampling = (
     importlib.import_module(f"kernels.{name}")
-    for name in ("attention", "decode_attention", "ffn", "layer_norm", "sampling")
+    for name in ("attention", "cross_entropy", "decode_attention", "ffn", "layer_norm", "sampling")
 )
 
 ARCHS = (90, 80)
@@ -314,6 +314,19 @@ def sampling_cases(arch: int) -> dict[str, dict]:
     }
 
 
+def cross_entropy_cases(arch: int) -> dict[str, dict]:
+    """The fused loss's row kernel over GPT-2's vocabulary in bf16 and fp32, with and
+    without the gradient pass, on the launcher's block and warps."""
+    block_v = min(cross_entropy._MAX_BLOCK_V, triton.next_power_of_2(50304))
+    return {
+        f"cross_entropy {dtype} grad={grad}": compile_case(
+            arch, cross_entropy._cross_entropy_kernel, {"logits_ptr": dtype, "targets_ptr": "i64", "loss_ptr": "fp32"},
+            dict(BLOCK_V=block_v, HAS_GRAD=grad), unaligned=("stride_row", "V", "ignore_index"),
+            num_warps=max(1, min(16, block_v // 256)))
+        for dtype in ("bf16", "fp32") for grad in (True, False)
+    }
+
+
 def dropout_cost(arch: int) -> None:
     """Prints the machine instructions a score that attention dropout adds to each kernel:
     built with and without it on the table's tiles, the difference over the scores a
@@ -342,7 +355,8 @@ def main() -> None:
         return
     cases = {}
     for arch in ARCHS:
-        for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases, sampling_cases):
+        for group in (layer_norm_cases, attention_cases, ffn_cases, decode_attention_cases, sampling_cases,
+                      cross_entropy_cases):
             cases |= {f"sm{arch} {name}": case for name, case in group(arch).items()}
     json.dump(cases, sys.stdout, indent=1)
 

@@ -15,8 +15,9 @@ from kernels._utils import TRITON_MISSING  # noqa: E402
 # The kernels' own test modules. Where Triton is missing (macOS, Windows, torch's CPU wheels)
 # they are skipped whole and the tests marked `triton` (the model on the kernels) are skipped:
 # the rest of the suite tests the model on its torch path, the one that runs there.
-KERNEL_MODULES = ["test_attention.py", "test_bench.py", "test_bounds.py", "test_codegen.py", "test_decode_attention.py",
-                  "test_ffn.py", "test_kernel_api.py", "test_layer_norm.py", "test_model_kernels.py", "test_sampling.py"]
+KERNEL_MODULES = ["test_attention.py", "test_bench.py", "test_bounds.py", "test_codegen.py", "test_cross_entropy.py",
+                  "test_decode_attention.py", "test_ffn.py", "test_kernel_api.py", "test_layer_norm.py",
+                  "test_model_kernels.py", "test_sampling.py"]
 
 
 def pytest_addoption(parser):

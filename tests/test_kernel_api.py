@@ -18,6 +18,7 @@ from kernels import _utils, reference
 ffn_module = importlib.import_module("kernels.ffn")  # the module, not the function of that name
 attention_module = importlib.import_module("kernels.attention")
 layer_norm_module = importlib.import_module("kernels.layer_norm")
+cross_entropy_module = importlib.import_module("kernels.cross_entropy")
 
 
 def _layer_norm(x):
@@ -38,7 +39,12 @@ def _ffn(x):
     return kernels.ffn(x, w, None, w.t().contiguous(), None)
 
 
-@pytest.mark.parametrize("op", [_layer_norm, _add_layer_norm, _attention, _ffn], ids=lambda f: f.__name__[1:])
+def _linear_cross_entropy(x):
+    return kernels.linear_cross_entropy(x, x.detach().flip(0), None, torch.arange(x.shape[0], device=x.device))
+
+
+@pytest.mark.parametrize("op", [_layer_norm, _add_layer_norm, _attention, _ffn, _linear_cross_entropy],
+                         ids=lambda f: f.__name__[1:])
 def test_double_backward_is_refused(op, device):
     """create_graph=True would differentiate gradients that carry no graph: the second-order
     terms (a gradient penalty, say) would be dropped without a word."""
@@ -220,6 +226,25 @@ def _record(monkeypatch, *names):
             fn = getattr(module, op)
             monkeypatch.setattr(module, op, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
     return used
+
+
+@pytest.mark.parametrize("dtype, autocast, switch, runs", [
+    (torch.float32, None, True, "kernels"),
+    (torch.float32, torch.float16, True, "reference"),
+    (torch.float16, None, True, "reference"),
+    (torch.float32, None, False, "reference"),
+], ids=["fp32", "fp16-autocast", "fp16", "switched-off"])
+def test_auto_fused_loss_takes_the_reference_in_fp16_or_switched_off(auto_runs_kernels, monkeypatch, dtype, autocast,
+                                                                      switch, runs):
+    """fp16 holds the rows' gradients too coarsely (kernels/cross_entropy.py): "auto" takes
+    torch's head and loss there, in the autocast dtype as much as in the tensors' own."""
+    monkeypatch.setattr(ops, "AUTO_TRITON_LOSS", switch)
+    monkeypatch.setattr(ops, "AUTO_MIN_WIDTH", 16)
+    used = _record(monkeypatch, "linear_cross_entropy")
+    x, w = torch.randn(2, 3, 16, dtype=dtype), torch.randn(20, 16, dtype=dtype)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        ops.linear_cross_entropy(x, w, torch.randint(0, 20, (2, 3)), -1, mode="auto")
+    assert used == [runs]
 
 
 @pytest.mark.parametrize("x_dtype, residual_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
@@ -519,6 +544,15 @@ def _opcheck_cases(d: str) -> list:
         (ffn_module._ffn_backward_op, (*(z.half() for z in detached(x3, x3, fc, fc[:, 0], proj)), None,
                                        h.detach().half(), [True] * 5)),
     ]
+    targets = torch.randint(0, 20, (3, 5), device=d)
+    targets[0, 0] = -1
+    lce = cross_entropy_module._linear_cross_entropy_op
+    cases += [
+        (lce, (x[..., :16], t(20, 16), t(20), targets, -1, "mean", [True, True, True])),
+        (lce, (x[..., :16], t(20, 16), None, targets, -1, "sum", [False, True, False])),
+        (lce, (t(4, 16, dtype=torch.float16), t(20, 16, dtype=torch.float16), None, targets[0, :4], -1, "mean",
+               [True, False, False])),
+    ]
     return cases
 
 
@@ -530,7 +564,8 @@ def test_the_custom_ops_are_sound(device):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "layer_norm-strided-weight", "add_layer_norm", "add_layer_norm-eps",
-                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "lse", "ffn"])
+                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "lse", "ffn",
+                                  "linear_cross_entropy"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
     x = torch.randn(8, 16, device=device, requires_grad=True)
@@ -551,6 +586,8 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
                                            dropout_p=0.5, enable_gqa=True),
         "lse": lambda x: torch.cat([t.flatten() for t in kernels.attention(*[x.view(1, 2, 4, 16)] * 3, return_lse=True)]),
         "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
+        "linear_cross_entropy": lambda x: kernels.linear_cross_entropy(
+            x, fc, None, torch.arange(8, device=x.device) * 7, ignore_index=14).view(1),
     }[name]
     results = []
     for fn in (op, torch.compile(op, fullgraph=True, backend="aot_eager")):
@@ -572,7 +609,10 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
      "pass enable_gqa=True"),
     (lambda d: kernels.ffn(torch.randn(3, 8, device=d), torch.randn(32, 16, device=d), None,
                            torch.randn(16, 32, device=d), None), "in-features"),
-], ids=["layer_norm", "layer_norm-scalar", "add_layer_norm", "attention", "attention-3d", "attention-heads", "ffn"])
+    (lambda d: kernels.linear_cross_entropy(torch.randn(3, 8, device=d), torch.randn(32, 8, device=d), None,
+                                            torch.zeros(3, device=d)), "targets must be integer indices"),
+], ids=["layer_norm", "layer_norm-scalar", "add_layer_norm", "attention", "attention-3d", "attention-heads", "ffn",
+        "linear_cross_entropy"])
 def test_torch_compile_raises_the_eager_value_error(call, match, device):
     """Bad input under torch.compile is the eager one-line ValueError, raised while tracing,
     not a failure deep inside the fake-tensor pass."""
@@ -739,7 +779,7 @@ def _launchers(module) -> dict[str, bool]:
     return {name: name in guarded for name in launching}
 
 
-@pytest.mark.parametrize("module", [ffn_module, attention_module, layer_norm_module,
+@pytest.mark.parametrize("module", [ffn_module, attention_module, layer_norm_module, cross_entropy_module,
                                     importlib.import_module("kernels.decode_attention"),
                                     importlib.import_module("kernels.sampling")], ids=lambda m: m.__name__)
 def test_every_launch_runs_on_its_tensors_gpu(module):
@@ -795,7 +835,8 @@ def test_kernels_run_on_the_gpu_of_their_tensors():
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "attention", "ffn", "decode_attention"])
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "attention", "ffn", "decode_attention",
+                                  "linear_cross_entropy"])
 def test_the_reference_takes_each_kernels_arguments(name):
     """kernels.reference's version of each kernel takes its arguments, in order and with
     the same defaults, less the kernels' own seed= and recompute_pre= (as the README says):

@@ -322,6 +322,23 @@ def test_the_loss_of_a_half_precision_model_is_fp32():
     torch.testing.assert_close(loss, F.cross_entropy(logits.float().view(-1, 50), idx.view(-1)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loss_without_logits_is_the_loss_with_them(dtype):
+    """return_logits=False (train.py's call) gives no logits and, on the torch path, the very
+    loss and gradients of the default call: -1 targets left out, fp32 from a bf16 model."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).to(dtype)
+    idx, targets = torch.randint(0, 50, (2, 2, 8))
+    targets[0, :3] = -1
+    results = []
+    for return_logits in (True, False):
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        assert (logits is None) != return_logits and loss.dtype == torch.float32
+        results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
+    for without, with_ in zip(*results[::-1]):
+        torch.testing.assert_close(without, with_, rtol=0, atol=0)
+
+
 def test_a_decode_step_updates_only_the_tensors_the_cache_lists():
     """KVCache.tensors() is every tensor a decode step writes (gpt.generate marks them as fixed
     addresses for compiled steps): a step changes some of the cache's tensors and none outside

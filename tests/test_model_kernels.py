@@ -34,7 +34,7 @@ def train_losses(
     losses = []
     for _ in range(steps):
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = model(x, x.roll(-1, dims=1))
+            _, loss = model(x, x.roll(-1, dims=1), return_logits=False)  # as train.py
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -45,27 +45,28 @@ def train_losses(
 @pytest.mark.parametrize("cfg", [{}, {"bias": False}, {"n_embd": 64, "n_head": 4}], ids=["base", "no-bias", "wider"])
 def test_triton_path_matches_reference_path(device, cfg, monkeypatch):
     calls = Counter()
-    for op in ("add_layer_norm", "layer_norm", "attention", "ffn"):
+    for op in ("add_layer_norm", "layer_norm", "attention", "ffn", "linear_cross_entropy"):
         monkeypatch.setattr(kernels, op, _counted(getattr(kernels, op), op, calls))
     ref, ref_model = train_losses("torch", device, **cfg)
     assert not calls
     tri, tri_model = train_losses("triton", device, **cfg)
-    assert {"add_layer_norm", "attention", "ffn"} <= set(calls), calls
+    assert {"add_layer_norm", "attention", "ffn", "linear_cross_entropy"} <= set(calls), calls
     assert ref[-1] < ref[0]
     torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(ref_model.named_parameters(), tri_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("min_width, expected", [(64, set()), (32, {"add_layer_norm", "layer_norm", "attention"})])
+@pytest.mark.parametrize("min_width, expected", [
+    (64, set()), (32, {"add_layer_norm", "layer_norm", "attention", "linear_cross_entropy"})])
 def test_auto_runs_narrow_models_on_torch(min_width, expected, monkeypatch, device):
     """kernels="auto" on a GPU (on CPU the interpreted Triton module stands in): a model
     narrower than AUTO_MIN_WIDTH trains on the reference, a wide enough one on the Triton
-    LayerNorm and attention; the FFN stays on cuBLAS while AUTO_TRITON_FFN is off."""
+    LayerNorm, attention and fused loss; the FFN stays on cuBLAS while AUTO_TRITON_FFN is off."""
     from gpt import ops
 
     calls = Counter()
-    for op in ("add_layer_norm", "layer_norm", "attention", "ffn"):
+    for op in ("add_layer_norm", "layer_norm", "attention", "ffn", "linear_cross_entropy"):
         monkeypatch.setattr(kernels, op, _counted(getattr(kernels, op), op, calls))
     monkeypatch.setattr(ops, "backend", lambda x, mode="auto": kernels if mode != "torch" else ops.reference)
     monkeypatch.setattr(ops, "AUTO_MIN_WIDTH", min_width)
@@ -96,7 +97,7 @@ def test_triton_path_matches_reference_path_bf16_gpt2_width():
         losses = []
         for b in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(b[:, :-1], b[:, 1:])
+                _, loss = model(b[:, :-1], b[:, 1:], return_logits=False)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -119,7 +120,7 @@ def test_torch_compile_takes_the_kernels_into_one_graph(device, backend):
     x = torch.randint(0, 64, (2, 16), device=device)
     ref_loss = ref(x, x.roll(-1, dims=1))[1]
     ref_loss.backward()
-    tri_loss = torch.compile(tri, fullgraph=True, backend=backend)(x, x.roll(-1, dims=1))[1]
+    tri_loss = torch.compile(tri, fullgraph=True, backend=backend)(x, x.roll(-1, dims=1), return_logits=False)[1]
     tri_loss.backward()
     torch.testing.assert_close(tri_loss, ref_loss, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):

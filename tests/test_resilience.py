@@ -231,8 +231,8 @@ class NaNAfter(GPT):
     bad_calls: set = set()
     calls = 0
 
-    def forward(self, idx, targets=None):
-        out = super().forward(idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        out = super().forward(idx, targets, **kwargs)
         if targets is not None and self.training:
             NaNAfter.calls += 1
             if NaNAfter.calls in NaNAfter.bad_calls:
@@ -271,8 +271,8 @@ class InfGradAt(GPT):
     bad_calls: set = set()
     calls = 0
 
-    def forward(self, idx, targets=None):
-        logits, loss = super().forward(idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = super().forward(idx, targets, **kwargs)
         if targets is not None and self.training:
             InfGradAt.calls += 1
             if InfGradAt.calls in InfGradAt.bad_calls:
@@ -686,12 +686,12 @@ class OutOfMemoryAt(GPT):
     at = 0
     calls = 0
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, **kwargs):
         if targets is not None and self.training:
             OutOfMemoryAt.calls += 1
             if OutOfMemoryAt.calls == OutOfMemoryAt.at:
                 raise OutOfMemoryAt.error
-        return super().forward(idx, targets)
+        return super().forward(idx, targets, **kwargs)
 
 
 @pytest.mark.parametrize("error, where", [
@@ -1003,8 +1003,8 @@ def test_a_stop_during_a_skipped_step_resumes_on_its_retry(tmp_path, corpus, mon
         return b
 
     class Poisoned(GPT):
-        def forward(self, idx, targets=None):
-            logits, loss = super().forward(idx, targets)
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
             if targets is not None and self.training and "x" in poison and torch.equal(idx, poison["x"]):
                 loss = loss * float("nan")
             return logits, loss
@@ -1080,8 +1080,8 @@ def test_torchrun_fsdp_resumes_a_checkpoint_saved_before_any_update(tmp_path, co
     some first, with a step at lr 0, which an empty state does not replace: AdamW then counted one
     update too many (bias correction), and the run went on unlike one resumed in one process."""
     class StoppedInANonFiniteFirstStep(GPT):
-        def forward(self, idx, targets=None):
-            logits, loss = super().forward(idx, targets)
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
             if targets is not None and self.training:
                 if not hasattr(StoppedInANonFiniteFirstStep, "sent"):
                     StoppedInANonFiniteFirstStep.sent = os.kill(os.getpid(), signal.SIGINT)  # finish the step, save
