@@ -20,12 +20,13 @@
 # tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next
 # (the FFN's profile, split-K sum kernel and candidates first: its C = 768 is the worst number):
 #   bash bench/gpu_check.sh "$OUT" 400 gpu-tests ffn-profile ffn-candidates ln-sweep
-#   bash bench/gpu_check.sh "$OUT" 360 bench-ffn bench-layer-norm bench-train bench-attention-dropout \
-#       bench-sampling train-triton train-torch
+#   bash bench/gpu_check.sh "$OUT" 360 bench-ffn bench-layer-norm bench-cross-entropy bench-train \
+#       bench-attention-dropout bench-sampling train-triton train-torch
 # then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
 # rows draw on kernels.sample since run 6), ffn-few-rows, bench-attention-fused,
 # bench-attention-gqa, bench-train-small and bench-train-compile wait for a lease after
-# (gpu-tests runs the grouped-query attention's gpu tests in the first call).
+# (gpu-tests runs the grouped-query attention's and the fused loss's gpu tests in the first
+# call; bench-train and train-triton run the fused loss, which "auto" takes untimed).
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised FFN's gpu tests alone under a short limit: if they
@@ -84,10 +85,11 @@ if [[ -n "$rc" && "$rc" != 0 ]]; then
 fi
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m gpu -k "not ($ws_tests)" tests/test_ffn.py \
     tests/test_model_kernels.py tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py \
-    tests/test_generate.py tests/test_sampling.py
+    tests/test_generate.py tests/test_sampling.py tests/test_cross_entropy.py
 step sampling-tests 90 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore tests/test_sampling.py tests/test_generate.py
 step kernel-tests-on-cuda 80 python3 -m pytest -q -p no:cacheprovider -n 8 -W ignore -m "not gpu" tests/test_ffn.py \
-    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py
+    tests/test_layer_norm.py tests/test_attention.py tests/test_decode_attention.py tests/test_model_kernels.py tests/test_sampling.py \
+    tests/test_cross_entropy.py
 step bench-ffn 90 python3 -m bench.bench_ffn
 step ffn-few-rows 30 python3 -m bench.bench_ffn --few-rows
 # Which kernel makes C = 768's forward+backward unsteady (0.59-0.83x eager across runs 5-6),
@@ -107,6 +109,9 @@ step bench-attention-fused 70 python3 -m bench.bench_attention --fused-qkv --hea
 # and FlexAttention's enable_gqa.
 step bench-attention-gqa 100 python3 -m bench.bench_attention --gqa 4 --head-dims 128
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
+# The fused head and loss (untimed so far; "auto" takes it by its memory traffic) beside
+# torch eager, torch.compile and Liger-Kernel's fused linear cross-entropy, with peak memory.
+step bench-cross-entropy 90 python3 -m bench.bench_cross_entropy
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 # torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.
 step bench-train-compile 200 python3 -m bench.bench_train --steps 10 --burn-in 3

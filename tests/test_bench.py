@@ -230,3 +230,24 @@ def test_the_grouped_query_run_checks_and_times_k_and_v_with_fewer_heads(monkeyp
     assert shapes == [(4, 2)] and "naive at T=16, D=16" in out
     assert "2 query heads a key/value head" in out
     assert re.search(r"\| 16 \| 1 \| 4 \| [0-9.]+ \| — \|", out)  # ours timed, the wrong peer left out
+
+
+@cpu_smoke
+def test_the_loss_benchmark_leaves_out_a_peer_with_a_wrong_gradient(monkeypatch, capsys):
+    """bench_cross_entropy checks the loss and both gradients against float64 first: a peer
+    whose dx is off is left out of its three tables, ours and torch's are timed."""
+    from bench import bench_cross_entropy
+
+    def wrong(x, w, t):
+        return bench_cross_entropy.torch_loss(x, w, t) + (x - x.detach()).sum()
+
+    ours = bench_cross_entropy.peers(use_compile=False, cuda=False)["triton"]
+    monkeypatch.setattr(bench_cross_entropy, "peers", lambda use_compile, cuda: {
+        "triton": ours, "torch": bench_cross_entropy.torch_loss, "liger": wrong})
+    monkeypatch.setattr(bench_cross_entropy, "plot", lambda *args, **kwargs: None)
+    bench_cross_entropy.run([24], 16, 100, torch.float32, "cpu", use_compile=False, plot_suffix="")
+    out = capsys.readouterr().out
+    assert "liger: skipped at M=24 (AssertionError: liger at M=24: tensor 1 off by" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 24 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]  # M, triton, torch, liger, torch / triton, liger / triton
+    assert cells[3] == "—" and cells[5] == "—" and float(cells[1]) > 0 and float(cells[2]) > 0
