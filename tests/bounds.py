@@ -182,8 +182,32 @@ def sample(after: bool) -> None:
                 assert ((0 <= ids) & (ids < 1000)).all()
 
 
+def linear_cross_entropy(after: bool) -> None:
+    """Vocabularies of 1000 (one ragged block of columns) and 5000 (a whole block and a
+    ragged one), rows in chunks whose last is ragged; targets at either end of the row,
+    ignored and far out of range (a NaN loss, not a read). The chunks' logits, which the
+    kernel overwrites with their gradient, come from F.linear: guarded here too."""
+    import torch.nn.functional as F
+
+    from kernels import linear_cross_entropy
+
+    module = sys.modules["kernels.cross_entropy"]
+    functional = type("F", (), dict(linear=staticmethod(lambda *a: guarded(F.linear(*a), after))))
+    for V in (1000, 5000):
+        with _patched(module, dict(F=functional, _CHUNK_ELEMENTS=3 * V)):
+            x = guarded(torch.randn(8, 16), after).requires_grad_()
+            w = guarded(torch.randn(V, 16) / 4, after).requires_grad_()
+            b = guarded(torch.randn(V), after).requires_grad_()
+            targets = guarded(torch.tensor([0, V - 1, -100, 5, V - 1, 0, 7, 3]), after)
+            loss = linear_cross_entropy(x, w, b, targets)
+            loss.backward()
+            assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in (x, w, b))
+            bad = guarded(torch.tensor([0, V + 10**6, -100, 5, -(10**6), 0, 7, 3]), after)
+            assert torch.isnan(linear_cross_entropy(x, w, b, bad))
+
+
 CASES: dict[str, Callable[[bool], None]] = {
-    f.__name__: f for f in (ffn, attention, layer_norm, decode_attention, sample)
+    f.__name__: f for f in (ffn, attention, layer_norm, decode_attention, sample, linear_cross_entropy)
 }
 
 
