@@ -566,9 +566,11 @@ def _train(args: argparse.Namespace, world: distributed.World, device: str, log)
                 if args.max_time:
                     left = min(left, args.max_time - elapsed)
                 mfu = f" | mfu {model.flops_per_token(config.block_size) * tok_s / world.size / peak:.1%}" if peak else ""
+                # The most this process's tensors have taken on its GPU so far, as modded-nanogpt logs it.
+                mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else ""
                 train_loss = (loss_sum / loss_count).item()
                 log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                    f"{tok_s:,.0f} tok/s{mfu} | eta {fmt_time(max(0.0, left))}", flush=True)
+                    f"{tok_s:,.0f} tok/s{mfu}{mem} | eta {fmt_time(max(0.0, left))}", flush=True)
                 if world.main:
                     metrics.append(step=step, train_loss=f"{train_loss:.4f}", lr=f"{lr:.3e}", tokens_per_s=f"{tok_s:.0f}",
                                    elapsed_s=f"{elapsed:.1f}", skipped=skipped_total)

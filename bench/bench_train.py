@@ -94,9 +94,16 @@ def main() -> None:
         steps[name] = step
     # Rounds in turn, so that a slow spell of the device is shared rather than one row's.
     times: dict[str, list[float]] = {name: [] for name in steps}
+    memory: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, step in steps.items():
+            if cuda:  # the step's own peak, above every built model's weights and optimizer state
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                held = torch.cuda.memory_allocated()
             times[name].append(timed(step, args.steps, device))
+            if cuda:
+                memory[name] = max(memory.get(name, 0.0), (torch.cuda.max_memory_allocated() - held) / 2**30)
     peak = peak_flops(device, args.dtype)
     rows, baseline = [], None
     for name, kernels, _ in variants:
@@ -108,11 +115,12 @@ def main() -> None:
         mfu = GPT(base.updated(kernels=kernels)).flops_per_token() * tok_s / peak if peak else None
         spread = (max(times[name]) - min(times[name])) / ms
         rows.append((name, ms, f"{spread:.1%}", f"{tok_s:,.0f}", f"{mfu:.1%}" if mfu else None,
-                     f"{tok_s / baseline:.2f}x" if baseline else None))
+                     f"{tok_s / baseline:.2f}x" if baseline else None, memory.get(name)))
     print_table(
         f"training step, preset {args.preset}, batch {args.batch_size} x {base.block_size}, {args.dtype}, "
         f"median of {args.rounds} rounds of {args.steps} steps",
-        ["implementation", "ms/step", "spread (max-min)/median", "tokens/s", "MFU", "vs eager"],
+        ["implementation", "ms/step", "spread (max-min)/median", "tokens/s", "MFU", "vs eager",
+         "step's peak memory, GiB"],
         rows,
     )
 

@@ -111,7 +111,7 @@ step bench-attention-gqa 100 python3 -m bench.bench_attention --gqa 4 --head-dim
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 # The fused head and loss (untimed so far; "auto" takes it by its memory traffic) beside
 # torch eager, torch.compile and Liger-Kernel's fused linear cross-entropy, with peak memory.
-step bench-cross-entropy 90 python3 -m bench.bench_cross_entropy
+step bench-cross-entropy 90 python3 -m bench.bench_cross_entropy --tokens 4096 16384
 step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
 # torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.
 step bench-train-compile 200 python3 -m bench.bench_train --steps 10 --burn-in 3
