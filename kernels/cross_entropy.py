@@ -27,8 +27,10 @@ from kernels._utils import check_inputs, interpreting, next_power_of_2, on_input
 # at GPT-2's width whatever the chunk's rows: five chunks a 12 x 1024 batch keep that to
 # 2.3 GB, and the chunks' matmuls large. Untimed on a GPU.
 _CHUNK_ELEMENTS = 2**27
-# Columns a program reads at a step: 16 warps of 8 16-bit values (one 16-byte load) a thread.
-_MAX_BLOCK_V = 4096
+# Columns a program reads at a step: 16 warps of 4 values a thread. 27-32 registers in the
+# sm90/sm80 builds of Triton 3.6-3.9, so four programs fill an SM's 64 warps; 8 values a
+# thread took 40-50 (Triton 3.9, sm90: two programs an SM).
+_MAX_BLOCK_V = 2048
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -106,7 +108,7 @@ def _linear_cross_entropy_fwd(
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None
     db = torch.zeros(V, dtype=torch.float32, device=x.device) if needs[2] else None
     block_v = min(_MAX_BLOCK_V, next_power_of_2(V))
-    warps = 1 if interpreting() else max(1, min(16, block_v // 256))
+    warps = 1 if interpreting() else max(1, min(16, block_v // 128))
     rows = _chunk_rows(V)
     # Autocast stays outside (the caller casts, as for every kernel): the matmuls run in x's dtype.
     with torch.autocast(x.device.type, enabled=False):

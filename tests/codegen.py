@@ -322,7 +322,7 @@ def cross_entropy_cases(arch: int) -> dict[str, dict]:
         f"cross_entropy {dtype} grad={grad}": compile_case(
             arch, cross_entropy._cross_entropy_kernel, {"logits_ptr": dtype, "targets_ptr": "i64", "loss_ptr": "fp32"},
             dict(BLOCK_V=block_v, HAS_GRAD=grad), unaligned=("stride_row", "V", "ignore_index"),
-            num_warps=max(1, min(16, block_v // 256)))
+            num_warps=max(1, min(16, block_v // 128)))
         for dtype in ("bf16", "fp32") for grad in (True, False)
     }
 

@@ -64,7 +64,7 @@ def test_loops_are_pipelined(cases):
     attention over a bf16 cache strided along D loads 2-byte elements one by one, which
     cp.async (4 bytes at least) cannot copy: that case is there for its index arithmetic.
     The loss's row kernel streams its row through registers, feeding no tl.dot, which
-    Triton builds without cp.async; three 16-warp programs an SM keep loads in flight."""
+    Triton builds without cp.async; four 16-warp programs an SM keep loads in flight."""
     flat = {name: c for name, c in cases.items() if c["cp_async"] == 0 and c["tma_loads"] == 0 and not any(
         k in name for k in ("layer_norm fwd", "sample", "decode_attention D=64 strided", "cross_entropy"))}
     assert not flat, f"no cp.async or TMA copies (loads not pipelined): {sorted(flat)}"
@@ -129,10 +129,11 @@ def test_layer_norm_persistent_forward_occupancy(cases):
     assert checked
 
 
-def test_cross_entropy_keeps_three_programs_per_sm(cases):
-    """48 of an SM's 64 warps: what the row kernel, unpipelined, hides its loads' latency with."""
-    low = {name: _programs_per_sm(c) for name, c in cases.items() if "cross_entropy" in name and _programs_per_sm(c) < 3}
-    assert not low, f"fewer than three programs an SM: {low}"
+def test_cross_entropy_fills_the_sms_warps(cases):
+    """Four 16-warp programs, all 64 of an SM's warps: what the row kernel, unpipelined,
+    hides its loads' latency with (8 values a thread left Triton 3.9's sm90 build two)."""
+    low = {name: _programs_per_sm(c) for name, c in cases.items() if "cross_entropy" in name and _programs_per_sm(c) < 4}
+    assert not low, f"fewer than four programs an SM: {low}"
 
 
 def test_ffn_weight_gradients_fit_two_programs_per_sm(cases):
