@@ -33,6 +33,13 @@ query head h reads head h // GROUP. The forward and dQ only index K and V by it;
 program walks the query tiles of its group's heads in one loop (GROUP = 1 folds away), or
 of a part of the group where whole groups would leave SMs idle (_group_splits).
 
+A causal sliding window (window=W: each query sees its W latest keys) adds a masked stage
+before the unmasked one, for the tiles at the window's trailing edge, and skips the tiles
+behind it: the forward and dQ start their key loop at the window's first tile, dK/dV stop
+their query loop at the last query whose window reaches the key tile. WINDOW is a
+constexpr: without a window every kernel builds as before (tests/codegen.py's builds
+keep their instruction and register counts).
+
 On Hopper, TMA descriptors can move the tiles each kernel loops over (_Launch.tma, timed
 by bench_attention --sweep; the default only for the D = 128 dQ).
 """
@@ -105,7 +112,7 @@ def _dropout_keep(seed, dropout_p, bh, start_m, start_n, BLOCK_M: tl.constexpr, 
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V,
     stride_kt, stride_vt, b, h, bh,
-    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -115,10 +122,12 @@ def _attn_fwd_inner(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Folds key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile.
 
-    Without MASK every tile must be in bounds and wholly visible to every query row.
+    Without MASK every tile must be in bounds and wholly visible to every query row. With
+    MASK and WINDOW, keys `window` or more positions behind a query are masked too.
     TMA: K and V are (B, H, T, D) descriptors, read at head (b, h), zero-filled past Tk;
     else pointers already at the head. DROPOUT zeroes the dropped probabilities after
     they entered the row sums (the caller scales by 1 / (1 - dropout_p)).
@@ -140,14 +149,22 @@ def _attn_fwd_inner(
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+            if WINDOW:
+                keep = keep & (offs_n[None, :] > offs_m[:, None] + offset - window)
             # Every valid row sees key 0 in its first tile, so m_i is finite after it and
             # a row fully masked in a later tile adds exp2(-inf) = 0, never a NaN.
             qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_ij[:, None])
+            m_use = m_ij
+            if WINDOW:
+                # ...but under a window a row may have seen no key yet: its max stays -inf,
+                # and exp2(-inf - -inf) would be NaN. Exponents taken from 0 give P = 0.
+                m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk - m_use[:, None])
         elif NEGATIVE_SCALE:
             qk = qk * qk_scale
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_ij
             p = tl.math.exp2(qk - m_ij[:, None])
         else:
             # The scale folded into one FMA per score (the Triton tutorial's form): with
@@ -155,8 +172,9 @@ def _attn_fwd_inner(
             # loop is where the forward spends its time, and at D = 64 the softmax's
             # per-score instructions, not the matmuls, set its pace.
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_ij
             p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
             v = V.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -173,13 +191,22 @@ def _attn_fwd_inner(
 
 
 @triton.jit
+def _window_tiles(start_m, BLOCK_M: tl.constexpr, offset, window, mid, BLOCK_N: tl.constexpr):
+    """For the query tile at start_m under a causal window: the first key tile any of its
+    rows sees (lo), and the first from which every row sees every key up to mid (full)."""
+    lo = tl.maximum(start_m + offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    full = tl.cdiv(tl.maximum(start_m + BLOCK_M + offset - window, 0), BLOCK_N) * BLOCK_N
+    return lo, tl.maximum(tl.minimum(full, mid), lo)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    H, Tq, Tk, qk_scale, seed, dropout_p,
+    H, Tq, Tk, qk_scale, seed, dropout_p, window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -190,6 +217,7 @@ def _attn_fwd_kernel(
     SPLIT_GRID: tl.constexpr,
     DROPOUT: tl.constexpr,
     GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head). TMA: Q, K and V are (B, H, T, D)
     tensor descriptors, tiles moved by the TMA engine (no per-thread addresses; zero fill
@@ -234,15 +262,27 @@ def _attn_fwd_kernel(
         offset = 0
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
+    lo = 0
+    if WINDOW:
+        # Keys before lo are out of every row's window (skipped); [lo, full) are out of some
+        # rows' (masked); [full, mid) are in every row's.
+        lo, full = _window_tiles(start_m, BLOCK_M, offset, window, mid, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, lo, full, Tq,
+            Tk, offset, qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            MASK=True, CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            WINDOW=True,
+        )
+        lo = full
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk, offset,
-        qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
-        NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, lo, mid, Tq, Tk,
+        offset, qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False,
+        CAUSAL=CAUSAL, NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT, WINDOW=False,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk, offset,
-        qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
-        NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
+        NEGATIVE_SCALE=NEGATIVE_SCALE, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT, WINDOW=WINDOW,
     )
 
     o = acc / l_i[:, None]
@@ -284,7 +324,7 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, Q, DO, LSE, DELTA,
     stride_qh, stride_qt, stride_doh, stride_dot, b, h, bh,
-    start_n, offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_n, offs_n, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -293,13 +333,14 @@ def _attn_bwd_dkdv_inner(
     TMA: tl.constexpr,
     DROPOUT: tl.constexpr,
     GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Adds the query tiles [lo, hi) of query heads h, h + 1, ..., h + GROUP - 1 to one
     key tile's dK (unscaled) and dV.
 
     Works on transposed scores (keys x queries) so that P^T and dS^T feed the matmuls
     directly. Query rows past Tq load zeros and a log-sum-exp of +inf: P = 0 there, so
-    they add nothing; MASK applies the causal mask. TMA: Q and DO are (B, H, T, D)
+    they add nothing; MASK applies the causal mask (and with WINDOW the window's). TMA: Q and DO are (B, H, T, D)
     descriptors read at head (b, h), else pointers already at the head, as are LSE and
     DELTA (bh: the head's b * H + h). DROPOUT: dV takes the kept probabilities, dP the
     kept entries scaled by 1 / (1 - dropout_p) (the caller scales dV by it).
@@ -329,7 +370,11 @@ def _attn_bwd_dkdv_inner(
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASK:
-            pT = tl.where(offs_m[None, :] + offset >= offs_n[:, None], pT, 0.0)
+            if WINDOW:
+                seen = (offs_m[None, :] + offset >= offs_n[:, None]) & (offs_m[None, :] + offset - window < offs_n[:, None])
+                pT = tl.where(seen, pT, 0.0)
+            else:
+                pT = tl.where(offs_m[None, :] + offset >= offs_n[:, None], pT, 0.0)
         if TMA:
             do = DOg.load([b, hg, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
@@ -357,7 +402,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    H, Tq, Tk, scale, qk_scale, seed, dropout_p,
+    H, Tq, Tk, scale, qk_scale, seed, dropout_p, window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -368,6 +413,7 @@ def _attn_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr,
     GROUP: tl.constexpr,
     KV_SPLITS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One BLOCK_N tile of keys of one (batch, key/value head) against the queries that
     see it, in each of the GROUP query heads that share the head (GROUP is 1 for
@@ -418,19 +464,38 @@ def _attn_bwd_dkdv_kernel(
         mid = tl.minimum(lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
-            start_n, offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p,
+            start_n, offs_n, offs_d, lo, mid, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
-            GROUP=GROUP,
+            GROUP=GROUP, WINDOW=WINDOW,
         )
     else:
         offset = 0
         mid = 0
-    dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
-        start_n, offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
-        GROUP=GROUP,
-    )
+    if WINDOW:
+        # Queries from mid see all of these keys until `last`, the first whose window starts
+        # past start_n; from last to hi they see some (masked), from hi on none (skipped).
+        last = start_n + window - offset
+        full = tl.minimum(mid + tl.maximum(last - mid, 0) // BLOCK_M * BLOCK_M, Tq)
+        hi = tl.minimum(start_n + BLOCK_N - 1 + window - offset, Tq)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
+            start_n, offs_n, offs_d, mid, full, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            GROUP=GROUP, WINDOW=False,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
+            start_n, offs_n, offs_d, full, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            GROUP=GROUP, WINDOW=True,
+        )
+    else:
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
+            start_n, offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+            GROUP=GROUP, WINDOW=False,
+        )
 
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
@@ -444,7 +509,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, K, V,
     stride_kt, stride_vt, b, h, bh,
-    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p,
+    start_m, offs_m, offs_d, lo, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -453,6 +518,7 @@ def _attn_bwd_dq_inner(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Adds the key tiles [lo, hi) to one query tile's dQ (unscaled); bounds, TMA and
     dropout as in the forward and _attn_bwd_dkdv_inner."""
@@ -477,6 +543,8 @@ def _attn_bwd_dq_inner(
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+            if WINDOW:
+                keep = keep & (offs_n[None, :] > offs_m[:, None] + offset - window)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
@@ -495,7 +563,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    H, Tq, Tk, scale, qk_scale, seed, dropout_p,
+    H, Tq, Tk, scale, qk_scale, seed, dropout_p, window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -505,6 +573,7 @@ def _attn_bwd_dq_kernel(
     SPLIT_GRID: tl.constexpr,
     DROPOUT: tl.constexpr,
     GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One BLOCK_M tile of queries of one (batch, head) against the keys it sees (at
     key/value head h // GROUP). TMA: K and V (the tiles of the loop) are (B, H // GROUP,
@@ -545,15 +614,24 @@ def _attn_bwd_dq_kernel(
         offset = 0
         hi = Tk
         mid = Tk // BLOCK_N * BLOCK_N
+    lo = 0
+    if WINDOW:  # as in the forward
+        lo, full = _window_tiles(start_m, BLOCK_M, offset, window, mid, BLOCK_N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, lo, full, Tq,
+            Tk, offset, qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            MASK=True, CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT, WINDOW=True,
+        )
+        lo = full
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, 0, mid, Tq, Tk,
-        offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, CAUSAL=CAUSAL,
-        PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, lo, mid, Tq, Tk,
+        offset, qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False,
+        CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT, WINDOW=False,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, K, V, stride_kt, stride_vt, pid_b, pid_hk, bh, start_m, offs_m, offs_d, mid, hi, Tq, Tk,
-        offset, qk_scale, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, CAUSAL=CAUSAL,
-        PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        offset, qk_scale, seed, dropout_p, window, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True,
+        CAUSAL=CAUSAL, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT, WINDOW=WINDOW,
     )
     dq = dq * scale
     tl.store(DQ + rows * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -627,19 +705,20 @@ _INTERPRETER = _Settings(_Launch(32, 16, 4, 1), _Launch(16, 32, 4, 1), _Launch(3
 
 
 def _settings(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], dropout: bool = False,
-              grouped: bool = False) -> _Settings:
+              grouped: bool = False, window: bool = False) -> _Settings:
     """Tiles and launch parameters for one call; capability (0, 0) means the interpreter.
-    grouped: grouped-query attention (k and v with fewer heads than q)."""
+    grouped: grouped-query attention (k and v with fewer heads than q); window: a sliding one."""
     if capability == (0, 0):
         settings = _INTERPRETER
     elif dtype == torch.float32:
         settings = _FP32
     else:
         settings = _CONFIGS[(9 if capability[0] == 9 else 8, head_dim)]
-        if grouped and capability[0] != 9:
+        if (grouped or window) and capability[0] != 9:
             # dK/dV's loop over (head, query tile) near sm8x's 255-register ceiling spills on
             # the table's 32 queries a step (tests/codegen.py: 8 bytes at D = 128 under
-            # Triton 3.7, 4 at D = 32 under 3.6): 16, as dropout takes there.
+            # Triton 3.7, 4 at D = 32 under 3.6): 16, as dropout takes there. So does the
+            # window's masked stage (112 bytes at D = 128 under Triton 3.6).
             settings = settings._replace(dkdv=settings.dkdv._replace(BLOCK_M=16))
     return _dropout_settings(settings, head_dim, capability[0] == 9) if dropout else settings
 
@@ -701,8 +780,15 @@ def _grid(tiles: int, B: int, H: int) -> tuple[int, ...]:
     return (tiles, H, B) if B * H > _MAX_GRID_AXIS else (tiles, B * H)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int, enable_gqa: bool) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, seed: int, enable_gqa: bool,
+           window: int | None = None) -> None:
     check_inputs(_OP, _REFERENCE, q=q, k=k, v=v)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{_OP}: window must be a positive int (keys a query sees, itself included) or None, "
+                             f"got {window!r}")
+        if not causal:
+            raise ValueError(f"{_OP}: window is a causal sliding window; pass causal=True (or window=None)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
@@ -767,11 +853,18 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _window(window: int | None, Tk: int) -> int:
+    """The window the kernels apply, 0 for none: one of Tk keys or more masks nothing a causal
+    mask leaves, and takes the kernels without the window's masks."""
+    return 0 if window is None or window >= Tk else window
+
+
 @on_input_device
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int,
-                   enable_gqa: bool):
+                   enable_gqa: bool, window: int | None = None):
     """o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in base 2, the q/k/v used, the scale."""
-    _check(q, k, v, causal, dropout_p, seed, enable_gqa)
+    _check(q, k, v, causal, dropout_p, seed, enable_gqa, window)
+    window = _window(window, k.shape[2])
     dropout_p = _dropout_step(dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -783,7 +876,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse, q, k, v, scale
-    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != k.shape[1]).fwd
+    cfg = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != k.shape[1], window > 0).fwd
     grid = _grid(cdiv(Tq, cfg.BLOCK_M), B, H)
     split = len(grid) == 3
     descriptors = _descriptors(cfg.tma, (q, cfg.BLOCK_M), (k, cfg.BLOCK_N), (v, cfg.BLOCK_N))
@@ -791,10 +884,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
     _attn_fwd_kernel[grid](
         *(descriptors if tma else (q, k, v)), o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, Tq, Tk, scale * _LOG2E, seed, dropout_p,
+        H, Tq, Tk, scale * _LOG2E, seed, dropout_p, window,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, NEGATIVE_SCALE=scale < 0, SPLIT_GRID=split,
-        PRECISION=_precision(q.dtype), TMA=tma, DROPOUT=dropout_p > 0, GROUP=H // k.shape[1], num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), TMA=tma, DROPOUT=dropout_p > 0, GROUP=H // k.shape[1], WINDOW=window > 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse, q, k, v, scale
 
@@ -802,12 +895,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float |
 @on_input_device
 def _attention_bwd(
     do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, seed: int, dlse: Tensor | None = None,
+    dropout_p: float, seed: int, dlse: Tensor | None = None, window: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv in the dtypes (and, where dense, the layouts) of q, k, v. do: None where
     only the log-sum-exp was used; dlse: the gradient of the base-2 lse, None if unused."""
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
+    window = _window(window, Tk)
     do = torch.zeros_like(o) if do is None else _unit_stride(do.to(o.dtype))
     dropout_p = _dropout_step(dropout_p)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -815,7 +909,7 @@ def _attention_bwd(
         return dq, dk, dv
     if q.numel() == 0:  # no queries: nothing flows back to the keys
         return dq, dk.zero_(), dv.zero_()
-    settings = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != Hk)
+    settings = _settings(D, q.dtype, device_capability(q.device.index or 0), dropout_p > 0, H != Hk, window > 0)
     precision = _precision(q.dtype)
     split = B * H > _MAX_GRID_AXIS
     delta = torch.empty_like(lse)
@@ -839,10 +933,10 @@ def _attention_bwd(
     _attn_bwd_dkdv_kernel[grid](
         q_tiles or q, k, v, do_tiles or do, dk_out, dv_out, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_out), *_strides(dv_out),
-        Hk * splits, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
+        Hk * splits, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p, window,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision,
         SPLIT_GRID=len(grid) == 3, TMA=q_tiles is not None, DROPOUT=dropout_p > 0, GROUP=H // Hk // splits,
-        KV_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KV_SPLITS=splits, WINDOW=window > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:  # the parts' fp32 sums, rounded once
         dk.copy_(dk_out.unflatten(1, (Hk, splits)).sum(2))
@@ -852,9 +946,9 @@ def _attention_bwd(
     _attn_bwd_dq_kernel[_grid(cdiv(Tq, cfg.BLOCK_M), B, H)](
         q, k_tiles or k, v_tiles or v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p,
+        H, Tq, Tk, scale, scale * _LOG2E, seed, dropout_p, window,
         HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal, PRECISION=precision, SPLIT_GRID=split,
-        TMA=k_tiles is not None, DROPOUT=dropout_p > 0, GROUP=H // Hk, num_warps=cfg.num_warps,
+        TMA=k_tiles is not None, DROPOUT=dropout_p > 0, GROUP=H // Hk, WINDOW=window > 0, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return dq, dk, dv
@@ -864,13 +958,13 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None,
-        enable_gqa: bool,
+        enable_gqa: bool, window: int | None,
     ) -> tuple[Tensor, Tensor]:
         """o and the base-2 log-sum-exp (B, H, Tq), fp32."""
         seed = _seed(seed, dropout_p)
-        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa)
+        o, lse, q, k, v, scale = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa, window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.window = causal, scale, dropout_p, seed, window
         ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, not zeros to add
         return o, lse
 
@@ -878,8 +972,9 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do: Tensor | None, dlse: Tensor | None):
         refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, dlse)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, dlse,
+                                    ctx.window)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # Eager calls go through torch.compiler.disable: where Dynamo runs the public function's
@@ -907,18 +1002,18 @@ def _seed(seed: int | None, dropout_p: float) -> int:
 # mask, the backward redraw the first step's, so Inductor leaves them out of its graphs.
 def _attention_impl(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: int | None,
-    enable_gqa: bool,
+    enable_gqa: bool, window: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     seed = _seed(seed, dropout_p)
-    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa)
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, seed, enable_gqa, window)
     return o, lse, torch.tensor(seed) if dropout_p else _no_seed(q)
 
 
 def _attention_dropout_impl(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float, seed: Tensor,
-    enable_gqa: bool,
+    enable_gqa: bool, window: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, int(seed), enable_gqa)
+    o, lse, *_ = _attention_fwd(q, k, v, causal, scale, dropout_p, int(seed), enable_gqa, window)
     return o, lse, seed.clone()  # an op's output may not alias its input
 
 
@@ -933,7 +1028,7 @@ def _dropout_seed_fake(cpu: Tensor) -> Tensor:
 
 
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float,
-                    seed: int | None, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    seed: int | None, enable_gqa: bool, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     seed = torch.empty((), dtype=torch.int64) if dropout_p else _no_seed(q)
@@ -946,23 +1041,23 @@ def _no_seed(q: Tensor) -> Tensor:
 
 def _attention_backward_impl(
     do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, seed: Tensor, dlse: Tensor | None,
+    dropout_p: float, seed: Tensor, dlse: Tensor | None, window: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return _attention_bwd(do, q, k, v, o, lse, causal, scale, dropout_p, int(seed) if dropout_p else 0, dlse)
+    return _attention_bwd(do, q, k, v, o, lse, causal, scale, dropout_p, int(seed) if dropout_p else 0, dlse, window)
 
 
 def _attention_backward_fake(do: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-                             scale: float, dropout_p: float, seed: Tensor, dlse: Tensor | None
+                             scale: float, dropout_p: float, seed: Tensor, dlse: Tensor | None, window: int | None,
                              ) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(_unit_stride(t)) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, causal, scale, dropout_p, _, _ = inputs
+    q, k, v, causal, scale, dropout_p, _, _, window = inputs
     o, lse, seed = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.causal, ctx.dropout_p = causal, dropout_p
+    ctx.causal, ctx.dropout_p, ctx.window = causal, dropout_p, window
     ctx.scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, compiled too: nothing to subtract
 
@@ -970,8 +1065,8 @@ def _attention_setup(ctx, inputs: tuple, output: tuple) -> None:
 def _attention_backward(ctx, do: Tensor | None, dlse: Tensor | None, _dseed: Tensor) -> tuple:
     q, k, v, o, lse, seed = ctx.saved_tensors
     op = _attention_dropout_backward_op if ctx.dropout_p else _attention_backward_op
-    dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed, dlse)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = op(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed, dlse, ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _custom_op(name: str, impl, fake, unsafe_in_cuda_graphs: bool = False, tags: tuple = ()) -> torch.library.CustomOpDef:
@@ -999,6 +1094,7 @@ _attention_dropout_op.register_autograd(_attention_backward, setup_context=_atte
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
     dropout_p: float = 0.0, seed: int | None = None, enable_gqa: bool = False, return_lse: bool = False,
+    window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention, flash style; q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D).
 
@@ -1024,6 +1120,11 @@ def attention(
     merging attention over chunks of keys needs (ring attention, split KV caches). It is
     differentiable too: its gradient enters the backward as a correction to rowsum(dO O).
 
+    window: a causal sliding window (Mistral's and Gemma's sliding_window, FlashAttention's
+    window_size=(window - 1, 0)): each query sees its `window` latest keys, itself
+    included. Key tiles out of every row's window are skipped, not masked, so the work falls
+    from ~T^2 / 2 to ~T * window. Needs causal=True.
+
     Inputs may be strided views (the model passes slices of one
     fused QKV projection): only a non-unit stride in the last dim costs a copy. The output
     is laid out as (B, Tq, H, D) in memory, so output.transpose(1, 2) is contiguous.
@@ -1034,12 +1135,13 @@ def attention(
     if torch.compiler.is_compiling():
         scale = None if scale is None else float(scale)  # eager's float(scale): a numpy float, a 0-d tensor
         # eager's ValueError, while tracing
-        _check(q, k, v, causal, dropout_p, 0 if seed is None else seed, bool(enable_gqa))
+        _check(q, k, v, causal, dropout_p, 0 if seed is None else seed, bool(enable_gqa), window)
         if not dropout_p:
-            o, lse, _ = _attention_op(q, k, v, bool(causal), scale, 0.0, seed, bool(enable_gqa))
+            o, lse, _ = _attention_op(q, k, v, bool(causal), scale, 0.0, seed, bool(enable_gqa), window)
         else:
             drawn = _dropout_seed_op(torch.empty(0, dtype=torch.int64)) if seed is None else torch.tensor(seed)
-            o, lse, _ = _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn, bool(enable_gqa))
+            o, lse, _ = _attention_dropout_op(q, k, v, bool(causal), scale, float(dropout_p), drawn, bool(enable_gqa),
+                                              window)
     else:
-        o, lse = _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed, bool(enable_gqa))
+        o, lse = _attention_apply(q, k, v, bool(causal), scale, float(dropout_p), seed, bool(enable_gqa), window)
     return (o, lse * _LN2) if return_lse else o

@@ -36,7 +36,7 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tenso
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0,
-    enable_gqa: bool = False, return_lse: bool = False,
+    enable_gqa: bool = False, return_lse: bool = False, window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention; q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D).
 
@@ -44,7 +44,21 @@ def attention(
     1 / (1 - dropout_p)), drawn from torch's generator. enable_gqa: k and v may have
     H // G heads, query head h reading head h // G (SDPA's flag, which torch 2.4 lacks).
     return_lse: also the log-sum-exp of each query's scaled, masked scores (B, H, Tq).
+    window (causal only): each query sees its `window` latest keys, itself included.
     """
+    if window is not None:
+        t_q, t_k = q.shape[-2], k.shape[-2]
+        seen = causal_mask(t_q, t_k, q.device)
+        mask = seen & ~seen.tril(t_k - t_q - window)  # keys `window` or more behind the query
+        if enable_gqa and q.shape[-3] != k.shape[-3]:
+            group = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+        if not return_lse:
+            return out
+        scores = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~mask, float("-inf"))
+        return out, torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         group = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)

@@ -101,7 +101,7 @@ def attention(after: bool) -> None:
     and on 1 key/value head), and q, k, v as views of one fused projection (the model's
     layout), whose last head of v ends the buffer; then the same on the Hopper and Ampere
     tables' tiles (fp16, D = 64 and 128; grouped at 128, sm80's own dK/dV tile); then
-    grouped with each group split over dK/dV programs (fp32 partial sums)."""
+    grouped with each group split over dK/dV programs (fp32 partial sums); a sliding window."""
     from kernels import attention
 
     for Tq, Tk, causal, dropout_p, H, Hk in ((19, 37, True, 0.0, 2, 2), (21, 13, False, 0.0, 2, 2),
@@ -124,6 +124,10 @@ def attention(after: bool) -> None:
     qkv = guarded(torch.randn(2, 19, 3, 2, 16), after).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     _backward(attention(q, k, v), [qkv], after)
+    # A sliding window: its first tiles skipped, masked at both edges, Tq < Tk, with dropout.
+    for Tq, Tk, window, dropout_p in ((19, 37, 5, 0.0), (40, 40, 18, 0.25)):
+        q, k, v = (guarded(torch.randn(1, 2, T, 16), after).requires_grad_() for T in (Tq, Tk, Tk))
+        _backward(attention(q, k, v, window=window, dropout_p=dropout_p, seed=3), [q, k, v], after)
 
 
 def layer_norm(after: bool) -> None:

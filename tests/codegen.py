@@ -132,10 +132,10 @@ def layer_norm_cases(arch: int) -> dict[str, dict]:
 def attention_cases(arch: int) -> dict[str, dict]:
     cases = {}
     ptrs = {n: "bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
-    unaligned = ("H", "Tq", "Tk")
+    unaligned = ("H", "Tq", "Tk", "window")
     for D in (16, 32, 64, 128):
         cfg = attention._CONFIGS[(arch // 10, D)]
-        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, DROPOUT=False, GROUP=1)
+        common = dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, DROPOUT=False, GROUP=1, WINDOW=False)
         for name, kernel, launch, extra in (
             ("fwd", attention._attn_fwd_kernel, cfg.fwd, dict(NEGATIVE_SCALE=False, TMA=False)),
             ("bwd dkdv", attention._attn_bwd_dkdv_kernel, cfg.dkdv, dict(TMA=False, KV_SPLITS=1)),
@@ -148,8 +148,13 @@ def attention_cases(arch: int) -> dict[str, dict]:
             # loops over the group's heads (the others only index K and V by the group).
             grouped = {dropout: getattr(attention._settings(D, torch.bfloat16, (arch // 10, 0), dropout, grouped=True),
                                         name.split()[-1]) for dropout in (False, True)}
+            # ... and under a sliding window, with and without dropout, on its own tiles.
+            windowed = {dropout: getattr(attention._settings(D, torch.bfloat16, (arch // 10, 0), dropout, window=True),
+                                         name.split()[-1]) for dropout in (False, True)}
             for variant, tiles, changed in (
                 ("", launch, {}), (" split grid", launch, dict(SPLIT_GRID=True)), (" dropout", dropped, dict(DROPOUT=True)),
+                (" window", windowed[False], dict(WINDOW=True)),
+                (" window dropout", windowed[True], dict(WINDOW=True, DROPOUT=True)),
             ) + (((" gqa", grouped[False], dict(GROUP=4)), (" gqa dropout", grouped[True], dict(GROUP=4, DROPOUT=True)))
                  if name == "bwd dkdv" else ()):
                 cases[f"attention {name} D={D}{variant}"] = compile_case(
@@ -341,7 +346,8 @@ def dropout_cost(arch: int) -> None:
         ):
             count = {dropout: compile_case(
                 arch, kernel, ptrs, dict(HEAD_DIM=D, CAUSAL=True, PRECISION=None, SPLIT_GRID=False, TMA=False,
-                                         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout, GROUP=1) | extra,
+                                         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout, GROUP=1,
+                                         WINDOW=False) | extra,
                 floats=("scale", "qk_scale", "dropout_p"), unaligned=("H", "Tq", "Tk"), num_warps=t.num_warps,
                 num_stages=t.num_stages, sass=True)["instructions"] for dropout in (False, True)}
             scores = t.BLOCK_M * t.BLOCK_N / (32 * t.num_warps)

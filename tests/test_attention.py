@@ -900,3 +900,137 @@ def test_log_sum_exp_gpu(D, dtype, atol, rtol):
     for name, ours, theirs, exact in zip(["output", "lse", "dq", "dk", "dv"], *results):
         err, torch_err = ((t.double() - exact).abs().max().item() for t in (ours, theirs))
         assert err <= 2 * torch_err + atol + rtol * exact.abs().max().item(), f"{name}: {err:.3g} ({torch_err:.3g})"
+
+
+# A causal sliding window (window=W): each query sees its W latest keys, itself included.
+
+def _window_peer(window, enable_gqa=False):
+    return lambda q, k, v: reference.attention(q, k, v, window=window, enable_gqa=enable_gqa)
+
+
+def _window_mask(Tq, Tk, window, device):
+    """(Tq, Tk): True where query i (position Tk - Tq + i) sees key j, written out."""
+    pos = torch.arange(Tq, device=device)[:, None] + Tk - Tq
+    j = torch.arange(Tk, device=device)[None, :]
+    return (j <= pos) & (j > pos - window)
+
+
+def test_the_reference_window_is_the_written_out_mask(device):
+    """The oracle's window is the definition: scores masked outside (pos - W, pos]."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 9, 20, 16, torch.float64, device)
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~_window_mask(9, 20, 5, device), float("-inf"))
+    torch.testing.assert_close(reference.attention(q, k, v, window=5), scores.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("B, H, Tq, Tk, D, window", [
+    pytest.param(1, 2, 37, 37, 16, 5, id="W5-narrower-than-a-tile"),
+    pytest.param(2, 2, 64, 64, 32, 17, id="W17-B2"),
+    pytest.param(1, 1, 130, 130, 16, 33, id="W33-T130"),
+    pytest.param(1, 2, 64, 64, 16, 16, id="W16-a-tile"),
+    pytest.param(1, 1, 20, 50, 16, 8, id="Tq20-Tk50"),
+    pytest.param(1, 1, 1, 30, 16, 4, id="decode-Tq1"),
+    pytest.param(1, 2, 40, 40, 16, 1, id="W1-itself-only"),
+    # The interpreter's 32-query, 16-key tiles: at W = 15 a tile's last row misses the first
+    # key of the tile its first row opens (32 - 15 = 17 keys past a tile edge); at W = 18
+    # and 2, a tile's first row sees only the last key of a key tile (32 - 18 + 1 = 15).
+    pytest.param(1, 1, 64, 64, 16, 15, id="W15-last-row-one-short"),
+    pytest.param(1, 1, 64, 64, 16, 18, id="W18-first-row-last-key"),
+    pytest.param(1, 1, 64, 64, 16, 2, id="W2"),
+    # At W = 47 the tiles wholly in every row's window start one key past a tile edge: the
+    # forward's query tile at 64 (64 + 32 - 47 = 49 = 3 * 16 + 1), and dK/dV's last
+    # unmasked query step (key tile 0's queries to 47, 16 past its diagonal's 32).
+    pytest.param(1, 1, 128, 128, 16, 47, id="W47-one-past-a-tile-edge"),
+])
+def test_sliding_window(B, H, Tq, Tk, D, window, dtype, atol, rtol, device):
+    """Output and dq, dk, dv: the tiles out of every row's window skipped, the window's
+    edge masked in each kernel, rows that see no key of a tile kept finite."""
+    torch.manual_seed(0)
+    inputs = _qkv(B, H, Tq, Tk, D, dtype, device)
+    do = torch.randn(B, H, Tq, D, device=device).to(dtype)
+    _compare(_separate, inputs, do, atol, rtol, peer=_window_peer(window), window=window)
+
+
+def test_a_window_as_long_as_the_keys_is_plain_causal_attention(device):
+    """window >= Tk masks nothing the causal mask leaves: the same bits as no window."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 30, 45, 16, torch.float32, device)
+    for window in (45, 1000):
+        assert torch.equal(attention(q, k, v, window=window), attention(q, k, v))
+
+
+def test_sliding_window_with_grouped_query_attention_and_the_lse(device):
+    torch.manual_seed(0)
+    inputs = _gqa_inputs(1, 4, 2, 50, 50, 16, torch.float32, device)
+    do = torch.randn(1, 4, 50, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_window_peer(9, enable_gqa=True), window=9, enable_gqa=True)
+    q, k, v = (t.double() for t in inputs)
+    _, lse = attention(*inputs, window=9, enable_gqa=True, return_lse=True)
+    _, want = reference.attention(q, k, v, window=9, enable_gqa=True, return_lse=True)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_with_dropout(device):
+    """The mask the kernels draw at each position is the one without a window: the
+    windowed output is the dropped-out attention under the window's mask."""
+    torch.manual_seed(0)
+    p, seed, window, T = 0.3, 1234, 11, 40
+    keep = _kept(1, 2, T, T, True, p, seed, device)
+    mask = _window_mask(T, T, window, device)
+
+    def peer(q, k, v):
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) * keep.to(q.dtype) / (1 - p)) @ v
+    inputs = _qkv(1, 2, T, T, 16, torch.float32, device)
+    do = torch.randn(1, 2, T, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=peer, dropout_p=p, seed=seed, window=window)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["hopper", "sm80"])
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_sliding_window_with_gpu_tile_shapes_in_interpreter(capability, D, monkeypatch, device):
+    """The GPU tables' tiles (128-row query tiles, 32-query dK/dV steps): windows narrower
+    than a tile, between tiles, and spanning several."""
+    if device == "cuda":
+        pytest.skip("the GPU runs its own table in test_sliding_window_gpu")
+    monkeypatch.setattr(attention_module, "device_capability", lambda index=0: capability)
+    torch.manual_seed(0)
+    for Tq, Tk, window in [(300, 300, 50), (77, 300, 200), (260, 260, 129)]:
+        inputs = _qkv(1, 1, Tq, Tk, D, torch.float16, device)
+        do = torch.randn(1, 1, Tq, D, device=device).to(torch.float16)
+        _compare(_separate, inputs, do, 1e-3, 1e-3, peer=_window_peer(window), window=window)
+
+
+def test_sliding_window_with_tma(monkeypatch, device):
+    if device == "cuda":
+        pytest.skip("test_sliding_window_gpu runs the GPU's settings")
+    calls = _tma_launches(monkeypatch)
+    torch.manual_seed(0)
+    inputs = _qkv(2, 2, 50, 50, 16, torch.float32, device)
+    do = torch.randn(2, 2, 50, 16, device=device)
+    _compare(_separate, inputs, do, 1e-5, 1e-5, peer=_window_peer(7), window=7)
+    assert calls == [True] * 3
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(window=0), "window must be a positive int"),
+    (dict(window=2.5), "window must be a positive int"),
+    (dict(window=True), "window must be a positive int"),
+    (dict(window=4, causal=False), "pass causal=True"),
+])
+def test_invalid_window(options, match, device):
+    q = torch.randn(1, 1, 8, 16, device=device)
+    with pytest.raises(ValueError, match=match):
+        attention(q, q, q, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_TOLERANCES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_sliding_window_gpu(D, dtype, atol, rtol):
+    torch.manual_seed(0)
+    inputs = _qkv(2, 4, 2048, 2048, D, dtype, "cuda")
+    do = torch.randn(2, 4, 2048, D, device="cuda").to(dtype)
+    for window in (100, 512):
+        _compare(_separate, inputs, do, atol, rtol, peer=_window_peer(window), window=window)

@@ -505,12 +505,13 @@ def _opcheck_cases(d: str) -> list:
         (ln, (t(4, 48, dtype=torch.float16), w, b, 1e-5)),
         (add_ln, (x, t(3, 5, 48, dtype=torch.float16), w, b, 1e-5)),
         (add_ln, (t(3, 5, 48, dtype=torch.float16), x, w, None, 1e-5)),
-        (attn, (q, k, v, True, None, 0.0, None, False)),
-        (attn, (q2, k2, v2, True, 0.3, 0.0, None, False)),
+        (attn, (q, k, v, True, None, 0.0, None, False, None)),
+        (attn, (q2, k2, v2, True, 0.3, 0.0, None, False, None)),
+        (attn, (q2, k2, v2, True, 0.3, 0.0, None, False, 3)),  # a sliding window
         (attn, (t(1, 2, 5, 16, dtype=torch.float16), t(1, 2, 7, 16, dtype=torch.float16),
-                t(1, 2, 7, 16, dtype=torch.float16), True, None, 0.0, None, False)),
-        (attn, (t(1, 4, 5, 16), k2[:, :1, :, :16], v2[:, 1:, :, :16], True, None, 0.0, None, True)),  # grouped
-        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234), False)),
+                t(1, 2, 7, 16, dtype=torch.float16), True, None, 0.0, None, False, None)),
+        (attn, (t(1, 4, 5, 16), k2[:, :1, :, :16], v2[:, 1:, :, :16], True, None, 0.0, None, True, None)),  # grouped
+        (attention_module._attention_dropout_op, (q2, k2, v2, False, None, 0.25, torch.tensor(1234), False, None)),
         (attention_module._dropout_seed_op, (torch.empty(0, dtype=torch.int64),)),
         (ffn, (t(2, 3, 16), fc, t(64), proj, t(16), True)),
         (ffn, (t(7, 16).t().contiguous().t(), fc, None, proj, None, False)),
@@ -519,12 +520,13 @@ def _opcheck_cases(d: str) -> list:
     ]
     y, mean, rstd = ln(x, w, b, 1e-5)
     s, _, mean2, rstd2 = add_ln(x, x, w, None, 1e-5)
-    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234), False)
+    o, lse, seed = attention_module._attention_dropout_op(q2, k2, v2, False, None, 0.25, torch.tensor(1234), False, None)
     x3 = t(6, 16)
     qt = t(1, 2, 16, 8).detach().transpose(-1, -2)  # dense, its last dim not contiguous
-    o3, lse3, no_seed = attn(qt, qt, qt, True, None, 0.0, None, False)
+    o3, lse3, no_seed = attn(qt, qt, qt, True, None, 0.0, None, False, None)
     q4, kv4 = t(1, 4, 6, 16).detach(), t(1, 2, 6, 16).detach()
-    o4, lse4, _ = attn(q4, kv4, kv4, True, None, 0.0, None, True)
+    o4, lse4, _ = attn(q4, kv4, kv4, True, None, 0.0, None, True, None)
+    o5, lse5, _ = attn(qt, qt, qt, True, None, 0.0, None, False, 3)
     _, pre, h = ffn(x3, fc, t(64), proj, t(16), True)
     detached = lambda *ts: [z.detach() for z in ts]  # noqa: E731
     cases += [
@@ -532,12 +534,13 @@ def _opcheck_cases(d: str) -> list:
         (layer_norm_module._layer_norm_backward_op, (y.detach(), None, *detached(x, w, mean, rstd), torch.float16)),
         (layer_norm_module._layer_norm_backward_op, (*detached(s, s, s, w, mean2, rstd2), None)),
         (attention_module._attention_dropout_backward_op,
-         (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed, None)),
-        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, None)),
-        (attention_module._attention_backward_op, (o4, q4, kv4, kv4, o4, lse4, True, 0.25, 0.0, no_seed, None)),
+         (*detached(o, q2, k2, v2, o, lse), False, 0.25, 0.25, seed, None, None)),
+        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, None, None)),
+        (attention_module._attention_backward_op, (o4, q4, kv4, kv4, o4, lse4, True, 0.25, 0.0, no_seed, None, None)),
+        (attention_module._attention_backward_op, (o5, qt, qt, qt, o5, lse5, True, 0.25, 0.0, no_seed, None, 3)),
         # the log-sum-exp's gradient (return_lse), with and without the output's
-        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3)),
-        (attention_module._attention_backward_op, (None, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3)),
+        (attention_module._attention_backward_op, (o3, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3, None)),
+        (attention_module._attention_backward_op, (None, qt, qt, qt, o3, lse3, True, 0.25, 0.0, no_seed, lse3, None)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc, fc[:, 0], proj, pre, h), [True] * 5)),
         (ffn_module._ffn_backward_op, (*detached(x3, x3, fc), None, proj.detach(), None, h.detach(),
                                        [False, True, False, True, False])),
@@ -564,7 +567,7 @@ def test_the_custom_ops_are_sound(device):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm-eps", "layer_norm-strided-weight", "add_layer_norm", "add_layer_norm-eps",
-                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "lse", "ffn",
+                                  "add_layer_norm-fp16", "attention", "dropout", "seeded-dropout", "gqa", "lse", "window", "ffn",
                                   "linear_cross_entropy"])
 def test_torch_compile_gives_the_results_of_eager(name, device):
     """Bit for bit (aot_eager runs the graph's other ops as eager does), gradients too."""
@@ -585,6 +588,7 @@ def test_torch_compile_gives_the_results_of_eager(name, device):
         "gqa": lambda x: kernels.attention(x.view(1, 2, 4, 16), x.view(1, 1, 8, 16), x.view(1, 1, 8, 16).flip(2),
                                            dropout_p=0.5, enable_gqa=True),
         "lse": lambda x: torch.cat([t.flatten() for t in kernels.attention(*[x.view(1, 2, 4, 16)] * 3, return_lse=True)]),
+        "window": lambda x: kernels.attention(*[x.view(1, 2, 4, 16)] * 3, dropout_p=0.5, window=2),
         "ffn": lambda x: kernels.ffn(x, fc, None, fc.t(), w),
         "linear_cross_entropy": lambda x: kernels.linear_cross_entropy(
             x, fc, None, torch.arange(8, device=x.device) * 7, ignore_index=14).view(1),
