@@ -5,6 +5,7 @@
     python -m bench.bench_attention --dropout 0.1 --no-flex   # training with attention dropout
     python -m bench.bench_attention --fused-qkv  # q, k, v as the model passes them: views of one projection
     python -m bench.bench_attention --gqa 4    # grouped-query: k and v with a quarter of q's heads
+    python -m bench.bench_attention --window 1024   # a causal sliding window of 1024 keys
 
 Peers: F.scaled_dot_product_attention with each backend forced (FlashAttention-2, cuDNN,
 memory-efficient; a backend that refuses a shape is skipped and the reason printed),
@@ -16,6 +17,9 @@ attention FLOPs grow linearly with T. TFLOP/s count as the Triton fused-attentio
 tutorial does: forward 4*B*H*T^2*D, halved for causal; backward 2.5x the forward, so
 forward+backward is 3.5x. Every provider is checked against SDPA before it is timed (with
 --dropout, without dropout: the masks are random; the tests check ours with its own).
+With --window W (a causal sliding window) the FLOPs count the pairs it keeps,
+4*B*H*D * (W*T - W*(W-1)/2), and SDPA takes the window as a boolean mask (its
+FlashAttention-2 backend refuses masks; its memory-efficient one computes every tile).
 """
 from __future__ import annotations
 
@@ -41,35 +45,45 @@ Attn = Callable[..., torch.Tensor]  # (q, k, v, dropout_p=0.0) -> output; k, v m
 Maker = Callable[[int, int, int, str], "Attn | None"]
 
 
-def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def window_mask(T: int, window: int | None, device: torch.device | str) -> torch.Tensor:
+    """(T, T) boolean, True where query i sees key j: causal, within `window` keys if given."""
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return mask if window is None else mask & ~mask.tril(-window)
+
+
+def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+          window: int | None = None) -> torch.Tensor:
     T, group = q.shape[-2], q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = window_mask(T, window, q.device)
     return F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout_p) @ v
 
 
-def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    return attention(q, k, v, causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+def triton_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                  window: int | None = None) -> torch.Tensor:
+    return attention(q, k, v, causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1], window=window)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+         window: int | None = None) -> torch.Tensor:
+    mask = dict(is_causal=True) if window is None else dict(attn_mask=window_mask(q.shape[2], window, q.device))
     if q.shape[1] == k.shape[1]:  # enable_gqa is torch 2.5's
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **mask)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True, **mask)
 
 
-def sdpa_with(backend) -> Maker:
+def sdpa_with(backend, window: int | None = None) -> Maker:
     from torch.nn.attention import sdpa_kernel
 
     def fn(q, k, v, dropout_p=0.0):
         with sdpa_kernel(backend):
-            return sdpa(q, k, v, dropout_p)
+            return sdpa(q, k, v, dropout_p, window)
 
     return lambda B, H, T, device: fn
 
 
-def flex_maker() -> Maker:
+def flex_maker(window: int | None = None) -> Maker:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = compile_static(flex_attention)  # one graph per shape in the sweep
@@ -77,14 +91,18 @@ def flex_maker() -> Maker:
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
     def make(B, H, T, device):
-        block_mask = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+        mask_mod = causal if window is None else sliding
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
         return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
     return make
 
 
-def naive_maker(budget_bytes: int | None, dtype: torch.dtype) -> Maker:
+def naive_maker(budget_bytes: int | None, dtype: torch.dtype, window: int | None = None) -> Maker:
     def make(B, H, T, device):
         # Scores, masked scores, probabilities and their gradients: about five T x T
         # tensors per head live at once in the backward.
@@ -92,38 +110,43 @@ def naive_maker(budget_bytes: int | None, dtype: torch.dtype) -> Maker:
         if budget_bytes is not None and need > budget_bytes:
             print(f"naive: skipped at T={T} (needs ~{need / 2**30:.0f} GiB)")
             return None
-        return naive
+        return lambda q, k, v, dropout_p=0.0: naive(q, k, v, dropout_p, window)
 
     return make
 
 
-def peers(cuda: bool, use_flex: bool, dtype: torch.dtype, dropout: bool = False) -> dict[str, Maker]:
-    makers: dict[str, Maker] = {"triton": lambda B, H, T, device: triton_causal}
+def peers(cuda: bool, use_flex: bool, dtype: torch.dtype, dropout: bool = False,
+          window: int | None = None) -> dict[str, Maker]:
+    makers: dict[str, Maker] = {
+        "triton": lambda B, H, T, device: lambda q, k, v, dropout_p=0.0: triton_causal(q, k, v, dropout_p, window)}
     if cuda:
         from torch.nn.attention import SDPBackend
 
-        makers["sdpa-flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
-        makers["sdpa-cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
-        makers["sdpa-efficient"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION)
+        makers["sdpa-flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION, window)
+        makers["sdpa-cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION, window)
+        makers["sdpa-efficient"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION, window)
         if dropout:
             print("flex: skipped (FlexAttention has no dropout)")
         elif use_flex:
             try:
-                makers["flex"] = flex_maker()
+                makers["flex"] = flex_maker(window)
             except ImportError as e:
                 print(f"flex: skipped ({e})")
         else:
             print("flex: skipped (--no-flex)")
         free, _ = torch.cuda.mem_get_info()
-        makers["naive"] = naive_maker(int(free * 0.7), dtype)
+        makers["naive"] = naive_maker(int(free * 0.7), dtype, window)
     else:
         print("sdpa backends, flex: skipped (need CUDA)")
-        makers["naive"] = naive_maker(None, dtype)
+        makers["naive"] = naive_maker(None, dtype, window)
     return makers
 
 
-def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float, unit: float) -> float | None:
-    flops = 4 * B * H * T * T * D * 0.5 * factor  # causal: half the score matrix
+def flops_per_s(B: int, H: int, T: int, D: int, ms: float | None, factor: float, unit: float,
+                window: int | None = None) -> float | None:
+    # Causal: half the score matrix (the tutorial's count); a window: the pairs it keeps.
+    pairs = T * T * 0.5 if window is None else min(window, T) * T - min(window, T) * (min(window, T) - 1) / 2
+    flops = 4 * B * H * pairs * D * factor
     return None if ms is None else flops / unit / (ms * 1e-3)
 
 
@@ -145,14 +168,16 @@ def qkv_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, 
 def run(
     seq_lens: list[int], tokens: int, hidden: int, head_dims: list[int], dtype: torch.dtype,
     device: str, use_flex: bool, plot_suffix: str, dropout_p: float = 0.0, fused_qkv: bool = False, group: int = 1,
+    window: int | None = None,
 ) -> None:
-    makers = peers(device == "cuda", use_flex, dtype, dropout_p > 0)
+    makers = peers(device == "cuda", use_flex, dtype, dropout_p > 0, window)
     # The interpreter runs at MFLOP/s, not TFLOP/s.
     unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e6, "MFLOP/s")
     tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     dt = (str(dtype).removeprefix("torch.") + (f", dropout {dropout_p}" if dropout_p else "")
           + (", q/k/v views of a fused QKV" if fused_qkv else "")
-          + (f", {group} query heads a key/value head" if group > 1 else ""))
+          + (f", {group} query heads a key/value head" if group > 1 else "")
+          + (f", sliding window {window}" if window else ""))
     for D in head_dims:
         H = hidden // D
         fwd: dict[str, list] = {name: [] for name in makers}
@@ -166,7 +191,7 @@ def run(
             do = torch.randn(B, H, T, D, device=device, dtype=dtype)
             # Never time a provider that gives wrong answers, forward or backward: the output
             # and dq, dk, dv against SDPA's, for ours and each peer.
-            expected = outputs_and_grads(sdpa(q, k, v), (q, k, v), [do])
+            expected = outputs_and_grads(sdpa(q, k, v, window=window), (q, k, v), [do])
 
             def measure(name: str, make) -> tuple[float | None, float | None] | None:
                 fn = make(B, H, T, device)
@@ -174,9 +199,9 @@ def run(
                     return None
                 check_close(outputs_and_grads(fn(q, k, v), (q, k, v), [do]), expected, f"{name} at T={T}, D={D}", **tol)
                 timed = (lambda: fn(q, k, v, dropout_p)) if dropout_p else (lambda: fn(q, k, v))
-                forward = flops_per_s(B, H, T, D, bench(timed), 1.0, unit)
+                forward = flops_per_s(B, H, T, D, bench(timed), 1.0, unit, window)
                 ms = bench(lambda: timed().backward(do), grad_to_none=leaves)
-                return forward, flops_per_s(B, H, T, D, ms, 3.5, unit)
+                return forward, flops_per_s(B, H, T, D, ms, 3.5, unit, window)
 
             for name, make in makers.items():
                 if name == "triton":
@@ -289,13 +314,17 @@ def main() -> None:
     parser.add_argument("--fused-qkv", action="store_true", help="q, k, v as views of one (B, T, 3, H, D) tensor, as the model passes them")
     parser.add_argument("--gqa", type=int, default=1, metavar="G",
                         help="grouped-query attention: G query heads a key/value head (default 1: multi-head)")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="a causal sliding window: each query sees its W latest keys (default: all)")
     args = parser.parse_args()
+    if args.window is not None and args.window < 1:
+        parser.error(f"--window {args.window} must be at least 1")
     if args.gqa < 1 or any(args.hidden // D % args.gqa for D in args.head_dims):
         parser.error(f"--gqa {args.gqa} must be at least 1 and divide every head count (--hidden / --head-dims)")
     if args.gqa > 1 and args.fused_qkv:
         parser.error("--gqa with --fused-qkv: the fused layout is the model's, whose k and v have q's heads")
     suffix = ("_dropout" if args.dropout else "") + ("_fused_qkv" if args.fused_qkv else "") + (
-        f"_gqa{args.gqa}" if args.gqa > 1 else "")
+        f"_gqa{args.gqa}" if args.gqa > 1 else "") + (f"_window{args.window}" if args.window else "")
     if args.sweep:
         if args.smoke:
             tiny = {"fwd": [(32, 16, 4, 1), (16, 16, 4, 1, True)], "dkdv": [(16, 32, 4, 1, True)], "dq": [(32, 16, 4, 1, True)]}
@@ -309,7 +338,7 @@ def main() -> None:
         run(
             seq_lens=[16, 48], tokens=96, hidden=64, head_dims=[16, 32], dtype=torch.float32,
             device="cpu", use_flex=False, plot_suffix="_smoke", dropout_p=args.dropout, fused_qkv=args.fused_qkv,
-            group=args.gqa,
+            group=args.gqa, window=args.window,
         )
         return
     if not torch.cuda.is_available():
@@ -318,7 +347,7 @@ def main() -> None:
         seq_lens=[1024, 2048, 4096, 8192, 16384], tokens=args.tokens, hidden=args.hidden,
         head_dims=args.head_dims, dtype=DTYPES[args.dtype], device="cuda",
         use_flex=not args.no_flex, plot_suffix=suffix, dropout_p=args.dropout, fused_qkv=args.fused_qkv,
-        group=args.gqa,
+        group=args.gqa, window=args.window,
     )
 
 

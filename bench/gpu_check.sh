@@ -24,7 +24,7 @@
 #       bench-attention-dropout bench-sampling train-triton train-torch
 # then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
 # rows draw on kernels.sample since run 6), ffn-few-rows, bench-attention-fused,
-# bench-attention-gqa, bench-train-small and bench-train-compile wait for a lease after
+# bench-attention-gqa, bench-attention-window, bench-train-small and bench-train-compile wait for a lease after
 # (gpu-tests runs the grouped-query attention's and the fused loss's gpu tests in the first
 # call; bench-train and train-triton run the fused loss, which "auto" takes untimed).
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
@@ -108,6 +108,9 @@ step bench-attention-fused 70 python3 -m bench.bench_attention --fused-qkv --hea
 # Grouped-query attention (4 query heads a key/value head; untimed so far) beside SDPA's
 # and FlexAttention's enable_gqa.
 step bench-attention-gqa 100 python3 -m bench.bench_attention --gqa 4 --head-dims 128
+# A causal sliding window of 1024 keys (untimed so far): the tiles out of every row's window
+# skipped, beside FlexAttention's sliding-window block mask and SDPA's boolean mask.
+step bench-attention-window 100 python3 -m bench.bench_attention --window 1024 --head-dims 128
 step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 # The fused head and loss (untimed so far; "auto" takes it by its memory traffic) beside
 # torch eager, torch.compile and Liger-Kernel's fused linear cross-entropy, with peak memory.

@@ -221,7 +221,7 @@ def test_the_grouped_query_run_checks_and_times_k_and_v_with_fewer_heads(monkeyp
 
     shapes = []
     monkeypatch.setattr(bench_attention, "plot", lambda *args, **kwargs: None)
-    monkeypatch.setattr(bench_attention, "naive_maker", lambda budget, dtype: lambda B, H, T, device: (
+    monkeypatch.setattr(bench_attention, "naive_maker", lambda budget, dtype, window=None: lambda B, H, T, device: (
         lambda q, k, v, dropout_p=0.0: shapes.append((q.shape[1], k.shape[1]))
         or bench_attention.naive(q, k.flip(1), v.flip(1))))  # head h // G taken from the wrong end
     bench_attention.run(seq_lens=[16], tokens=16, hidden=64, head_dims=[16], dtype=torch.float32, device="cpu",
@@ -251,3 +251,28 @@ def test_the_loss_benchmark_leaves_out_a_peer_with_a_wrong_gradient(monkeypatch,
     row = next(line for line in out.splitlines() if line.startswith("| 24 |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]  # M, triton, torch, liger, torch / triton, liger / triton
     assert cells[3] == "—" and cells[5] == "—" and float(cells[1]) > 0 and float(cells[2]) > 0
+
+
+@cpu_smoke
+def test_the_window_run_checks_every_provider_under_the_windows_mask(monkeypatch, capsys):
+    """bench_attention --window 5: ours and each peer are checked against SDPA with the
+    window's mask before they are timed; a peer that ignores the window is left out."""
+    from bench import bench_attention
+
+    monkeypatch.setattr(bench_attention, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_attention, "naive_maker", lambda budget, dtype, window=None: lambda B, H, T, device: (
+        lambda q, k, v, dropout_p=0.0: bench_attention.naive(q, k, v)))  # plain causal: no window
+    bench_attention.run(seq_lens=[16], tokens=16, hidden=32, head_dims=[16], dtype=torch.float32, device="cpu",
+                        use_flex=False, plot_suffix="", window=5)
+    out = capsys.readouterr().out
+    assert "naive: skipped at T=16, D=16" in out and "sliding window 5" in out
+    assert re.search(r"\| 16 \| 1 \| 2 \| [0-9.]+ \| — \|", out)  # ours timed, the windowless peer left out
+
+
+def test_a_windows_flops_count_the_pairs_it_keeps():
+    """W keys a query, fewer for the first W - 1 queries: T at W = 1, T(T+1)/2 at W >= T."""
+    from bench import bench_attention
+
+    per_pair = lambda window: bench_attention.flops_per_s(1, 1, 100, 1, 1e3, 1.0, 1.0, window) / 4  # noqa: E731
+    assert per_pair(1) == 100 and per_pair(100) == per_pair(10**6) == 100 * 101 / 2
+    assert per_pair(None) == 100 * 100 / 2  # causal without a window: the tutorial's T^2 / 2
