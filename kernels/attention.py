@@ -471,30 +471,25 @@ def _attn_bwd_dkdv_kernel(
     else:
         offset = 0
         mid = 0
+    stop = Tq
     if WINDOW:
         # Queries from mid see all of these keys until `last`, the first whose window starts
         # past start_n; from last to hi they see some (masked), from hi on none (skipped).
         last = start_n + window - offset
-        full = tl.minimum(mid + tl.maximum(last - mid, 0) // BLOCK_M * BLOCK_M, Tq)
+        stop = tl.minimum(mid + tl.maximum(last - mid, 0) // BLOCK_M * BLOCK_M, Tq)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
+        start_n, offs_n, offs_d, mid, stop, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
+        GROUP=GROUP, WINDOW=False,
+    )
+    if WINDOW:
         hi = tl.minimum(start_n + BLOCK_N - 1 + window - offset, Tq)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
-            start_n, offs_n, offs_d, mid, full, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
-            GROUP=GROUP, WINDOW=False,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
-            start_n, offs_n, offs_d, full, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
+            start_n, offs_n, offs_d, stop, hi, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=True, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
             GROUP=GROUP, WINDOW=True,
-        )
-    else:
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qh, stride_qt, stride_doh, stride_dot, pid_b, pid_h, bh,
-            start_n, offs_n, offs_d, mid, Tq, Tq, Tk, offset, qk_scale, seed, dropout_p, window,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASK=False, PRECISION=PRECISION, TMA=TMA, DROPOUT=DROPOUT,
-            GROUP=GROUP, WINDOW=False,
         )
 
     if DROPOUT:
