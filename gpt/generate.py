@@ -319,7 +319,7 @@ class Decoder:
         key = (max(temperature, 0.0), top_k, top_p)
         graph = self.draw_graphs.pop(key, None)
         if graph is None:
-            if len(self.draw_graphs) > 10**9:
+            if len(self.draw_graphs) >= DRAW_GRAPHS:
                 self.draw_graphs.popitem(last=False)
             # Warm-up (Triton compiles outside the capture), then the state it advanced back.
             saved = self.offsets.clone()
