@@ -10,6 +10,9 @@ over several rounds.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 from typing import Callable
@@ -54,6 +57,50 @@ def timed(step: Callable[[], torch.Tensor], steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+# ~0.5 s of a sleeping kernel at Hopper's clocks: longer than any step takes to enqueue.
+_SLEEP_CYCLES = 10**9
+
+
+def host_ms(step: Callable[[], torch.Tensor], rounds: int = 3, profile: cProfile.Profile | None = None) -> float | None:
+    """Milliseconds the host takes to enqueue one step while a sleeping kernel holds the
+    device, so that the device cannot hold the host back (best of `rounds`). Where this
+    passes the step's time, the step runs at the host's pace. None where the enqueue lasted
+    as long as the sleep: the step waited on the device (a sync, or a full launch queue)."""
+    best = None
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        end.record()
+        t0 = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        step()
+        if profile is not None:
+            profile.disable()
+        ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        if ms > 0.8 * start.elapsed_time(end):
+            return None
+        best = ms if best is None else min(best, ms)
+    return best
+
+
+def print_host_profile(name: str, step: Callable[[], torch.Tensor], top: int = 30) -> None:
+    """Where one implementation's host time goes: cProfile over three steps, each enqueued
+    behind a sleeping kernel (so that no wait on the device is counted), top functions by
+    their own time."""
+    profile = cProfile.Profile()
+    if host_ms(step, profile=profile) is None:
+        print(f"host profile of {name}: the step waited on the device; not profiled")
+        return
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"### host profile of {name}, three steps, by own time\n")
+    print(out.getvalue().strip().split("\n\n", 1)[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -65,6 +112,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds, the implementations taking turns; the median is reported")
     p.add_argument("--burn-in", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--host-profile", action="store_true",
+                   help="CUDA: after the table, cProfile each eager implementation's host path")
     args = p.parse_args()
     device = "cuda" if cuda else "cpu"
 
@@ -104,6 +153,9 @@ def main() -> None:
             times[name].append(timed(step, args.steps, device))
             if cuda:
                 memory[name] = max(memory.get(name, 0.0), (torch.cuda.max_memory_allocated() - held) / 2**30)
+    # What the host alone takes a step: a step whose host time passes its device time is
+    # launch-bound, and its time varies with the machine's CPU.
+    hosts = {name: host_ms(step) for name, step in steps.items()} if cuda else {}
     peak = peak_flops(device, args.dtype)
     rows, baseline = [], None
     for name, kernels, _ in variants:
@@ -115,14 +167,19 @@ def main() -> None:
         mfu = GPT(base.updated(kernels=kernels)).flops_per_token() * tok_s / peak if peak else None
         spread = (max(times[name]) - min(times[name])) / ms
         rows.append((name, ms, f"{spread:.1%}", f"{tok_s:,.0f}", f"{mfu:.1%}" if mfu else None,
-                     f"{tok_s / baseline:.2f}x" if baseline else None, memory.get(name)))
+                     f"{tok_s / baseline:.2f}x" if baseline else None, memory.get(name),
+                     (hosts[name] if hosts[name] is not None else "waited") if cuda else None))
     print_table(
         f"training step, preset {args.preset}, batch {args.batch_size} x {base.block_size}, {args.dtype}, "
         f"median of {args.rounds} rounds of {args.steps} steps",
         ["implementation", "ms/step", "spread (max-min)/median", "tokens/s", "MFU", "vs eager",
-         "step's peak memory, GiB"],
+         "step's peak memory, GiB", "host ms/step (enqueueing only)"],
         rows,
     )
+    if args.host_profile and cuda:
+        for name, kernels, compile in variants:
+            if name in steps and not compile:
+                print_host_profile(name, steps[name])
 
 
 if __name__ == "__main__":

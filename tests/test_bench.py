@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -276,3 +277,41 @@ def test_a_windows_flops_count_the_pairs_it_keeps():
     per_pair = lambda window: bench_attention.flops_per_s(1, 1, 100, 1, 1e3, 1.0, 1.0, window) / 4  # noqa: E731
     assert per_pair(1) == 100 and per_pair(100) == per_pair(10**6) == 100 * 101 / 2
     assert per_pair(None) == 100 * 100 / 2  # causal without a window: the tutorial's T^2 / 2
+
+
+class _Event:
+    """torch.cuda.Event as host_ms uses it: every sleep lasts 500 ms."""
+    def __init__(self, enable_timing: bool = False):
+        pass
+
+    def record(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return 500.0
+
+
+def test_the_training_steps_host_time_and_profile(monkeypatch, capsys):
+    """bench_train's host column and --host-profile, run here on a CPU step with the CUDA
+    calls faked: a step that waits as long as the device's sleep reads as waited, a quick
+    one is timed and profiled down to the functions it calls."""
+    from bench import bench_train
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+
+    def quick_step():
+        return torch.ones(4).sum()
+
+    ms = bench_train.host_ms(quick_step)
+    assert ms is not None and 0 < ms < 400
+    slept = []
+    assert bench_train.host_ms(lambda: slept.append(time.sleep(0.41))) is None
+    assert len(slept) == 1  # no more rounds once one waited
+    bench_train.print_host_profile("quick", quick_step)
+    out = capsys.readouterr().out
+    assert out.startswith("### host profile of quick, three steps, by own time")
+    assert "tottime" in out and "quick_step" in out
+    bench_train.print_host_profile("slow", lambda: time.sleep(0.41))
+    assert "host profile of slow: the step waited on the device; not profiled" in capsys.readouterr().out
