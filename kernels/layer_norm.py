@@ -194,11 +194,11 @@ def _sum_partials_kernel(DW, DB, OutW, OutB, P, N, BLOCK_P: tl.constexpr, BLOCK_
 
 # Elements one program covers per step; short rows are stacked to reach it.
 _TILE = 4096
-# Rows of this block width take their own forward tile, _NARROW_FWD_TILE (_settings).
-_NARROW_FWD_N = 1024
-_NARROW_FWD_TILE = (2, 2)  # (rows, warps): 32 elements of the block a thread
-# 16-bit rows of this block width run the persistent forward on Hopper (_settings).
-_PERSISTENT_FWD_N = 8192
+# Rows of these block widths take the forward's own tile (_settings): 32 elements of the
+# block a thread, two rows a program up to _FWD_TWO_ROWS_N.
+_FWD_TILE_NS = (1024, 2048, 4096, 8192)
+_FWD_TWO_ROWS_N = 2048
+_FWD_PER_THREAD = 32
 # Backward programs when interpreting: each costs milliseconds there.
 _INTERPRET_PROGRAMS = 4
 # The partial-row sum: 32 fp32 columns (one 128-byte line per row) by 64 rows per step,
@@ -230,20 +230,14 @@ def _settings(N: int, element_size: int) -> _Settings:
     flight per thread without spilling in the backward, which keeps ~6 fp32 values per
     element live (compiled for sm90: 117-128 registers, two 8-warp programs per SM).
     The forward has its own tile (fwd_block_m, fwd_warps): it keeps ~2 fp32 values per
-    element live. Rows of 513-1024 take two rows a program over 2 warps, 32 elements of
-    the block a thread: in run 6's sweep (H200, bf16, copy and Liger timed beside) that read
-    3667 and 3833 GB/s at N = 768 and 1024, against 2976 and 3585 for Liger's tile (one row,
-    4 warps, 8 a thread; the default from run 5 to 6), Liger's own 3018 and 3552, and
-    4018 for a copy; more warps a tile were slower at every row count (bench/RESULTS.md).
-    Narrower and wider rows keep the backward's tile, which matched or led Liger (run 5);
-    few warps a tile there is untimed.
-    16-bit rows of 8192 (one 16-warp program a tile, two resident per SM) take the
-    persistent forward instead: two programs per SM walk the tiles with three rows of x
-    (and residual) in flight, 96 KiB of shared memory each, which only Hopper's 228 KiB per
-    SM holds twice (run 5, H200: 3373 GB/s against 2819 one program a tile, 2827 Liger;
-    at 4096 and below, and with two stages, the persistent forward was slower). With a
-    residual its stages take 128 KiB and one program fits an SM, so add_layer_norm's
-    programs run in two waves there (untimed against two stages, 64 KiB).
+    element live, and few warps a row, 32 elements of the block a thread, lead at every
+    width swept: two rows a program up to N = 2048, one above. In the sweeps (H200, bf16,
+    copy and Liger timed beside; bench/RESULTS.md) that read 3667-3823, 3830, 3708 and 3479
+    GB/s at N = 768-1024, 2048, 4096 and 8192 (run 6 for 768 and 1024, run 7 above), against
+    the backward's tile at 3458 and 3560 (2048, 4096; 8 warps), the persistent forward at
+    3314 (8192; 16 warps, three stages, two programs an SM; Liger 2861, copy ~4020).
+    Narrower rows keep the backward's tile, which matched or led Liger (run 5); few warps
+    a tile there is untimed, as are the widths above 8192.
     The backward keeps up to three stages of x, dy (and dsum) in shared memory, as many as
     fit in _SHARED_PER_SM split among the programs an SM holds: three for bf16 up to
     N = 8192, two for fp32 up to 4096, none (a plain loop) where two would not fit.
@@ -254,11 +248,11 @@ def _settings(N: int, element_size: int) -> _Settings:
     stage_bytes = 3 * block_m * block_n * element_size
     budget = min(_SHARED_PER_PROGRAM, _SHARED_PER_SM // _programs_per_sm(num_warps))
     bwd_stages = max(1, min(3, budget // stage_bytes))
-    fwd_block_m, fwd_warps = _NARROW_FWD_TILE if block_n == _NARROW_FWD_N else (block_m, num_warps)
-    cfg = _Settings(block_n, fwd_block_m, fwd_warps, block_m, num_warps, bwd_stages)
-    if element_size == 2 and block_n == _PERSISTENT_FWD_N:
-        return cfg._replace(fwd_stages=3, fwd_programs_per_sm=2)
-    return cfg
+    fwd_block_m, fwd_warps = block_m, num_warps
+    if block_n in _FWD_TILE_NS:
+        fwd_block_m = 2 if block_n <= _FWD_TWO_ROWS_N else 1
+        fwd_warps = fwd_block_m * block_n // (32 * _FWD_PER_THREAD)
+    return _Settings(block_n, fwd_block_m, fwd_warps, block_m, num_warps, bwd_stages)
 
 
 def _sum_may_round(dtype: torch.dtype, N: int) -> bool:

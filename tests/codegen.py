@@ -103,14 +103,9 @@ def layer_norm_cases(arch: int) -> dict[str, dict]:
         ptrs = {n: "bf16" for n in ("X", "R", "S", "Y", "W", "B", "DY", "DS", "DX")} | {
             n: "fp32" for n in ("Mean", "Rstd", "DW", "DB")}
         fwd = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, HAS_BIAS=True, HAS_RESIDUAL=True, SHIFT=False)
-        # The launcher keeps the persistent forward for Hopper.
         cases[f"layer_norm fwd N={N}"] = compile_case(
-            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=cfg.fwd_stages if arch == 90 else 0),
+            arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(STAGES=0),
             floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
-        if arch == 90 and cfg.fwd_stages:  # layer_norm's own persistent forward (no residual)
-            cases[f"layer_norm fwd N={N} no residual"] = compile_case(
-                arch, layer_norm._layer_norm_fwd_kernel, ptrs, fwd | dict(HAS_RESIDUAL=False, STAGES=cfg.fwd_stages),
-                floats=("eps",), unaligned=("M",), num_warps=cfg.fwd_warps)
         # The persistent forward, a sweep candidate (bench_layer_norm --sweep), 2 stages;
         # Hopper only, as in the launcher.
         if arch == 90:

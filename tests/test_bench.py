@@ -156,7 +156,8 @@ def test_the_layer_norm_sweep_times_with_no_autograd_graph_alive(monkeypatch):
     monkeypatch.setattr(bench_layer_norm, "torch_layer_norm", recorded(bench_layer_norm.torch_layer_norm))
     monkeypatch.setattr(bench_layer_norm, "layer_norm", recorded(layer_norm))
     monkeypatch.setattr(bench_layer_norm, "bench_graph", timed)
-    for name, value in dict(SWEEP_TILES=(1024,), SWEEP_PER_THREAD=(8,), SWEEP_STAGES=(1,), SWEEP_FWD=((2, 2),)).items():
+    for name, value in dict(SWEEP_TILES=(1024,), SWEEP_PER_THREAD=(8,), SWEEP_FWD_TILES=(1024,), SWEEP_FWD_PER_THREAD=(8,),
+                            SWEEP_STAGES=(1,), SWEEP_FWD=((2, 2),)).items():
         monkeypatch.setattr(bench_layer_norm, name, value)
     bench_layer_norm.sweep([64], 64 * 8, torch.float32, "cpu")
     assert len(outputs) >= 3  # the reference and at least two candidates were checked

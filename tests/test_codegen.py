@@ -114,19 +114,15 @@ def test_layer_norm_backward_occupancy(cases):
 
 
 def test_layer_norm_persistent_forward_occupancy(cases):
-    """Where layer_norm's forward is persistent (16-bit rows of 8192 on Hopper), the
-    programs per SM it launches fit an SM together, registers and shared memory."""
-    import importlib
-
-    layer_norm = importlib.import_module("kernels.layer_norm")
+    """The persistent forward, a sweep candidate (bench_layer_norm --sweep, two stages and
+    two programs an SM at least), fits two programs an SM at every width, registers and
+    shared memory, with the residual's stages too."""
     checked = 0
     for name, c in cases.items():
-        if name.endswith("no residual"):
-            N = int(name.split("N=")[1].split()[0])
-            wanted = layer_norm._settings(N, 2).fwd_programs_per_sm
-            assert _programs_per_sm(c) >= wanted and c["shared"] * wanted <= SHARED_PER_SM[90], (name, c)
+        if "layer_norm persistent fwd" in name:
+            assert _programs_per_sm(c) >= 2 and c["shared"] * 2 <= SHARED_PER_SM[90], (name, c)
             checked += 1
-    assert checked
+    assert checked >= 4
 
 
 def test_cross_entropy_fills_the_sms_warps(cases):
