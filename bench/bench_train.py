@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from bench.common import print_table
-from gpt import GPT, preset
+from gpt import GPT, ops, preset
 from train import DTYPES, peak_flops
 
 
@@ -45,6 +45,17 @@ def build(cfg, batch_size: int, dtype: str, device: str, compile: bool) -> Calla
     return step
 
 
+def with_torch_loss(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The step with "auto" taking torch's loss over the full logits, not the fused one."""
+    def torch_loss_step() -> torch.Tensor:
+        saved, ops.AUTO_TRITON_LOSS = ops.AUTO_TRITON_LOSS, False
+        try:
+            return step()
+        finally:
+            ops.AUTO_TRITON_LOSS = saved
+    return torch_loss_step
+
+
 def timed(step: Callable[[], torch.Tensor], steps: int, device: str) -> float:
     """Milliseconds per step over `steps` steps."""
     if device == "cuda":
@@ -57,6 +68,8 @@ def timed(step: Callable[[], torch.Tensor], steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+# "auto" as before the fused loss, for the loss's share of the step.
+_AUTO_TORCH_LOSS = "auto, torch's loss (full logits)"
 # ~0.5 s of a sleeping kernel at Hopper's clocks: longer than any step takes to enqueue.
 _SLEEP_CYCLES = 10**9
 
@@ -122,7 +135,8 @@ def main() -> None:
     if not args.no_compile:
         variants.append(("torch.compile", "torch", True))
     if cuda:
-        variants += [("triton kernels", "triton", False), ("auto (the faster per op)", "auto", False)]
+        variants += [("triton kernels", "triton", False), ("auto (the faster per op)", "auto", False),
+                     (_AUTO_TORCH_LOSS, "auto", False)]
         if not args.no_compile:  # our kernels are custom ops in the compiled graph
             variants += [("triton kernels + compile", "triton", True), ("auto + compile", "auto", True)]
     # Never time a wrong model: every implementation's first loss against eager's (the same
@@ -131,6 +145,7 @@ def main() -> None:
     for name, kernels, compile in variants:
         try:
             step = build(base.updated(kernels=kernels), args.batch_size, args.dtype, device, compile)
+            step = with_torch_loss(step) if name == _AUTO_TORCH_LOSS else step
             loss = float(step())
             for _ in range(args.burn_in - 1):
                 step()

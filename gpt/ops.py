@@ -49,7 +49,9 @@ GELU_EPILOGUE = True
 # without a timing, by its memory traffic: torch's path writes and reads the logits' fp32
 # copy, log-softmax and their gradients, ~20 GB a GPT-2 step (12 x 1024 tokens, vocabulary
 # 50304) against ~6 GB here, the matmuls the same, and it holds ~6 GB more at its peak. Not
-# in fp16: see kernels/cross_entropy.py.
+# in fp16: see kernels/cross_entropy.py. Run 7 (H200, bench_cross_entropy, C = 768): 1.84-1.89x
+# torch's time, a quarter to a fourteenth of its peak memory; the 124M step's peak 4.8 GiB
+# against 11.0.
 AUTO_TRITON_LOSS = True
 
 

@@ -316,3 +316,22 @@ def test_the_training_steps_host_time_and_profile(monkeypatch, capsys):
     assert "tottime" in out and "quick_step" in out
     bench_train.print_host_profile("slow", lambda: time.sleep(0.41))
     assert "host profile of slow: the step waited on the device; not profiled" in capsys.readouterr().out
+
+
+def test_the_training_benchmarks_torch_loss_row_turns_the_fused_loss_off_for_its_steps_alone():
+    from bench import bench_train
+    from gpt import ops
+
+    seen = []
+
+    def step():
+        seen.append(ops.AUTO_TRITON_LOSS)
+        if len(seen) == 2:
+            raise RuntimeError("a failing step")
+        return torch.zeros(())
+
+    wrapped = bench_train.with_torch_loss(step)
+    wrapped()
+    with pytest.raises(RuntimeError):
+        wrapped()
+    assert seen == [False, False] and ops.AUTO_TRITON_LOSS is True
