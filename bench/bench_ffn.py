@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import (  # noqa: E402
-    PLOTS, bench, compile_static, launch_costs, plot, print_table, profile_table, unless_failing,
+    PLOTS, bench, bench_graph, compile_static, launch_costs, plot, print_table, profile_table, unless_failing,
 )
 from kernels import reference  # noqa: E402
 from kernels.ffn import ffn  # noqa: E402
@@ -270,6 +270,50 @@ def profile(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, devic
     print_table("FFN forward+backward, microseconds a pass: host (enqueueing only), device (CUDA-graph replay), "
                 "launched (bench, as the main table), kernels (the profile's sum)",
                 ["C", "provider", "host", "device", "launched", "kernels", "launched / device"], costs)
+    products(widths, tokens, dtype, device)
+
+
+def products(widths: list[int], tokens: dict[int, int], dtype: torch.dtype, device: str) -> None:
+    """Each of the six matmuls of our forward+backward alone, device time, beside cuBLAS
+    (torch.mm) on the same operands: which product holds the pass back (run 7: at C = 768
+    one call of our TMA kernel took 287 us, the fastest 99). Ours include their epilogues
+    (bias, GELU, GELU's gradient, the bias gradient's column sums); cuBLAS's rows are the
+    bare product. Each is checked against torch before it is timed."""
+    m = importlib.import_module("kernels.ffn")
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    rows = []
+    for C in widths:
+        x, wfc, bfc, wproj, bproj = (t.detach() for t in inputs(tokens[C], C, dtype, device))
+        dy = torch.randn(tokens[C], C, device=device).to(dtype)
+        pre = torch.empty(tokens[C], wfc.shape[0], dtype=dtype, device=device)
+        h, _ = m._matmul(x, wfc.t(), bfc, m._GELU, aux=pre)
+        dpre, _ = m._matmul(dy, wproj, epilogue=m._GELU_GRAD, aux=pre, col_sums=True)
+        pre32 = pre.float().requires_grad_()
+        gelu_grad = torch.autograd.grad(reference.gelu(pre32).sum(), pre32)[0]
+        cases = [  # name, ours, its operands, what torch computes
+            ("fc: gelu(x W1^T + b1)", lambda: m._matmul(x, wfc.t(), bfc, m._GELU, aux=pre)[0], x, wfc.t(),
+             lambda: reference.gelu(torch.addmm(bfc.float(), x.float(), wfc.t().float()))),
+            ("proj: h W2^T + b2", lambda: m._matmul(h, wproj.t(), bproj)[0], h, wproj.t(),
+             lambda: torch.addmm(bproj.float(), h.float(), wproj.t().float())),
+            ("dW2 = dy^T h", lambda: m._matmul(dy.t(), h, kind=m._WEIGHT_GRAD)[0], dy.t(), h, None),
+            ("dpre = dy W2 * gelu'(pre), db1", lambda: m._matmul(dy, wproj, epilogue=m._GELU_GRAD, aux=pre,
+                                                                col_sums=True)[0], dy, wproj,
+             lambda: (dy.float() @ wproj.float()) * gelu_grad),
+            ("dW1 = dpre^T x", lambda: m._matmul(dpre.t(), x, kind=m._WEIGHT_GRAD)[0], dpre.t(), x, None),
+            ("dx = dpre W1", lambda: m._matmul(dpre, wfc)[0], dpre, wfc, None),
+        ]
+        for name, ours, a, b, expected in cases:
+            expected = expected() if expected is not None else a.float() @ b.float()
+            torch.testing.assert_close(ours().float(), expected, **tol, msg=lambda msg, n=name: f"ffn product {n}: {msg}")
+            flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            ms_ours, ms_cublas = bench_graph(ours), bench_graph(lambda a=a, b=b: torch.mm(a, b))
+            rate = 1e-9 if device == "cuda" else 1e-3  # TFLOP/s from FLOP per ms; MFLOP/s on CPU
+            rows.append([C, name, f"{a.shape[0]} x {b.shape[1]} x {a.shape[1]}", 1e3 * ms_ours,
+                         flops / ms_ours * rate, 1e3 * ms_cublas, flops / ms_cublas * rate, ms_cublas / ms_ours])
+    units = "TFLOP/s" if device == "cuda" else "MFLOP/s"
+    print_table(f"FFN products one at a time, device time (us) and {units}, ours against cuBLAS",
+                ["C", "product", "M x N x K", "ours us", f"ours {units}", "cuBLAS us", f"cuBLAS {units}",
+                 "cuBLAS / ours (time)"], rows)
 
 
 def main() -> None:

@@ -176,12 +176,18 @@ def test_the_ffn_profile_lists_each_op_with_its_fastest_and_slowest_call(capsys)
         row = next(line for line in table.splitlines() if line.startswith("| aten::mm |") or line.startswith("| aten::addmm |"))
         calls, us, share, fastest, slowest = (float(v) for v in row.strip("|").split("|")[1:])
         assert calls >= 1 and 0 < fastest <= slowest and 0 < share <= 100
-    table = out[out.index("FFN forward+backward, microseconds a pass"):]
+    table = out[out.index("FFN forward+backward, microseconds a pass"):out.index("FFN products one at a time")]
     rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| 16 |")]
     assert [r[1].strip() for r in rows] == ["triton", "torch"]
     for _, _, host, device, launched, kernels, ratio in rows:
         assert 0 < float(host) and 0 < float(device) and 0 < float(kernels)
         assert float(ratio) == pytest.approx(float(launched) / float(device), rel=0.02, abs=0.006)
+    table = out[out.index("FFN products one at a time"):]
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| 16 |")]
+    assert [r[2].strip() for r in rows] == ["40 x 64 x 16", "40 x 16 x 64", "16 x 64 x 40", "40 x 64 x 16",
+                                            "64 x 16 x 40", "40 x 16 x 64"]
+    for row in rows:
+        assert all(float(v) > 0 for v in row[3:7])
 
 
 @cpu_smoke
