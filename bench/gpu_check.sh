@@ -13,20 +13,17 @@
 #       bench-attention bench-layer-norm
 #   bash bench/gpu_check.sh "$OUT" 560 sampling-tests bench-sample bench-sampling profile-sample \
 #       bench-train train-triton train-torch
-# With one session's 15 minutes (the machine's start, ~30 s, included), run 6 ran the tests
-# and the kernel, training and generation benchmarks in one call (266 s), then ws-check,
-# bench-attention and the sweeps in a second (194 s), both on a warm machine: call the
-# second within the 30 s the machine stays warm. Its LayerNorm sweep chose a new forward
-# tile at N = 513-1024 (two rows, 2 warps); few warps a row is untried at 2048-8192. Next
-# (the FFN's profile, split-K sum kernel and candidates first: its C = 768 is the worst number):
-#   bash bench/gpu_check.sh "$OUT" 400 gpu-tests ffn-profile ffn-candidates ln-sweep
-#   bash bench/gpu_check.sh "$OUT" 360 bench-ffn bench-layer-norm bench-cross-entropy bench-train \
-#       bench-attention-dropout bench-sampling train-triton train-torch
-# then, on what the sweeps chose, bench-layer-norm again; bench-sample (its top-p and compile
-# rows draw on kernels.sample since run 6), ffn-few-rows, bench-attention-fused,
-# bench-attention-gqa, bench-attention-window, bench-train-small and bench-train-compile wait for a lease after
-# (gpu-tests runs the grouped-query attention's and the fused loss's gpu tests in the first
-# call; bench-train and train-triton run the fused loss, which "auto" takes untimed).
+# With one session's 15 minutes (the machine's start, ~30 s, included), run 7 ran three calls
+# (395, 76 and 258 s), giving the machine back between them so that the code could change:
+# a cold start costs ~30 s, and no machine starts with under 4 minutes left. Next (the
+# training step's host time and the compiled step first, then the FFN's slow product):
+#   bash bench/gpu_check.sh "$OUT" 420 gpu-tests ffn-profile bench-train bench-train-compile \
+#       bench-attention-gqa
+#   bash bench/gpu_check.sh "$OUT" 330 ffn-candidates bench-attention bench-attention-dropout \
+#       bench-sampling bench-sample
+# then bench-attention-fused, ffn-few-rows and bench-train-small
+# (bench-train prints each step's host time and, with --host-profile, where it goes;
+# ffn-profile times each of the FFN's six products beside cuBLAS).
 # Steps run in this file's order, whatever the order named: the LayerNorm sweep
 # goes before the FFN's, whose warp-specialised candidates may take its whole limit.
 # ws-check runs the warp-specialised FFN's gpu tests alone under a short limit: if they
@@ -115,7 +112,7 @@ step bench-layer-norm 60 python3 -m bench.bench_layer_norm
 # The fused head and loss (untimed so far; "auto" takes it by its memory traffic) beside
 # torch eager, torch.compile and Liger-Kernel's fused linear cross-entropy, with peak memory.
 step bench-cross-entropy 90 python3 -m bench.bench_cross_entropy --tokens 4096 16384
-step bench-train 60 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3
+step bench-train 70 python3 -m bench.bench_train --no-compile --steps 10 --burn-in 3 --host-profile
 # torch.compile with our kernels as custom ops in its graph (untimed so far), beside compiled torch.
 step bench-train-compile 200 python3 -m bench.bench_train --steps 10 --burn-in 3
 # A small model, where launch cost rather than the kernels may decide what "auto" should run.
