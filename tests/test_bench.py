@@ -320,6 +320,7 @@ def test_the_training_steps_host_time_and_profile(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("### host profile of quick, three steps, by own time")
     assert "tottime" in out and "quick_step" in out
+    assert "### host profile of quick, three steps, by time with callees" in out
     bench_train.print_host_profile("slow", lambda: time.sleep(0.41))
     assert "host profile of slow: the step waited on the device; not profiled" in capsys.readouterr().out
 
