@@ -45,24 +45,33 @@ def _layer_norm_fwd_kernel(
     (a one-tile program leaves its SM's load slots idle through its reductions)."""
     if STAGES == 0:
         _layer_norm_fwd_tile(X, R, S, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_s, stride_y,
-                             tl.program_id(0) * BLOCK_M, M, N, eps, BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS, SHIFT)
+                             tl.program_id(0) * BLOCK_M, M, N, eps, 0.0, 0.0,
+                             BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS, SHIFT, False)
     else:
+        # Weight and bias once a program, as stored (16-bit ones two to a register), not
+        # once a tile: a tile of one row otherwise reads 3 rows' bytes through L2 for 1 of x.
+        cols = tl.arange(0, BLOCK_N)
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+        b = tl.load(B + cols, mask=cols < N, other=0.0) if HAS_BIAS else 0.0
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
             _layer_norm_fwd_tile(X, R, S, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_s, stride_y,
-                                 tile * BLOCK_M, M, N, eps, BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS, SHIFT)
+                                 tile * BLOCK_M, M, N, eps, w, b, BLOCK_M, BLOCK_N, HAS_RESIDUAL, HAS_BIAS, SHIFT, True)
 
 
 @triton.jit
 def _layer_norm_fwd_tile(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_x, stride_r, stride_s, stride_y,
-    start, M, N, eps,
+    start, M, N, eps, w_held, b_held,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SHIFT: tl.constexpr,
+    HELD: tl.constexpr,
 ):
+    """BLOCK_M rows from `start`; weight and bias from w_held and b_held (loaded by the
+    caller) if HELD, else loaded here."""
     rows = start + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -79,10 +88,15 @@ def _layer_norm_fwd_tile(
         s = x.to(S.dtype.element_ty)
         tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    # Issued before the reductions so their latency hides behind them.
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HELD:
+        w = w_held.to(tl.float32)
+        if HAS_BIAS:
+            b = b_held.to(tl.float32)
+    else:
+        # Issued before the reductions so their latency hides behind them.
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
 
     if SHIFT:
         # Rows whose sum may round (_sum_may_round) are shifted by their first element (the

@@ -187,12 +187,13 @@ def test_many_partial_rows(monkeypatch, device):
     _compare(layer_norm, reference.layer_norm, [x, w, b], [torch.randn_like(x)], 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("residual, bias", [(False, True), (True, True), (False, False)],
+                         ids=["layer_norm", "add_layer_norm", "layer_norm-no-bias"])
 @pytest.mark.parametrize("N, dtype", [(40, torch.float32), (300, torch.float16)], ids=["N40-fp32", "N300-fp16"])
-def test_persistent_forward(N, dtype, residual, monkeypatch, device):
+def test_persistent_forward(N, dtype, residual, bias, monkeypatch, device):
     """The persistent forward (a sweep candidate: programs walking tiles in a pipelined
-    loop) on ragged shapes: 4 programs over 10 tiles and a ragged last one, some programs
-    walking three tiles, others two."""
+    loop, weight and bias loaded once a program) on ragged shapes: 4 programs over 10 tiles
+    and a ragged last one, some programs walking three tiles, others two."""
     module = importlib.import_module("kernels.layer_norm")
     original = module._settings
     monkeypatch.setattr(module, "_settings", lambda n, e: original(n, e)._replace(fwd_stages=2, fwd_programs_per_sm=1))
@@ -201,7 +202,7 @@ def test_persistent_forward(N, dtype, residual, monkeypatch, device):
     torch.manual_seed(0)
     M = 9 * original(N, torch.tensor([], dtype=dtype).element_size()).fwd_block_m + 1
     x, r = (torch.randn(M, N, device=device).to(dtype) for _ in range(2))
-    w, b = _params(N, dtype, device)
+    w, b = _params(N, dtype, device, bias)
     atol = rtol = 1e-5 if dtype == torch.float32 else 1e-3
     kernel, grids = module._layer_norm_fwd_kernel, []
 
